@@ -1,0 +1,191 @@
+"""The contract between the block graph (:mod:`blocklayer.graph`) and the drivers.
+
+A driver instance is the private state of one open node. The graph owns the node, its
+children and the permission bookkeeping; the driver does the I/O. All calls come from one
+thread at a time (the graph is guarded by one lock), so drivers need no locking.
+
+Offsets and lengths are in bytes and need no alignment; a driver that needs alignment
+(O_DIRECT) pads internally.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from .perm import ChildRole
+
+
+class ChildIO(Protocol):
+    """What a driver may do with one of its children (the ``file`` or ``backing`` node).
+
+    The graph implements it on top of the child node's driver and enforces the node's
+    state: writing to an inactive or read-only child raises :class:`BlockError`.
+    """
+
+    @property
+    def node_name(self) -> str: ...
+
+    @property
+    def filename(self) -> str:
+        """The image path as QEMU reports it (``file`` of BlockDeviceInfo)."""
+        ...
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes; what lies past the end reads as zeroes."""
+        ...
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        """Write ``data``; writing past the end grows the child."""
+        ...
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None: ...
+
+    def pdiscard(self, offset: int, length: int) -> None: ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable (fdatasync at the bottom)."""
+        ...
+
+    def getlength(self) -> int:
+        """The exact length in bytes (for a file: its size)."""
+        ...
+
+    def truncate(self, length: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackingRequest:
+    """The backing image an image names in its own metadata (qcow2 header).
+
+    ``filename`` is as stored in the image; ``path`` is resolved against the image's
+    directory as QEMU does. ``format`` is None when the image does not say (QEMU then
+    probes; we probe qcow2 by magic and fall back to raw).
+    """
+
+    filename: str
+    path: str
+    format: str | None
+
+
+class BlockDriver(ABC):
+    """One open instance of a block driver.
+
+    Lifecycle, driven by the graph:
+
+    1. ``__init__()``; for format drivers the graph sets :attr:`file` to the opened child.
+    2. :meth:`open` with the driver-specific options (already validated by the schema) and
+       the node's flags.
+    3. If the node may have a backing child, the graph asks :meth:`backing_request` (when
+       the ``backing`` option is absent), opens that node, and sets :attr:`backing`.
+    4. I/O, :meth:`flush`, :meth:`inactivate` / :meth:`invalidate_cache` as the node's
+       state changes.
+    5. :meth:`close`. The graph calls :meth:`inactivate` first if the node is active and
+       writable, so ``close`` itself must never write.
+    """
+
+    #: The QMP ``driver`` value.
+    name: ClassVar[str]
+    #: True for drivers at the bottom of the graph (``file``, ``null-co``): no children.
+    protocol: ClassVar[bool] = False
+    #: How a format driver uses its ``file`` child (decides the permissions it asks).
+    file_role: ClassVar[ChildRole] = ChildRole.DATA | ChildRole.PRIMARY
+    #: True if the format can have a backing image (qcow2).
+    supports_backing: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.file: ChildIO | None = None
+        self.backing: ChildIO | None = None
+
+    @abstractmethod
+    def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
+        """Open the node. Raise :class:`BlockError` with QEMU's text on failure.
+
+        ``options`` holds only this driver's own options (``filename``, ``locking``,
+        ``lazy-refcounts``, ...), never the common ones (node-name, driver, file, backing,
+        read-only, cache, ...), except ``cache.direct`` / ``cache.no-flush`` which reach the
+        file driver as ``options["cache"]``.
+        An inactive open must not write to the image.
+        """
+
+    def close(self) -> None:
+        """Release resources. Must not write (see the class docstring)."""
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest-visible bytes; past the end of the image reads as zeroes."""
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes) -> None:
+        """Write guest data; the graph has checked the range and the node's state."""
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Make the range read as zeroes. Default: write a zero buffer."""
+        chunk = 1 << 20
+        pos = offset
+        end = offset + length
+        while pos < end:
+            n = min(chunk, end - pos)
+            self.write(pos, bytes(n))
+            pos += n
+
+    def discard(self, offset: int, length: int) -> None:
+        """Advisory: the range may be deallocated. Default: do nothing."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Write back every cache, then flush the child (or fdatasync the file)."""
+
+    @abstractmethod
+    def getlength(self) -> int:
+        """The virtual size in bytes."""
+
+    def inactivate(self) -> None:
+        """Prepare for another process to take over the image.
+
+        Write back every cache, make it durable, and mark the image clean (qcow2). After
+        this the driver must not write until :meth:`invalidate_cache` has run.
+        """
+        self.flush()
+
+    def invalidate_cache(self) -> None:
+        """Forget all cached metadata and read it again from the image.
+
+        Called on activation, after another process may have changed the image.
+        """
+
+    def backing_request(self) -> BackingRequest | None:
+        """The backing image named by the image itself, if any."""
+        return None
+
+    def image_info(self) -> dict[str, Any]:
+        """Format-specific members of QMP ``ImageInfo``.
+
+        Keys may include ``cluster-size``, ``dirty-flag``, ``format-specific``,
+        ``backing-filename``, ``backing-filename-format``, ``full-backing-filename``,
+        ``encrypted``, ``compressed``. ``filename``, ``format``, ``virtual-size`` and
+        ``actual-size`` are filled in by the graph.
+        """
+        return {}
+
+    # Permission hooks; only protocol drivers that lock their storage implement them.
+    # The graph calls perm_prepare on every affected node first, then perm_commit on all
+    # of them, or perm_abort on all of them if any prepare failed.
+
+    def perm_prepare(self, perm: int, shared: int) -> None:
+        """Check that ``perm``/``shared`` can be taken; lock what is needed to hold them.
+
+        Raise :class:`BlockError` (e.g. ``Failed to get "write" lock``) on conflict, having
+        undone anything this call locked.
+        """
+
+    def perm_commit(self, perm: int, shared: int) -> None:
+        """Hold exactly ``perm``/``shared`` from now on; release what is no longer needed."""
+
+    def perm_abort(self) -> None:
+        """Return to the state of the last commit (after a successful prepare)."""
+
+    def set_inactive(self, inactive: bool) -> None:
+        """The node's INACTIVE flag changed (file driver: lock handling is frozen while set)."""
