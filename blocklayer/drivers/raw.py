@@ -1,0 +1,65 @@
+"""The ``raw`` format: guest bytes are the file's bytes, optionally a window of them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..driver import BlockDriver, ChildIO
+from ..errors import BlockError
+
+
+class RawDriver(BlockDriver):
+    """QEMU's raw format driver with its ``offset`` and ``size`` options."""
+
+    name = "raw"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0
+        self.size: int | None = None
+
+    def _file(self) -> ChildIO:
+        assert self.file is not None, "the graph attaches the file child before open()"
+        return self.file
+
+    def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
+        """Check the window against the file."""
+        self.offset = options.get("offset", 0)
+        self.size = options.get("size")
+        if self.size is not None and self.size % 512:
+            raise BlockError("Specified size is not multiple of 512")
+        if self.offset < 0 or (self.size is not None and self.size < 0):
+            raise BlockError("offset and size must be non-negative")
+        file_len = self._file().getlength()
+        if self.offset > file_len:
+            raise BlockError("Offset in the file is bigger than the file size")
+        if self.size is not None and self.offset + self.size > file_len:
+            raise BlockError("The sum of offset (%d) and size (%d) has to be smaller or equal to the "
+                             "actual size of the containing file (%d)" % (self.offset, self.size, file_len))
+
+    def getlength(self) -> int:
+        """The window size, or what the file holds past ``offset``."""
+        if self.size is not None:
+            return self.size
+        return max(0, self._file().getlength() - self.offset)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the file at ``offset`` within the window."""
+        return self._file().pread(self.offset + offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write through to the file."""
+        self._file().pwrite(self.offset + offset, data)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Pass through to the file."""
+        self._file().pwrite_zeroes(self.offset + offset, length, may_unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Pass through to the file."""
+        self._file().pdiscard(self.offset + offset, length)
+
+    def flush(self) -> None:
+        """Nothing cached here: flush the file."""
+        self._file().flush()

@@ -1,0 +1,473 @@
+"""The block graph: opening and deleting nodes, permissions, activation, inactivation.
+
+Every method runs under the caller's lock (the QMP adapter serialises all block
+operations); none of them is safe to call concurrently.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from .driver import BlockDriver
+from .errors import BlockError
+from .node import BlockNode, Edge, NodeOptions
+from .perm import ALL, CONSISTENT_READ, WRITE, WRITE_UNCHANGED, ChildRole, perm_names
+from .permissions import child_permissions
+
+log = logging.getLogger(__name__)
+
+DriverFactory = Callable[[], BlockDriver]
+
+# Options every driver shares (QEMU's BlockdevOptions base); the rest go to the driver.
+_COMMON = frozenset({
+    "driver", "node-name", "discard", "cache", "read-only", "auto-read-only", "force-share",
+    "detect-zeroes", "active", "file", "backing",
+})
+
+
+def _default_drivers() -> dict[str, DriverFactory]:
+    from .drivers.file import FileDriver
+    from .drivers.null import NullDriver
+    from .drivers.raw import RawDriver
+    from .qcow2 import Qcow2Driver
+
+    return {"file": FileDriver, "raw": RawDriver, "qcow2": Qcow2Driver, "null-co": NullDriver}
+
+
+def _id_wellformed(name: str) -> bool:
+    # QEMU's id_wellformed: an ASCII letter, then letters, digits, '-', '.', '_'.
+    if not name or not (name[0].isascii() and name[0].isalpha()):
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "-._") for c in name)
+
+
+class BlockGraph:
+    """All nodes of one server, by name."""
+
+    def __init__(self, drivers: Mapping[str, DriverFactory] | None = None) -> None:
+        self.drivers: Mapping[str, DriverFactory] = drivers if drivers is not None else _default_drivers()
+        # Insertion order = name assignment order (children before their parent), which
+        # query-named-block-nodes reports newest first, as QEMU does.
+        self.nodes: dict[str, BlockNode] = {}
+        self._generated = 0
+
+    # Lookup -------------------------------------------------------------------------
+
+    def find(self, name: str) -> BlockNode | None:
+        """The node called ``name``, or None."""
+        return self.nodes.get(name)
+
+    def lookup(self, name: str) -> BlockNode:
+        """The node called ``name``, or QEMU's blockdev-del/set-active error."""
+        node = self.nodes.get(name)
+        if node is None:
+            raise BlockError(f"Failed to find node with node-name='{name}'")
+        return node
+
+    def top_nodes(self) -> list[BlockNode]:
+        """Nodes without a parent node, in creation order."""
+        return [n for n in self.nodes.values() if not any(e.parent is not None for e in n.parents)]
+
+    # Opening ------------------------------------------------------------------------
+
+    def _generate_name(self) -> str:
+        # QEMU's generated ids: a counter followed by two random digits, never well-formed
+        # (they start with '#'), so they cannot clash with user names.
+        name = f"#block{self._generated}{random.randrange(100):02d}"
+        self._generated += 1
+        return name
+
+    def _check_name(self, name: str) -> None:
+        if not _id_wellformed(name):
+            raise BlockError(f"Invalid node-name: '{name}'")
+        if name in self.nodes:
+            raise BlockError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) >= 32:
+            raise BlockError("Node name too long")
+
+    def open(self, options: Mapping[str, Any], *, inactive: bool = False) -> BlockNode:
+        """Open a node tree from validated ``blockdev-add`` options (monitor-owned root).
+
+        ``inactive`` forces every new node inactive (the VM is in ``inmigrate``). On any
+        error, everything this call opened is closed again and the graph is unchanged.
+        """
+        created: list[BlockNode] = []
+        try:
+            node = self._open(options, None, inactive, created)
+        except BaseException:
+            for node in reversed(created):
+                self._destroy(node, flush=False)
+            raise
+        node.monitor_owned = True
+        return node
+
+    def _open(self, options: Mapping[str, Any], inherited: NodeOptions | None, force_inactive: bool,
+              created: list[BlockNode]) -> BlockNode:
+        drv_name = options["driver"]
+        factory = self.drivers.get(drv_name)
+        if factory is None:
+            raise BlockError(f"Driver '{drv_name}' is not supported by qmp-server")
+        generic = self._generic_options(options, inherited)
+        inactive = force_inactive or options.get("active", True) is False
+        driver = factory()
+        file_edge_target: BlockNode | None = None
+        if not driver.protocol:
+            file_ref = options.get("file")
+            if file_ref is None:
+                raise BlockError("Parameter 'file' is missing")
+            file_edge_target = self._child_node(file_ref, generic, inactive, created, backing=False)
+        name = options.get("node-name")
+        if name is None:
+            name = self._generate_name()
+            implicit = True
+        else:
+            self._check_name(name)
+            implicit = False
+        node = BlockNode(name=name, driver=driver, options=generic, inactive=inactive, implicit=implicit)
+        driver.set_inactive(inactive)
+        driver_options = {k: v for k, v in options.items() if k not in _COMMON}
+        if driver.protocol and "cache" in options:
+            driver_options["cache"] = options["cache"]
+        if file_edge_target is not None:
+            self._attach(node, file_edge_target, "file", driver.file_role)
+            driver.file = file_edge_target
+        try:
+            self._open_driver(node, driver_options)
+        except BaseException:
+            self._detach_all(node)
+            raise
+        self.nodes[name] = node
+        created.append(node)
+        if driver.supports_backing:
+            self._open_backing(node, options, inactive, created)
+        return node
+
+    def _open_driver(self, node: BlockNode, driver_options: dict[str, Any]) -> None:
+        try:
+            node.driver.open(driver_options, read_only=node.options.read_only, inactive=node.inactive)
+        except BlockError as err:
+            # auto-read-only: fall back to read-only when the image cannot be written.
+            if not (node.options.auto_read_only and not node.options.read_only
+                    and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM)):
+                raise
+            node.options.read_only = True
+            node.driver.open(driver_options, read_only=True, inactive=node.inactive)
+
+    def _generic_options(self, options: Mapping[str, Any], inherited: NodeOptions | None) -> NodeOptions:
+        base = inherited if inherited is not None else NodeOptions()
+        cache = options.get("cache", {})
+        generic = NodeOptions(
+            read_only=options.get("read-only", base.read_only),
+            auto_read_only=options.get("auto-read-only", base.auto_read_only),
+            force_share=options.get("force-share", base.force_share if inherited else False),
+            cache_direct=cache.get("direct", base.cache_direct),
+            cache_no_flush=cache.get("no-flush", base.cache_no_flush),
+            discard_unmap=options.get("discard", "unmap" if base.discard_unmap else "ignore") == "unmap",
+            detect_zeroes=options.get("detect-zeroes", "off"),
+        )
+        if generic.force_share and not generic.read_only:
+            raise BlockError("force-share=on can only be used with read-only images")
+        if generic.detect_zeroes == "unmap" and not generic.discard_unmap:
+            raise BlockError("setting detect-zeroes to unmap is not allowed without setting discard "
+                             "operation to unmap")
+        return generic
+
+    def _child_node(self, ref: Any, parent_options: NodeOptions, inactive: bool,
+                    created: list[BlockNode], *, backing: bool) -> BlockNode:
+        if isinstance(ref, str):
+            node = self.nodes.get(ref)
+            if node is None:
+                raise BlockError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            return node
+        inherited = NodeOptions(
+            read_only=True if backing else parent_options.read_only,
+            auto_read_only=parent_options.auto_read_only,
+            force_share=parent_options.force_share,
+            cache_direct=parent_options.cache_direct,
+            cache_no_flush=parent_options.cache_no_flush,
+            discard_unmap=parent_options.discard_unmap,
+        )
+        return self._open(ref, inherited, inactive, created)
+
+    def _open_backing(self, node: BlockNode, options: Mapping[str, Any], inactive: bool,
+                      created: list[BlockNode]) -> None:
+        if "backing" in options:
+            ref = options["backing"]
+            if ref is None:
+                return
+            child = self._child_node(ref, node.options, inactive, created, backing=True)
+        else:
+            request = node.driver.backing_request()
+            if request is None:
+                return
+            fmt = request.format or self._probe_format(request.path)
+            spec = {"driver": fmt, "file": {"driver": "file", "filename": request.path}}
+            child = self._child_node(spec, node.options, inactive, created, backing=True)
+        self._attach(node, child, "backing", ChildRole.COW)
+        node.driver.backing = child
+
+    @staticmethod
+    def _probe_format(path: str) -> str:
+        try:
+            with open(path, "rb") as image:
+                magic = image.read(4)
+        except OSError as err:
+            raise BlockError(f"Could not open backing file: Could not open '{path}': "
+                             f"{os.strerror(err.errno or 0)}", err.errno) from err
+        return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+    # Edges and permissions ------------------------------------------------------------
+
+    def _attach(self, parent: BlockNode, child: BlockNode, name: str, role: ChildRole) -> Edge:
+        if child.inactive and not parent.inactive:
+            raise BlockError(f"Inactive '{child.name}' can't be a {name} child of active '{parent.name}'")
+        if self._reaches(child, parent):
+            raise BlockError(f"Making '{child.name}' a {name} child of '{parent.name}' would create a cycle")
+        perm, shared = parent.cumulative_perms()
+        nperm, nshared = self._child_perm(parent, child, role, perm, shared)
+        edge = Edge(child=child, name=name, role=role, perm=nperm, shared=nshared, parent=parent)
+        parent.children.append(edge)
+        child.parents.insert(0, edge)
+        try:
+            self.refresh_perms([child])
+        except BlockError:
+            parent.children.remove(edge)
+            child.parents.remove(edge)
+            raise
+        return edge
+
+    def _reaches(self, start: BlockNode, target: BlockNode) -> bool:
+        if start is target:
+            return True
+        return any(self._reaches(e.child, target) for e in start.children)
+
+    @staticmethod
+    def _child_perm(parent: BlockNode, child: BlockNode, role: ChildRole, perm: int,
+                    shared: int) -> tuple[int, int]:
+        nperm, nshared = child_permissions(role, perm, shared, writable=parent.writable,
+                                           inactive=parent.inactive)
+        if child.options.force_share:
+            nshared = ALL
+        return nperm, nshared
+
+    def add_user(self, node: BlockNode, user: str, perm: int = 0, shared: int = ALL) -> Edge:
+        """Attach an outside user (QEMU: a BlockBackend) asking ``perm``/``shared``."""
+        if node.inactive and perm & ~CONSISTENT_READ:
+            raise BlockError(f"Permission '{perm_names(perm)}' unavailable on inactive node")
+        edge = Edge(child=node, name="root", role=ChildRole.DATA, perm=perm, shared=shared, user=user)
+        node.parents.insert(0, edge)
+        try:
+            self.refresh_perms([node])
+        except BlockError:
+            node.parents.remove(edge)
+            raise
+        return edge
+
+    def set_user_perm(self, edge: Edge, perm: int, shared: int) -> None:
+        """Change what a user asks; on conflict nothing changes."""
+        old = edge.perm, edge.shared
+        edge.perm, edge.shared = perm, shared
+        try:
+            self.refresh_perms([edge.child])
+        except BlockError:
+            edge.perm, edge.shared = old
+            raise
+
+    def remove_user(self, edge: Edge) -> None:
+        """Detach a user; its permissions are released."""
+        edge.child.parents.remove(edge)
+        self._loosen([edge.child])
+
+    def _loosen(self, nodes: list[BlockNode]) -> None:
+        # Only restrictions are lifted, so failure would be a bug in a driver: log it.
+        try:
+            self.refresh_perms(nodes)
+        except BlockError as err:
+            log.warning("permission update after detaching failed: %s", err)
+
+    def _subtree_order(self, roots: list[BlockNode]) -> list[BlockNode]:
+        order: list[BlockNode] = []
+        seen: set[int] = set()
+
+        def visit(node: BlockNode) -> None:
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            for edge in node.children:
+                visit(edge.child)
+            order.append(node)
+
+        for root in roots:
+            visit(root)
+        order.reverse()  # every node before its children
+        return order
+
+    def refresh_perms(self, roots: list[BlockNode]) -> None:
+        """Recompute permissions below ``roots`` as one transaction.
+
+        Either every affected driver takes its new permissions (locks), or none does and
+        the graph's edges are as before; the error is QEMU's text for the first conflict.
+        """
+        new_edges: dict[int, tuple[int, int]] = {}
+        prepared: list[tuple[BlockNode, int, int]] = []
+
+        def perms_of(edge: Edge) -> tuple[int, int]:
+            return new_edges.get(id(edge), (edge.perm, edge.shared))
+
+        try:
+            for node in self._subtree_order(roots):
+                parents = [(edge, *perms_of(edge)) for edge in node.parents]
+                for a, _, a_shared in parents:
+                    for b, b_perm, _ in parents:
+                        if a is not b and b_perm & ~a_shared:
+                            raise BlockError(
+                                f"Permission conflict on node '{node.name}': permissions "
+                                f"'{perm_names(b_perm & ~a_shared)}' are both required by "
+                                f"{b.describe_parent()} (uses node '{node.name}' as '{b.name}' child) "
+                                f"and unshared by {a.describe_parent()} (uses node '{node.name}' as "
+                                f"'{a.name}' child).")
+                perm, shared = 0, ALL
+                for _, p, s in parents:
+                    perm |= p
+                    shared &= s
+                if perm & (WRITE | WRITE_UNCHANGED) and not node.writable:
+                    raise BlockError("Block node is read-only")
+                node.driver.perm_prepare(perm, shared)
+                prepared.append((node, perm, shared))
+                for edge in node.children:
+                    new_edges[id(edge)] = self._child_perm(node, edge.child, edge.role, perm, shared)
+        except BlockError:
+            for node, _, _ in reversed(prepared):
+                node.driver.perm_abort()
+            raise
+        for node, perm, shared in prepared:
+            for edge in node.children:
+                edge.perm, edge.shared = new_edges[id(edge)]
+            node.driver.perm_commit(perm, shared)
+
+    # Deleting -----------------------------------------------------------------------
+
+    def delete(self, name: str) -> None:
+        """``blockdev-del``: QEMU's checks in QEMU's order, then close the node tree."""
+        node = self.lookup(name)
+        if any(e.parent is None for e in node.parents):
+            raise BlockError(f"Node {name} is in use")
+        if not node.monitor_owned:
+            raise BlockError(f"Node {name} is not owned by the monitor")
+        if node.parents:
+            raise BlockError(f"Block device {name} is in use")
+        node.monitor_owned = False
+        self._release(node)
+
+    def _release(self, node: BlockNode) -> None:
+        """Close ``node`` if nothing holds it any more, then its orphaned children."""
+        if node.monitor_owned or node.parents:
+            return
+        children = [edge.child for edge in node.children]
+        self._destroy(node, flush=True)
+        for child in children:
+            self._release(child)
+
+    def _destroy(self, node: BlockNode, *, flush: bool) -> None:
+        if flush and node.writable:
+            try:
+                node.driver.inactivate()
+            except BlockError as err:
+                log.warning("flushing %s on close failed: %s", node.name, err)
+        node.driver.close()
+        children = [edge.child for edge in node.children]
+        self._detach_all(node)
+        if self.nodes.get(node.name) is node:
+            del self.nodes[node.name]
+        self._loosen([child for child in children if child.name in self.nodes])
+
+    def _detach_all(self, node: BlockNode) -> None:
+        for edge in node.children:
+            if edge in edge.child.parents:
+                edge.child.parents.remove(edge)
+        node.children.clear()
+
+    def close_all(self) -> None:
+        """Close every node (process exit): active images are flushed and marked clean."""
+        for node in reversed(list(self.nodes.values())):
+            if self.nodes.get(node.name) is node:
+                self._destroy(node, flush=True)
+
+    # Activation -----------------------------------------------------------------------
+
+    def activate(self, node: BlockNode) -> None:
+        """QEMU's bdrv_activate: children first, take permissions, drop cached metadata.
+
+        On failure the node stays (or becomes again) inactive and nothing was written.
+        """
+        for edge in node.children:
+            self.activate(edge.child)
+        if not node.inactive:
+            return
+        node.inactive = False
+        node.driver.set_inactive(False)
+        try:
+            self.refresh_perms([node])
+            node.driver.invalidate_cache()
+        except BlockError:
+            node.inactive = True
+            node.driver.set_inactive(True)
+            self._loosen([node])
+            raise
+        node.info_cache = None
+
+    def activate_all(self) -> None:
+        """Activate every node; stops at the first failure."""
+        for node in self.top_nodes():
+            self.activate(node)
+
+    def inactivate(self, node: BlockNode) -> None:
+        """``blockdev-set-active false`` on one node (QEMU's bdrv_inactivate)."""
+        if node.has_active_parent():
+            raise BlockError("Node has active parent node")
+        self._inactivate(node)
+
+    def inactivate_all(self) -> None:
+        """Flush and inactivate every node, parents before children."""
+        for node in self.top_nodes():
+            self._inactivate(node)
+
+    def _inactivate(self, node: BlockNode) -> None:
+        # A node stays active while an active parent still uses it.
+        if node.has_active_parent() or node.inactive:
+            return
+        node.driver.inactivate()
+        perm, _ = node.cumulative_perms()
+        if perm & (WRITE | WRITE_UNCHANGED):
+            # An outside user still needs to write (QEMU: -EPERM).
+            raise BlockError("Failed to inactivate node: Operation not permitted", errno.EPERM)
+        node.inactive = True
+        node.info_cache = None
+        self._loosen([node])
+        node.driver.set_inactive(True)
+        for edge in node.children:
+            self._inactivate(edge.child)
+
+    def invalidate_cache(self, node: BlockNode) -> None:
+        """Re-read cached metadata of an active node (flushing its own dirty state first)."""
+        for edge in node.children:
+            self.invalidate_cache(edge.child)
+        if node.inactive:
+            return
+        if node.writable:
+            node.driver.flush()
+        node.driver.invalidate_cache()
+
+    def flush_all(self) -> None:
+        """Flush every node, parents first so their caches reach the children."""
+        for node in self._subtree_order(self.top_nodes()):
+            node.flush()
+
+    def iter_nodes(self) -> Iterator[BlockNode]:
+        """Every node, newest name first (QEMU's listing order)."""
+        return reversed(list(self.nodes.values()))

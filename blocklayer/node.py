@@ -1,0 +1,170 @@
+"""A node of the block graph and the edges that connect it to its parents and children."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .driver import BlockDriver
+from .errors import BlockError
+from .perm import ALL, ChildRole
+
+if TYPE_CHECKING:
+    pass
+
+
+@dataclass(eq=False)
+class Edge:
+    """A use of ``child``: by a parent node (``file``/``backing``) or by an outside user.
+
+    Outside users (``parent is None``) stand for what QEMU models as a BlockBackend, such
+    as the temporary one HMP ``qemu-io`` attaches; ``user`` then names it in messages.
+    """
+
+    child: BlockNode
+    name: str
+    role: ChildRole
+    perm: int = 0
+    shared: int = ALL
+    parent: BlockNode | None = None
+    user: str = ""
+
+    def describe_parent(self) -> str:
+        """How QEMU names the user of this edge in permission conflicts."""
+        if self.parent is not None:
+            return f"node '{self.parent.name}'"
+        return self.user
+
+
+@dataclass(eq=False)
+class NodeOptions:
+    """The generic (driver-independent) options a node was opened with."""
+
+    read_only: bool = False
+    auto_read_only: bool = False
+    force_share: bool = False
+    cache_direct: bool = False
+    cache_no_flush: bool = False
+    discard_unmap: bool = False
+    detect_zeroes: str = "off"
+
+
+@dataclass(eq=False)
+class BlockNode:
+    """One node: a driver instance, its flags, and its place in the graph.
+
+    Implements :class:`blocklayer.driver.ChildIO` for its parents; every write path
+    checks that the node may be written, so an inactive node never touches its file.
+    """
+
+    name: str
+    driver: BlockDriver
+    options: NodeOptions
+    inactive: bool = False
+    monitor_owned: bool = False
+    implicit: bool = False
+    children: list[Edge] = field(default_factory=list)
+    parents: list[Edge] = field(default_factory=list)
+    #: Cached static part of the node's query-named-block-nodes entry.
+    info_cache: dict[str, object] | None = None
+
+    @property
+    def node_name(self) -> str:
+        """The node name (ChildIO)."""
+        return self.name
+
+    @property
+    def drv_name(self) -> str:
+        """The driver name, as ``drv`` of BlockDeviceInfo."""
+        return self.driver.name
+
+    @property
+    def read_only(self) -> bool:
+        return self.options.read_only
+
+    @property
+    def writable(self) -> bool:
+        """QEMU's bdrv_is_writable: read-write and active."""
+        return not self.options.read_only and not self.inactive
+
+    def child(self, name: str) -> Edge | None:
+        """The child edge called ``name`` (``file`` or ``backing``), if any."""
+        for edge in self.children:
+            if edge.name == name:
+                return edge
+        return None
+
+    @property
+    def filename(self) -> str:
+        """``file`` of BlockDeviceInfo: the image file at the bottom of the primary chain."""
+        own = getattr(self.driver, "filename", None)
+        if isinstance(own, str):
+            return own
+        edge = self.child("file")
+        if edge is not None:
+            return edge.child.filename
+        return ""
+
+    def cumulative_perms(self) -> tuple[int, int]:
+        """Union of what all users need; intersection of what they let others do."""
+        perm, shared = 0, ALL
+        for edge in self.parents:
+            perm |= edge.perm
+            shared &= edge.shared
+        return perm, shared
+
+    def has_active_parent(self) -> bool:
+        """Whether a parent node that is still active uses this node."""
+        return any(e.parent is not None and not e.parent.inactive for e in self.parents)
+
+    # ChildIO ------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.inactive:
+            # QEMU asserts here; a violation is a server bug, so fail loudly but safely.
+            raise BlockError(f"Node '{self.name}' is inactive and must not be written", errno.EPERM)
+        if self.options.read_only:
+            raise BlockError("Block node is read-only", errno.EPERM)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``."""
+        return self.driver.read(offset, length)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``."""
+        self._check_writable()
+        if self.options.detect_zeroes != "off" and not any(data):
+            self.driver.write_zeroes(offset, len(data),
+                                     self.options.detect_zeroes == "unmap" and self.options.discard_unmap)
+            return
+        self.driver.write(offset, data)
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Make the range read as zeroes."""
+        self._check_writable()
+        self.driver.write_zeroes(offset, length, may_unmap and self.options.discard_unmap)
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        """Discard; dropped unless the node was opened with ``discard=unmap``."""
+        self._check_writable()
+        if self.options.discard_unmap:
+            self.driver.discard(offset, length)
+
+    def flush(self) -> None:
+        """Flush caches and make the data durable; a no-op on nodes that cannot write."""
+        if not self.writable or self.options.cache_no_flush and self.driver.protocol:
+            return
+        self.driver.flush()
+
+    def getlength(self) -> int:
+        """Length in bytes."""
+        return self.driver.getlength()
+
+    def truncate(self, length: int) -> None:
+        """Resize (used by format drivers on their file child)."""
+        self._check_writable()
+        truncate = getattr(self.driver, "truncate", None)
+        if truncate is None:
+            raise BlockError("Image format driver does not support resize", errno.ENOTSUP)
+        truncate(length)

@@ -1,0 +1,5 @@
+"""``python -m qmp_server``."""
+
+from .cli import main
+
+main()

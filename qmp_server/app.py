@@ -1,0 +1,102 @@
+"""Wiring a server process together: machine, command tables, listeners, signals."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+
+import trio
+
+from .cli import Options
+from .commands import block, control
+from .dispatcher import CommandTable, Dispatcher
+from .errors import QMPError
+from .machine import Machine, MachineConfig
+from .runstate import RunState
+from .schema import Schema, blockdev_options_from_cli
+from .server import ListenError, bind_unix, serve
+
+
+class SetupError(Exception):
+    """Start-up failed; the message is for the user."""
+
+
+def command_tables() -> list[CommandTable]:
+    """Every command module's table."""
+    from .migration import commands as migration_commands
+
+    return [control.table, block.table, migration_commands.table]
+
+
+class App:
+    """One server process."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.machine: Machine | None = None
+        self.listeners: list[trio.SocketListener] = []
+        self._unix_paths: list[str] = []
+
+    def setup(self) -> None:
+        """Everything that can fail before serving: schema, -blockdev, sockets."""
+        options = self.options
+        schema = Schema.load()
+        config = MachineConfig(name=options.name, start_paused=options.start_paused,
+                               incoming=options.incoming)
+        machine = Machine(config, schema)
+        self.machine = machine
+        self.dispatcher = Dispatcher(machine, command_tables())
+        for text in options.blockdevs:
+            try:
+                spec = blockdev_options_from_cli(schema, text)
+                if "node-name" not in spec:
+                    raise QMPError("'node-name' must be specified for the root node")
+                inactive = machine.vm.state is RunState.INMIGRATE
+                machine.block.locked(lambda: machine.block.graph.open(spec, inactive=inactive))
+            except QMPError as err:
+                raise SetupError(f"-blockdev {text}: {err.desc}") from err
+        machine.migration.check_incoming_uri()
+        for spec in options.monitors:
+            try:
+                if spec.kind == "unix":
+                    self.listeners.append(bind_unix(spec.path))
+                    self._unix_paths.append(spec.path)
+                else:
+                    sock = socket.create_server((spec.host, spec.port), reuse_port=False)
+                    self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            except (ListenError, OSError) as err:
+                raise SetupError(f"-qmp {spec.text}: {err}") from err
+
+    async def serve(self) -> int:
+        """Serve until ``quit`` or a termination signal; returns the exit status."""
+        machine = self.machine
+        assert machine is not None
+        machine.vm.start_after_launch()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signals, machine)
+            await machine.migration.start_incoming(nursery)
+            await serve(machine, self.dispatcher, self.listeners)
+            nursery.cancel_scope.cancel()
+        return machine.exit_code
+
+    @staticmethod
+    async def _signals(machine: Machine) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for _ in signals:
+                machine.events.emit("SHUTDOWN", {"guest": False, "reason": "host-signal"})
+                machine.request_exit(0)
+                return
+
+    def cleanup(self) -> None:
+        """Close the images cleanly and remove our socket files and pidfile."""
+        if self.machine is not None:
+            with contextlib.suppress(QMPError):
+                self.machine.block.close_all()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if self.options.pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(self.options.pidfile)

@@ -1,0 +1,248 @@
+"""The command line: QEMU-compatible options, so scripts written for QEMU work unchanged."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import trio
+
+from . import QEMU_VERSION, __version__
+from .errors import QMPError
+
+PROG = "qmp-server"
+DEFAULT_SOCKET = "qmp.sock"
+
+# Options that take an argument, and flags that don't; accepted with one or two dashes.
+_WITH_ARG = {"qmp", "name", "incoming", "pidfile", "machine", "M", "blockdev", "display"}
+_FLAGS = {"S", "nodefaults", "nographic", "daemonize", "version", "help", "h"}
+
+HELP = f"""\
+usage: {PROG} [options]
+
+A QMP monitor server that behaves like QEMU's for the VM run state, block devices
+and migration. With no -qmp option it listens on ./{DEFAULT_SOCKET}.
+
+  -qmp unix:PATH,server=on,wait=off   serve QMP on a UNIX socket (repeatable)
+  -qmp tcp:HOST:PORT,server=on,wait=off  serve QMP on a TCP socket (loopback use)
+  -S                    start paused (prelaunch); 'cont' starts the VM
+  -name NAME            VM name (query-name)
+  -incoming defer|unix:PATH|tcp:HOST:PORT  wait for an incoming migration
+  -blockdev OPTIONS     add a block node (key=value,... or JSON), as blockdev-add
+  -daemonize            detach once the monitor sockets are ready
+  -pidfile PATH         write the process id to PATH
+  -machine none, -nodefaults, -display none, -nographic   accepted for compatibility
+  -version, --version   print the version and exit
+  -h, -help, --help     print this help and exit
+"""
+
+
+class UsageError(Exception):
+    """A command-line error: printed as ``qmp-server: <message>``, exit status 1."""
+
+
+@dataclass
+class MonitorSpec:
+    """One ``-qmp`` argument."""
+
+    text: str
+    kind: str  # "unix" or "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+
+@dataclass
+class Options:
+    """Parsed command line."""
+
+    monitors: list[MonitorSpec] = field(default_factory=list)
+    start_paused: bool = False
+    name: str | None = None
+    incoming: str | None = None
+    blockdevs: list[str] = field(default_factory=list)
+    daemonize: bool = False
+    pidfile: str | None = None
+    default_socket: bool = False
+
+
+def _split_commas(text: str) -> list[str]:
+    # QEMU's option syntax: ',' separates, ',,' is a literal comma.
+    parts: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def _bool_opt(value: str | None, key: str, text: str) -> bool:
+    if value is None or value in ("on", "yes", "true"):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise UsageError(f"-qmp {text}: Parameter '{key}' expects 'on' or 'off'")
+
+
+def parse_monitor(text: str) -> MonitorSpec:
+    """Parse ``unix:PATH,server=on,wait=off`` / ``tcp:HOST:PORT,...`` (and ``server,nowait``)."""
+    parts = _split_commas(text)
+    address, settings = parts[0], parts[1:]
+    server = False
+    wait = True
+    for item in settings:
+        key, _, value = item.partition("=")
+        if key == "server":
+            server = _bool_opt(value if "=" in item else None, key, text)
+        elif key == "nowait":
+            wait = False
+        elif key == "wait":
+            wait = _bool_opt(value if "=" in item else None, key, text)
+        elif key in ("pretty", "id"):
+            continue
+        else:
+            raise UsageError(f"-qmp {text}: Invalid parameter '{key}'")
+    if address.startswith("unix:"):
+        spec = MonitorSpec(text, "unix", path=address[len("unix:"):])
+        if not spec.path:
+            raise UsageError(f"-qmp {text}: missing socket path")
+    elif address.startswith("tcp:"):
+        host, _, port = address[len("tcp:"):].rpartition(":")
+        if not port.isdigit():
+            raise UsageError(f"-qmp {text}: invalid port '{port}'")
+        spec = MonitorSpec(text, "tcp", host=host or "127.0.0.1", port=int(port))
+    else:
+        raise UsageError(f"-qmp {text}: '{address}' is not a valid char driver")
+    if not server:
+        raise UsageError(f"-qmp {text}: only listening sockets are supported: add server=on,wait=off")
+    if wait:
+        raise UsageError(f"-qmp {text}: wait=on is not supported: add wait=off")
+    return spec
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Parse QEMU-style options; raise UsageError like QEMU would fail."""
+    options = Options()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-") or arg == "-":
+            raise UsageError(f"{arg}: invalid option")
+        name = arg[2:] if arg.startswith("--") else arg[1:]
+        if name in _FLAGS:
+            if name in ("help", "h"):
+                sys.stdout.write(HELP)
+                raise SystemExit(0)
+            if name == "version":
+                major, minor, micro = QEMU_VERSION
+                print(f"{PROG} {__version__} (QMP semantics of QEMU {major}.{minor}.{micro})")
+                raise SystemExit(0)
+            if name == "S":
+                options.start_paused = True
+            elif name == "daemonize":
+                options.daemonize = True
+            i += 1
+            continue
+        if name not in _WITH_ARG:
+            raise UsageError(f"{arg}: invalid option")
+        if i + 1 >= len(argv):
+            raise UsageError(f"{arg}: requires an argument")
+        value = argv[i + 1]
+        i += 2
+        if name == "qmp":
+            options.monitors.append(parse_monitor(value))
+        elif name == "name":
+            # QEMU: the first element is the implied 'guest' key.
+            first = _split_commas(value)[0]
+            options.name = first.partition("=")[2] if first.startswith("guest=") else first
+        elif name == "incoming":
+            options.incoming = value
+        elif name == "pidfile":
+            options.pidfile = value
+        elif name in ("machine", "M"):
+            machine_type = _split_commas(value)[0].removeprefix("type=")
+            if machine_type != "none":
+                raise UsageError(f"{arg} {value}: unsupported machine type '{machine_type}': "
+                                 "only 'none' is emulated")
+        elif name == "blockdev":
+            options.blockdevs.append(value)
+        # -display: accepted and ignored (there is no display).
+    if not options.monitors:
+        options.monitors.append(MonitorSpec(DEFAULT_SOCKET, "unix", path=DEFAULT_SOCKET))
+        options.default_socket = True
+    return options
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``qmp-server: message`` to stderr and exit with status 1."""
+    print(f"{PROG}: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _daemonize() -> int:
+    """Fork; the parent waits until the child is ready. Returns the pipe to report on."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read()
+        if report == b"ok":
+            os._exit(0)
+        sys.stderr.write(report.decode(errors="replace"))
+        os._exit(1)
+    os.close(read_end)
+    os.setsid()
+    return write_end
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``qmp-server`` and ``python -m qmp_server``."""
+    from .app import App, SetupError
+
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        fail(str(err))
+    report_fd = _daemonize() if options.daemonize else None
+    try:
+        app = App(options)
+        app.setup()
+    except (SetupError, QMPError) as err:
+        message = f"{PROG}: {err}\n"
+        if report_fd is not None:
+            os.write(report_fd, message.encode())
+            os._exit(1)
+        sys.stderr.write(message)
+        raise SystemExit(1) from None
+    if options.pidfile:
+        with open(options.pidfile, "w") as pidfile:
+            pidfile.write(f"{os.getpid()}\n")
+    if options.default_socket:
+        path = os.path.abspath(options.monitors[0].path)
+        print(f"{PROG}: QMP monitor listening on {path}\n"
+              f"connect with: qmp-shell {path}   (pip install qemu.qmp)", flush=True)
+    if report_fd is not None:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.write(report_fd, b"ok")
+        os.close(report_fd)
+    try:
+        code = trio.run(app.serve)
+    finally:
+        app.cleanup()
+    raise SystemExit(code)
+

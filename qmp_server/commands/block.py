@@ -1,0 +1,51 @@
+"""Block device commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..dispatcher import CommandContext, CommandTable
+
+table = CommandTable()
+
+
+@table.command("blockdev-add")
+async def blockdev_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Open a node tree; during ``inmigrate`` every new node opens inactive."""
+    await ctx.machine.block.blockdev_add(args)
+
+
+@table.command("blockdev-del")
+async def blockdev_del(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Close a monitor-owned node that nothing else uses."""
+    await ctx.machine.block.blockdev_del(args["node-name"])
+
+
+@table.command("blockdev-set-active")
+async def blockdev_set_active(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Activate (take locks, re-read metadata) or inactivate (flush, release) nodes."""
+    await ctx.machine.block.set_active(args.get("node-name"), args["active"])
+
+
+@table.command("x-blockdev-invalidate-cache")
+async def x_blockdev_invalidate_cache(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Drop and re-read cached metadata of one node (and its children) or of all nodes."""
+    await ctx.machine.block.invalidate_cache(args.get("node-name"))
+
+
+@table.command("x-blockdev-inactivate")
+async def x_blockdev_inactivate(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Flush and inactivate one node or all nodes."""
+    await ctx.machine.block.set_active(args.get("node-name"), False)
+
+
+@table.command("query-named-block-nodes")
+async def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node, newest first."""
+    return await ctx.machine.block.query_named_block_nodes(args.get("flat", False))
+
+
+@table.command("query-block")
+async def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Guest block devices: there are none, so always empty."""
+    return []

@@ -1,0 +1,104 @@
+"""Command registry and dispatch: schema validation, negotiation rules, error mapping."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from blocklayer.errors import BlockError
+
+from .errors import CommandNotFound, QMPError
+from .session import Mode, QMPSession, Request
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CommandContext:
+    """What a command handler may use: the machine and the calling session."""
+
+    machine: Machine
+    session: QMPSession
+    #: Run by the connection after the reply was written (``quit`` exits there).
+    after_reply: list[Callable[[], None]] = field(default_factory=list)
+
+
+Handler = Callable[[CommandContext, dict[str, Any]], Awaitable[Any]]
+
+
+class CommandTable:
+    """A set of command handlers; each command module fills one."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+
+    def command(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator registering ``handler`` for command ``name``."""
+
+        def register(handler: Handler) -> Handler:
+            if name in self.handlers:
+                raise ValueError(f"command {name} registered twice")
+            self.handlers[name] = handler
+            return handler
+
+        return register
+
+
+NEGOTIATION_HINT = "Expecting capabilities negotiation with 'qmp_capabilities'"
+
+
+class Dispatcher:
+    """Runs checked requests against the registered handlers."""
+
+    def __init__(self, machine: Machine, tables: list[CommandTable]) -> None:
+        self.machine = machine
+        self.schema = machine.schema
+        self.handlers: dict[str, Handler] = {}
+        for table in tables:
+            for name, handler in table.handlers.items():
+                if name in self.handlers:
+                    raise ValueError(f"command {name} registered twice")
+                if name not in self.schema.commands:
+                    raise ValueError(f"command {name} has no schema")
+                self.handlers[name] = handler
+        missing = set(self.schema.commands) - set(self.handlers)
+        if missing:
+            raise ValueError(f"schema commands without a handler: {sorted(missing)}")
+
+    def command_names(self) -> list[str]:
+        """Every command available after negotiation."""
+        return list(self.handlers)
+
+    async def dispatch(self, session: QMPSession, request: Request) -> tuple[dict[str, Any], CommandContext]:
+        """Execute ``request``; return the reply and the context (for after-reply work)."""
+        context = CommandContext(self.machine, session)
+        try:
+            if request.error is not None:
+                raise request.error
+            result = await self._execute(context, request)
+        except QMPError as err:
+            if session.mode is Mode.NEGOTIATION and err.error_class == "CommandNotFound":
+                err = CommandNotFound(NEGOTIATION_HINT)
+            return request.response(error=err), context
+        except BlockError as err:
+            return request.response(error=QMPError(err.message)), context
+        return request.response(result), context
+
+    async def _execute(self, context: CommandContext, request: Request) -> Any:
+        name = request.command
+        session = context.session
+        if session.mode is Mode.NEGOTIATION and name != "qmp_capabilities":
+            raise CommandNotFound(f"The command {name} has not been found")
+        handler = self.handlers.get(name)
+        if handler is None:
+            raise CommandNotFound(f"The command {name} has not been found")
+        info = self.schema.commands[name]
+        if request.oob and not info.allow_oob:
+            raise QMPError(f"The command {name} does not support OOB")
+        self.schema.validate_arguments(name, request.arguments)
+        return await handler(context, request.arguments)

@@ -1,0 +1,123 @@
+"""The human monitor (HMP) behind ``human-monitor-command``.
+
+Output lines end in CRLF, as QEMU's monitor writes them. Unlike QEMU, whose ``qemu-io``
+prints its results on the process's stdout, we return qemu-io's text so that scripts can
+read what the "guest" saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from .. import QEMU_VERSION, __version__
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+HmpHandler = Callable[[str], Awaitable[str]]
+
+
+def _crlf(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\n", "\r\n")
+
+
+class HumanMonitor:
+    """Dispatches HMP command lines."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.commands: dict[str, tuple[HmpHandler, str]] = {
+            "help": (self._help, "help|? [cmd] -- show the help"),
+            "?": (self._help, ""),
+            "info": (self._info, "info [subcommand] -- show various information about the system state"),
+            "qemu-io": (self._qemu_io, 'qemu-io [-d] [device] "[command]" -- run a qemu-io command on a block '
+                                       "device\n\t\t\t -d: [default] on -> off"),
+        }
+        self.info_commands: dict[str, tuple[Callable[[list[str]], Awaitable[str]], str]] = {
+            "status": (self._info_status, "info status  -- show the current VM status (running|paused)"),
+            "name": (self._info_name, "info name  -- show the current VM name"),
+            "version": (self._info_version, "info version  -- show the version of QEMU"),
+            "block": (self._info_block, "info block [-n] [-v] [device] -- show info of one block device or all "
+                                        "block devices (-n: show named nodes; -v: show details)"),
+        }
+
+    async def execute(self, line: str) -> str:
+        """Run one command line; returns the text the monitor printed (CRLF line ends)."""
+        stripped = line.strip()
+        if not stripped:
+            return ""
+        name, _, rest = stripped.partition(" ")
+        entry = self.commands.get(name)
+        if entry is None:
+            return f"unknown command: '{name}'\r\n"
+        return _crlf(await entry[0](rest.strip()))
+
+    async def _help(self, args: str) -> str:
+        if args == "info":
+            return "".join(help_text + "\n" for _, help_text in self.info_commands.values())
+        return "".join(text + "\n" for _, text in self.commands.values() if text)
+
+    async def _info(self, args: str) -> str:
+        if not args:
+            return await self._help("info")
+        words = args.split()
+        entry = self.info_commands.get(words[0])
+        if entry is None:
+            return f"unknown command: 'info {words[0]}'\n"
+        return await entry[0](words[1:])
+
+    async def _info_status(self, args: list[str]) -> str:
+        vm = self.machine.vm
+        text = "VM status: " + ("running" if vm.running else "paused")
+        if not vm.running and vm.state.value != "paused":
+            text += f" ({vm.state.value})"
+        return text + "\n"
+
+    async def _info_name(self, args: list[str]) -> str:
+        name = self.machine.name
+        return "" if name is None else f"{name}\n"
+
+    async def _info_version(self, args: list[str]) -> str:
+        major, minor, micro = QEMU_VERSION
+        return f"{major}.{minor}.{micro}qmp-server {__version__}\n"
+
+    async def _info_block(self, args: list[str]) -> str:
+        # Without -n QEMU lists guest devices (BlockBackends); we have none.
+        if "-n" not in args:
+            return ""
+        nodes = await self.machine.block.query_named_block_nodes(True)
+        wanted = [a for a in args if not a.startswith("-")]
+        blocks = []
+        for info in nodes:
+            if wanted and info["node-name"] not in wanted:
+                continue
+            text = f"{info['node-name']}: {info['file']} ({info['drv']}"
+            text += ", read-only)" if info["ro"] else ")"
+            if not info["active"]:
+                text += " [inactive]"
+            cache = info["cache"]
+            mode = "writeback" if cache["writeback"] else "writethrough"
+            if cache["direct"]:
+                mode += ", direct"
+            if cache["no-flush"]:
+                mode += ", ignore flushes"
+            text += f"\n    Cache mode:       {mode}\n"
+            if "backing_file" in info:
+                text += f"    Backing file:     {info['backing_file']} (chain depth: {info['backing_file_depth']})\n"
+            blocks.append(text)
+        return "\n".join(blocks)
+
+    async def _qemu_io(self, args: str) -> str:
+        from .qemu_io import split_hmp_qemu_io_args
+
+        if not args:
+            return 'qemu-io: block device name expected\nTry "help qemu-io" for more information\n'
+        try:
+            _direct, device, command = split_hmp_qemu_io_args(args)
+        except ValueError as err:
+            return f"{err}\n"
+        return await self.machine.block.qemu_io(device, command)
+
+
+__all__ = ["HumanMonitor"]

@@ -1,0 +1,47 @@
+"""The emulated machine: run state, block devices, migration, events, and exit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+from .blockservice import BlockService
+from .events import EventBus
+from .hmp.monitor import HumanMonitor
+from .migration.service import MigrationService
+from .runstate import VM
+from .schema import Schema
+
+
+@dataclass
+class MachineConfig:
+    """What the command line decided about the machine."""
+
+    name: str | None = None
+    start_paused: bool = False
+    incoming: str | None = None
+    blockdevs: list[dict[str, object]] = field(default_factory=list)
+
+
+class Machine:
+    """Everything the commands act on; one per server process."""
+
+    def __init__(self, config: MachineConfig, schema: Schema | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.schema = schema if schema is not None else Schema.load()
+        self.events = EventBus()
+        self.vm = VM(self.events, start_paused=config.start_paused, incoming=config.incoming is not None)
+        self.block = BlockService(self.vm)
+        self.vm.block = self.block
+        self.hmp = HumanMonitor(self)
+        self.migration = MigrationService(self)
+        self.exit_requested = trio.Event()
+        self.exit_code = 0
+        self.nursery: trio.Nursery | None = None
+
+    def request_exit(self, code: int = 0) -> None:
+        """Ask the server to stop serving and exit with ``code``."""
+        self.exit_code = code
+        self.exit_requested.set()

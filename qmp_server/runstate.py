@@ -1,0 +1,171 @@
+"""The VM run state: QEMU's states, its transition whitelist, and stop/cont (QEMU 10.x)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Protocol
+
+from .errors import QMPError
+from .events import EventBus
+
+log = logging.getLogger(__name__)
+
+
+class RunState(enum.StrEnum):
+    """QEMU's RunState enum (qapi/run-state.json)."""
+
+    DEBUG = "debug"
+    INMIGRATE = "inmigrate"
+    INTERNAL_ERROR = "internal-error"
+    IO_ERROR = "io-error"
+    PAUSED = "paused"
+    POSTMIGRATE = "postmigrate"
+    PRELAUNCH = "prelaunch"
+    FINISH_MIGRATE = "finish-migrate"
+    RESTORE_VM = "restore-vm"
+    RUNNING = "running"
+    SAVE_VM = "save-vm"
+    SHUTDOWN = "shutdown"
+    SUSPENDED = "suspended"
+    WATCHDOG = "watchdog"
+    GUEST_PANICKED = "guest-panicked"
+    COLO = "colo"
+
+
+def _edges(source: RunState, *targets: RunState) -> set[tuple[RunState, RunState]]:
+    return {(source, target) for target in targets}
+
+
+S = RunState
+# QEMU's whitelist (system/runstate.c); anything else is a bug in the caller.
+TRANSITIONS: frozenset[tuple[RunState, RunState]] = frozenset(
+    _edges(S.PRELAUNCH, S.INMIGRATE, S.RUNNING, S.FINISH_MIGRATE)
+    | _edges(S.DEBUG, S.RUNNING, S.FINISH_MIGRATE, S.PRELAUNCH, S.SUSPENDED)
+    | _edges(
+        S.INMIGRATE, S.INTERNAL_ERROR, S.IO_ERROR, S.PAUSED, S.RUNNING, S.SHUTDOWN, S.SUSPENDED,
+        S.WATCHDOG, S.GUEST_PANICKED, S.FINISH_MIGRATE, S.PRELAUNCH, S.POSTMIGRATE, S.COLO,
+    )
+    | _edges(S.INTERNAL_ERROR, S.PAUSED, S.FINISH_MIGRATE, S.PRELAUNCH)
+    | _edges(S.IO_ERROR, S.RUNNING, S.FINISH_MIGRATE, S.PRELAUNCH)
+    | _edges(S.PAUSED, S.RUNNING, S.FINISH_MIGRATE, S.POSTMIGRATE, S.PRELAUNCH, S.COLO)
+    | _edges(S.POSTMIGRATE, S.RUNNING, S.FINISH_MIGRATE, S.PRELAUNCH)
+    | _edges(
+        S.FINISH_MIGRATE, S.RUNNING, S.PAUSED, S.POSTMIGRATE, S.PRELAUNCH, S.COLO,
+        S.INTERNAL_ERROR, S.IO_ERROR, S.SHUTDOWN, S.SUSPENDED, S.WATCHDOG, S.GUEST_PANICKED,
+    )
+    | _edges(S.RESTORE_VM, S.RUNNING, S.PRELAUNCH)
+    | _edges(S.COLO, S.RUNNING, S.PRELAUNCH, S.SHUTDOWN)
+    | _edges(
+        S.RUNNING, S.DEBUG, S.INTERNAL_ERROR, S.IO_ERROR, S.PAUSED, S.FINISH_MIGRATE,
+        S.RESTORE_VM, S.SAVE_VM, S.SHUTDOWN, S.WATCHDOG, S.GUEST_PANICKED, S.COLO, S.SUSPENDED,
+    )
+    | _edges(S.SAVE_VM, S.RUNNING)
+    | _edges(S.SHUTDOWN, S.PAUSED, S.FINISH_MIGRATE, S.PRELAUNCH, S.COLO)
+    | _edges(S.SUSPENDED, S.RUNNING, S.FINISH_MIGRATE, S.PRELAUNCH, S.COLO, S.PAUSED)
+    | _edges(S.WATCHDOG, S.RUNNING, S.FINISH_MIGRATE, S.PRELAUNCH, S.COLO)
+    | _edges(S.GUEST_PANICKED, S.RUNNING, S.FINISH_MIGRATE, S.PRELAUNCH)
+)
+del S
+
+LIVE_STATES = frozenset({RunState.RUNNING, RunState.SUSPENDED})
+
+
+class InvalidTransition(AssertionError):
+    """A transition QEMU would abort() on: always a bug in the server, never user error."""
+
+
+class BlockHooks(Protocol):
+    """What the run state needs from the block layer."""
+
+    async def drain_and_flush_all(self) -> None:
+        """Finish in-flight I/O and flush every node (``stop`` and migration)."""
+        ...
+
+    async def activate_all(self) -> None:
+        """Activate every node; raises QMPError (e.g. a lock conflict) on failure."""
+        ...
+
+
+class VM:
+    """The virtual machine's run state, as ``query-status``, ``stop`` and ``cont`` see it."""
+
+    def __init__(self, events: EventBus, *, start_paused: bool = False, incoming: bool = False) -> None:
+        self.events = events
+        # QEMU: autostart is cleared by -S and by `stop` during inmigrate, set by `cont`.
+        self.autostart = not start_paused
+        self.state = RunState.PRELAUNCH
+        self.block: BlockHooks | None = None
+        if incoming:
+            self.set_state(RunState.INMIGRATE)
+
+    @property
+    def running(self) -> bool:
+        """``running`` of query-status: true only in state ``running``."""
+        return self.state is RunState.RUNNING
+
+    @property
+    def live(self) -> bool:
+        """Whether the guest is executing (running or suspended)."""
+        return self.state in LIVE_STATES
+
+    def set_state(self, new: RunState) -> None:
+        """Change state; raises InvalidTransition for a transition QEMU forbids."""
+        if new is self.state:
+            return
+        if (self.state, new) not in TRANSITIONS:
+            raise InvalidTransition(f"invalid runstate transition: '{self.state}' -> '{new}'")
+        self.state = new
+
+    def start_after_launch(self) -> None:
+        """Machine creation done: run now unless -S or -incoming holds us back."""
+        if self.state is RunState.PRELAUNCH and self.autostart:
+            self.vm_start()
+
+    async def vm_stop(self, new_state: RunState) -> bool:
+        """QEMU's vm_stop: pause if live (STOP event), then always drain and flush.
+
+        Returns whether the VM was live before.
+        """
+        was_live = self.live
+        if was_live:
+            self.set_state(new_state)
+            self.events.emit("STOP")
+        if self.block is not None:
+            try:
+                await self.block.drain_and_flush_all()
+            except QMPError as err:
+                # QEMU ignores the flush result in qmp_stop; keep a trace for debugging.
+                log.warning("flush on stop failed: %s", err.desc)
+        return was_live
+
+    def vm_start(self) -> None:
+        """QEMU's vm_start: RESUME and ``running`` unless already running."""
+        if self.state is RunState.RUNNING:
+            return
+        self.set_state(RunState.RUNNING)
+        self.events.emit("RESUME")
+
+    async def stop(self) -> None:
+        """The ``stop`` command."""
+        if self.state is RunState.INMIGRATE:
+            self.autostart = False
+            return
+        await self.vm_stop(RunState.PAUSED)
+
+    async def cont(self) -> None:
+        """The ``cont`` command (QEMU 10.x: allowed during inmigrate)."""
+        if self.state in (RunState.INTERNAL_ERROR, RunState.SHUTDOWN):
+            raise QMPError("Resetting the Virtual Machine is required")
+        if self.state is RunState.SUSPENDED:
+            return
+        if self.state is RunState.FINISH_MIGRATE:
+            raise QMPError("Migration is not finalized yet")
+        if self.state is RunState.INMIGRATE:
+            self.autostart = True
+            return
+        # After a completed outgoing migration the images are inactive: activation takes
+        # the locks back, or fails (destination running) and the VM stays where it is.
+        if self.block is not None:
+            await self.block.activate_all()
+        self.vm_start()

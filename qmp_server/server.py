@@ -1,0 +1,203 @@
+"""The Trio socket server: listeners, one task group per connection, orderly exit."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .dispatcher import Dispatcher
+from .session import Mode, QMPSession, Request
+from .wire import encode
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+log = logging.getLogger(__name__)
+
+# QEMU's per-monitor in-band queue length (QMP_REQ_QUEUE_LEN_MAX).
+INBAND_QUEUE = 8
+
+
+class ListenError(Exception):
+    """A monitor socket could not be set up; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    """``-qmp unix:PATH,...``"""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+@dataclass(frozen=True)
+class TcpAddress:
+    """``-qmp tcp:HOST:PORT,...``"""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"tcp:{self.host}:{self.port}"
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Make room for our socket without ever deleting something that is not ours to delete."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # left behind by a process that died
+        return
+    except OSError as err:
+        if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        raise ListenError(f"{path}: {os.strerror(err.errno or 0)}") from err
+    finally:
+        probe.close()
+    raise ListenError(f"{path} is in use by a running server")
+
+
+def bind_unix(path: str) -> trio.SocketListener:
+    """A listening UNIX socket at ``path``, mode 0600, replacing only a stale socket."""
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # bind creates the file 0600 itself: no window where it is open
+    try:
+        sock.bind(path)
+    except OSError as err:
+        sock.close()
+        raise ListenError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}") from err
+    finally:
+        os.umask(old_umask)
+    sock.listen(128)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+async def bind_tcp(host: str, port: int) -> list[trio.SocketListener]:
+    """Listening TCP sockets for ``host:port``."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as err:
+        raise ListenError(f"Failed to bind socket to {host}:{port}: {err.strerror}") from err
+
+
+class Connection:
+    """One client: a reader, an in-band worker, a writer; OOB commands run beside them."""
+
+    def __init__(self, machine: Machine, dispatcher: Dispatcher, stream: trio.abc.Stream) -> None:
+        self.machine = machine
+        self.dispatcher = dispatcher
+        self.stream = stream
+        self.session = QMPSession()
+        # Output is bytes to write, or an action to run once everything before it is written.
+        self._out_send, self._out_recv = trio.open_memory_channel[bytes | Callable[[], None]](math.inf)
+        self._in_send, self._in_recv = trio.open_memory_channel[Request](INBAND_QUEUE)
+
+    def _deliver_event(self, message: dict[str, Any]) -> None:
+        # QEMU sends no events to a monitor still in negotiation mode.
+        if self.session.mode is Mode.COMMAND:
+            self._out_send.send_nowait(encode(message))
+
+    async def run(self) -> None:
+        """Serve the connection until the client goes away."""
+        self._out_send.send_nowait(encode(self.session.greeting()))
+        self.machine.events.subscribe(self._deliver_event)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._inband_worker)
+                await self._reader(nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.machine.events.unsubscribe(self._deliver_event)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await trio.aclose_forcefully(self.stream)
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            if not data:
+                return
+            for request in self.session.receive(data):
+                if request.oob:
+                    nursery.start_soon(self._execute, request)
+                else:
+                    await self._in_send.send(request)
+
+    async def _inband_worker(self) -> None:
+        async for request in self._in_recv:
+            await self._execute(request)
+
+    async def _execute(self, request: Request) -> None:
+        # A client that vanishes mid-command must not leave a half-done change behind:
+        # the command always runs to completion; only its reply may be lost.
+        with trio.CancelScope(shield=True):
+            reply, context = await self.dispatcher.dispatch(self.session, request)
+            self._out_send.send_nowait(encode(reply))
+            for action in context.after_reply:
+                self._out_send.send_nowait(action)
+
+    async def _writer(self) -> None:
+        pending: list[bytes] = []
+        actions: list[Callable[[], None]] = []
+        async for item in self._out_recv:
+            # Coalesce whatever is already queued into one write, stopping at an action.
+            while True:
+                if isinstance(item, bytes):
+                    pending.append(item)
+                else:
+                    actions.append(item)
+                    break
+                try:
+                    item = self._out_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            if pending:
+                data = b"".join(pending)
+                pending.clear()
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
+            for action in actions:
+                action()
+            actions.clear()
+
+
+async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.SocketListener],
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve every listener until the machine asks to exit."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await Connection(machine, dispatcher, stream).run()
+
+    async with trio.open_nursery() as nursery:
+        machine.nursery = nursery
+        nursery.start_soon(trio.serve_listeners, handle, listeners)
+        task_status.started()
+        await machine.exit_requested.wait()
+        nursery.cancel_scope.cancel()
