@@ -99,6 +99,14 @@ class BlockDriver(ABC):
         self.file: ChildIO | None = None
         self.backing: ChildIO | None = None
 
+    @classmethod
+    def file_role_for(cls, options: Mapping[str, Any]) -> ChildRole:
+        """The role of the file child for a node opened with ``options``.
+
+        Default: :attr:`file_role`. (raw is a pure filter unless it exposes a window.)
+        """
+        return cls.file_role
+
     @abstractmethod
     def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
         """Open the node. Raise :class:`BlockError` with QEMU's text on failure.

@@ -134,7 +134,7 @@ class BlockGraph:
         if driver.protocol and "cache" in options:
             driver_options["cache"] = options["cache"]
         if file_edge_target is not None:
-            self._attach(node, file_edge_target, "file", driver.file_role)
+            self._attach(node, file_edge_target, "file", driver.file_role_for(driver_options))
             driver.file = file_edge_target
         try:
             self._open_driver(node, driver_options)

@@ -12,6 +12,9 @@ def child_permissions(role: ChildRole, perm: int, shared: int, *, writable: bool
     ``writable`` is whether the parent may write (read-write and active); ``inactive``
     whether the parent is inactive, in which case it lets others write and resize.
     """
+    if role & ChildRole.FILTERED:
+        # Filters pass their parents' needs straight through.
+        return perm & ALL, shared & ALL
     if role & ChildRole.COW:
         # Backing files are only ever read, and only consistently if the parent reads so.
         nperm = perm & CONSISTENT_READ

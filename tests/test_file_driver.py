@@ -119,13 +119,6 @@ def background() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
 # --- open ----------------------------------------------------------------------------
 
 
-def qemu_open_error(qemu_io: str, *image_opts: str) -> str:
-    """The text qemu-io prints when opening ``--image-opts`` fails."""
-    result = run(qemu_io, "--image-opts", ",".join(image_opts), "-c", "read 0 512")
-    assert result.returncode != 0
-    return result.stderr.strip().split("can't open: ", 1)[1]
-
-
 @pytest.mark.qemu
 def test_open_errors_match_qemu(tmp_path: Path, raw: Path, qemu_io: str) -> None:
     cases: list[tuple[dict[str, Any], bool, str, int]] = [
@@ -292,6 +285,7 @@ def test_discard_unsupported_is_quietly_disabled(
     assert info.value.errno == errno.EIO
 
 
+@pytest.mark.qemu
 def test_truncate_and_first_block_like_qemu(tmp_path: Path, opened: OpenFn, qemu_img: str) -> None:
     ours = tmp_path / "ours.raw"
     ours.touch()

@@ -152,7 +152,15 @@ class FileDriver(BlockDriver):
     # --- open / close ----------------------------------------------------------------
 
     def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
-        """Open ``options["filename"]``; see the module docstring for the options."""
+        """Open ``options["filename"]`` (BlockdevOptionsFile; absent keys take QEMU's defaults).
+
+        ``locking`` on/off/auto (auto: locks when OFD locks exist); ``aio`` threads, native
+        (needs ``cache.direct``) or io_uring, all served by synchronous calls;
+        ``cache`` {``direct``, ``no-flush``}; ``drop-cache`` (default on);
+        ``x-check-cache-dropped`` and ``aio-max-batch`` are accepted and have no effect;
+        ``pr-manager`` is refused (no such object can exist here). Errors carry QEMU's text
+        and the errno (EACCES for a read-only file system, as QEMU reports it).
+        """
         filename = options.get("filename")
         if not isinstance(filename, str):
             raise BlockError("Parameter 'filename' is missing", errno.EINVAL)
@@ -175,6 +183,7 @@ class FileDriver(BlockDriver):
             # There are no QOM objects here, so no pr-manager can be found by its id.
             raise BlockError(f"No persistent reservation manager with id '{pr_manager}'", errno.EINVAL)
         self._drop_cache = bool(options.get("drop-cache", True))
+        # A debugging aid of QEMU's (mincore after dropping the cache); accepted, not run.
         self._check_cache_dropped = bool(options.get("x-check-cache-dropped", False))
         cache = options.get("cache") or {}
         self._direct = bool(cache.get("direct", False))

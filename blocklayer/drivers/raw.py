@@ -7,12 +7,21 @@ from typing import Any
 
 from ..driver import BlockDriver, ChildIO
 from ..errors import BlockError
+from ..perm import ChildRole
 
 
 class RawDriver(BlockDriver):
     """QEMU's raw format driver with its ``offset`` and ``size`` options."""
 
     name = "raw"
+    file_role = ChildRole.FILTERED | ChildRole.PRIMARY
+
+    @classmethod
+    def file_role_for(cls, options: Mapping[str, Any]) -> ChildRole:
+        """A filter (permissions pass straight through) unless offset/size make a window."""
+        if "offset" in options or "size" in options:
+            return ChildRole.DATA | ChildRole.PRIMARY
+        return cls.file_role
 
     def __init__(self) -> None:
         super().__init__()

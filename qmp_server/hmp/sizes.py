@@ -178,7 +178,7 @@ def c_float(spec: str, value: float) -> str:
     return spec % value
 
 
-# (threshold, scale unit, suffix), largest first; thresholds are compared as doubles.
+# (unit, suffix), largest first; the value is compared and divided as a double.
 _UNITS: tuple[tuple[int, str], ...] = (
     (1 << 60, " EiB"),
     (1 << 50, " PiB"),
@@ -195,13 +195,13 @@ def format_size(value: float) -> str:
     Three decimals in binary units, six below 1 KiB; a fraction part starting with ".000"
     is cut off entirely (so 2147483136 prints as "2 GiB").
     """
-    for unit, suffix in _UNITS:
+    suffix = " bytes"
+    # qemu-io formats into a 64-byte buffer, leaving room for the suffix.
+    text = c_float("%f", value)[:57]
+    for unit, unit_suffix in _UNITS:
         if value >= unit:
-            # qemu-io formats into a 64-byte buffer, leaving room for the suffix.
+            suffix = unit_suffix
             text = c_float("%.3f", value / unit)[:59]
             break
-    else:
-        suffix = " bytes"
-        text = c_float("%f", value)[:57]
     cut = text.find(".000")
     return (text[:cut] if cut >= 0 else text) + suffix
