@@ -15,7 +15,8 @@ import trio
 
 from blocklayer.errors import BlockError
 from blocklayer.graph import BlockGraph
-from blocklayer.node import BlockNode
+from blocklayer.node import BlockNode, Edge
+from blocklayer.perm import ALL, WRITE
 
 from .blockinfo import block_device_info
 from .errors import QMPError
@@ -95,6 +96,29 @@ class BlockService:
         """query-named-block-nodes, newest node first like QEMU."""
         return await self.run(lambda: [block_device_info(n, flat) for n in self.graph.iter_nodes()])
 
+    async def qemu_io(self, device: str, command: str, qdev: bool = False) -> str:
+        """HMP ``qemu-io``: run one qemu-io command on a node through a temporary user.
+
+        Like QEMU's HMP, the node gets a user that asks nothing until a command needs to
+        write; a write to an inactive or read-only node is refused before it starts.
+        """
+        from .hmp.qemu_io import run_qemu_io
+
+        def work() -> str:
+            with self._lock:
+                if qdev:
+                    return f"Error: Device '{device}' not found\n"
+                node = self.graph.find(device)
+                if node is None:
+                    return f"Error: Cannot find device='' nor node-name='{device}'\n"
+                edge = self.graph.add_user(node, "block device 'qemu-io'", 0, ALL)
+                try:
+                    return run_qemu_io(_QemuIoTarget(self.graph, edge), command)
+                finally:
+                    self.graph.remove_user(edge)
+
+        return await trio.to_thread.run_sync(work)
+
     # Run-state hooks (runstate.BlockHooks) ------------------------------------------------
 
     async def drain_and_flush_all(self) -> None:
@@ -112,3 +136,34 @@ class BlockService:
     def close_all(self) -> None:
         """Close every node at exit (synchronously: the event loop is gone)."""
         self.locked(self.graph.close_all)
+
+
+class _QemuIoTarget:
+    """A node as qemu-io sees it through its temporary user."""
+
+    def __init__(self, graph: BlockGraph, edge: Edge) -> None:
+        self.graph = graph
+        self.edge = edge
+        self.node = edge.child
+
+    def require_write(self) -> None:
+        if not self.edge.perm & WRITE:
+            self.graph.set_user_perm(self.edge, self.edge.perm | WRITE, self.edge.shared)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.node.pread(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.node.pwrite(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        self.node.pwrite_zeroes(offset, length, may_unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.node.pdiscard(offset, length)
+
+    def flush(self) -> None:
+        self.node.flush()
+
+    def getlength(self) -> int:
+        return self.node.getlength()

@@ -109,15 +109,13 @@ class HumanMonitor:
         return "\n".join(blocks)
 
     async def _qemu_io(self, args: str) -> str:
-        from .qemu_io import split_hmp_qemu_io_args
+        from .qemu_io import HmpArgumentError, split_hmp_qemu_io_args
 
-        if not args:
-            return 'qemu-io: block device name expected\nTry "help qemu-io" for more information\n'
         try:
-            _direct, device, command = split_hmp_qemu_io_args(args)
-        except ValueError as err:
-            return f"{err}\n"
-        return await self.machine.block.qemu_io(device, command)
+            qdev, device, command = split_hmp_qemu_io_args(args)
+        except HmpArgumentError as err:
+            return err.monitor_text
+        return await self.machine.block.qemu_io(device, command, qdev)
 
 
 __all__ = ["HumanMonitor"]
