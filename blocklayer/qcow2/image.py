@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import BlockError
 from . import header as H
-from .cache import CleanTimer, MetadataCache
+from .cache import CacheEntry, CleanTimer, MetadataCache
 from .errors import Qcow2Corruption
 from .l2 import L1E_OFFSET_MASK, OFLAG_COPIED, CompressedLayout
 from .options import Qcow2Options, cache_sizes, parse_options
@@ -227,7 +227,7 @@ class Qcow2Image:
             return None
         return self.l2_cache.get(offset + slice_start * 8).table
 
-    def l2_slice_for_write(self, l1_index: int, slice_start: int) -> Any:
+    def l2_slice_for_write(self, l1_index: int, slice_start: int) -> CacheEntry[array[int]]:
         """The cache entry of an L2 slice this node may modify (allocated/COWed as needed)."""
         if l1_index >= len(self.l1):
             raise Qcow2Corruption(f"L1 index {l1_index:#x} out of range")

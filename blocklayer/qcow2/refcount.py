@@ -23,7 +23,7 @@ from ..driver import ChildIO
 from ..errors import BlockError
 from .cache import MetadataCache
 from .errors import Qcow2Corruption
-from .tables import U64, RefBlock, RefBlockCodec, be_bytes
+from .tables import U64, RefBlock, RefBlockCodec, be_bytes, used_length
 
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
@@ -194,7 +194,7 @@ class RefcountManager:
         self.file.pwrite(48, struct.pack(">QI", table_offset, table_clusters))
         self.file.flush()
         old_offset, old_clusters = self.reftable_offset, self.reftable_clusters
-        used = len(be_bytes(table).rstrip(b"\0"))
+        used = used_length(be_bytes(table))
         self.reftable = table[: (used + 7) // 8]
         self.reftable_offset = table_offset
         self.reftable_clusters = table_clusters

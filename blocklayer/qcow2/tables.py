@@ -44,9 +44,21 @@ def be_bytes(arr: array[int]) -> bytes:
     return arr.tobytes()
 
 
+_ZEROS = bytes(4096)
+
+
+def used_length(data: bytes) -> int:
+    """Length of ``data`` without its run of trailing zero bytes."""
+    end = len(data)
+    # Whole zero chunks are skipped with memcmp; bytes.rstrip is byte-by-byte slow.
+    while end >= 4096 and data[end - 4096:end] == _ZEROS:
+        end -= 4096
+    return len(data[max(0, end - 4096):end].rstrip(b"\0")) + max(0, end - 4096)
+
+
 def be_array_trimmed(data: bytes) -> array[int]:
     """Decode a table of u64 but drop its all-zero tail (saves memory on idle nodes)."""
-    used = len(data.rstrip(b"\0"))
+    used = used_length(data)
     return be_array(data[: (used + 7) // 8 * 8])
 
 

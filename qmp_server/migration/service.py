@@ -1,13 +1,43 @@
-"""Live migration between two servers over shared storage (interface; see issue 4)."""
+"""Live migration between two servers over shared storage (issue 4).
+
+The service owns the machine's migration state and implements the QMP commands; the
+long-running halves live in :mod:`.source` (outgoing) and :mod:`.destination`
+(incoming). ``docs/migration.md`` describes the handoff and its failure paths.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import sys
+import time
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..errors import QMPError
+from ..runstate import RunState
+from . import testhook
+from .options import CAPABILITIES, MIGRATION_ACTIVE, PARAMETER_DEFAULTS, MigrationOptions
+from .state import RUNNING, Incoming, MigrationStatus, Outgoing
+from .uri import Listening, listen, parse_uri
+
 if TYPE_CHECKING:
     from ..machine import Machine
+
+
+def report(message: str) -> None:
+    """Print an error on stderr, as QEMU's error_report does."""
+    print(f"qmp-server: {message}", file=sys.stderr, flush=True)
+
+
+def _schema_names(machine: Machine) -> tuple[list[str], list[str]]:
+    """Capability and parameter names from the schema, so introspection and replies agree."""
+    try:
+        defs = machine.schema.types_document["$defs"]
+        caps = list(defs["MigrationCapability"]["enum"])
+        params = [name for name in defs["MigrationParameters"]["properties"] if name in PARAMETER_DEFAULTS]
+    except (AttributeError, KeyError, TypeError):
+        return list(CAPABILITIES), list(PARAMETER_DEFAULTS)
+    return caps, params
 
 
 class MigrationService:
@@ -15,9 +45,139 @@ class MigrationService:
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
+        caps, params = _schema_names(machine)
+        self.options = MigrationOptions(caps, params)
+        self.outgoing = Outgoing()
+        self.incoming = Incoming()
+        self._pending: Listening | None = None
+        try:
+            self.delays = testhook.Delays.from_environment()
+            self._delay_error: str | None = None
+        except ValueError as err:
+            self.delays = testhook.Delays()
+            self._delay_error = str(err)
+
+    # Status changes ----------------------------------------------------------------------
+
+    def _event(self, status: MigrationStatus) -> None:
+        # QEMU's migrate_generate_event: only with the 'events' capability.
+        if self.options.events:
+            self.machine.events.emit("MIGRATION", {"status": str(status)})
+
+    def set_outgoing_status(self, status: MigrationStatus) -> None:
+        """Move the outgoing migration to ``status`` (MIGRATION event if enabled)."""
+        self.outgoing.status = status
+        self._event(status)
+
+    def set_incoming_status(self, status: MigrationStatus) -> None:
+        """Move the incoming migration to ``status`` (MIGRATION event if enabled)."""
+        self.incoming.status = status
+        self._event(status)
+
+    # Incoming ----------------------------------------------------------------------------
 
     def check_incoming_uri(self) -> None:
-        """Validate ``-incoming`` at start-up; raise QMPError with the message to print."""
+        """Validate ``-incoming`` at start-up and bind its socket.
+
+        Raises QMPError with the message to print (QEMU's ``-incoming URI: error``).
+        """
+        if self._delay_error is not None:
+            raise QMPError(self._delay_error)
+        uri = self.machine.config.incoming
+        if uri is None or uri == "defer":
+            return
+        try:
+            listening = listen(parse_uri(uri))
+        except QMPError as err:
+            raise QMPError(f"-incoming {uri}: {err.desc}") from err
+        self._pending = listening
+        self._begin_incoming(listening, exit_on_error=True)
 
     async def start_incoming(self, nursery: trio.Nursery) -> None:
         """Start listening when ``-incoming`` named a URI (not ``defer``)."""
+        if self._pending is not None:
+            from .destination import run_incoming
+
+            listening, self._pending = self._pending, None
+            nursery.start_soon(run_incoming, self, listening)
+
+    def _begin_incoming(self, listening: Listening, *, exit_on_error: bool) -> None:
+        self.incoming = Incoming(exit_on_error=exit_on_error, started=True,
+                                 socket_addresses=[listening.socket_address()])
+        self.set_incoming_status(MigrationStatus.SETUP)
+
+    async def migrate_incoming(self, uri: str | None, exit_on_error: bool) -> None:
+        """``migrate-incoming``: listen now, take the migration in the background."""
+        from .destination import run_incoming
+
+        if self.incoming.started:
+            raise QMPError("The incoming migration has already been started")
+        if self.machine.vm.state is not RunState.INMIGRATE:
+            raise QMPError("'-incoming' was not specified on the command line")
+        if uri is None:
+            raise QMPError("need either 'uri' or 'channels' argument")
+        listening = listen(parse_uri(uri))
+        self._begin_incoming(listening, exit_on_error=exit_on_error)
+        nursery = self.machine.nursery
+        assert nursery is not None, "commands run inside the server's nursery"
+        nursery.start_soon(run_incoming, self, listening)
+
+    # Outgoing ----------------------------------------------------------------------------
+
+    async def migrate(self, uri: str | None, resume: bool = False) -> None:
+        """``migrate``: checks as QEMU's migrate_prepare, then run in the background."""
+        from .source import run_outgoing
+
+        if uri is None:
+            raise QMPError("need either 'uri' or 'channels' argument")
+        address = parse_uri(uri)
+        if resume:
+            raise QMPError("Cannot resume if there is no paused migration")
+        if self.outgoing.status in RUNNING:
+            raise QMPError(MIGRATION_ACTIVE)
+        state = self.machine.vm.state
+        if state is RunState.INMIGRATE:
+            raise QMPError("Guest is waiting for an incoming migration")
+        if state is RunState.POSTMIGRATE:
+            raise QMPError("Can't migrate the vm that was paused due to previous migration")
+        nursery = self.machine.nursery
+        assert nursery is not None, "commands run inside the server's nursery"
+        # Created here so that a migrate_cancel arriving before the task starts still counts.
+        scope = trio.CancelScope()
+        self.outgoing = Outgoing(started=time.monotonic(), scope=scope)
+        self.set_outgoing_status(MigrationStatus.SETUP)
+        nursery.start_soon(run_outgoing, self, self.outgoing, address)
+
+    def cancel(self) -> None:
+        """``migrate_cancel``: succeeds even when no migration is running."""
+        out = self.outgoing
+        if out.status in RUNNING and out.status is not MigrationStatus.CANCELLING:
+            self.set_outgoing_status(MigrationStatus.CANCELLING)
+            assert out.scope is not None
+            out.scope.cancel()
+
+    # Queries and settings -----------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        """``query-migrate``: the destination's view, overridden by the source's if any."""
+        info = self.incoming.info()
+        info.update(self.outgoing.info())
+        return info
+
+    def set_capabilities(self, changes: list[dict[str, Any]]) -> None:
+        """``migrate-set-capabilities``."""
+        if self.outgoing.status in RUNNING:
+            raise QMPError(MIGRATION_ACTIVE)
+        self.options.set_capabilities(changes)
+
+    def query_capabilities(self) -> list[dict[str, Any]]:
+        """``query-migrate-capabilities``."""
+        return self.options.query_capabilities()
+
+    def set_parameters(self, changes: dict[str, Any]) -> None:
+        """``migrate-set-parameters``."""
+        self.options.set_parameters(changes)
+
+    def query_parameters(self) -> dict[str, Any]:
+        """``query-migrate-parameters``."""
+        return self.options.query_parameters()

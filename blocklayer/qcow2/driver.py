@@ -1,0 +1,187 @@
+"""The qcow2 format driver (``driver: "qcow2"``)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from ..driver import BackingRequest, BlockDriver
+from ..errors import BlockError
+from ..perm import ChildRole
+from . import datapath
+from .errors import Qcow2Corruption
+from .header import COMPRESSION_NAMES
+from .image import Qcow2Image, open_image
+
+#: Default for new drivers' ``skip_invalidate_for_tests``. Only tests set this, to show
+#: what goes wrong when stale metadata survives activation.
+SKIP_INVALIDATE_FOR_TESTS = False
+
+R = TypeVar("R")
+
+
+class Qcow2Driver(BlockDriver):
+    """qcow2 images (v2/v3) on top of the ``file`` child, with an optional backing child."""
+
+    name = "qcow2"
+    file_role = ChildRole.image()
+    supports_backing = True
+
+    def __init__(self, skip_invalidate_for_tests: bool | None = None) -> None:
+        super().__init__()
+        self._img: Qcow2Image | None = None
+        self._options: Mapping[str, Any] = {}
+        self._read_only = True
+        self._inactive = False
+        #: Test-only: make invalidate_cache() keep all cached metadata (unsafe).
+        self.skip_invalidate_for_tests = (SKIP_INVALIDATE_FOR_TESTS
+                                          if skip_invalidate_for_tests is None
+                                          else skip_invalidate_for_tests)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
+        """Read and validate the header, L1 and refcount table (see image.open_image)."""
+        if self.file is None:
+            raise BlockError("qcow2 needs a file child", errno.EINVAL)
+        self._options = dict(options)
+        self._read_only = read_only
+        self._inactive = inactive
+        self._img = open_image(self.file, self._options, read_only=read_only, inactive=inactive)
+
+    def close(self) -> None:
+        """Drop all state; never writes."""
+        if self._img is not None:
+            self._img.drop()
+        self._img = None
+
+    def _image(self) -> Qcow2Image:
+        if self._img is None:
+            raise BlockError("qcow2 node is not open", errno.EBADF)
+        return self._img
+
+    def _writable_image(self, offset: int, length: int) -> Qcow2Image:
+        img = self._image()
+        if offset < 0 or length < 0 or offset + length > img.virtual_size:
+            raise BlockError("Request beyond the end of the image", errno.EINVAL)
+        if not img.writable:
+            if self._inactive:
+                raise BlockError("qcow2 node is inactive", errno.EPERM)
+            if img.hdr.incompatible_features & 2:
+                raise BlockError("qcow2: Image is corrupt; cannot be written", errno.EIO)
+            raise BlockError("qcow2 node is read-only", errno.EACCES)
+        img.maybe_clean_caches()
+        return img
+
+    def _guard(self, img: Qcow2Image, fn: Callable[[], R]) -> R:
+        try:
+            return fn()
+        except Qcow2Corruption:
+            img.mark_corrupt()
+            raise
+
+    # -- I/O -----------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes; unallocated clusters come from the backing child or read as zeroes."""
+        img = self._image()
+        return self._guard(img, lambda: datapath.read(img, self.backing, offset, length))
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write guest data (allocating, COWing from backing/old clusters as needed)."""
+        img = self._writable_image(offset, len(data))
+        self._guard(img, lambda: datapath.write(img, self.backing, offset, bytes(data)))
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Zero clusters on v3 (freed when ``may_unmap``); plain zero writes on v2."""
+        img = self._writable_image(offset, length)
+        if img.version < 3:
+            super().write_zeroes(offset, length, may_unmap)
+            return
+        self._guard(img, lambda: datapath.write_zeroes(img, self.backing, offset, length,
+                                                       may_unmap))
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate whole clusters in the range (QEMU's qcow2_co_pdiscard)."""
+        img = self._writable_image(offset, length)
+        self._guard(img, lambda: datapath.discard(img, self.backing, offset, length))
+
+    def flush(self) -> None:
+        """Write back L2 then refcount caches (dependency order), then flush the file."""
+        img = self._image()
+        self._guard(img, img.flush)
+
+    def getlength(self) -> int:
+        """Virtual size, in whole 512-byte sectors as QEMU counts it."""
+        return self._image().virtual_size // 512 * 512
+
+    # -- activation ----------------------------------------------------------------
+
+    def inactivate(self) -> None:
+        """Flush caches, clear the dirty bit, make it durable; no writes afterwards."""
+        img = self._image()
+        img.inactivate()
+        self._inactive = True
+
+    def invalidate_cache(self) -> None:
+        """Drop every cache and all in-memory metadata, then open the image again."""
+        img = self._image()
+        if self.skip_invalidate_for_tests:
+            self._inactive = False
+            img.writable = not self._read_only
+            return
+        if img.writable:
+            img.inactivate()
+        img.drop()
+        self._img = None
+        self._inactive = False
+        assert self.file is not None
+        self._img = open_image(self.file, self._options, read_only=self._read_only,
+                               inactive=False)
+
+    # -- information ---------------------------------------------------------------
+
+    def _full_backing_path(self, name: str) -> str:
+        if os.path.isabs(name) or self.file is None:
+            return name
+        base = self.file.filename
+        if ":" in name.split("/", 1)[0]:
+            return name
+        return os.path.join(os.path.dirname(base), name)
+
+    def backing_request(self) -> BackingRequest | None:
+        """The backing file the header names, resolved against the image's directory."""
+        hdr = self._image().hdr
+        if not hdr.backing_file:
+            return None
+        return BackingRequest(hdr.backing_file, self._full_backing_path(hdr.backing_file),
+                              hdr.backing_format or None)
+
+    def image_info(self) -> dict[str, Any]:
+        """cluster-size, dirty-flag, format-specific and backing names, as QEMU reports."""
+        img = self._image()
+        hdr = img.hdr
+        data: dict[str, Any]
+        compression = COMPRESSION_NAMES.get(hdr.compression_type, "zlib")
+        if hdr.version == 2:
+            data = {"compat": "0.10", "compression-type": compression,
+                    "refcount-bits": hdr.refcount_bits}
+        else:
+            data = {"compat": "1.1", "compression-type": compression,
+                    "lazy-refcounts": bool(hdr.compatible_features & 1),
+                    "refcount-bits": hdr.refcount_bits,
+                    "corrupt": bool(hdr.incompatible_features & 2),
+                    "extended-l2": False}
+        info: dict[str, Any] = {
+            "cluster-size": img.cluster_size,
+            "format-specific": {"type": "qcow2", "data": data},
+            "dirty-flag": img.dirty,
+        }
+        if hdr.backing_file:
+            info["backing-filename"] = hdr.backing_file
+            info["full-backing-filename"] = self._full_backing_path(hdr.backing_file)
+            if hdr.backing_format:
+                info["backing-filename-format"] = hdr.backing_format
+        return info

@@ -1,0 +1,87 @@
+"""The block configuration a migration source expects its destination to have.
+
+QEMU does not check this (a mismatch shows up later as guest data corruption or a failed
+device load); we do, before anything is handed over, so that a management tool that
+started the destination with the wrong ``-blockdev`` gets a clean failure on both sides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from blocklayer.graph import BlockGraph
+from blocklayer.node import BlockNode
+
+PREFIX = "Block configuration mismatch: "
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    """What must match for one user-named node."""
+
+    node_name: str
+    driver: str
+    filename: str
+    #: None where the size is not part of the contract: a protocol node over an image
+    #: file grows while the source allocates clusters, so only format sizes are compared.
+    virtual_size: int | None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ``C`` frame entry."""
+        return {"node-name": self.node_name, "driver": self.driver, "filename": self.filename,
+                "virtual-size": self.virtual_size}
+
+    @classmethod
+    def from_wire(cls, item: Any) -> NodeDescription:
+        """Parse a ``C`` frame entry; ValueError if it is malformed."""
+        if not isinstance(item, dict):
+            raise ValueError("node entry is not an object")
+        name, driver, filename = item.get("node-name"), item.get("driver"), item.get("filename")
+        size = item.get("virtual-size")
+        if not (isinstance(name, str) and isinstance(driver, str) and isinstance(filename, str)):
+            raise ValueError("node entry lacks node-name, driver or filename")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+            raise ValueError("bad virtual-size")
+        return cls(name, driver, filename, size)
+
+
+def _describe(node: BlockNode) -> NodeDescription:
+    filename = node.filename
+    # Both sides may name the image by different relative or symlinked paths.
+    if filename and os.path.exists(filename):
+        filename = os.path.realpath(filename)
+    size: int | None = None
+    if not (node.driver.protocol and filename):
+        size = node.getlength()
+    return NodeDescription(node.name, node.drv_name, filename, size)
+
+
+def describe(graph: BlockGraph) -> list[NodeDescription]:
+    """Every node with a user-given name, in creation order (run under the graph lock)."""
+    return [_describe(node) for node in graph.nodes.values() if not node.implicit]
+
+
+def compare(source: list[NodeDescription], local: list[NodeDescription]) -> str | None:
+    """The first difference between the source's and our configuration, or None."""
+    ours = {n.node_name: n for n in local}
+    for want in source:
+        have = ours.pop(want.node_name, None)
+        name = want.node_name
+        if have is None:
+            return f"{PREFIX}node '{name}' of the source does not exist on the destination"
+        if have.driver != want.driver:
+            return (f"{PREFIX}node '{name}' uses driver '{want.driver}' on the source "
+                    f"but '{have.driver}' on the destination")
+        if have.filename != want.filename:
+            return (f"{PREFIX}node '{name}' opens '{want.filename}' on the source "
+                    f"but '{have.filename}' on the destination")
+        if want.virtual_size is not None and have.virtual_size is not None \
+                and have.virtual_size != want.virtual_size:
+            return (f"{PREFIX}node '{name}' has virtual size {want.virtual_size} on the source "
+                    f"but {have.virtual_size} on the destination")
+    if ours:
+        name = next(iter(ours))
+        return f"{PREFIX}node '{name}' exists on the destination but not on the source"
+    return None

@@ -1,0 +1,166 @@
+"""The incoming half of a migration (QEMU 10.x ``process_incoming_migration_bh``).
+
+Every node has been inactive since it was opened (``inmigrate``), so the destination holds
+no write locks until the handover. After the end marker: if the source was live and we
+may autostart (no ``-S``, no ``stop`` during ``inmigrate``, or a later ``cont``), activate
+every node (dropping metadata cached while inactive, taking the locks) and run (RESUME);
+otherwise stay paused with the nodes inactive. MIGRATION ``completed`` comes only after
+that, then the acknowledgement goes back to the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import trio
+import trio.testing
+
+from ..errors import QMPError
+from ..runstate import LIVE_STATES, InvalidTransition, RunState
+from .blockconfig import NodeDescription, compare, describe
+from .source import MigrationError
+from .state import MigrationStatus
+from .stream import (
+    SUPPORTED_VERSIONS,
+    VERSION,
+    Channel,
+    FrameKind,
+    StreamClosed,
+    StreamError,
+    encode_frame,
+    encode_header,
+)
+from .uri import Listening
+
+if TYPE_CHECKING:
+    from .service import MigrationService
+
+
+async def run_incoming(service: MigrationService, listening: Listening) -> None:
+    """The background task behind ``-incoming URI`` / ``migrate-incoming``."""
+    try:
+        stream = await listening.listener.accept()
+    finally:
+        # QEMU takes exactly one connection.
+        listening.close()
+    service.set_incoming_status(MigrationStatus.ACTIVE)
+    channel = Channel(stream)
+    try:
+        await _receive(service, channel)
+    except MigrationError as err:
+        await _fail(service, channel, str(err))
+    except StreamClosed:
+        await _fail(service, channel, "Migration stream truncated: the source closed the connection "
+                                      "before the end marker")
+    except StreamError as err:
+        await _fail(service, channel, str(err))
+    finally:
+        with trio.CancelScope(shield=True):
+            await channel.aclose()
+
+
+async def _refuse(channel: Channel, error: str) -> MigrationError:
+    """Tell the source why (best effort) and return the error to raise."""
+    with trio.move_on_after(1), contextlib.suppress(StreamError):
+        await channel.send(encode_frame(FrameKind.FAIL, {"error": error}))
+    return MigrationError(error)
+
+
+def _source_nodes(payload: dict[str, Any]) -> list[NodeDescription]:
+    nodes = payload.get("nodes")
+    if not isinstance(nodes, list):
+        raise StreamError("Migration stream corrupt: bad 'C' frame")
+    try:
+        return [NodeDescription.from_wire(item) for item in nodes]
+    except ValueError as err:
+        raise StreamError(f"Migration stream corrupt: bad 'C' frame ({err})") from None
+
+
+async def _receive(service: MigrationService, channel: Channel) -> None:
+    machine = service.machine
+    block = machine.block
+    # Read first: whatever a foreign peer sent (and why it hung up) is the error to report.
+    version = await channel.receive_header()
+    await channel.send(encode_header())
+    if version not in SUPPORTED_VERSIONS:
+        raise await _refuse(channel, f"Unsupported migration stream version {version} "
+                                     f"(this server supports version {VERSION})")
+    config = await channel.receive(FrameKind.CONFIG)
+    mismatch = compare(_source_nodes(config.payload), await block.run(describe, block.graph))
+    if mismatch is not None:
+        raise await _refuse(channel, mismatch)
+    await channel.send(encode_frame(FrameKind.ACCEPT))
+
+    state = await channel.receive(FrameKind.GLOBAL)
+    await channel.receive(FrameKind.END)
+    runstate = state.payload.get("runstate")
+    running = state.payload.get("running")
+    if not isinstance(runstate, str) or not isinstance(running, bool):
+        raise StreamError("Migration stream corrupt: bad 'G' frame")
+    await service.delays.pause("incoming-end")
+
+    # The source has let go of the images; nothing below may fail the migration.
+    with trio.CancelScope(shield=True):
+        await _take_over(service, runstate, running)
+        service.incoming.socket_addresses = []
+        service.set_incoming_status(MigrationStatus.COMPLETED)
+        vm = machine.vm
+        with trio.move_on_after(5), contextlib.suppress(StreamError):
+            await channel.send(encode_frame(FrameKind.ACK, {"runstate": str(vm.state),
+                                                            "running": vm.running}))
+
+
+async def _take_over(service: MigrationService, runstate: str, running: bool) -> None:
+    from .service import report
+
+    machine = service.machine
+    vm = machine.vm
+    try:
+        source_state: RunState | None = RunState(runstate)
+    except ValueError:
+        source_state = None
+    if not (running or source_state in LIVE_STATES):
+        # The source was paused (or never started): take over its state, nodes inactive.
+        try:
+            vm.set_state(source_state if source_state is not None else RunState.PAUSED)
+        except InvalidTransition:
+            vm.set_state(RunState.PAUSED)
+        return
+    if not vm.autostart:
+        vm.set_state(RunState.PAUSED)
+        return
+    try:
+        await machine.block.activate_all()
+    except QMPError as err:
+        # Not started, nodes left inactive (QEMU: error on stderr, VM paused).
+        report(err.desc)
+        service.incoming.error = err.desc
+        with contextlib.suppress(QMPError):
+            await machine.block.inactivate_all()
+        vm.set_state(RunState.PAUSED)
+        return
+    if vm.autostart:
+        vm.vm_start()
+    else:
+        # A `stop` arrived while the nodes were being activated.
+        vm.set_state(RunState.PAUSED)
+
+
+async def _fail(service: MigrationService, channel: Channel, error: str) -> None:
+    from .service import report
+
+    incoming = service.incoming
+    incoming.error = error
+    incoming.socket_addresses = []
+    service.set_incoming_status(MigrationStatus.FAILED)
+    if incoming.exit_on_error:
+        # QEMU reports the error and exits with status 1; let the clients read the
+        # MIGRATION event first.
+        report(f"load of migration failed: {error}")
+        with trio.CancelScope(shield=True), trio.move_on_after(0.2):
+            await trio.testing.wait_all_tasks_blocked()
+        service.machine.request_exit(1)
+    else:
+        # Stay in inmigrate with the nodes inactive; a new migrate-incoming may try again.
+        incoming.started = False

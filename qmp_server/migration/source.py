@@ -1,0 +1,203 @@
+"""The outgoing half of a migration (QEMU 10.x ordering).
+
+setup -> connect, send the block configuration -> active -> destination accepts ->
+stop the VM (``finish-migrate``, STOP if it was live) -> drain and flush -> device ->
+inactivate every node (write locks released) -> global state + end marker ->
+destination's acknowledgement -> ``postmigrate``, completed; nodes stay inactive.
+
+On failure or cancel at any point the nodes are re-activated and the VM resumes if it was
+live; if re-activation fails (the destination already holds the images) the VM stays in
+``finish-migrate``, where ``cont`` is refused: never two writers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..errors import QMPError
+from ..runstate import InvalidTransition, RunState
+from .blockconfig import describe
+from .state import MigrationStatus, Outgoing
+from .stream import (
+    SUPPORTED_VERSIONS,
+    VERSION,
+    Channel,
+    FrameKind,
+    StreamClosed,
+    StreamError,
+    encode_frame,
+    encode_header,
+)
+from .uri import Address, ConnectError, connect
+
+if TYPE_CHECKING:
+    from .service import MigrationService
+
+
+class MigrationError(Exception):
+    """The migration failed; the message is the error-desc."""
+
+
+@dataclass
+class _Progress:
+    """How far the switchover got: what a failure has to undo."""
+
+    stopped: bool = False
+    old_state: RunState = RunState.RUNNING
+    was_live: bool = False
+    end_sent: bool = False
+
+
+async def run_outgoing(service: MigrationService, out: Outgoing, address: Address) -> None:
+    """The background task behind ``migrate``; ends in completed, failed or cancelled."""
+    progress = _Progress()
+    channel: Channel | None = None
+    error: str | None = None
+    assert out.scope is not None
+    with out.scope:
+        try:
+            await service.delays.pause("connect")
+            channel = Channel(await connect(address))
+            await _handover(service, out, channel, progress)
+            return
+        except (ConnectError, MigrationError) as err:
+            error = str(err)
+        except StreamClosed:
+            error = ("The destination closed the migration stream before acknowledging the handover"
+                     if progress.end_sent else "The destination closed the migration stream")
+        except StreamError as err:
+            error = str(err)
+    # Failed, or cancelled by migrate_cancel; the undo must finish even if cancelled again.
+    with trio.CancelScope(shield=True):
+        await _abort(service, out, channel, progress, error)
+
+
+async def _handover(service: MigrationService, out: Outgoing, channel: Channel,
+                    progress: _Progress) -> None:
+    machine = service.machine
+    vm = machine.vm
+    block = machine.block
+    nodes = await block.run(describe, block.graph)
+    await channel.send(encode_header(),
+                       encode_frame(FrameKind.CONFIG, {"nodes": [n.to_wire() for n in nodes]}))
+    out.bytes_sent = channel.bytes_sent
+    out.active_at = time.monotonic()
+    service.set_outgoing_status(MigrationStatus.ACTIVE)
+
+    version = await channel.receive_header()
+    if version not in SUPPORTED_VERSIONS:
+        raise MigrationError(f"The destination speaks migration stream version {version}, "
+                             f"this server speaks version {VERSION}")
+    await channel.receive(FrameKind.ACCEPT)
+    await _pause(service, channel, "active")
+
+    # Switchover: from here on the guest is down (downtime starts).
+    out.stopped_at = time.monotonic()
+    out.bytes_before_stop = channel.bytes_sent
+    progress.old_state = vm.state
+    progress.was_live = vm.live
+    # QEMU's vm_stop_force_state: a paused VM changes state silently, a live one says STOP.
+    vm.set_state(RunState.FINISH_MIGRATE)
+    progress.stopped = True
+    if progress.was_live:
+        machine.events.emit("STOP")
+    try:
+        await block.drain_and_flush_all()
+    except QMPError as err:
+        raise MigrationError(f"Failed to flush the block devices: {err.desc}") from err
+    service.set_outgoing_status(MigrationStatus.DEVICE)
+    await _pause(service, channel, "device")
+
+    # Inactivate before the end marker, so that the destination's activation can succeed.
+    try:
+        await block.inactivate_all()
+    except QMPError as err:
+        from .service import report
+
+        report(f"migration_block_inactivate: {err.desc}")
+        raise MigrationError("Block inactivate failed during switchover") from err
+    await _pause(service, channel, "inactivated")
+
+    await channel.send(
+        encode_frame(FrameKind.GLOBAL, {"runstate": str(progress.old_state), "running": progress.was_live}),
+        encode_frame(FrameKind.END),
+    )
+    progress.end_sent = True
+    out.bytes_sent = channel.bytes_sent
+    await channel.receive(FrameKind.ACK)
+
+    out.finished_at = time.monotonic()
+    await channel.aclose()
+    vm.set_state(RunState.POSTMIGRATE)
+    service.set_outgoing_status(MigrationStatus.COMPLETED)
+
+
+async def _pause(service: MigrationService, channel: Channel, phase: str) -> None:
+    """The test hook's delay for ``phase``, failing early if the destination goes away."""
+    if phase not in service.delays:
+        return
+    error: StreamError | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            nonlocal error
+            try:
+                await channel.receive()  # nothing is expected now: any frame is an error
+            except StreamError as err:
+                error = err
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await service.delays.pause(phase)
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def _abort(service: MigrationService, out: Outgoing, channel: Channel | None,
+                 progress: _Progress, error: str | None) -> None:
+    from .service import report
+
+    machine = service.machine
+    vm = machine.vm
+    cancelled = out.status is MigrationStatus.CANCELLING
+    if channel is not None:
+        out.bytes_sent = channel.bytes_sent
+        # Tell the destination why, so that its error-desc says so; best effort only.
+        reason = ("Migration cancelled by the source" if cancelled
+                  else f"The source failed the migration: {error}")
+        with trio.move_on_after(1):
+            try:
+                await channel.send(encode_frame(FrameKind.FAIL, {"error": reason}))
+            except StreamError:
+                pass
+        await channel.aclose()
+    out.finished_at = time.monotonic()
+    if not cancelled:
+        out.error = error
+        service.set_outgoing_status(MigrationStatus.FAILED)
+        if error is not None:
+            report(error)
+    if progress.stopped:
+        try:
+            await machine.block.activate_all()
+        except QMPError as err:
+            # The destination may already run on the images: stay stopped (QEMU keeps
+            # finish-migrate, where cont is refused) and let the management tool decide.
+            note = f"Could not re-activate the block devices: {err.desc}"
+            out.error = f"{out.error}; {note}" if out.error else note
+            report(note)
+        else:
+            if progress.was_live:
+                vm.vm_start()
+            elif vm.state is RunState.FINISH_MIGRATE:
+                try:
+                    vm.set_state(progress.old_state)
+                except InvalidTransition:
+                    vm.set_state(RunState.PAUSED)
+    if cancelled:
+        service.set_outgoing_status(MigrationStatus.CANCELLED)

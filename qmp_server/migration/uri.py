@@ -1,0 +1,189 @@
+"""Migration URIs (``unix:PATH``, ``tcp:HOST:PORT``): parsing, connecting, listening.
+
+Error texts are QEMU's (``migration/migration.c: migrate_uri_parse``,
+``util/qemu-sockets.c``), so a management tool that matches on them keeps working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..errors import QMPError
+
+#: Transports QEMU knows but a process without a guest cannot offer.
+_UNSUPPORTED = ("exec:", "rdma:", "vsock:", "fd:", "file:")
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    """``unix:PATH``."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return self.path
+
+    def socket_address(self) -> dict[str, Any]:
+        """QEMU's SocketAddress for query-migrate."""
+        return {"path": self.path, "type": "unix"}
+
+
+@dataclass(frozen=True)
+class InetAddress:
+    """``tcp:HOST:PORT`` (the port may be a service name, as in QEMU)."""
+
+    host: str
+    port: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def socket_address(self) -> dict[str, Any]:
+        """QEMU's SocketAddress for query-migrate (the port is a string there)."""
+        family = "ipv6" if ":" in self.host else "ipv4"
+        return {"port": self.port, family: True, "host": self.host, "type": "inet"}
+
+
+Address = UnixAddress | InetAddress
+
+
+class ConnectError(Exception):
+    """Connecting failed; the message is QEMU's error-desc for it."""
+
+
+def _parse_inet(text: str) -> InetAddress:
+    # QEMU's inet_parse: "[v6]:port", "host:port" or ":port", with optional ",opts".
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 1 or text[close + 1:close + 2] != ":" or close + 2 >= len(text):
+            raise QMPError(f"error parsing IPv6 address '{text}'")
+        host, rest = text[1:close], text[close + 2:]
+    elif text.startswith(":"):
+        host, rest = "", text[1:]
+        if not rest or rest.startswith(","):
+            raise QMPError(f"error parsing port in address '{text}'")
+    else:
+        host, sep, rest = text.partition(":")
+        if not sep or not host or not rest or rest.startswith(","):
+            raise QMPError(f"error parsing address '{text}'")
+    port = rest.split(",", 1)[0]
+    return InetAddress(host, port)
+
+
+def parse_uri(uri: str) -> Address:
+    """Parse a migration URI; raise QMPError with QEMU's text if it is not usable."""
+    if uri.startswith("unix:"):
+        path = uri[len("unix:"):]
+        if not path:
+            raise QMPError("invalid Unix socket address")
+        return UnixAddress(path)
+    if uri.startswith("tcp:"):
+        return _parse_inet(uri[len("tcp:"):])
+    for prefix in _UNSUPPORTED:
+        if uri.startswith(prefix):
+            raise QMPError(f"migration transport '{prefix[:-1]}' is not supported by qmp-server "
+                           "(use 'unix:' or 'tcp:')")
+    raise QMPError(f"unknown migration protocol: {uri}")
+
+
+async def connect(address: Address) -> trio.SocketStream:
+    """Connect to a listening destination; raise ConnectError with QEMU's text."""
+    if isinstance(address, UnixAddress):
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(address.path)
+        except OSError as err:
+            sock.close()
+            raise ConnectError(f"Failed to connect to '{address.path}': "
+                               f"{os.strerror(err.errno or errno.EIO)}") from err
+        return trio.SocketStream(sock)
+    host = address.host or "localhost"
+    try:
+        infos = await trio.socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ConnectError(f"address resolution failed for {host}:{address.port}: "
+                           f"{err.strerror}") from err
+    last: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            await sock.connect(sockaddr)
+        except OSError as err:
+            sock.close()
+            last = err
+            continue
+        # trio.SocketStream sets TCP_NODELAY: each small frame leaves at once.
+        return trio.SocketStream(sock)
+    code = last.errno if last is not None and last.errno else errno.ECONNREFUSED
+    raise ConnectError(f"Failed to connect to '{host}:{address.port}': {os.strerror(code)}")
+
+
+@dataclass
+class Listening:
+    """A bound listening socket for an incoming migration."""
+
+    listener: trio.SocketListener
+    address: Address
+    #: The UNIX socket file we created (removed again once we stop listening).
+    unix_path: str | None = None
+
+    def socket_address(self) -> dict[str, Any]:
+        """What query-migrate reports under ``socket-address`` (the real port for tcp:…:0)."""
+        if isinstance(self.address, InetAddress):
+            host, port = self.listener.socket.getsockname()[:2]
+            return InetAddress(self.address.host or str(host), str(port)).socket_address()
+        return self.address.socket_address()
+
+    def close(self) -> None:
+        """Stop listening (QEMU takes exactly one connection) and remove the socket file."""
+        self.listener.socket.close()
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
+            self.unix_path = None
+
+
+def listen(address: Address) -> Listening:
+    """Bind and listen now, so that errors reach the command (or the command line)."""
+    if isinstance(address, UnixAddress):
+        from ..server import ListenError, bind_unix
+
+        try:
+            listener = bind_unix(address.path)
+        except ListenError as err:
+            raise QMPError(str(err)) from err
+        return Listening(listener, address, unix_path=address.path)
+    host = address.host
+    try:
+        port = int(address.port)
+    except ValueError:
+        try:
+            port = socket.getservbyname(address.port, "tcp")
+        except OSError as err:
+            raise QMPError(f"Failed to parse port '{address.port}'") from err
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise QMPError(f"address resolution failed for {host}:{address.port}: {err.strerror}") from err
+    last: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(1)
+        except OSError as err:
+            sock.close()
+            last = err
+            continue
+        return Listening(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), address)
+    code = last.errno if last is not None and last.errno else errno.EADDRNOTAVAIL
+    raise QMPError(f"Failed to bind socket: {os.strerror(code)}")

@@ -1,0 +1,295 @@
+"""The QMP schema: every command's arguments and return value and every event's data.
+
+The single source of truth is the JSON Schema (draft 2020-12) under ``schema/``:
+
+* ``schema/types.json``: named types under ``$defs`` (QEMU's QAPI names), including the
+  QAPI built-ins (``str``, ``int``, ``uint8``, ``size``, ...);
+* ``schema/commands/<name>.json``: ``description``, ``allow-oob``, ``allow-preconfig``,
+  optional ``features``, and the ``arguments`` and ``returns`` schemas;
+* ``schema/events/<NAME>.json``: ``description``, optional ``features`` and the ``data``
+  schema (null for events without data).
+
+``schema/README.md`` describes the conventions. :class:`Schema` loads the files once and
+answers the dispatcher: argument checks with QEMU's exact error texts
+(:mod:`qmp_server.schema_validate`), ``query-qmp-schema`` (:mod:`qmp_server.introspect`),
+and return/event checks for the tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Final
+
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+from .errors import CommandNotFound, QMPError
+from .keyval import blockdev_options_from_cli, parse_keyval
+from .schema_validate import Compiler, Failure, Node
+
+__all__ = [
+    "DEFAULT_DIRECTORY",
+    "CommandInfo",
+    "EventInfo",
+    "Schema",
+    "blockdev_options_from_cli",
+    "check_schema",
+    "parse_keyval",
+]
+
+#: Base URI of the schema files; ``$ref`` values resolve against it like relative paths.
+SCHEMA_BASE: Final = "https://qmp-server.invalid/schema/"
+TYPES_URI: Final = SCHEMA_BASE + "types.json"
+DEFAULT_DIRECTORY: Final = Path(__file__).resolve().parent.parent / "schema"
+
+_COMMAND_KEYS: Final = {"description", "allow-oob", "allow-preconfig", "features", "arguments", "returns"}
+_EVENT_KEYS: Final = {"description", "features", "data"}
+
+
+# jsonschema ships no type information; loading it as a plain module keeps mypy --strict
+# clean whether or not the types-jsonschema stubs are installed.
+_jsonschema: Any = importlib.import_module("jsonschema")
+
+
+def _strict_integer(checker: Any, instance: Any) -> bool:
+    # jsonschema counts 1.0 as an integer; QEMU (and therefore we) do not.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator202012: Any = _jsonschema.validators.extend(
+    _jsonschema.Draft202012Validator,
+    type_checker=_jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
+)
+
+
+def check_schema(document: Any) -> None:
+    """Raise if ``document`` is not a valid draft 2020-12 JSON Schema."""
+    _jsonschema.Draft202012Validator.check_schema(document)
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    """One command as described in ``schema/commands/<name>.json``."""
+
+    name: str
+    description: str
+    allow_oob: bool
+    allow_preconfig: bool
+    arguments: dict[str, Any]
+    returns: dict[str, Any]
+    features: tuple[str, ...] = ()
+    uri: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    """One event as described in ``schema/events/<NAME>.json``; ``data`` is None without data."""
+
+    name: str
+    description: str
+    data: dict[str, Any] | None
+    features: tuple[str, ...] = ()
+    uri: str = field(default="", compare=False)
+
+
+def _read_json(path: Path) -> Any:
+    with path.open(encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+class Schema:
+    """The loaded schema. Immutable after :meth:`load`; safe to share between sessions."""
+
+    def __init__(
+        self,
+        directory: Path,
+        types: dict[str, Any],
+        commands: dict[str, CommandInfo],
+        events: dict[str, EventInfo],
+    ) -> None:
+        self.directory = directory
+        self.types_document = types
+        self.commands: Mapping[str, CommandInfo] = commands
+        self.events: Mapping[str, EventInfo] = events
+        documents: dict[str, Any] = {TYPES_URI: types}
+        documents.update({info.uri: _command_document(info) for info in commands.values()})
+        documents.update({info.uri: {"data": info.data} for info in events.values()})
+        self._compiler = Compiler(documents, TYPES_URI)
+        # Argument nodes are compiled up front: every command call needs one.
+        self._argument_nodes: dict[str, Node] = {
+            name: self._compiler.compile(info.arguments, info.uri) for name, info in commands.items()
+        }
+        self._return_nodes: dict[str, Node] = {}
+        self._event_nodes: dict[str, Node | None] = {}
+        self._registry: Registry[Any] = Registry().with_resource(
+            TYPES_URI, DRAFT202012.create_resource(types)
+        )
+        self._validators: dict[tuple[str, str], Any] = {}
+
+    @classmethod
+    def load(cls, directory: Path | None = None) -> Schema:
+        """Load ``directory`` (default: ``$QMP_SERVER_SCHEMA_DIR``, else the repository's schema/)."""
+        if directory is None:
+            override = os.environ.get("QMP_SERVER_SCHEMA_DIR")
+            directory = Path(override) if override else DEFAULT_DIRECTORY
+        types = _read_json(directory / "types.json")
+        commands: dict[str, CommandInfo] = {}
+        for path in sorted((directory / "commands").glob("*.json"), key=_stem):
+            raw = _read_json(path)
+            unknown = set(raw) - _COMMAND_KEYS
+            if unknown:
+                raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+            commands[path.stem] = CommandInfo(
+                name=path.stem,
+                description=raw["description"],
+                allow_oob=bool(raw["allow-oob"]),
+                allow_preconfig=bool(raw["allow-preconfig"]),
+                arguments=raw["arguments"],
+                returns=raw["returns"],
+                features=tuple(raw.get("features", ())),
+                uri=f"{SCHEMA_BASE}commands/{path.name}",
+            )
+        events: dict[str, EventInfo] = {}
+        for path in sorted((directory / "events").glob("*.json"), key=_stem):
+            raw = _read_json(path)
+            unknown = set(raw) - _EVENT_KEYS
+            if unknown:
+                raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+            events[path.stem] = EventInfo(
+                name=path.stem,
+                description=raw["description"],
+                data=raw["data"],
+                features=tuple(raw.get("features", ())),
+                uri=f"{SCHEMA_BASE}events/{path.name}",
+            )
+        return cls(directory, types, commands, events)
+
+    # ------------------------------------------------------------------ arguments
+
+    def validate_arguments(self, command: str, arguments: dict[str, Any]) -> None:
+        """Check ``arguments`` as QEMU's generated marshaller would.
+
+        Raises :class:`QMPError` (GenericError) with QEMU's exact text for the first problem
+        in QEMU's visiting order, or :class:`CommandNotFound` for an unknown command.
+        """
+        node = self._argument_nodes.get(command)
+        if node is None:
+            raise CommandNotFound(f"The command {command} has not been found")
+        try:
+            node.check(arguments)
+        except Failure as failure:
+            raise QMPError(failure.message()) from None
+
+    def keyval_arguments(self, command: str, tree: dict[str, Any]) -> dict[str, Any]:
+        """Convert a keyval tree (see :func:`qmp_server.keyval.parse_keyval`) to typed arguments.
+
+        Strings become booleans, integers and numbers where the schema wants them, with the
+        texts of QEMU's keyval input visitor on failure (list elements named ``a.0``).
+        """
+        node = self._argument_nodes.get(command)
+        if node is None:
+            raise CommandNotFound(f"The command {command} has not been found")
+        try:
+            converted: dict[str, Any] = node.keyval(tree)
+        except Failure as failure:
+            raise QMPError(failure.message(keyval=True)) from None
+        return converted
+
+    def argument_node(self, command: str) -> Node:
+        """The compiled argument type of ``command``."""
+        return self._argument_nodes[command]
+
+    def return_node(self, command: str) -> Node:
+        """The compiled return type of ``command``."""
+        node = self._return_nodes.get(command)
+        if node is None:
+            info = self.commands[command]
+            node = self._return_nodes[command] = self._compiler.compile(info.returns, info.uri)
+        return node
+
+    def event_node(self, event: str) -> Node | None:
+        """The compiled data type of ``event`` (None for events without data)."""
+        if event not in self._event_nodes:
+            info = self.events[event]
+            data = info.data
+            self._event_nodes[event] = None if data is None else self._compiler.compile(data, info.uri)
+        return self._event_nodes[event]
+
+    def resolve(self, base: str, ref: str) -> tuple[str, Any]:
+        """The absolute URI and contents a ``$ref`` in the document at ``base`` points to."""
+        return self._compiler.resolve(base, ref)
+
+    def type_name(self, uri: str) -> str | None:
+        """The name of a ``types.json#/$defs/NAME`` URI, else None."""
+        return self._compiler.def_name(uri)
+
+    # ------------------------------------------------------------------ returns and events
+
+    def _validator(self, uri: str, part: str, schema: dict[str, Any]) -> Any:
+        key = (uri, part)
+        validator = self._validators.get(key)
+        if validator is None:
+            rooted = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": uri, **schema}
+            validator = _Validator202012(rooted, registry=self._registry)
+            self._validators[key] = validator
+        return validator
+
+    def check_return(self, command: str, value: Any) -> None:
+        """Raise ValueError unless ``value`` matches the ``returns`` schema of ``command``."""
+        info = self.commands.get(command)
+        if info is None:
+            raise ValueError(f"unknown command {command!r}")
+        errors = self._validator(info.uri, "returns", info.returns).iter_errors(value)
+        error = _jsonschema.exceptions.best_match(errors)
+        if error is not None:
+            raise ValueError(f"{command} return {_where(error.absolute_path)}: {error.message}")
+
+    def check_event(self, event: str, data: dict[str, Any] | None) -> None:
+        """Raise ValueError unless ``data`` matches the schema of ``event``."""
+        info = self.events.get(event)
+        if info is None:
+            raise ValueError(f"unknown event {event!r}")
+        if info.data is None:
+            if data is not None:
+                raise ValueError(f"event {event} carries no data, got {data!r}")
+            return
+        if data is None:
+            raise ValueError(f"event {event} needs data")
+        errors = self._validator(info.uri, "data", info.data).iter_errors(data)
+        error = _jsonschema.exceptions.best_match(errors)
+        if error is not None:
+            raise ValueError(f"{event} data {_where(error.absolute_path)}: {error.message}")
+
+    # ------------------------------------------------------------------ introspection
+
+    @cached_property
+    def _introspection(self) -> list[dict[str, Any]]:
+        from .introspect import build_schema_info
+
+        return build_schema_info(self)
+
+    def introspect(self) -> list[dict[str, Any]]:
+        """The ``query-qmp-schema`` result (a list of SchemaInfo), computed once.
+
+        The same list is returned on every call: callers must not modify it.
+        """
+        return self._introspection
+
+
+def _stem(path: Path) -> str:
+    return path.stem
+
+
+def _command_document(info: CommandInfo) -> dict[str, Any]:
+    return {"arguments": info.arguments, "returns": info.returns}
+
+
+def _where(path: Any) -> str:
+    parts = list(path)
+    return "at " + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts) if parts else "at top"

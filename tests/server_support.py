@@ -1,0 +1,121 @@
+"""Starting qmp-server (or QEMU) processes in tests and talking QMP to them over a socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SERVER = [sys.executable, "-m", "qmp_server"]
+QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
+
+
+class Client:
+    """A blocking QMP client that keeps events apart from replies."""
+
+    def __init__(self, path: str | Path, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        self.greeting = self.read()
+
+    def read(self) -> dict[str, Any]:
+        """The next message (reply, event or greeting)."""
+        line = self.file.readline()
+        if not line:
+            raise EOFError("server closed the connection")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def send_raw(self, data: bytes | str) -> None:
+        """Send bytes as they are."""
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def reply(self) -> dict[str, Any]:
+        """The next non-event message; events seen on the way are kept in :attr:`events`."""
+        while True:
+            message = self.read()
+            if "event" in message:
+                self.events.append(message)
+                continue
+            return message
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        """Send a command and return the whole reply object."""
+        request: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            request["arguments"] = arguments
+        request.update(extra)
+        self.send_raw(json.dumps(request))
+        return self.reply()
+
+    def cmd(self, command: str, **arguments: Any) -> Any:
+        """Execute and return ``return``; raise AssertionError on an error reply."""
+        reply = self.execute(command, {k.replace("_", "-"): v for k, v in arguments.items()})
+        if "error" in reply:
+            raise AssertionError(f"{command} failed: {reply['error']}")
+        return reply["return"]
+
+    def hmp(self, line: str) -> str:
+        """Run an HMP command line and return its text."""
+        result: str = self.cmd("human-monitor-command", command_line=line)
+        return result
+
+    def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+        """Wait for event ``name`` (already received ones count), removing it from the list."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, event in enumerate(self.events):
+                if event["event"] == name:
+                    return self.events.pop(i)
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            message = self.read()
+            if "event" not in message:
+                raise AssertionError(f"unexpected reply while waiting for {name}: {message}")
+            self.events.append(message)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@contextmanager
+def running(args: list[str], tmp_path: Path, name: str = "vm", *, qemu: bool = False,
+            negotiate: bool = True) -> Iterator[tuple[subprocess.Popen[bytes], Client]]:
+    """Start a server (or QEMU) with a QMP socket in ``tmp_path``; yield (process, client)."""
+    sock = tmp_path / f"{name}.sock"
+    argv = (QEMU if qemu else SERVER) + ["-qmp", f"unix:{sock},server=on,wait=off", *args]
+    env = dict(os.environ)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    client: Client | None = None
+    try:
+        client = Client(sock)
+        if negotiate:
+            assert client.execute("qmp_capabilities") == {"return": {}}
+        yield proc, client
+    finally:
+        if client is not None:
+            client.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
