@@ -123,7 +123,8 @@ def io_benchmarks(kind: str, image: Path, workdir: Path, ops: int) -> dict[str, 
         size = 1 << 30
         offsets = [rng.randrange(size // 4096) * 4096 for _ in range(ops)]
         hmp = [{"execute": "human-monitor-command",
-                "arguments": {"command-line": f'qemu-io disk "write -q -P 0x5a {off} 4k"'}} for off in offsets]
+                "arguments": {"command-line": f'qemu-io disk "write -q -P 0x5a {off} 4k"'}}
+               for off in offsets]
         begin = time.perf_counter()
         qmp.pipeline(hmp)
         rand = ops * 4096 / (time.perf_counter() - begin) / (1 << 20)
@@ -165,7 +166,8 @@ def report(label: str, ours: float, qemu: float, unit: str, target: str = "") ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--io-ops", type=int, default=2000)
     args = parser.parse_args()

@@ -153,7 +153,7 @@ class BlockNode:
 
     def flush(self) -> None:
         """Flush caches and make the data durable; a no-op on nodes that cannot write."""
-        if not self.writable or self.options.cache_no_flush and self.driver.protocol:
+        if not self.writable or (self.options.cache_no_flush and self.driver.protocol):
             return
         self.driver.flush()
 

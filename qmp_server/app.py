@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+from functools import partial
 
 import trio
 
@@ -54,20 +55,20 @@ class App:
                 if "node-name" not in spec:
                     raise QMPError("'node-name' must be specified for the root node")
                 inactive = machine.vm.state is RunState.INMIGRATE
-                machine.block.locked(lambda: machine.block.graph.open(spec, inactive=inactive))
+                machine.block.locked(partial(machine.block.graph.open, spec, inactive=inactive))
             except QMPError as err:
                 raise SetupError(f"-blockdev {text}: {err.desc}") from err
         machine.migration.check_incoming_uri()
-        for spec in options.monitors:
+        for monitor in options.monitors:
             try:
-                if spec.kind == "unix":
-                    self.listeners.append(bind_unix(spec.path))
-                    self._unix_paths.append(spec.path)
+                if monitor.kind == "unix":
+                    self.listeners.append(bind_unix(monitor.path))
+                    self._unix_paths.append(monitor.path)
                 else:
-                    sock = socket.create_server((spec.host, spec.port), reuse_port=False)
+                    sock = socket.create_server((monitor.host, monitor.port), reuse_port=False)
                     self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
             except (ListenError, OSError) as err:
-                raise SetupError(f"-qmp {spec.text}: {err}") from err
+                raise SetupError(f"-qmp {monitor.text}: {err}") from err
 
     async def serve(self) -> int:
         """Serve until ``quit`` or a termination signal; returns the exit status."""

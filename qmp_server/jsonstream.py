@@ -378,9 +378,32 @@ def _reject_constant(name: str) -> Any:
 
 # Input the json module might read differently from QEMU: non-ASCII bytes (QEMU's UTF-8
 # rules differ), \u escapes (surrogates, noncharacters), and a number starting with a
-# zero followed by an exponent (QEMU lexes "0e5" as 0, e, 5; Python as 0.0).
-_FAST_UNSAFE: Final = re.compile(rb"[\x80-\xff]|\\u|(?<![0-9.])0[eE]")
+# zero followed by an exponent (QEMU lexes "0e5" as 0, e, 5; Python as 0.0).  Single
+# quotes are valid only in QEMU's dialect; keeping them out saves a doomed json attempt.
+_FAST_BAD_BYTE: Final = re.compile(rb"[\x80-\xff']")
+_DIGIT_OR_DOT: Final = frozenset(b"0123456789.")
+
+
+def _fast_limit(data: bytes, pos: int) -> int:
+    """Where the stretch of ``data`` from ``pos`` that the fast path may read ends."""
+    m = _FAST_BAD_BYTE.search(data, pos)
+    limit = m.start() if m is not None else len(data)
+    j = data.find(b"\\u", pos, limit)
+    if j >= 0:
+        limit = j
+    for zero_exp in (b"0e", b"0E"):
+        j = data.find(zero_exp, pos, limit)
+        while j >= 0:
+            if j == pos or data[j - 1] not in _DIGIT_OR_DOT:
+                limit = j
+                break
+            j = data.find(zero_exp, j + 1, limit)
+    return limit
+
+
 _FAST_WS: Final = re.compile(r"[ \t\r\n]*")
+_WS_RUN: Final = re.compile(rb"[ \t\r\n]*")
+_OPENERS: Final = frozenset(b"{[")
 
 _MessageDecoder = Callable[[str, int], tuple[Any, int]]
 
@@ -457,13 +480,16 @@ class JSONStreamer:
         base = limit = 0
         while pos < n:
             if self._fast and self._state == _START and self._ntok == 0:
-                if pos >= limit:
-                    bad = _FAST_UNSAFE.search(data, pos)
-                    base, limit = pos, (bad.start() if bad else n)
-                    text = data[base:limit].decode("ascii")
-                pos = self._fast_messages(text, base, pos, limit, out)
+                pos = _WS_RUN.match(data, pos).end()  # type: ignore[union-attr]
                 if pos >= n:
                     break
+                if data[pos] in _OPENERS:
+                    if pos >= limit:
+                        base, limit = pos, _fast_limit(data, pos)
+                        text = data[base:limit].decode("ascii")
+                    pos = self._fast_messages(text, base, pos, limit, out)
+                    if pos >= n:
+                        break
             pos = self._lex(data, pos)
         self._out = []
         return out
@@ -482,7 +508,10 @@ class JSONStreamer:
             if i >= end_text:
                 return base + i
             first = text[i]
-            if first != "{" and first != "[":
+            if first == "{":
+                if text.find("}", i) < 0:
+                    return base + i
+            elif first != "[" or text.find("]", i) < 0:
                 return base + i
             try:
                 value, end = raw_decode(text, i)

@@ -9,8 +9,8 @@ import math
 import os
 import socket
 import stat
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -142,7 +142,7 @@ class Connection:
                 return
             if not data:
                 return
-            for request in self.session.receive(data):
+            for request in self.session.receive(bytes(data)):
                 if request.oob:
                     nursery.start_soon(self._execute, request)
                 else:

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import qemu_tools  # noqa: E402
+import qemu_tools
 
 
 @pytest.fixture

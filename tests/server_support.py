@@ -20,12 +20,16 @@ QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "no
 class Client:
     """A blocking QMP client that keeps events apart from replies."""
 
-    def __init__(self, path: str | Path, timeout: float = 20.0) -> None:
+    def __init__(self, path: str | Path | tuple[str, int], timeout: float = 20.0) -> None:
+        """Connect to a UNIX socket path, or to ``(host, port)`` over TCP; read the greeting."""
         deadline = time.monotonic() + timeout
         while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if isinstance(path, tuple):
+                self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            else:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                self.sock.connect(str(path))
+                self.sock.connect(path if isinstance(path, tuple) else str(path))
                 break
             except OSError:
                 self.sock.close()
@@ -39,11 +43,15 @@ class Client:
 
     def read(self) -> dict[str, Any]:
         """The next message (reply, event or greeting)."""
+        message: dict[str, Any] = json.loads(self.read_line())
+        return message
+
+    def read_line(self) -> bytes:
+        """The next line exactly as the server wrote it (line end included)."""
         line = self.file.readline()
         if not line:
             raise EOFError("server closed the connection")
-        message: dict[str, Any] = json.loads(line)
-        return message
+        return line
 
     def send_raw(self, data: bytes | str) -> None:
         """Send bytes as they are."""

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from server_support import Client, running
 
 from blocklayer.lockbytes import byte_locked_by_other

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import qemu_tools
 from qcow2_support import (
     apply_op,
     assert_clean,
@@ -22,7 +23,6 @@ from qcow2_support import (
     run,
 )
 
-import qemu_tools
 from blocklayer.qcow2.header import parse_header
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import qemu_tools
 from qcow2_support import (
     FileChildIO,
     assert_clean,
@@ -19,7 +20,6 @@ from qcow2_support import (
     run,
 )
 
-import qemu_tools
 from blocklayer.errors import BlockError
 from blocklayer.qcow2 import Qcow2Driver
 from blocklayer.qcow2.header import parse_header, serialize_header

@@ -6,11 +6,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import qemu_tools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qcow2_support import assert_clean, close_qcow2, open_qcow2, qemu_compare, qemu_img_create
 
-import qemu_tools
 from blocklayer.qcow2 import Qcow2Driver
 
 pytestmark = pytest.mark.qemu

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import qemu_tools
 from qcow2_support import (
     close_qcow2,
     open_qcow2,
@@ -13,8 +14,6 @@ from qcow2_support import (
     qemu_io,
     run,
 )
-
-import qemu_tools
 
 pytestmark = pytest.mark.qemu
 

@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import qemu_tools
 from qcow2_support import (
     assert_clean,
     close_qcow2,
@@ -19,7 +20,6 @@ from qcow2_support import (
     run,
 )
 
-import qemu_tools
 from blocklayer.qcow2.header import parse_header
 
 pytestmark = pytest.mark.qemu

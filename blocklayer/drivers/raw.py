@@ -44,8 +44,8 @@ class RawDriver(BlockDriver):
         if self.offset > file_len:
             raise BlockError("Offset in the file is bigger than the file size")
         if self.size is not None and self.offset + self.size > file_len:
-            raise BlockError("The sum of offset (%d) and size (%d) has to be smaller or equal to the "
-                             "actual size of the containing file (%d)" % (self.offset, self.size, file_len))
+            raise BlockError(f"The sum of offset ({self.offset}) and size ({self.size}) has to be smaller "
+                             f"or equal to the actual size of the containing file ({file_len})")
 
     def getlength(self) -> int:
         """The window size, or what the file holds past ``offset``."""

@@ -30,16 +30,18 @@ class HumanMonitor:
         self.commands: dict[str, tuple[HmpHandler, str]] = {
             "help": (self._help, "help|? [cmd] -- show the help"),
             "?": (self._help, ""),
-            "info": (self._info, "info [subcommand] -- show various information about the system state"),
-            "qemu-io": (self._qemu_io, 'qemu-io [-d] [device] "[command]" -- run a qemu-io command on a block '
-                                       "device\n\t\t\t -d: [default] on -> off"),
+            "info": (self._info,
+                     "info [subcommand] -- show various information about the system state"),
+            "qemu-io": (self._qemu_io,
+                        'qemu-io [-d] [device] "[command]" -- run a qemu-io command on a block device'),
         }
         self.info_commands: dict[str, tuple[Callable[[list[str]], Awaitable[str]], str]] = {
             "status": (self._info_status, "info status  -- show the current VM status (running|paused)"),
             "name": (self._info_name, "info name  -- show the current VM name"),
             "version": (self._info_version, "info version  -- show the version of QEMU"),
-            "block": (self._info_block, "info block [-n] [-v] [device] -- show info of one block device or all "
-                                        "block devices (-n: show named nodes; -v: show details)"),
+            "block": (self._info_block,
+                      "info block [-n] [-v] [device] -- show info of one block device or all "
+                      "block devices (-n: show named nodes; -v: show details)"),
         }
 
     async def execute(self, line: str) -> str:
@@ -104,7 +106,8 @@ class HumanMonitor:
                 mode += ", ignore flushes"
             text += f"\n    Cache mode:       {mode}\n"
             if "backing_file" in info:
-                text += f"    Backing file:     {info['backing_file']} (chain depth: {info['backing_file_depth']})\n"
+                depth = info["backing_file_depth"]
+                text += f"    Backing file:     {info['backing_file']} (chain depth: {depth})\n"
             blocks.append(text)
         return "\n".join(blocks)
 
