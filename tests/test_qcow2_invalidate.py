@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import qemu_tools
 from qcow2_support import (
     close_qcow2,
     open_qcow2,
@@ -15,7 +16,6 @@ from qcow2_support import (
     run,
 )
 
-import qemu_tools
 from blocklayer.qcow2 import Qcow2Driver
 
 pytestmark = pytest.mark.qemu

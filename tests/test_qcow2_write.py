@@ -20,6 +20,7 @@ from qcow2_support import (
     run,
 )
 
+from blocklayer.errors import BlockError
 from blocklayer.qcow2.header import parse_header
 
 pytestmark = pytest.mark.qemu
@@ -358,3 +359,59 @@ def test_l1_entries_written_through(tmp_path: Path) -> None:
     assert entries[(40 * MiB) // (4096 * 512)] >> 63 == 1
     close_qcow2(drv)
     assert_clean(img)
+
+
+def test_tiny_caches_many_refblocks(tmp_path: Path) -> None:
+    size = 8 * MiB
+    img = tmp_path / "tiny.qcow2"
+    qemu_img_create(img, size, opts="cluster_size=512,refcount_bits=64")
+    drv = open_qcow2(img, options={"l2-cache-size": 1024, "refcount-cache-size": 512})
+    model = bytearray(size)
+    rnd = random.Random(9)
+    for i in range(400):
+        length = rnd.choice([300, 512, 2000, 9000])
+        offset = rnd.randrange(0, size - length)
+        if i % 7 == 0:
+            drv.write_zeroes(offset // 512 * 512, 4096, may_unmap=True)
+            model[offset // 512 * 512:offset // 512 * 512 + 4096] = bytes(4096)
+        else:
+            drv.write(offset, bytes([i % 255 + 1]) * length)
+            model[offset:offset + length] = bytes([i % 255 + 1]) * length
+    assert drv.read(0, size) == bytes(model)
+    close_qcow2(drv)
+    _verify(img, model, tmp_path)
+
+
+def test_discard_no_unref_keeps_allocation(tmp_path: Path) -> None:
+    img = tmp_path / "nounref.qcow2"
+    qemu_img_create(img, MiB)
+    drv = open_qcow2(img, options={"discard-no-unref": True})
+    drv.write(0, pattern(0x3C, 4 * 65536))
+    drv.discard(65536, 2 * 65536)
+    assert drv.read(0, 4 * 65536) == pattern(0x3C, 65536) + bytes(2 * 65536) + pattern(0x3C, 65536)
+    close_qcow2(drv)
+    assert_clean(img)
+    mapping = run("qemu-img", "map", "--output=json", str(img)).stdout
+    assert '"zero": true, "data": false, "offset"' in mapping.replace("\n", " ")
+
+
+def test_overlap_check_marks_image_corrupt(tmp_path: Path) -> None:
+    img = tmp_path / "ov.qcow2"
+    qemu_img_create(img, MiB)
+    qemu_io(img, "write -P 0x10 0 64k")
+    raw = bytearray(img.read_bytes())
+    hdr = parse_header(bytes(raw[:65536]))
+    (l1_entry,) = struct.unpack_from(">Q", raw, hdr.l1_table_offset)
+    l2_offset = l1_entry & 0x00FFFFFFFFFFFE00
+    # Point guest cluster 0 at the L1 table itself (a corrupted L2 entry).
+    struct.pack_into(">Q", raw, l2_offset, hdr.l1_table_offset | (1 << 63))
+    img.write_bytes(bytes(raw))
+    drv = open_qcow2(img)
+    with pytest.raises(BlockError, match=r"Preventing invalid write on metadata \(overlaps with "
+                       r"active L1 table\)"):
+        drv.write(100, b"boom")
+    with pytest.raises(BlockError):
+        drv.write(65536, b"more")
+    close_qcow2(drv)
+    assert parse_header(img.read_bytes()[:65536]).incompatible_features & 2
+    assert struct.unpack_from(">Q", img.read_bytes(), hdr.l1_table_offset)[0] == l1_entry

@@ -35,14 +35,12 @@ class MetadataCache(Generic[T]):
     """A fixed-capacity write-back cache of tables keyed by their host offset."""
 
     def __init__(self, file: ChildIO, capacity: int, table_size: int,
-                 decode: Callable[[bytes], T], encode: Callable[[T], bytes],
-                 before_write: Callable[[int], None] | None = None) -> None:
+                 decode: Callable[[bytes], T], encode: Callable[[T], bytes]) -> None:
         self.file = file
         self.capacity = max(1, capacity)
         self.table_size = table_size
         self._decode = decode
         self._encode = encode
-        self._before_write = before_write
         self._entries: OrderedDict[int, CacheEntry[T]] = OrderedDict()
         self.depends: MetadataCache[Any] | None = None
         self.depends_on_flush = False
@@ -106,8 +104,6 @@ class MetadataCache(Generic[T]):
         elif self.depends_on_flush:
             self.file.flush()
             self.depends_on_flush = False
-        if self._before_write is not None:
-            self._before_write(offset)
         self.file.pwrite(offset, self._encode(entry.table))
         entry.dirty = False
 

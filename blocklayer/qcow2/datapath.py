@@ -203,6 +203,7 @@ def _write_in_slice(img: Qcow2Image, backing: ChildIO | None, entry: L2Entry, fi
         d0 = dpos + g0 - guest
         payload = data if d0 == 0 and g1 - g0 == len(data) else data[d0:d0 + g1 - g0]
         if kind == _INPLACE:
+            img.check_overlap(host + g0 - base - (i << cb), len(payload))
             img.file.pwrite(host + g0 - base - (i << cb), payload)
         else:
             old = [table[first + k] for k in range(i, j)]
@@ -230,6 +231,7 @@ def _fill_clusters(img: Qcow2Image, backing: ChildIO | None, host: int, cluster_
                    count: int, g0: int, g1: int, payload: bytes, old_first: int,
                    old_last: int) -> None:
     cs = img.cluster_size
+    img.check_overlap(host, count * cs)
     head_len = g0 - cluster_guest
     tail_len = cluster_guest + (count * cs) - g1
     head = _cow_source(img, backing, old_first, cluster_guest, 0, head_len) if head_len else None

@@ -87,6 +87,7 @@ class Qcow2Driver(BlockDriver):
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes; unallocated clusters come from the backing child or read as zeroes."""
         img = self._image()
+        img.maybe_clean_caches()
         return self._guard(img, lambda: datapath.read(img, self.backing, offset, length))
 
     def write(self, offset: int, data: bytes) -> None:

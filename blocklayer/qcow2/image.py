@@ -24,7 +24,7 @@ from .cache import CacheEntry, CleanTimer, MetadataCache
 from .errors import Qcow2Corruption
 from .l2 import L1E_OFFSET_MASK, OFLAG_COPIED, CompressedLayout
 from .options import Qcow2Options, cache_sizes, parse_options
-from .refcount import RefcountManager
+from .refcount import REFT_OFFSET_MASK, RefcountManager
 from .tables import U64, RefBlockCodec, be_array, be_array_trimmed, be_bytes
 from .tracked import TrackedFile
 
@@ -112,6 +112,8 @@ class Qcow2Image:
             hdr.refcount_table_offset, hdr.refcount_table_clusters, sizes.refcount_entries,
             self.l2_cache, self._reftable_moved)
         self.refcounts.discard_cluster_hook = self._forget_l2_cluster
+        self.refcounts.layout_hook = self._layout_changed
+        self._metadata_clusters: dict[int, str] | None = None
         self.clean_timer = CleanTimer(opts.cache_clean_interval)
         self.last_compressed: tuple[int, bytes] | None = None
 
@@ -126,6 +128,49 @@ class Qcow2Image:
     def need_accurate_refcounts(self) -> bool:
         """False while lazy refcounts let on-disk refcounts lag (image marked dirty)."""
         return not self.dirty
+
+    def _layout_changed(self) -> None:
+        self._metadata_clusters = None
+
+    def _build_metadata_map(self) -> dict[int, str]:
+        cb = self.cluster_bits
+        found: dict[int, str] = {0: "qcow2_header"}
+
+        def add(offset: int, length: int, name: str) -> None:
+            for cluster in range(offset >> cb, ((offset + max(length, 1) - 1) >> cb) + 1):
+                found[cluster] = name
+
+        add(self.hdr.l1_table_offset, self.hdr.l1_size * 8, "active L1 table")
+        rc = self.refcounts
+        add(rc.reftable_offset, rc.reftable_clusters << cb, "refcount table")
+        if self.hdr.nb_snapshots:
+            add(self.hdr.snapshots_offset, 1, "snapshot table")
+        if self.opts.overlap_check != "constant":
+            for entry in self.l1:
+                if entry & L1E_OFFSET_MASK:
+                    found[(entry & L1E_OFFSET_MASK) >> cb] = "active L2 table"
+            for entry in rc.reftable:
+                if entry & REFT_OFFSET_MASK:
+                    found[(entry & REFT_OFFSET_MASK) >> cb] = "refcount block"
+        return found
+
+    def check_overlap(self, offset: int, length: int) -> None:
+        """QEMU's pre-write overlap check: guest data must never land on metadata.
+
+        ``constant`` covers the header, L1, refcount table and snapshot table;
+        ``cached`` (the default) and ``all`` add every active L2 table and refblock.
+        """
+        if self.opts.overlap_check == "none" or length <= 0:
+            return
+        meta = self._metadata_clusters
+        if meta is None:
+            meta = self._metadata_clusters = self._build_metadata_map()
+        cb = self.cluster_bits
+        for cluster in range(offset >> cb, ((offset + length - 1) >> cb) + 1):
+            name = meta.get(cluster)
+            if name is not None:
+                raise Qcow2Corruption(
+                    f"Preventing invalid write on metadata (overlaps with {name})")
 
     def _reftable_moved(self, offset: int, clusters: int) -> None:
         self.hdr.refcount_table_offset = offset
@@ -253,6 +298,7 @@ class Qcow2Image:
             self.l2_cache.put(new_offset + pos, be_array(table[pos:pos + self.slice_bytes]),
                               dirty=False)
         self.write_l1_entry(l1_index, new_offset | OFLAG_COPIED)
+        self._metadata_clusters = None
         if old_offset:
             self.refcounts.free_clusters(old_offset, cs, self.opts.pass_discard_other)
         return new_offset

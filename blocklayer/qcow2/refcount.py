@@ -53,6 +53,7 @@ class RefcountManager:
         self._on_reftable_moved = on_reftable_moved
         self.pending_discards: list[tuple[int, int]] = []
         self.discard_cluster_hook: Callable[[int], None] | None = None
+        self.layout_hook: Callable[[], None] | None = None
 
     # -- lookup ----------------------------------------------------------------
 
@@ -156,6 +157,8 @@ class RefcountManager:
         self._set_reftable_entry(block_index, offset)
         self.file.pwrite(self.reftable_offset + 8 * block_index, struct.pack(">Q", offset))
         self.file.flush()
+        if self.layout_hook is not None:
+            self.layout_hook()
 
     def _set_reftable_entry(self, index: int, value: int) -> None:
         if index >= len(self.reftable):
@@ -200,6 +203,8 @@ class RefcountManager:
         self.reftable_clusters = table_clusters
         self.reftable_size = entries
         self._on_reftable_moved(table_offset, table_clusters)
+        if self.layout_hook is not None:
+            self.layout_hook()
         for i, block in enumerate(blocks):
             self.cache.put((area + i) * cs, block, dirty=False)
         self.free_clusters(old_offset, old_clusters * cs, discard=False)
