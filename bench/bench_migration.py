@@ -37,6 +37,8 @@ from migration_support import Server  # type: ignore[import-not-found]
 
 @dataclass
 class Sample:
+    """One measurement, in milliseconds."""
+
     downtime_ms: float
     total_ms: float
 
@@ -58,6 +60,7 @@ def _find(server: Server, label: str) -> dict[str, Any]:
 
 
 def create_images(workdir: Path, disks: int) -> None:
+    """Create ``disks`` empty 64 MiB qcow2 images (once) and sync them to disk."""
     for i in range(disks):
         image = workdir / f"d{i}.qcow2"
         if not image.exists():
@@ -68,6 +71,7 @@ def create_images(workdir: Path, disks: int) -> None:
 
 
 def run_once(workdir: Path, disks: int, *, qemu: bool) -> Sample:
+    """One migration between two fresh processes (QEMU's or ours); its two figures."""
     images = [workdir / f"d{i}.qcow2" for i in range(disks)]
     blockdevs: list[str] = []
     for i, image in enumerate(images):
@@ -95,11 +99,13 @@ def run_once(workdir: Path, disks: int, *, qemu: bool) -> Sample:
 
 
 def median(samples: list[Sample]) -> Sample:
+    """The median of each figure."""
     return Sample(statistics.median(s.downtime_ms for s in samples),
                   statistics.median(s.total_ms for s in samples))
 
 
 def main() -> int:
+    """Run every configuration and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--disks", default="1,16,64", help="comma-separated disk counts")
     parser.add_argument("--repeat", type=int, default=5, help="runs per configuration (median)")

@@ -404,6 +404,8 @@ def _fast_limit(data: bytes, pos: int) -> int:
 _FAST_WS: Final = re.compile(r"[ \t\r\n]*")
 _WS_RUN: Final = re.compile(rb"[ \t\r\n]*")
 _OPENERS: Final = frozenset(b"{[")
+# Messages in QEMU's single-quote dialect usually show it right away.
+_SQ_MESSAGE: Final = re.compile(rb"[{\[][ \t\r\n]*'")
 
 _MessageDecoder = Callable[[str, int], tuple[Any, int]]
 
@@ -478,16 +480,20 @@ class JSONStreamer:
         pos = 0
         text = ""      # decoded copy of data[base:limit], the stretch the fast path may read
         base = limit = 0
+        closers = (-1, -1)
         while pos < n:
             if self._fast and self._state == _START and self._ntok == 0:
                 pos = _WS_RUN.match(data, pos).end()  # type: ignore[union-attr]
                 if pos >= n:
                     break
-                if data[pos] in _OPENERS:
+                if data[pos] in _OPENERS and _SQ_MESSAGE.match(data, pos) is None:
                     if pos >= limit:
                         base, limit = pos, _fast_limit(data, pos)
                         text = data[base:limit].decode("ascii")
-                    pos = self._fast_messages(text, base, pos, limit, out)
+                        # A message cannot be complete past the last closer; knowing
+                        # where it is keeps hopeless attempts O(1).
+                        closers = (text.rfind("}"), text.rfind("]"))
+                    pos = self._fast_messages(text, base, pos, closers, out)
                     if pos >= n:
                         break
             pos = self._lex(data, pos)
@@ -497,21 +503,26 @@ class JSONStreamer:
     # ---------------------------------------------------------------- fast path
 
     def _fast_messages(
-        self, text: str, base: int, pos: int, limit: int, out: list[JSONValue | JSONParseError]
+        self, text: str, base: int, pos: int, closers: tuple[int, int],
+        out: list[JSONValue | JSONParseError],
     ) -> int:
-        """Decode whole messages at ``pos`` with the json module; return where it stopped."""
+        """Decode whole messages at ``pos`` with the json module; return where it stopped.
+
+        ``text`` is the stretch of input starting at offset ``base`` that the fast path may
+        read; ``closers`` are the positions in it of the last "}" and the last "]".
+        """
         i = pos - base
-        end_text = limit - base
+        last_curly, last_square = closers
         raw_decode = self._raw_decode
         while True:
             i = _FAST_WS.match(text, i).end()  # type: ignore[union-attr]
-            if i >= end_text:
+            if i >= len(text):
                 return base + i
             first = text[i]
             if first == "{":
-                if text.find("}", i) < 0:
+                if last_curly < i:
                     return base + i
-            elif first != "[" or text.find("]", i) < 0:
+            elif first != "[" or last_square < i:
                 return base + i
             try:
                 value, end = raw_decode(text, i)

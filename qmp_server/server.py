@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .dispatcher import Dispatcher
+from .errors import QMPError
 from .session import Mode, QMPSession, Request
 from .wire import encode
 
@@ -103,7 +104,7 @@ async def bind_tcp(host: str, port: int) -> list[trio.SocketListener]:
 
 
 class Connection:
-    """One client: a reader, an in-band worker, a writer; OOB commands run beside them."""
+    """One client: a reader, an in-band worker, a writer; the reader runs OOB commands itself."""
 
     def __init__(self, machine: Machine, dispatcher: Dispatcher, stream: trio.abc.Stream) -> None:
         self.machine = machine
@@ -127,14 +128,14 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._inband_worker)
-                await self._reader(nursery)
+                await self._reader()
                 nursery.cancel_scope.cancel()
         finally:
             self.machine.events.unsubscribe(self._deliver_event)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await trio.aclose_forcefully(self.stream)
 
-    async def _reader(self, nursery: trio.Nursery) -> None:
+    async def _reader(self) -> None:
         while True:
             try:
                 data = await self.stream.receive_some(65536)
@@ -142,9 +143,19 @@ class Connection:
                 return
             if not data:
                 return
-            for request in self.session.receive(bytes(data)):
+            try:
+                requests = self.session.receive(bytes(data))
+            except Exception:
+                # A bug in the input path: this connection's state is unknown, so drop it,
+                # but never let it take the server (and every other session) down.
+                log.exception("internal error reading QMP input; closing the connection")
+                return
+            for request in requests:
                 if request.oob:
-                    nursery.start_soon(self._execute, request)
+                    # QEMU dispatches an out-of-band request at once, in its I/O thread,
+                    # before it parses further input: its reply precedes the reply to
+                    # anything sent after it, and it overtakes the queued in-band ones.
+                    await self._execute(request)
                 else:
                     await self._in_send.send(request)
 
@@ -156,8 +167,16 @@ class Connection:
         # A client that vanishes mid-command must not leave a half-done change behind:
         # the command always runs to completion; only its reply may be lost.
         with trio.CancelScope(shield=True):
-            reply, context = await self.dispatcher.dispatch(self.session, request)
-            self._out_send.send_nowait(encode(reply))
+            try:
+                reply, context = await self.dispatcher.dispatch(self.session, request)
+                data = encode(reply)
+            except Exception as err:
+                # A bug in a command (or an unencodable reply) fails that command only.
+                log.exception("internal error executing %r", request.command)
+                data = encode(request.response(error=QMPError(f"Internal error: {type(err).__name__}")))
+                self._out_send.send_nowait(data)
+                return
+            self._out_send.send_nowait(data)
             for action in context.after_reply:
                 self._out_send.send_nowait(action)
 

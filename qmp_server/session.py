@@ -82,11 +82,45 @@ def qdict_order(keys: list[str]) -> list[str]:
     return [key for _, _, key in indexed]
 
 
+def qemu_ordered(value: Any) -> Any:
+    """A copy of ``value`` with every object's members in the order QEMU writes them.
+
+    QEMU parses input into QDicts and writes them back in hash order, so an ``id`` like
+    ``{"b": 1, "a": 2}`` is echoed as ``{"a": 2, "b": 1}``. Iterative, because input may
+    nest up to 1024 deep.
+    """
+    if not isinstance(value, dict | list):
+        return value
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
+    while stack:
+        source, parent, slot = stack.pop()
+        if isinstance(source, dict):
+            keys = qdict_order(list(source)) if len(source) > 1 else list(source)
+            copy: dict[str, Any] = dict.fromkeys(keys)
+            parent[slot] = copy
+            for key in keys:
+                item = source[key]
+                if isinstance(item, dict | list):
+                    stack.append((item, copy, key))
+                else:
+                    copy[key] = item
+        else:
+            items = list(source)
+            parent[slot] = items
+            for index, item in enumerate(items):
+                if isinstance(item, dict | list):
+                    stack.append((item, items, index))
+    return root[0]
+
+
 def check_request(message: Any, oob_enabled: bool) -> Request:
     """Turn one parsed JSON value into a Request, with QEMU's pre-dispatch checks."""
     if not isinstance(message, dict):
         return Request(error=QMPError("QMP input must be a JSON object"))
     request = Request(id=message.get("id", NO_ID))
+    if isinstance(request.id, dict | list):
+        request.id = qemu_ordered(request.id)
     request.oob = "exec-oob" in message and "execute" not in message
     keys = list(message)
     if len(keys) > 1:

@@ -2,7 +2,7 @@
 
 QEMU writes one compact JSON object per line, ``", "``/``": "`` separators, every code
 point outside printable ASCII escaped as ``\\uXXXX`` with upper-case hex (surrogate pairs
-above the BMP), and CRLF line ends.
+above the BMP), numbers that are doubles as C's ``%.17g`` prints them, and CRLF line ends.
 """
 
 from __future__ import annotations
@@ -17,6 +17,79 @@ _encoder = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": "), allow_na
 _ESCAPE = re.compile(r"\\\\|\\u([0-9a-f]{4})")
 
 
+# Python writes a float as its shortest repr ("0.1", "2.0", "1e+300"); QEMU's
+# qnum_to_string() uses "%.17g" ("0.10000000000000001", "2", "1.0000000000000001e+300").
+# A float's repr always has a digit followed by "." or "e"; integers never do, so the
+# exact (string-aware) rewrite only runs when the cheap test finds such a pair.
+_MAYBE_FLOAT = re.compile(r"\d[.e]")
+_FLOAT_OR_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?\d+(?:\.\d+)?e[-+]\d+|-?\d+\.\d+)')
+
+
+def _qemu_float(match: re.Match[str]) -> str:
+    number = match.group(1)
+    if number is None:
+        return match.group(0)  # a string: left alone
+    return f"{float(number):.17g}"
+
+
+_encode_string = json.encoder.encode_basestring_ascii
+
+
+class _Text(str):
+    """Literal output in the iterative encoder's work stack."""
+
+
+def _encode_deep(message: Any) -> str:
+    """What ``_encoder.encode`` writes, without recursion (for nesting Python's limit refuses).
+
+    QEMU accepts input nested 1024 deep, and an ``id`` is echoed whole.
+    """
+    out: list[str] = []
+    stack: list[Any] = [message]
+    while stack:
+        item = stack.pop()
+        if type(item) is _Text:
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(_encode_string(item))
+        elif item is None:
+            out.append("null")
+        elif item is True:
+            out.append("true")
+        elif item is False:
+            out.append("false")
+        elif isinstance(item, int):
+            out.append(int.__repr__(item))
+        elif isinstance(item, float):
+            out.append(_encoder.encode(item))
+        elif isinstance(item, dict):
+            if not item:
+                out.append("{}")
+                continue
+            out.append("{")
+            stack.append(_Text("}"))
+            members = list(item.items())
+            for index in range(len(members) - 1, -1, -1):
+                key, value = members[index]
+                if not isinstance(key, str):
+                    key = _encoder.encode(key).strip('"')
+                stack.append(value)
+                stack.append(_Text(("" if index == 0 else ", ") + _encode_string(key) + ": "))
+        elif isinstance(item, (list, tuple)):
+            if not item:
+                out.append("[]")
+                continue
+            out.append("[")
+            stack.append(_Text("]"))
+            for index in range(len(item) - 1, -1, -1):
+                stack.append(item[index])
+                if index:
+                    stack.append(_Text(", "))
+        else:
+            raise TypeError(f"Object of type {type(item).__name__} is not JSON serializable")
+    return "".join(out)
+
+
 def _upper(match: re.Match[str]) -> str:
     hexdigits = match.group(1)
     if hexdigits is None:
@@ -26,7 +99,12 @@ def _upper(match: re.Match[str]) -> str:
 
 def encode(message: Any) -> bytes:
     """One QMP output line (ASCII, CRLF-terminated) for ``message``."""
-    text = _encoder.encode(message)
+    try:
+        text = _encoder.encode(message)
+    except RecursionError:
+        text = _encode_deep(message)
+    if _MAYBE_FLOAT.search(text) is not None:
+        text = _FLOAT_OR_STRING.sub(_qemu_float, text)
     if "\\u" in text:
         text = _ESCAPE.sub(_upper, text)
     if "\x7f" in text:

@@ -91,6 +91,7 @@ class Client:
         return result
 
     def close(self) -> None:
+        """Close the connection."""
         self.sock.close()
 
 
@@ -134,6 +135,7 @@ class Server:
 
     @property
     def pid(self) -> int:
+        """The server's process id."""
         return self.proc.pid
 
     def cmd(self, command: str, **arguments: Any) -> Any:

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 import qemu_tools
+
 from qmp_server.jsonstream import JSONParseError, JSONStreamer
 
 pytestmark = pytest.mark.qemu
@@ -172,7 +172,8 @@ CASES: list[bytes] = [
     b'{"id":1.5e300}', b'{"id":1e400}', b'{"id":-1e400}', b'{"id":1e-400}',
     b'{"id":' + b"9" * 400 + b"}", b'{"id":1.7976931348623157e308}',
     # limits small enough to be quick for QEMU
-    b"[" * 1024 + b"]" * 1024, b"[" * 1025 + b"]" * 1025, b'{"a":' * 512 + b"[" * 512 + b"]" * 512 + b"}" * 512,
+    b"[" * 1024 + b"]" * 1024, b"[" * 1025 + b"]" * 1025,
+    b'{"a":' * 512 + b"[" * 512 + b"]" * 512 + b"}" * 512,
     b"[" + b"a" * 1005 + b"]", b"[" + b"a" * 1006 + b"]", b"[" + b"a" * 2000 + b"]",
 ]
 

@@ -72,12 +72,14 @@ def pair(tmp_path: Path, image: Path, *, src_args: tuple[str, ...] = (), dst_arg
 
 
 def listen(dst: Server, tmp_path: Path, name: str = "mig", *, exit_on_error: bool = True) -> str:
+    """``migrate-incoming`` on a UNIX socket in ``tmp_path``; returns the URI."""
     uri = f"unix:{tmp_path / name}.sock"
     assert dst.cmd("migrate-incoming", uri=uri, exit_on_error=exit_on_error) == {}
     return uri
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is true."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -86,14 +88,17 @@ def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -
 
 
 def qemu_io(server: Server, command: str, node: str = "disk0") -> str:
+    """A qemu-io command through HMP, as the guest's I/O stand-in."""
     return server.hmp(f'qemu-io {node} "{command}"')
 
 
 def completed(server: Server) -> bool:
+    """Whether the server's last migration completed."""
     return bool(server.cmd("query-migrate").get("status") == "completed")
 
 
 def check_clean(image: Path) -> None:
+    """``qemu-img check`` finds nothing wrong."""
     result = qemu_img_check(image)
     assert result.returncode == 0 and "No errors were found on the image." in result.stdout, result.stdout
 
@@ -228,7 +233,7 @@ def test_no_split_brain_at_any_phase(tmp_path: Path, image: Path) -> None:
     """Sample both processes' lock bytes throughout a stretched handoff."""
     samples: list[tuple[bool, bool]] = []
     stop = threading.Event()
-    with pair(tmp_path, image, src_delays="active=0.3,device=0.3,inactivated=0.3",
+    with pair(tmp_path, image, src_delays="active=0.5,device=0.5,inactivated=0.3",
               dst_delays="incoming-end=0.3") as (src, dst):
         def sample() -> None:
             while not stop.is_set():
@@ -472,7 +477,8 @@ def test_cancel_after_inactivation_resumes_the_source(tmp_path: Path, image: Pat
 
 
 def test_destination_killed_after_source_inactivated(tmp_path: Path, image: Path) -> None:
-    with pair(tmp_path, image, src_delays="inactivated=0.5") as (src, dst):
+    # The source watches the stream during the delay: the kill ends it early.
+    with pair(tmp_path, image, src_delays="inactivated=5") as (src, dst):
         qemu_io(src, "write -P 0x31 0 128k")
         src.cmd("migrate", uri=listen(dst, tmp_path))
         src.wait_for("MIGRATION:device")
@@ -494,7 +500,7 @@ def test_destination_killed_after_source_inactivated(tmp_path: Path, image: Path
 
 
 def test_destination_killed_while_active(tmp_path: Path, image: Path) -> None:
-    with pair(tmp_path, image, src_delays="active=0.5") as (src, dst):
+    with pair(tmp_path, image, src_delays="active=5") as (src, dst):
         src.cmd("migrate", uri=listen(dst, tmp_path))
         src.wait_for("MIGRATION:active")
         dst.kill()
@@ -502,6 +508,25 @@ def test_destination_killed_while_active(tmp_path: Path, image: Path) -> None:
         # Caught before the switchover: the VM never stopped.
         assert src.settle() == ["MIGRATION:setup", "MIGRATION:active", "MIGRATION:failed"]
         assert src.status() == "running" and is_writer(src.pid, image)
+
+
+def test_source_stays_stopped_when_it_cannot_take_the_images_back(tmp_path: Path, image: Path) -> None:
+    # The worst race: the destination already runs, the source has not heard so yet.
+    with pair(tmp_path, image, dst_delays="incoming-ack=1") as (src, dst):
+        src.cmd("migrate", uri=listen(dst, tmp_path))
+        dst.wait_for("RESUME")
+        assert src.cmd("migrate_cancel") == {}
+        src.wait_for("MIGRATION:cancelled")
+        assert src.settle() == ["MIGRATION:setup", "MIGRATION:active", "STOP", "MIGRATION:device",
+                                "MIGRATION:cancelling", "MIGRATION:cancelled"]
+        assert src.cmd("query-migrate") == {
+            "status": "cancelled",
+            "error-desc": 'Could not re-activate the block devices: Failed to get "write" lock'}
+        # Not resumed, and cont is refused: the destination's copy is the live one now.
+        assert src.status() == "finish-migrate" and src.error("cont") == "Migration is not finalized yet"
+        assert is_writer(dst.pid, image) and not is_writer(src.pid, image)
+        assert dst.wait_for("MIGRATION:completed") == "MIGRATION:completed"
+        assert dst.status() == "running"
 
 
 def test_source_killed_after_inactivation(tmp_path: Path, image: Path) -> None:
@@ -525,7 +550,7 @@ def test_source_killed_after_inactivation(tmp_path: Path, image: Path) -> None:
 
 
 def test_destination_activation_failure(tmp_path: Path, image: Path) -> None:
-    with pair(tmp_path, image, dst_delays="incoming-end=1") as (src, dst):
+    with pair(tmp_path, image, dst_delays="incoming-end=2") as (src, dst):
         src.cmd("migrate", uri=listen(dst, tmp_path))
         src.wait_for("MIGRATION:device")
         wait_until(lambda: not is_writer(src.pid, image), what="source inactivation")

@@ -266,3 +266,22 @@ def test_delay_hook_parsing() -> None:
     assert testhook.parse("device=0.5, inactivated=1") == {"device": 0.5, "inactivated": 1.0}
     with pytest.raises(ValueError, match="PHASE=SECONDS"):
         testhook.parse("nowhere=1")
+
+
+def test_replies_match_the_schema() -> None:
+    from qmp_server.schema import Schema
+
+    schema = Schema.load()
+    out = Outgoing(started=1.0, status=MigrationStatus.ACTIVE, active_at=1.001)
+    schema.check_return("query-migrate", out.info(now=2.0))
+    out.status, out.stopped_at, out.finished_at = MigrationStatus.COMPLETED, 1.5, 1.6
+    schema.check_return("query-migrate", out.info())
+    out.status, out.error = MigrationStatus.FAILED, "boom"
+    schema.check_return("query-migrate", out.info())
+    inc = Incoming(status=MigrationStatus.SETUP, socket_addresses=[
+        InetAddress("127.0.0.1", "4444").socket_address(), UnixAddress("/m").socket_address()])
+    schema.check_return("query-migrate", inc.info())
+    options = MigrationOptions()
+    schema.check_return("query-migrate-capabilities", options.query_capabilities())
+    schema.check_return("query-migrate-parameters", options.query_parameters())
+    schema.check_event("MIGRATION", {"status": "device"})

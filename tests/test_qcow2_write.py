@@ -415,3 +415,23 @@ def test_overlap_check_marks_image_corrupt(tmp_path: Path) -> None:
     close_qcow2(drv)
     assert parse_header(img.read_bytes()[:65536]).incompatible_features & 2
     assert struct.unpack_from(">Q", img.read_bytes(), hdr.l1_table_offset)[0] == l1_entry
+
+
+@pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10"])
+def test_unaligned_virtual_size_tail(tmp_path: Path, opts: str) -> None:
+    img = tmp_path / "odd.qcow2"
+    qemu_img_create(img, 1_000_000, opts=opts)  # rounded up to 1000448 bytes
+    drv = open_qcow2(img)
+    size = drv.getlength()
+    assert size == 1_000_448
+    drv.write(size - 70_000, pattern(0x4D, 70_000))
+    model = bytearray(size)
+    model[size - 70_000:] = pattern(0x4D, 70_000)
+    last = size // 65536 * 65536
+    drv.discard(last, size - last)  # the partial last cluster counts as whole
+    model[last:] = bytes(size - last)
+    drv.write_zeroes(size - 100_000, 10_000, may_unmap=True)
+    model[size - 100_000:size - 90_000] = bytes(10_000)
+    assert drv.read(0, size + 4096) == bytes(model) + bytes(4096)
+    close_qcow2(drv)
+    _verify(img, model, tmp_path)

@@ -23,7 +23,8 @@ from .l2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Clu
 _INPLACE = 0  # standard cluster we own alone: overwrite where it is
 _REUSE = 1  # preallocated zero cluster we own alone: fill it where it is
 _NEW = 2  # everything else needs a newly allocated cluster
-_KIND_MASK = OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO
+# Entries continue a contiguous standard run when these bits match (COPIED may differ).
+_RUN_MASK = L2E_OFFSET_MASK | OFLAG_COMPRESSED | OFLAG_ZERO
 
 if TYPE_CHECKING:
     from array import array
@@ -95,10 +96,11 @@ def read(img: Qcow2Image, backing: ChildIO | None, offset: int, length: int) -> 
             parts.append(data if data is not None else bytes(chunk_end - pos))
             pos = chunk_end
             continue
+        slice_cluster = cluster - first  # guest cluster number of table[0]
+        limit = ((chunk_end - 1) >> cb) - slice_cluster + 1
         i = first
         while pos < chunk_end:
             entry = table[i]
-            limit = first + ((chunk_end - 1) >> cb) - (cluster) + 1
             j = i + 1
             if entry & OFLAG_COMPRESSED:
                 run_end = min(chunk_end, (pos | in_cluster) + 1)
@@ -110,24 +112,24 @@ def read(img: Qcow2Image, backing: ChildIO | None, offset: int, length: int) -> 
                 if entry & OFLAG_ZERO:
                     while j < limit and table[j] & OFLAG_ZERO and not table[j] & OFLAG_COMPRESSED:
                         j += 1
-                    run_end = min(chunk_end, (cluster - first + j) << cb)
+                    run_end = min(chunk_end, (slice_cluster + j) << cb)
                     parts.append(bytes(run_end - pos))
                 else:
                     host = entry & L2E_OFFSET_MASK
                     expect = host + cs
-                    while j < limit and table[j] & (L2E_OFFSET_MASK | _KIND_MASK) & ~OFLAG_COPIED == expect:
+                    while j < limit and table[j] & _RUN_MASK == expect:
                         j += 1
                         expect += cs
-                    run_end = min(chunk_end, (cluster - first + j) << cb)
+                    run_end = min(chunk_end, (slice_cluster + j) << cb)
                     parts.append(img.file.pread(host + (pos & in_cluster), run_end - pos))
             else:
                 while j < limit and not table[j] & ~OFLAG_COPIED:
                     j += 1
-                run_end = min(chunk_end, (cluster - first + j) << cb)
+                run_end = min(chunk_end, (slice_cluster + j) << cb)
                 data = read_backing(backing, pos, run_end - pos)
                 parts.append(data if data is not None else bytes(run_end - pos))
             pos = run_end
-            i = first + ((pos >> cb) - cluster)
+            i = (pos >> cb) - slice_cluster
     if end < offset + length:
         parts.append(bytes(offset + length - end))
     return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -150,7 +152,7 @@ def _cow_source(img: Qcow2Image, backing: ChildIO | None, entry: int, guest_clus
 
 
 def _is_zero(data: bytes | None) -> bool:
-    return data is None or not data.strip(b"\0")
+    return data is None or data.count(0) == len(data)
 
 
 def write(img: Qcow2Image, backing: ChildIO | None, offset: int, data: bytes) -> None:
@@ -279,7 +281,14 @@ def _reads_as_zero(img: Qcow2Image, backing: ChildIO | None, cluster_guest: int)
 
 def write_zeroes(img: Qcow2Image, backing: ChildIO | None, offset: int, length: int,
                  may_unmap: bool) -> None:
-    """v3 zero clusters for whole clusters, explicit zeroes for partial ones."""
+    """Zero clusters for whole clusters, explicit zeroes for partial ones.
+
+    v2 has no zero flag; like QEMU it deallocates whole clusters instead when there is no
+    backing file (they then read as zeroes) and writes zeroes otherwise.
+    """
+    if img.version < 3 and backing is not None:
+        _write_zero_buffers(img, backing, offset, length)
+        return
     cs = img.cluster_size
     end = offset + length
     start_aligned = -(-offset // cs) * cs
@@ -291,9 +300,24 @@ def write_zeroes(img: Qcow2Image, backing: ChildIO | None, offset: int, length: 
         _zero_partial(img, backing, offset, start_aligned)
     if end_aligned < end:
         _zero_partial(img, backing, end_aligned, end)
-    _for_each_slice(img, start_aligned, end_aligned, lambda e, f, n: _zero_slice(
-        img, e, f, n, may_unmap), allocate=True)
+    if img.version < 3:
+        _for_each_slice(img, start_aligned, end_aligned, lambda e, f, n: _discard_slice(
+            img, backing, e, f, n), allocate=False)
+    else:
+        _for_each_slice(img, start_aligned, end_aligned, lambda e, f, n: _zero_slice(
+            img, e, f, n, may_unmap), allocate=True)
     img.refcounts.process_discards()
+
+
+def _write_zero_buffers(img: Qcow2Image, backing: ChildIO | None, offset: int,
+                        length: int) -> None:
+    chunk = 1 << 20
+    zeroes = bytes(min(chunk, length))
+    pos = offset
+    while pos < offset + length:
+        count = min(chunk, offset + length - pos)
+        write(img, backing, pos, zeroes if count == len(zeroes) else bytes(count))
+        pos += count
 
 
 def _zero_partial(img: Qcow2Image, backing: ChildIO | None, start: int, end: int) -> None:

@@ -12,7 +12,7 @@ from ..errors import BlockError
 from ..perm import ChildRole
 from . import datapath
 from .errors import Qcow2Corruption
-from .header import COMPRESSION_NAMES
+from .header import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT
 from .image import Qcow2Image, open_image
 
 #: Default for new drivers' ``skip_invalidate_for_tests``. Only tests set this, to show
@@ -69,7 +69,7 @@ class Qcow2Driver(BlockDriver):
         if not img.writable:
             if self._inactive:
                 raise BlockError("qcow2 node is inactive", errno.EPERM)
-            if img.hdr.incompatible_features & 2:
+            if img.hdr.incompatible_features & INCOMPAT_CORRUPT:
                 raise BlockError("qcow2: Image is corrupt; cannot be written", errno.EIO)
             raise BlockError("qcow2 node is read-only", errno.EACCES)
         img.maybe_clean_caches()
@@ -79,6 +79,8 @@ class Qcow2Driver(BlockDriver):
         try:
             return fn()
         except Qcow2Corruption:
+            # As QEMU's qcow2_signal_corruption: once metadata is known to be wrong, any
+            # further write could spread the damage, so the image is flagged and frozen.
             img.mark_corrupt()
             raise
 
@@ -96,11 +98,8 @@ class Qcow2Driver(BlockDriver):
         self._guard(img, lambda: datapath.write(img, self.backing, offset, bytes(data)))
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
-        """Zero clusters on v3 (freed when ``may_unmap``); plain zero writes on v2."""
+        """Zero clusters on v3 (freed when ``may_unmap``); on v2 see datapath.write_zeroes."""
         img = self._writable_image(offset, length)
-        if img.version < 3:
-            super().write_zeroes(offset, length, may_unmap)
-            return
         self._guard(img, lambda: datapath.write_zeroes(img, self.backing, offset, length,
                                                        may_unmap))
 
@@ -139,8 +138,12 @@ class Qcow2Driver(BlockDriver):
         self._img = None
         self._inactive = False
         assert self.file is not None
-        self._img = open_image(self.file, self._options, read_only=self._read_only,
-                               inactive=False)
+        try:
+            self._img = open_image(self.file, self._options, read_only=self._read_only,
+                                   inactive=False)
+        except BlockError as exc:
+            # Like QEMU, the node is unusable after a failed reopen.
+            raise BlockError(f"Could not reopen qcow2 layer: {exc}", exc.errno) from exc
 
     # -- information ---------------------------------------------------------------
 
@@ -171,9 +174,9 @@ class Qcow2Driver(BlockDriver):
                     "refcount-bits": hdr.refcount_bits}
         else:
             data = {"compat": "1.1", "compression-type": compression,
-                    "lazy-refcounts": bool(hdr.compatible_features & 1),
+                    "lazy-refcounts": bool(hdr.compatible_features & COMPAT_LAZY_REFCOUNTS),
                     "refcount-bits": hdr.refcount_bits,
-                    "corrupt": bool(hdr.incompatible_features & 2),
+                    "corrupt": bool(hdr.incompatible_features & INCOMPAT_CORRUPT),
                     "extended-l2": False}
         info: dict[str, Any] = {
             "cluster-size": img.cluster_size,

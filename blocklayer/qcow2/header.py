@@ -112,10 +112,12 @@ class Header:
 
     @property
     def cluster_size(self) -> int:
+        """Bytes per cluster."""
         return 1 << self.cluster_bits
 
     @property
     def refcount_bits(self) -> int:
+        """Width of one refcount entry in bits."""
         return 1 << self.refcount_order
 
 

@@ -18,6 +18,7 @@ from array import array
 from collections.abc import Mapping
 from typing import Any
 
+from ..driver import ChildIO
 from ..errors import BlockError
 from . import header as H
 from .cache import CacheEntry, CleanTimer, MetadataCache
@@ -310,7 +311,7 @@ class Qcow2Image:
         self.file.flush()
 
 
-def open_image(child: Any, options: Mapping[str, Any], *, read_only: bool,
+def open_image(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
                inactive: bool) -> Qcow2Image:
     """Open the image on ``child`` (QEMU's qcow2_do_open)."""
     file = TrackedFile(child)
@@ -322,13 +323,11 @@ def open_image(child: Any, options: Mapping[str, Any], *, read_only: bool,
     l1 = be_array(file.pread(hdr.l1_table_offset, hdr.l1_size * 8)) if hdr.l1_size else array(U64)
     img = Qcow2Image(file, hdr, opts, l1, writable)
     if writable:
-        update = False
         if hdr.autoclear_features:
-            # We keep no bitmaps; clearing the bit tells others they are stale.
+            # We maintain no bitmaps (bit 0) and know no other autoclear feature;
+            # clearing the bits is how a writer tells others those structures are stale.
             hdr.autoclear_features = 0
             hdr.bitmaps_ext = None
-            update = True
-        if update:
             img.update_header()
         if img.dirty:
             from .repair import repair_image

@@ -30,6 +30,7 @@ class _Counter:
         self.counts: array[int] = array(U64, bytes(8 * max(clusters, 1)))
 
     def add(self, offset: int, length: int) -> None:
+        """Count one reference to every cluster touching [offset, offset+length)."""
         first = offset >> self.bits
         last = (offset + length - 1) >> self.bits
         if last >= len(self.counts):
@@ -38,6 +39,7 @@ class _Counter:
             self.counts[cluster] += 1
 
     def get(self, offset: int) -> int:
+        """References counted for the cluster at ``offset``."""
         index = offset >> self.bits
         return self.counts[index] if index < len(self.counts) else 0
 

@@ -89,18 +89,22 @@ class WordRefBlock:
         self.data = data
 
     def get(self, index: int) -> int:
+        """Refcount of entry ``index``."""
         return self.data[index]
 
     def set(self, index: int, value: int) -> None:
+        """Store the refcount of entry ``index``."""
         self.data[index] = value
 
     def find_zero(self, start: int) -> int:
+        """First index >= start whose refcount is 0, or -1."""
         try:
             return self.data.index(0, start)
         except ValueError:
             return -1
 
     def find_nonzero(self, start: int, stop: int) -> int:
+        """First index in [start, stop) whose refcount is not 0, or -1."""
         # Zero is zero in any byte order, so scanning the raw bytes is enough.
         raw = self.data[start:stop].tobytes()
         rest = raw.lstrip(b"\0")
@@ -109,6 +113,7 @@ class WordRefBlock:
         return start + (len(raw) - len(rest)) // self.data.itemsize
 
     def to_bytes(self) -> bytes:
+        """On-disk (big-endian) form."""
         return be_bytes(self.data)
 
 
@@ -139,15 +144,18 @@ class BitRefBlock:
         self.per_byte = 8 // bits
 
     def get(self, index: int) -> int:
+        """Refcount of entry ``index``."""
         byte, slot = divmod(index, self.per_byte)
         return (self.data[byte] >> (slot * self.bits)) & self.mask
 
     def set(self, index: int, value: int) -> None:
+        """Store the refcount of entry ``index``."""
         byte, slot = divmod(index, self.per_byte)
         shift = slot * self.bits
         self.data[byte] = (self.data[byte] & ~(self.mask << shift) & 0xFF) | (value << shift)
 
     def find_zero(self, start: int) -> int:
+        """First index >= start whose refcount is 0, or -1."""
         total = len(self.data) * self.per_byte
         i = start
         while i < total and i % self.per_byte:
@@ -167,6 +175,7 @@ class BitRefBlock:
         return -1
 
     def find_nonzero(self, start: int, stop: int) -> int:
+        """First index in [start, stop) whose refcount is not 0, or -1."""
         i = start
         while i < stop and i % self.per_byte:
             if self.get(i):
@@ -189,6 +198,7 @@ class BitRefBlock:
         return -1
 
     def to_bytes(self) -> bytes:
+        """On-disk form (already packed)."""
         return bytes(self.data)
 
 

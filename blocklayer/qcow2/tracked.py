@@ -20,10 +20,12 @@ class TrackedFile:
 
     @property
     def node_name(self) -> str:
+        """The child's node name."""
         return self.child.node_name
 
     @property
     def filename(self) -> str:
+        """The child's filename."""
         return self.child.filename
 
     def end(self) -> int:

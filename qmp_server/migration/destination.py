@@ -26,6 +26,7 @@ from .stream import (
     VERSION,
     Channel,
     FrameKind,
+    PeerFailed,
     StreamClosed,
     StreamError,
     encode_frame,
@@ -49,12 +50,16 @@ async def run_incoming(service: MigrationService, listening: Listening) -> None:
     try:
         await _receive(service, channel)
     except MigrationError as err:
-        await _fail(service, channel, str(err))
+        await _fail(service, str(err))  # the source has been told already
+    except PeerFailed as err:
+        await _fail(service, str(err))
     except StreamClosed:
-        await _fail(service, channel, "Migration stream truncated: the source closed the connection "
-                                      "before the end marker")
-    except StreamError as err:
-        await _fail(service, channel, str(err))
+        await _fail(service, "Migration stream truncated: the source closed the connection "
+                             "before the end marker")
+    except (StreamError, QMPError) as err:
+        desc = err.desc if isinstance(err, QMPError) else str(err)
+        await _refuse(channel, desc)
+        await _fail(service, desc)
     finally:
         with trio.CancelScope(shield=True):
             await channel.aclose()
@@ -62,7 +67,7 @@ async def run_incoming(service: MigrationService, listening: Listening) -> None:
 
 async def _refuse(channel: Channel, error: str) -> MigrationError:
     """Tell the source why (best effort) and return the error to raise."""
-    with trio.move_on_after(1), contextlib.suppress(StreamError):
+    with trio.CancelScope(shield=True), trio.move_on_after(1), contextlib.suppress(StreamError):
         await channel.send(encode_frame(FrameKind.FAIL, {"error": error}))
     return MigrationError(error)
 
@@ -103,6 +108,7 @@ async def _receive(service: MigrationService, channel: Channel) -> None:
     # The source has let go of the images; nothing below may fail the migration.
     with trio.CancelScope(shield=True):
         await _take_over(service, runstate, running)
+        await service.delays.pause("incoming-ack")
         service.incoming.socket_addresses = []
         service.set_incoming_status(MigrationStatus.COMPLETED)
         vm = machine.vm
@@ -147,7 +153,7 @@ async def _take_over(service: MigrationService, runstate: str, running: bool) ->
         vm.set_state(RunState.PAUSED)
 
 
-async def _fail(service: MigrationService, channel: Channel, error: str) -> None:
+async def _fail(service: MigrationService, error: str) -> None:
     from .service import report
 
     incoming = service.incoming

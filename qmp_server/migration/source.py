@@ -63,16 +63,21 @@ async def run_outgoing(service: MigrationService, out: Outgoing, address: Addres
             await service.delays.pause("connect")
             channel = Channel(await connect(address))
             await _handover(service, out, channel, progress)
-            return
         except (ConnectError, MigrationError) as err:
             error = str(err)
+        except QMPError as err:
+            error = err.desc
         except StreamClosed:
             error = ("The destination closed the migration stream before acknowledging the handover"
                      if progress.end_sent else "The destination closed the migration stream")
         except StreamError as err:
             error = str(err)
-    # Failed, or cancelled by migrate_cancel; the undo must finish even if cancelled again.
     with trio.CancelScope(shield=True):
+        if out.status is MigrationStatus.COMPLETED:
+            assert channel is not None
+            await channel.aclose()
+            return
+        # Failed, or cancelled by migrate_cancel; the undo must finish even if cancelled again.
         await _abort(service, out, channel, progress, error)
 
 
@@ -130,8 +135,8 @@ async def _handover(service: MigrationService, out: Outgoing, channel: Channel,
     out.bytes_sent = channel.bytes_sent
     await channel.receive(FrameKind.ACK)
 
+    # No checkpoint from here on: once acknowledged, a migrate_cancel cannot undo it.
     out.finished_at = time.monotonic()
-    await channel.aclose()
     vm.set_state(RunState.POSTMIGRATE)
     service.set_outgoing_status(MigrationStatus.COMPLETED)
 

@@ -13,6 +13,9 @@ environment of a server process; unset (the default) means no delay anywhere. Ph
     source, status ``device``: nodes inactive, end marker not yet sent
 ``incoming-end``
     destination, status ``active``: end marker received, nodes not yet activated
+``incoming-ack``
+    destination, status ``active``: activated and started (or paused), MIGRATION
+    ``completed`` and the acknowledgement not yet sent
 
 A delay is an ordinary Trio sleep inside the migration task: ``migrate_cancel`` interrupts
 it, and the source watches the stream meanwhile, so a destination that dies during a
@@ -26,7 +29,7 @@ import os
 import trio
 
 ENV = "QMP_SERVER_TEST_MIGRATION_DELAY"
-PHASES = frozenset({"connect", "active", "device", "inactivated", "incoming-end"})
+PHASES = frozenset({"connect", "active", "device", "inactivated", "incoming-end", "incoming-ack"})
 
 
 def parse(text: str) -> dict[str, float]:
