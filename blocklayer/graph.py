@@ -233,6 +233,7 @@ class BlockGraph:
         edge = Edge(child=child, name=name, role=role, perm=nperm, shared=nshared, parent=parent)
         parent.children.append(edge)
         child.parents.insert(0, edge)
+        parent.touch()
         try:
             self.refresh_perms([child])
         except BlockError:
@@ -387,6 +388,7 @@ class BlockGraph:
         self._loosen([child for child in children if child.name in self.nodes])
 
     def _detach_all(self, node: BlockNode) -> None:
+        node.touch()
         for edge in node.children:
             if edge in edge.child.parents:
                 edge.child.parents.remove(edge)
@@ -419,7 +421,8 @@ class BlockGraph:
             node.driver.set_inactive(True)
             self._loosen([node])
             raise
-        node.info_cache = None
+        finally:
+            node.touch()
 
     def activate_all(self) -> None:
         """Activate every node; stops at the first failure."""
@@ -447,7 +450,7 @@ class BlockGraph:
             # An outside user still needs to write (QEMU: -EPERM).
             raise BlockError("Failed to inactivate node: Operation not permitted", errno.EPERM)
         node.inactive = True
-        node.info_cache = None
+        node.touch()
         self._loosen([node])
         node.driver.set_inactive(True)
         for edge in node.children:
@@ -461,6 +464,7 @@ class BlockGraph:
             return
         if node.writable:
             node.driver.flush()
+        node.touch()
         node.driver.invalidate_cache()
 
     def flush_all(self) -> None:

@@ -66,8 +66,15 @@ class BlockNode:
     implicit: bool = False
     children: list[Edge] = field(default_factory=list)
     parents: list[Edge] = field(default_factory=list)
-    #: Cached static part of the node's query-named-block-nodes entry.
-    info_cache: dict[str, object] | None = None
+    #: Bumped whenever anything a query could report may have changed (writes, flushes,
+    #: activation, graph edits), so that adapters can cache what they derive from a node.
+    generation: int = 0
+    #: Free for the QMP adapter's cache of this node's info (keyed by ``generation``).
+    info_cache: dict[bool, tuple[object, str]] = field(default_factory=dict)
+
+    def touch(self) -> None:
+        """Note that the node's observable state changed."""
+        self.generation += 1
 
     @property
     def node_name(self) -> str:
@@ -134,6 +141,7 @@ class BlockNode:
     def pwrite(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``."""
         self._check_writable()
+        self.generation += 1
         if self.options.detect_zeroes != "off" and not any(data):
             self.driver.write_zeroes(offset, len(data),
                                      self.options.detect_zeroes == "unmap" and self.options.discard_unmap)
@@ -143,11 +151,13 @@ class BlockNode:
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make the range read as zeroes."""
         self._check_writable()
+        self.generation += 1
         self.driver.write_zeroes(offset, length, may_unmap and self.options.discard_unmap)
 
     def pdiscard(self, offset: int, length: int) -> None:
         """Discard; dropped unless the node was opened with ``discard=unmap``."""
         self._check_writable()
+        self.generation += 1
         if self.options.discard_unmap:
             self.driver.discard(offset, length)
 
@@ -164,6 +174,7 @@ class BlockNode:
     def truncate(self, length: int) -> None:
         """Resize (used by format drivers on their file child)."""
         self._check_writable()
+        self.generation += 1
         truncate = getattr(self.driver, "truncate", None)
         if truncate is None:
             raise BlockError("Image format driver does not support resize", errno.ENOTSUP)

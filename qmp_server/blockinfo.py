@@ -1,15 +1,20 @@
 """BlockDeviceInfo / ImageInfo for query-named-block-nodes, built from the graph.
 
-Management tools poll this over thousands of nodes, so one call looks at each node once:
-file sizes and names are computed per node and shared with the format nodes above.
+Management tools poll this over thousands of nodes, so each node's entry is kept as
+encoded JSON and rebuilt only when something it reports may have changed: the node's
+generation (bumped by every write, flush, activation and graph edit) or, for files, what
+fstat says (another process may grow the file while we are inactive).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode
+
+from .wire import PreEncoded, encode_text
 
 
 class _Collector:
@@ -84,6 +89,39 @@ class _Collector:
 
 
 def block_infos(graph: BlockGraph, flat: bool) -> list[dict[str, Any]]:
-    """query-named-block-nodes: every node, newest first like QEMU."""
+    """query-named-block-nodes as Python objects: every node, newest first like QEMU."""
     collector = _Collector(flat)
     return [collector.device(node) for node in graph.iter_nodes()]
+
+
+def _stamp(node: BlockNode, stamps: dict[int, object]) -> object:
+    """What a node's entry depends on; equal stamps mean an identical entry."""
+    key = id(node)
+    stamp = stamps.get(key)
+    if stamp is None:
+        own: object = node.generation
+        fd = getattr(node.driver, "fd", None) if node.driver.protocol else None
+        if isinstance(fd, int) and fd >= 0:
+            try:
+                st = os.fstat(fd)
+                own = (node.generation, st.st_size, st.st_blocks)
+            except OSError:
+                own = (node.generation, None)
+        stamp = (own, node.name, tuple(_stamp(e.child, stamps) for e in node.children))
+        stamps[key] = stamp
+    return stamp
+
+
+def block_infos_json(graph: BlockGraph, flat: bool) -> PreEncoded:
+    """query-named-block-nodes as ready-to-send JSON, reusing unchanged entries."""
+    collector = _Collector(flat)
+    stamps: dict[int, object] = {}
+    parts = []
+    for node in graph.iter_nodes():
+        stamp = _stamp(node, stamps)
+        cached = node.info_cache.get(flat)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, encode_text(collector.device(node)))
+            node.info_cache[flat] = cached
+        parts.append(cached[1])
+    return PreEncoded("[" + ", ".join(parts) + "]")

@@ -22,9 +22,10 @@ from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode, Edge
 from blocklayer.perm import ALL, WRITE
 
-from .blockinfo import block_infos
+from .blockinfo import block_infos, block_infos_json
 from .errors import QMPError
 from .runstate import VM, RunState
+from .wire import PreEncoded
 
 T = TypeVar("T")
 
@@ -108,8 +109,12 @@ class BlockService:
         await self.run(apply)
 
     async def query_named_block_nodes(self, flat: bool) -> list[dict[str, Any]]:
-        """query-named-block-nodes, newest node first like QEMU."""
+        """query-named-block-nodes as Python objects (for HMP), newest node first."""
         return await self.run_light(block_infos, self.graph, flat)
+
+    async def query_named_block_nodes_json(self, flat: bool) -> PreEncoded:
+        """query-named-block-nodes as encoded JSON, for the QMP reply."""
+        return await self.run_light(block_infos_json, self.graph, flat)
 
     async def qemu_io(self, device: str, command: str, qdev: bool = False) -> str:
         """HMP ``qemu-io``: run one qemu-io command on a node through a temporary user.

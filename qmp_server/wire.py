@@ -9,9 +9,26 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, cast
 
 _encoder = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": "), allow_nan=False)
+# Only for messages holding inf/nan (an echoed "id": 1e400): QEMU prints C's "inf".
+_nan_encoder = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": "), allow_nan=True)
+_NAN_OR_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?Infinity|NaN)')
+_C_SPELLING = {"Infinity": "inf", "-Infinity": "-inf", "NaN": "nan"}
+
+
+def _c_nan(match: re.Match[str]) -> str:
+    token = match.group(1)
+    return match.group(0) if token is None else _C_SPELLING[token]
+
+
+class PreEncoded(str):
+    """JSON text produced elsewhere (already in QEMU's output form), spliced in verbatim.
+
+    Used for large, cacheable results (query-named-block-nodes) that would otherwise be
+    re-encoded on every call.
+    """
 # Python writes lower-case hex; QEMU upper-case. A preceding escaped backslash (\\) must
 # not be mistaken for the start of an escape, hence the alternation.
 _ESCAPE = re.compile(r"\\\\|\\u([0-9a-f]{4})")
@@ -19,9 +36,11 @@ _ESCAPE = re.compile(r"\\\\|\\u([0-9a-f]{4})")
 
 # Python writes a float as its shortest repr ("0.1", "2.0", "1e+300"); QEMU's
 # qnum_to_string() uses "%.17g" ("0.10000000000000001", "2", "1.0000000000000001e+300").
-# A float's repr always has a digit followed by "." or "e"; integers never do, so the
-# exact (string-aware) rewrite only runs when the cheap test finds such a pair.
-_MAYBE_FLOAT = re.compile(r"\d[.e]")
+# A float's repr is a number token (after "[", ": " or ", ", or alone) with "." or an
+# exponent; integers never are. The exact, string-aware rewrite only runs when this cheap
+# test finds such a token, which text inside strings (paths like "i123.qcow2") rarely
+# mimics; when it does, the exact pass leaves strings alone anyway.
+_MAYBE_FLOAT = re.compile(r"(?:^|[\[ ])-?\d+(?:\.\d|e)")
 _FLOAT_OR_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?\d+(?:\.\d+)?e[-+]\d+|-?\d+\.\d+)')
 
 
@@ -99,10 +118,23 @@ def _upper(match: re.Match[str]) -> str:
 
 def encode(message: Any) -> bytes:
     """One QMP output line (ASCII, CRLF-terminated) for ``message``."""
+    if type(message) is dict and type(message.get("return")) is PreEncoded:
+        rest = {k: v for k, v in message.items() if k != "return"}
+        text = '{"return": ' + cast(PreEncoded, message["return"])
+        if rest:
+            text += ", " + encode_text(rest)[1:-1]
+        return (text + "}").encode("ascii") + b"\r\n"
+    return encode_text(message).encode("ascii") + b"\r\n"
+
+
+def encode_text(message: Any) -> str:
+    """The JSON text QEMU would write for ``message`` (no line end)."""
     try:
         text = _encoder.encode(message)
     except RecursionError:
         text = _encode_deep(message)
+    except ValueError:
+        text = _NAN_OR_STRING.sub(_c_nan, _nan_encoder.encode(message))
     if _MAYBE_FLOAT.search(text) is not None:
         text = _FLOAT_OR_STRING.sub(_qemu_float, text)
     if "\\u" in text:
@@ -110,4 +142,4 @@ def encode(message: Any) -> bytes:
     if "\x7f" in text:
         # DEL is outside what QEMU passes through unescaped; json leaves it raw.
         text = text.replace("\x7f", "\\u007F")
-    return text.encode("ascii") + b"\r\n"
+    return text

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..dispatcher import CommandContext, CommandTable
+from ..wire import PreEncoded
 
 table = CommandTable()
 
@@ -40,9 +41,9 @@ async def x_blockdev_inactivate(ctx: CommandContext, args: dict[str, Any]) -> No
 
 
 @table.command("query-named-block-nodes")
-async def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every node, newest first."""
-    return await ctx.machine.block.query_named_block_nodes(args.get("flat", False))
+async def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> PreEncoded:
+    """Every node, newest first (sent as cached, pre-encoded JSON)."""
+    return await ctx.machine.block.query_named_block_nodes_json(args.get("flat", False))
 
 
 @table.command("query-block")
