@@ -69,6 +69,10 @@ class BlockNode:
     #: Bumped whenever anything a query could report may have changed (writes, flushes,
     #: activation, graph edits), so that adapters can cache what they derive from a node.
     generation: int = 0
+    #: QEMU's write_gen/flushed_gen: a flush with nothing written since the last
+    #: successful one is skipped (it would only cost an fdatasync).
+    write_gen: int = 0
+    flushed_gen: int = 0
     #: Free for the QMP adapter's cache of this node's info (keyed by ``generation``).
     info_cache: dict[bool, tuple[object, str]] = field(default_factory=dict)
 
@@ -142,6 +146,7 @@ class BlockNode:
         """Write ``data`` at ``offset``."""
         self._check_writable()
         self.generation += 1
+        self.write_gen += 1
         if self.options.detect_zeroes != "off" and not any(data):
             self.driver.write_zeroes(offset, len(data),
                                      self.options.detect_zeroes == "unmap" and self.options.discard_unmap)
@@ -152,12 +157,14 @@ class BlockNode:
         """Make the range read as zeroes."""
         self._check_writable()
         self.generation += 1
+        self.write_gen += 1
         self.driver.write_zeroes(offset, length, may_unmap and self.options.discard_unmap)
 
     def pdiscard(self, offset: int, length: int) -> None:
         """Discard; dropped unless the node was opened with ``discard=unmap``."""
         self._check_writable()
         self.generation += 1
+        self.write_gen += 1
         if self.options.discard_unmap:
             self.driver.discard(offset, length)
 
@@ -165,7 +172,12 @@ class BlockNode:
         """Flush caches and make the data durable; a no-op on nodes that cannot write."""
         if not self.writable or (self.options.cache_no_flush and self.driver.protocol):
             return
+        current = self.write_gen
+        if current == self.flushed_gen:
+            return
+        self.generation += 1
         self.driver.flush()
+        self.flushed_gen = current
 
     def getlength(self) -> int:
         """Length in bytes."""
@@ -175,6 +187,7 @@ class BlockNode:
         """Resize (used by format drivers on their file child)."""
         self._check_writable()
         self.generation += 1
+        self.write_gen += 1
         truncate = getattr(self.driver, "truncate", None)
         if truncate is None:
             raise BlockError("Image format driver does not support resize", errno.ENOTSUP)
