@@ -94,14 +94,12 @@ class Client:
             for i, event in enumerate(self.events):
                 if event["event"] == name:
                     return self.events.pop(i)
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            message = self.read()
+            message = self.read(timeout=deadline - time.monotonic())
             if "event" not in message:
                 raise AssertionError(f"unexpected reply while waiting for {name}: {message}")
             self.events.append(message)
 
     def close(self) -> None:
-        self.file.close()
         self.sock.close()
 
 
