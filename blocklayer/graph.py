@@ -142,6 +142,7 @@ class BlockGraph:
             self._detach_all(node)
             raise
         self.nodes[name] = node
+        BlockNode.changes += 1
         created.append(node)
         if driver.supports_backing:
             self._open_backing(node, options, inactive, created)
@@ -385,6 +386,7 @@ class BlockGraph:
         self._detach_all(node)
         if self.nodes.get(node.name) is node:
             del self.nodes[node.name]
+            BlockNode.changes += 1
         self._loosen([child for child in children if child.name in self.nodes])
 
     def _detach_all(self, node: BlockNode) -> None:

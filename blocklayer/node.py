@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from .driver import BlockDriver
 from .errors import BlockError
@@ -76,9 +76,14 @@ class BlockNode:
     #: Free for the QMP adapter's cache of this node's info (keyed by ``generation``).
     info_cache: dict[bool, tuple[object, str]] = field(default_factory=dict)
 
+    #: Bumped with every change to any node (and by the graph when nodes come and go):
+    #: lets adapters reuse what they derived from the whole graph.
+    changes: ClassVar[int] = 0
+
     def touch(self) -> None:
         """Note that the node's observable state changed."""
         self.generation += 1
+        BlockNode.changes += 1
 
     @property
     def node_name(self) -> str:
@@ -145,7 +150,7 @@ class BlockNode:
     def pwrite(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``."""
         self._check_writable()
-        self.generation += 1
+        self.touch()
         self.write_gen += 1
         if self.options.detect_zeroes != "off" and not any(data):
             self.driver.write_zeroes(offset, len(data),
@@ -156,14 +161,14 @@ class BlockNode:
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make the range read as zeroes."""
         self._check_writable()
-        self.generation += 1
+        self.touch()
         self.write_gen += 1
         self.driver.write_zeroes(offset, length, may_unmap and self.options.discard_unmap)
 
     def pdiscard(self, offset: int, length: int) -> None:
         """Discard; dropped unless the node was opened with ``discard=unmap``."""
         self._check_writable()
-        self.generation += 1
+        self.touch()
         self.write_gen += 1
         if self.options.discard_unmap:
             self.driver.discard(offset, length)
@@ -175,7 +180,7 @@ class BlockNode:
         current = self.write_gen
         if current == self.flushed_gen:
             return
-        self.generation += 1
+        self.touch()
         self.driver.flush()
         self.flushed_gen = current
 
@@ -186,7 +191,7 @@ class BlockNode:
     def truncate(self, length: int) -> None:
         """Resize (used by format drivers on their file child)."""
         self._check_writable()
-        self.generation += 1
+        self.touch()
         self.write_gen += 1
         truncate = getattr(self.driver, "truncate", None)
         if truncate is None:

@@ -9,6 +9,7 @@ fstat says (another process may grow the file while we are inactive).
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 from blocklayer.graph import BlockGraph
@@ -94,34 +95,70 @@ def block_infos(graph: BlockGraph, flat: bool) -> list[dict[str, Any]]:
     return [collector.device(node) for node in graph.iter_nodes()]
 
 
-def _stamp(node: BlockNode, stamps: dict[int, object]) -> object:
-    """What a node's entry depends on; equal stamps mean an identical entry."""
-    key = id(node)
-    stamp = stamps.get(key)
-    if stamp is None:
-        own: object = node.generation
-        fd = getattr(node.driver, "fd", None) if node.driver.protocol else None
-        if isinstance(fd, int) and fd >= 0:
-            try:
-                st = os.fstat(fd)
-                own = (node.generation, st.st_size, st.st_blocks)
-            except OSError:
-                own = (node.generation, None)
-        stamp = (own, node.name, tuple(_stamp(e.child, stamps) for e in node.children))
-        stamps[key] = stamp
-    return stamp
+def _external_stamp(node: BlockNode) -> object:
+    """What fstat says of a file another process may be changing, else None.
+
+    While a node is active and writable we hold its write lock, so only our own writes
+    (which bump its generation) change it; an inactive or read-only file may be grown by
+    the process that holds it (the migration peer), so it is looked at on every call.
+    """
+    if not node.driver.protocol or (not node.inactive and not node.options.read_only):
+        return None
+    fd = getattr(node.driver, "fd", None)
+    if not isinstance(fd, int) or fd < 0:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return (None, None)
+    return (st.st_size, st.st_blocks)
+
+
+class _GraphCache:
+    """The last full reply per ``flat`` value and what it was built from."""
+
+    def __init__(self) -> None:
+        self.results: dict[bool, tuple[object, PreEncoded]] = {}
+
+
+_caches: weakref.WeakKeyDictionary[BlockGraph, _GraphCache] = weakref.WeakKeyDictionary()
 
 
 def block_infos_json(graph: BlockGraph, flat: bool) -> PreEncoded:
-    """query-named-block-nodes as ready-to-send JSON, reusing unchanged entries."""
+    """query-named-block-nodes as ready-to-send JSON.
+
+    The whole reply is reused while no node changed (a global change counter) and no file
+    that others may write looks different; otherwise only the entries of changed nodes
+    are rebuilt.
+    """
+    cache = _caches.setdefault(graph, _GraphCache())
+    nodes = list(graph.iter_nodes())
+    external = tuple(_external_stamp(node) for node in nodes)
+    key = (BlockNode.changes, len(nodes), external)
+    previous = cache.results.get(flat)
+    if previous is not None and previous[0] == key:
+        return previous[1]
     collector = _Collector(flat)
+    outside = {id(node): stamp for node, stamp in zip(nodes, external, strict=True)}
     stamps: dict[int, object] = {}
+
+    def stamp_of(node: BlockNode) -> object:
+        # An entry reports its children's state too (a format node's actual-size is its
+        # file's), so its stamp includes theirs.
+        key = id(node)
+        if key not in stamps:
+            children = tuple(stamp_of(e.child) for e in node.children)
+            stamps[key] = (node.generation, outside.get(key), children)
+        return stamps[key]
+
     parts = []
-    for node in graph.iter_nodes():
-        stamp = _stamp(node, stamps)
+    for node in nodes:
+        stamp = stamp_of(node)
         cached = node.info_cache.get(flat)
         if cached is None or cached[0] != stamp:
             cached = (stamp, encode_text(collector.device(node)))
             node.info_cache[flat] = cached
         parts.append(cached[1])
-    return PreEncoded("[" + ", ".join(parts) + "]")
+    result = PreEncoded("[" + ", ".join(parts) + "]")
+    cache.results[flat] = (key, result)
+    return result
