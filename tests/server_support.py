@@ -36,22 +36,42 @@ class Client:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
-        self.sock.settimeout(timeout)
-        self.file = self.sock.makefile("rb")
+        self.timeout = timeout
+        self.timeout = timeout
+        # A receive buffer rather than makefile(): one timed-out read poisons a socket
+        # file for good, and tests wait for events with deadlines.
+        self._buffer = b""
         self.events: list[dict[str, Any]] = []
         self.greeting = self.read()
 
-    def read(self) -> dict[str, Any]:
+    def read(self, timeout: float | None = None) -> dict[str, Any]:
         """The next message (reply, event or greeting)."""
-        message: dict[str, Any] = json.loads(self.read_line())
+        message: dict[str, Any] = json.loads(self.read_line(timeout))
         return message
 
-    def read_line(self) -> bytes:
-        """The next line exactly as the server wrote it (line end included)."""
-        line = self.file.readline()
-        if not line:
-            raise EOFError("server closed the connection")
-        return line
+    def read_line(self, timeout: float | None = None) -> bytes:
+        """The next line exactly as the server wrote it (line end included).
+
+        Raises TimeoutError after ``timeout`` seconds (default: the client's), EOFError
+        when the server closed the connection.
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line, self._buffer = self._buffer[:end + 1], self._buffer[end + 1:]
+                return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no message from the server in time")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise EOFError("server closed the connection")
+            self._buffer += chunk
 
     def send_raw(self, data: bytes | str) -> None:
         """Send bytes as they are."""
@@ -100,6 +120,7 @@ class Client:
             self.events.append(message)
 
     def close(self) -> None:
+        """Close the connection."""
         self.sock.close()
 
 
