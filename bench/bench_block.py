@@ -19,8 +19,8 @@ import argparse
 import json
 import random
 import shutil
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile

@@ -3,17 +3,21 @@
 
     python3 bench/bench_qmp.py [--round-trips 5000] [--clients 16] [--seconds 3]
 
-Three servers on the same kind of socket (UNIX, stream), each in its own process:
+Servers on the same kind of socket (UNIX, stream), each in its own process:
 (a) this server (``python -m qmp_server``); (b) a minimal Trio server that sends a fixed
 greeting and answers every JSON line with a fixed reply (the floor: what any Trio server
 needs just to move the bytes); (c) QEMU (``qemu-system-x86_64 -machine none``) when
-installed. For each it measures:
+installed; and, for reference, (b') the same Trio server parsing each line with
+``json.loads`` and encoding a reply dict with ``json`` (the floor of any Python server
+that reads JSON). For each it measures:
 
 - the ``query-status`` round trip of one client, sequential (median and mean);
-- the throughput of 16 concurrent clients, each with one request in flight.
+- the throughput of 16 concurrent clients, each with one request in flight. QEMU serves
+  one client per monitor socket, so it gets 16 ``-qmp`` sockets, one per client; the
+  others serve all clients on one socket.
 
-The client is one process driving plain sockets, the same for all three. Targets
-(issue 2): our round trip <= 0.8x QEMU's and <= 1.3x the echo floor.
+The client is one process driving plain sockets, the same for all. Targets (issue 2):
+our round trip <= 0.8x QEMU's and <= 1.3x the echo floor.
 """
 
 from __future__ import annotations
@@ -38,9 +42,37 @@ ECHO_GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major"
 ECHO_REPLY = b'{"return": {"status": "running", "running": true}}\r\n'
 
 
-def echo_server(path: str) -> None:
-    """The floor: greet, then answer each line with a fixed reply."""
+def echo_server(path: str, parse: bool) -> None:
+    """The floor: greet, then answer each line with a fixed reply (or parse, and encode one)."""
+    import json
+
     import trio
+
+    encoder = json.JSONEncoder(separators=(", ", ": "))
+
+    async def handle_json(stream: trio.SocketStream) -> None:
+        await stream.send_all(ECHO_GREETING)
+        pending = b""
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            *lines, pending = (pending + data).split(b"\n")
+            out = []
+            for line in lines:
+                message = json.loads(line)
+                reply: dict[str, object] = {"return": {"status": "running", "running": True}}
+                if "id" in message:
+                    reply["id"] = message["id"]
+                out.append(encoder.encode(reply).encode() + b"\r\n")
+            if out:
+                try:
+                    await stream.send_all(b"".join(out))
+                except trio.BrokenResourceError:
+                    return
 
     async def handle(stream: trio.SocketStream) -> None:
         await stream.send_all(ECHO_GREETING)
@@ -65,7 +97,7 @@ def echo_server(path: str) -> None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.bind(path)
         sock.listen(128)
-        await trio.serve_listeners(handle, [trio.SocketListener(sock)])
+        await trio.serve_listeners(handle_json if parse else handle, [trio.SocketListener(sock)])
 
     trio.run(main)
 
@@ -127,9 +159,12 @@ def round_trips(path: Path, count: int) -> list[float]:
         sock.close()
 
 
-def throughput(path: Path, clients: int, seconds: float) -> float:
-    """Replies per second with ``clients`` connections, each keeping one request in flight."""
-    conns = [negotiated(path) for _ in range(clients)]
+def throughput(paths: list[Path], clients: int, seconds: float) -> float:
+    """Replies per second with ``clients`` connections, each keeping one request in flight.
+
+    Client ``i`` connects to ``paths[i % len(paths)]``.
+    """
+    conns = [negotiated(paths[i % len(paths)]) for i in range(clients)]
     selector = selectors.DefaultSelector()
     try:
         for sock, buffer in conns:
@@ -147,10 +182,10 @@ def throughput(path: Path, clients: int, seconds: float) -> float:
             outstanding = len(conns)
             while outstanding:
                 for key, _ in selector.select(timeout=30):
-                    sock = key.fileobj
-                    assert isinstance(sock, socket.socket)
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
                     buffer = key.data
-                    data = sock.recv(65536)
+                    data = conn.recv(65536)
                     if not data:
                         raise EOFError("server closed the connection")
                     buffer += data
@@ -160,7 +195,7 @@ def throughput(path: Path, clients: int, seconds: float) -> float:
                     del buffer[:buffer.rindex(b"\n") + 1]
                     replies += done
                     if time.perf_counter() < deadline:
-                        sock.sendall(REQUEST)
+                        conn.sendall(REQUEST)
                     else:
                         outstanding -= 1
         elapsed = time.perf_counter() - started
@@ -171,60 +206,116 @@ def throughput(path: Path, clients: int, seconds: float) -> float:
             sock.close()
 
 
-def start(kind: str, sock: Path) -> subprocess.Popen[bytes]:
+def start(kind: str, folder: Path, clients: int,
+          cpu: int | None) -> tuple[subprocess.Popen[bytes], list[Path]]:
+    """Start server ``kind`` (all its threads on ``cpu`` if given); return it and its sockets."""
+    folder.mkdir(parents=True, exist_ok=True)
+    socks = [folder / f"{kind}.sock"]
     if kind == "qmp-server":
-        argv = [*SERVER, "-qmp", f"unix:{sock},server=on,wait=off"]
-    elif kind == "echo":
-        argv = [sys.executable, __file__, "--echo-server", str(sock)]
+        argv = [*SERVER, "-qmp", f"unix:{socks[0]},server=on,wait=off"]
+    elif kind in ("echo", "json-echo"):
+        argv = [sys.executable, __file__, f"--{kind}-server", str(socks[0])]
     else:
-        argv = [*QEMU, "-qmp", f"unix:{sock},server=on,wait=off"]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        socks = [folder / f"{kind}-{i}.sock" for i in range(clients)]
+        argv = list(QEMU)
+        for sock in socks:
+            argv += ["-qmp", f"unix:{sock},server=on,wait=off"]
+
+    def pin() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
+    return proc, socks
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--round-trips", type=int, default=5000)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--echo-server", metavar="PATH", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.echo_server:
-        echo_server(args.echo_server)
-        return
+Result = tuple[float, float, float]  # median round trip, mean round trip, replies per second
 
-    kinds = ["qmp-server", "echo"]
-    if shutil.which(QEMU[0]):
-        kinds.append("qemu")
-    else:
-        print(f"{QEMU[0]} not installed: QEMU column skipped", file=sys.stderr)
-    results: dict[str, tuple[float, float, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-qmp-") as tmp:
-        for kind in kinds:
-            sock = Path(tmp) / f"{kind}.sock"
-            proc = start(kind, sock)
-            try:
-                samples = round_trips(sock, args.round_trips)
-                rate = throughput(sock, args.clients, args.seconds)
-            finally:
-                proc.kill()
-                proc.wait()
-            results[kind] = (statistics.median(samples), statistics.fmean(samples), rate)
 
-    print(f"query-status over a UNIX socket; {args.round_trips} sequential round trips, "
-          f"{args.clients} concurrent clients for {args.seconds:g} s; {os.cpu_count()} CPUs")
-    print(f"{'server':<12} {'median RT':>11} {'mean RT':>11} {'throughput':>14}")
+def measure(kind: str, folder: Path, args: argparse.Namespace, cpu: int | None) -> Result:
+    proc, socks = start(kind, folder / "1", 1, cpu)
+    try:
+        samples = round_trips(socks[0], args.round_trips)
+        if kind != "qemu":
+            rate = throughput(socks, args.clients, args.seconds)
+    finally:
+        proc.kill()
+        proc.wait()
+    if kind == "qemu":  # one client per monitor socket
+        proc, socks = start(kind, folder / "n", args.clients, cpu)
+        try:
+            rate = throughput(socks, args.clients, args.seconds)
+        finally:
+            proc.kill()
+            proc.wait()
+    return statistics.median(samples), statistics.fmean(samples), rate
+
+
+def report(title: str, results: dict[str, Result]) -> None:
+    print(title)
+    print(f"  {'server':<12} {'median RT':>11} {'mean RT':>11} {'throughput':>16}")
     for kind, (median, mean, rate) in results.items():
-        print(f"{kind:<12} {median * 1e6:>9.1f}us {mean * 1e6:>9.1f}us {rate:>10.0f} req/s")
+        print(f"  {kind:<12} {median * 1e6:>9.1f}us {mean * 1e6:>9.1f}us {rate:>10.0f} req/s")
     ours = results["qmp-server"]
-    print()
-    for other, target in (("qemu", 0.8), ("echo", 1.3)):
+    for other, target in (("qemu", 0.8), ("echo", 1.3), ("json-echo", None)):
         if other not in results:
             continue
         theirs = results[other]
         ratio = ours[0] / theirs[0]
-        verdict = "ok" if ratio <= target else "MISSED"
-        print(f"round trip vs {other:<5} {ratio:5.2f}x (median; target <= {target}x: {verdict}); "
+        goal = "no target"
+        if target is not None:
+            goal = f"target <= {target}x: {'ok' if ratio <= target else 'MISSED'}"
+        print(f"  round trip vs {other:<9} {ratio:5.2f}x (median; {goal}); "
               f"mean {ours[1] / theirs[1]:.2f}x; throughput {ours[2] / theirs[2]:.2f}x")
+    print()
+
+
+PLACEMENTS = {
+    # name: (client CPU, server CPU, description)
+    "cross": (0, 1, "client on CPU 0, server on CPU 1"),
+    "same": (0, 0, "client and server on CPU 0 (no cross-CPU wake-ups: mostly CPU cost)"),
+    "free": (None, None, "left to the scheduler"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--round-trips", type=int, default=5000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--placement", action="append", choices=sorted(PLACEMENTS),
+                        help="CPU placement(s) to measure "
+                             "(default: cross and same with >= 2 CPUs, else free)")
+    parser.add_argument("--echo-server", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--json-echo-server", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server or args.json_echo_server:
+        echo_server(args.echo_server or args.json_echo_server, parse=bool(args.json_echo_server))
+        return
+
+    kinds = ["qmp-server", "echo", "json-echo"]
+    if shutil.which(QEMU[0]):
+        kinds.append("qemu")
+    else:
+        print(f"{QEMU[0]} not installed: QEMU column skipped", file=sys.stderr)
+    cpus = sorted(os.sched_getaffinity(0))
+    placements = args.placement or (["cross", "same"] if len(cpus) >= 2 else ["free"])
+    print(f"query-status over a UNIX socket; {args.round_trips} sequential round trips, "
+          f"{args.clients} concurrent clients for {args.seconds:g} s; {os.cpu_count()} CPUs\n")
+    original = os.sched_getaffinity(0)
+    with tempfile.TemporaryDirectory(prefix="bench-qmp-") as tmp:
+        for placement in placements:
+            client_cpu, server_cpu, description = PLACEMENTS[placement]
+            client = None if client_cpu is None else cpus[client_cpu % len(cpus)]
+            server = None if server_cpu is None else cpus[server_cpu % len(cpus)]
+            os.sched_setaffinity(0, original if client is None else {client})
+            try:
+                results = {kind: measure(kind, Path(tmp) / f"{placement}-{kind}", args, server)
+                           for kind in kinds}
+            finally:
+                os.sched_setaffinity(0, original)
+            report(f"{placement}: {description}", results)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,14 @@ async def bind_tcp(host: str, port: int) -> list[trio.SocketListener]:
 
 
 class Connection:
-    """One client: a reader, an in-band worker, a writer; the reader runs OOB commands itself."""
+    """One client: a reader, an in-band worker, a writer.
+
+    The reader runs out-of-band requests itself, and in-band ones too until OOB is
+    enabled (QEMU then reads no further input while a command runs either); after that
+    in-band requests go through a queue of 8 to the worker, so that OOB ones can overtake
+    them. Output is written at once by whoever produced it when nothing is queued ahead
+    of it; otherwise the writer task sends it, in order.
+    """
 
     def __init__(self, machine: Machine, dispatcher: Dispatcher, stream: trio.abc.Stream) -> None:
         self.machine = machine
@@ -114,11 +121,44 @@ class Connection:
         # Output is bytes to write, or an action to run once everything before it is written.
         self._out_send, self._out_recv = trio.open_memory_channel[bytes | Callable[[], None]](math.inf)
         self._in_send, self._in_recv = trio.open_memory_channel[Request](INBAND_QUEUE)
+        # For direct writes: the socket's descriptor (non-blocking under Trio), and whether
+        # the writer is waiting with nothing queued, so that a direct write keeps the order.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._writer_idle = False
+        self._broken = False
+        # Actions taken from the queue but not run yet (run even if the client is gone).
+        self._actions: list[Callable[[], None]] = []
+
+    def _output(self, data: bytes) -> None:
+        """Send ``data`` to the client after everything produced before it."""
+        if self._broken:
+            return
+        if self._writer_idle and self._fd >= 0:
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._broken = True  # the reader sees the connection end and closes the session
+                return
+            if written == len(data):
+                return
+            data = data[written:]
+        self._writer_idle = False
+        self._out_send.send_nowait(data)
+
+    def _after_output(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once everything produced before it was written."""
+        if self._writer_idle or self._broken:
+            action()
+            return
+        self._writer_idle = False
+        self._out_send.send_nowait(action)
 
     def _deliver_event(self, message: dict[str, Any]) -> None:
         # QEMU sends no events to a monitor still in negotiation mode.
         if self.session.mode is Mode.COMMAND:
-            self._out_send.send_nowait(encode(message))
+            self._output(encode(message))
 
     async def run(self) -> None:
         """Serve the connection until the client goes away."""
@@ -132,6 +172,20 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             self.machine.events.unsubscribe(self._deliver_event)
+            # Replies may be lost with the client, but what a command asked to happen after
+            # its reply (``quit``: exit) still happens.
+            self._writer_idle = False
+            self._broken = True
+            while True:
+                try:
+                    item = self._out_recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if not isinstance(item, bytes):
+                    self._actions.append(item)
+            actions, self._actions = self._actions, []
+            for action in actions:
+                action()
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await trio.aclose_forcefully(self.stream)
 
@@ -151,10 +205,12 @@ class Connection:
                 log.exception("internal error reading QMP input; closing the connection")
                 return
             for request in requests:
-                if request.oob:
+                if request.oob or not self.session.oob_enabled:
                     # QEMU dispatches an out-of-band request at once, in its I/O thread,
                     # before it parses further input: its reply precedes the reply to
                     # anything sent after it, and it overtakes the queued in-band ones.
+                    # Without OOB, QEMU suspends input while an in-band command runs, so
+                    # running it here, before reading more, is the same as queueing it.
                     await self._execute(request)
                 else:
                     await self._in_send.send(request)
@@ -173,38 +229,43 @@ class Connection:
             except Exception as err:
                 # A bug in a command (or an unencodable reply) fails that command only.
                 log.exception("internal error executing %r", request.command)
-                data = encode(request.response(error=QMPError(f"Internal error: {type(err).__name__}")))
-                self._out_send.send_nowait(data)
+                error = QMPError(f"Internal error: {type(err).__name__}")
+                self._output(encode(request.response(error=error)))
                 return
-            self._out_send.send_nowait(data)
+            self._output(data)
             for action in context.after_reply:
-                self._out_send.send_nowait(action)
+                self._after_output(action)
 
     async def _writer(self) -> None:
         pending: list[bytes] = []
-        actions: list[Callable[[], None]] = []
-        async for item in self._out_recv:
+        while True:
+            try:
+                item = self._out_recv.receive_nowait()
+            except trio.WouldBlock:
+                self._writer_idle = not self._broken
+                item = await self._out_recv.receive()
             # Coalesce whatever is already queued into one write, stopping at an action.
             while True:
                 if isinstance(item, bytes):
                     pending.append(item)
                 else:
-                    actions.append(item)
+                    self._actions.append(item)
                     break
                 try:
                     item = self._out_recv.receive_nowait()
                 except trio.WouldBlock:
                     break
-            if pending:
+            if pending and not self._broken:
                 data = b"".join(pending)
                 pending.clear()
                 try:
                     await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    return
+                    self._broken = True
+            pending.clear()
+            actions, self._actions = self._actions, []
             for action in actions:
                 action()
-            actions.clear()
 
 
 async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.SocketListener],

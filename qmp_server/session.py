@@ -77,9 +77,20 @@ def qdict_order(keys: list[str]) -> list[str]:
 
     Buckets in ascending order; within a bucket the newest insertion comes first.
     """
-    indexed = [(_tdb_hash(key) % 512, -position, key) for position, key in enumerate(keys)]
-    indexed.sort()
-    return [key for _, _, key in indexed]
+    signature = tuple(keys)
+    order = _ORDER_CACHE.get(signature)
+    if order is None:
+        indexed = [(_tdb_hash(key) % 512, -position, key) for position, key in enumerate(keys)]
+        indexed.sort()
+        order = [key for _, _, key in indexed]
+        if len(_ORDER_CACHE) >= 4096:
+            _ORDER_CACHE.clear()
+        _ORDER_CACHE[signature] = order
+    return list(order)
+
+
+# Requests of one client repeat the same few key sets ("execute", "arguments", "id").
+_ORDER_CACHE: dict[tuple[str, ...], list[str]] = {}
 
 
 def qemu_ordered(value: Any) -> Any:

@@ -37,7 +37,6 @@ class Client:
                     raise
                 time.sleep(0.02)
         self.timeout = timeout
-        self.timeout = timeout
         # A receive buffer rather than makefile(): one timed-out read poisons a socket
         # file for good, and tests wait for events with deadlines.
         self._buffer = b""

@@ -121,7 +121,8 @@ EXCHANGES: list[bytes] = [
     b"{'execute': 'query-name', 'id': 'it\\'s \\\"q\\\" \\\\ \\t\\b\\f\\n\\r'}",
     b"{'execute': 'query-name', 'id': [1.5, 0.1, 2.0, 1E2, -0, 1e300, 18446744073709551615]}",
     b"{'execute': 'query-name', 'id': [18446744073709551616, -9223372036854775808, -9223372036854775809]}",
-    b"{'execute': 'query-name', 'id': {'b': 1, 'a': 2, 'c': {'z': 1, 'y': 2}, 'execute': {'q': [], 'id': 0}}}",
+    b"{'execute': 'query-name', 'id': {'b': 1, 'a': 2, 'c': {'z': 1, 'y': 2}, "
+    b"'execute': {'q': [], 'id': 0}}}",
     b"{'execute': 'query-name', 'id': " + b"[" * DEEP + b"]" * DEEP + b"}",
     b"{'execute': 'query-name', 'id': " + b"[" * 1024 + b"]" * 1024 + b"}",
     b"\n{'execute': 'query-name', 'id': 'x' * 3}\t",

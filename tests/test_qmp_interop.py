@@ -12,7 +12,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
@@ -27,7 +27,7 @@ async def _session(path: str) -> dict[str, Any]:
     try:
         greeting = qmp.greeting
         assert greeting is not None
-        version = greeting.QMP.version["qemu"]
+        version = cast(dict[str, int], greeting.QMP.version["qemu"])
         seen["version"] = version["major"], version["minor"]
         seen["capabilities"] = list(greeting.QMP.capabilities)
         seen["status"] = await qmp.execute("query-status")
@@ -38,7 +38,8 @@ async def _session(path: str) -> dict[str, Any]:
             seen["cont"] = await qmp.execute("cont")
             resume = await asyncio.wait_for(listener.get(), 20)
         seen["events"] = [stop["event"], resume["event"]]
-        seen["event_keys"] = sorted(stop), sorted(stop["timestamp"])
+        timestamp = cast(dict[str, int], stop["timestamp"])
+        seen["event_keys"] = sorted(stop), sorted(timestamp)
         seen["name"] = await qmp.execute("query-name")
         try:
             await qmp.execute("no-such-command")

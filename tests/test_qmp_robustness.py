@@ -46,7 +46,7 @@ JSONISH = [b"{", b"}", b"[", b"]", b'"', b"'", b":", b",", b"\\", b"\\u00", b"\\
            b"\x00", b"\x01", b"\x7f", b"\t", b"%", b"%p"]
 
 junk = st.one_of(
-    st.binary(max_size=400),
+    st.binary(max_size=2000),
     st.lists(st.sampled_from(JSONISH), max_size=80).map(b"".join),
     st.lists(st.one_of(st.sampled_from(JSONISH), st.binary(max_size=8)), max_size=60).map(b"".join),
 )
@@ -61,7 +61,7 @@ def _read_until_probe(client: Client, probe_id: bytes) -> list[bytes]:
             return lines
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=junk, negotiate=st.booleans(), chunked=st.booleans())
 def test_arbitrary_bytes_then_control_character_recovers(junk_server: Path, data: bytes, negotiate: bool,
                                                          chunked: bool) -> None:
@@ -109,8 +109,8 @@ def test_limits_are_errors_not_crashes(junk_server: Path) -> None:
         client.send_raw(b'{"execute": "query-name", "arguments": {"x": ' + deep + b'}, "id": "deep-args"}')
         assert client.read_line() == (b'{"id": "deep-args", "error": {"class": "GenericError", '
                                       b"\"desc\": \"Parameter 'x' is unexpected\"}}\r\n")
-        client.send_raw(b'{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "deep", '
-                        b'"x": ' + deep + b'}, "id": "deep-union"}')
+        client.send_raw(b'{"execute": "blockdev-add", "arguments": {"driver": "null-co", '
+                        b'"node-name": "deep", "x": ' + deep + b'}, "id": "deep-union"}')
         reply = json.loads(client.read_line())
         assert reply["id"] == "deep-union" and reply["error"]["class"] == "GenericError"
     finally:
@@ -126,7 +126,15 @@ def _nodes(client: Client) -> list[str]:
                   if not node["node-name"].startswith("#"))
 
 
-def test_disconnect_mid_command(tmp_path: Path, qemu_img: str) -> None:
+@pytest.mark.parametrize("oob", [False, True], ids=["in-band", "oob-enabled"])
+def test_disconnect_mid_command(tmp_path: Path, qemu_img: str, qemu_io: str, oob: bool) -> None:
+    """A client pipelines commands (the first, ``stop``, flushes 16 MiB) and hangs up at once.
+
+    Without OOB the server runs what it has read, as QEMU does; with OOB enabled in-band
+    commands wait in a queue, and what had not started when the client went is dropped,
+    as QEMU drops a closed monitor's queue. Either way each command ran whole or not at
+    all, in order, and the other session saw exactly that.
+    """
     images = []
     for index in range(3):
         image = tmp_path / f"d{index}.qcow2"
@@ -147,7 +155,8 @@ def test_disconnect_mid_command(tmp_path: Path, qemu_img: str) -> None:
             {"execute": "stop"}, add("n1", images[1]), {"execute": "cont"}, add("n2", images[2]),
         ]
         leaver = Client(tmp_path / "vm.sock")
-        leaver.send_raw(b'{"execute": "qmp_capabilities"}' + b"".join(json.dumps(c).encode() for c in plan))
+        negotiate = {"execute": "qmp_capabilities", "arguments": {"enable": ["oob"] if oob else []}}
+        leaver.send_raw(json.dumps(negotiate).encode() + b"".join(json.dumps(c).encode() for c in plan))
         leaver.close()
 
         # The watcher's session goes on undisturbed while the server winds the leaver down.
@@ -162,12 +171,14 @@ def test_disconnect_mid_command(tmp_path: Path, qemu_img: str) -> None:
         events = [event["event"] for event in watcher.events]
 
         # Whatever ran is a prefix of the plan, run completely and in order; the rest, if
-        # anything, was dropped unstarted, as QEMU drops a closed monitor's queue.
+        # anything, was dropped unstarted.
         def effect(done: int) -> tuple[list[str], str, list[str]]:
             ran = plan[:done]
-            names = sorted(["base"] + [c["arguments"]["node-name"] for c in ran if c["execute"] == "blockdev-add"])
             executed = [c["execute"] for c in ran]
-            expected_events = (["STOP"] if "stop" in executed else []) + (["RESUME"] if "cont" in executed else [])
+            added = [c["arguments"]["node-name"] for c in ran if c["execute"] == "blockdev-add"]
+            names = sorted(["base", *added])
+            expected_events = [event for command, event in (("stop", "STOP"), ("cont", "RESUME"))
+                               if command in executed]
             state = "paused" if "stop" in executed and "cont" not in executed else "running"
             return names, state, expected_events
 
@@ -191,18 +202,44 @@ def test_disconnect_mid_command(tmp_path: Path, qemu_img: str) -> None:
         for image in images:
             check = subprocess.run([qemu_img, "check", str(image)], capture_output=True, text=True)
             assert check.returncode == 0, check.stdout + check.stderr
-    written = subprocess.run(["qemu-io", "-c", "read -P 0x5a 0 16M", str(images[0])],
+    written = subprocess.run([qemu_io, "-c", "read -P 0x5a 0 16M", str(images[0])],
                              capture_output=True, text=True)
     assert "read 16777216/16777216 bytes" in written.stdout, written.stdout + written.stderr
+
+
+@pytest.mark.parametrize("oob", [False, True], ids=["in-band", "oob-enabled"])
+def test_quit_from_a_client_that_hangs_up_at_once(tmp_path: Path, oob: bool) -> None:
+    """``quit`` either did not run, or it ran whole: SHUTDOWN, then the server exits."""
+    with running([], tmp_path) as (proc, watcher):
+        leaver = Client(tmp_path / "vm.sock")
+        negotiate = {"execute": "qmp_capabilities", "arguments": {"enable": ["oob"] if oob else []}}
+        leaver.send_raw(json.dumps(negotiate).encode() + b'{"execute": "quit"}')
+        leaver.close()
+        try:
+            status = watcher.cmd("query-status")
+        except (EOFError, ConnectionError):
+            status = None  # already gone: then it must have said why
+        shut = [e for e in watcher.events if e["event"] == "SHUTDOWN"]
+        if status is not None and not shut:
+            # not run (yet): the server must still be whole and serving
+            assert status == {"status": "running", "running": True}
+            try:
+                event = watcher.read(timeout=2)
+            except TimeoutError:
+                assert proc.poll() is None
+                return
+            shut = [event]
+        assert [e["data"] for e in shut] == [{"guest": False, "reason": "host-qmp-quit"}]
+        assert proc.wait(timeout=20) == 0
 
 
 # --------------------------------------------------------------------------------------
 # 50 clients at once while events fire
 
 CLIENTS = 50
-ROUNDS = 6      # bursts per client
+ROUNDS = 10     # bursts per client
 BURST = 4       # commands pipelined per burst (the in-band queue holds 8)
-TOGGLES = 8     # stop/cont pairs
+TOGGLES = 15    # stop/cont pairs
 
 
 class LineStream:
@@ -265,7 +302,8 @@ async def test_fifty_clients_while_events_fire(tmp_path: Path) -> None:
         async def toggle() -> None:
             for round_ in range(TOGGLES):
                 for command in ("stop", "cont"):
-                    await toggler.stream.send_all(json.dumps({"execute": command, "id": [command, round_]}).encode())
+                    request = {"execute": command, "id": [command, round_]}
+                    await toggler.stream.send_all(json.dumps(request).encode())
                     reply, events = await toggler.until_reply()
                     seen_events[0].extend(events)
                     if reply != {"return": {}, "id": [command, round_]}:

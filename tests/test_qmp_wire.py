@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -202,8 +203,9 @@ def test_greeting_bytes(shared_sock: Path) -> None:
 
 
 def test_unknown_capability(raw: Client) -> None:
-    assert exchange(raw, b"{ 'execute': 'qmp_capabilities', 'arguments': { 'enable': [ 'cap-does-not-exist' ] } }") \
-        == [generic_error("Parameter 'null' does not accept value 'cap-does-not-exist'")]
+    fake = b"{ 'execute': 'qmp_capabilities', 'arguments': { 'enable': [ 'cap-does-not-exist' ] } }"
+    assert exchange(raw, fake) == [
+        generic_error("Parameter 'null' does not accept value 'cap-does-not-exist'")]
     assert exchange(raw, b"{ 'execute': 'qmp_capabilities', 'arguments': { 'enable': 'oob' } }") == [
         generic_error("Invalid parameter type for 'enable', expected: array")]
     # still in negotiation mode: the failed attempts did not negotiate
@@ -232,8 +234,8 @@ def test_oob(raw: Client) -> None:
     # before OOB is enabled, exec-oob is just an unexpected member
     assert exchange(raw, b"{ 'exec-oob': 'query-name', 'id': 1 }") == [
         generic_error("QMP input member 'exec-oob' is unexpected", "1")]
-    assert exchange(raw, b"{ 'execute': 'qmp_capabilities', 'arguments': { 'enable': [ 'oob' ] }, 'id': 'x' }") \
-        == [b'{"return": {}, "id": "x"}\r\n']
+    enable = b"{ 'execute': 'qmp_capabilities', 'arguments': { 'enable': [ 'oob' ] }, 'id': 'x' }"
+    assert exchange(raw, enable) == [b'{"return": {}, "id": "x"}\r\n']
     # a command that does not support OOB, asked out of band
     assert exchange(raw, b"{ 'exec-oob': 'query-name', 'id': 3 }") == [
         generic_error("The command query-name does not support OOB", "3")]
@@ -245,6 +247,11 @@ def test_oob(raw: Client) -> None:
     clash = generic_error("QMP input member 'execute' clashes with 'exec-oob'", "6")
     assert exchange(raw, b"{ 'exec-oob': 'query-name', 'execute': 'query-name', 'id': 6 }") == [clash]
     assert exchange(raw, b"{ 'execute': 'query-name', 'exec-oob': 'query-name', 'id': 6 }") == [clash]
+    # an out-of-band request is dispatched as soon as it is read: its reply comes before
+    # the reply to anything sent after it
+    assert exchange(raw, b"{ 'exec-oob': 'no-such', 'id': 'o' }{ 'execute': 'query-name', 'id': 'i' }",
+                    lines=2) == [not_found("The command no-such has not been found", '"o"'),
+                                 b'{"return": {"name": ' + NAME_WIRE + b'}, "id": "i"}\r\n']
     # even a malformed in-band command fails in-band, with its id
     assert exchange(raw, b"{ 'execute': 'query-name', 'id': 'ib' }{ 'id': 'err-2' }", lines=2) == [
         b'{"return": {"name": ' + NAME_WIRE + b'}, "id": "ib"}\r\n',
@@ -290,7 +297,8 @@ ID_CASES: list[tuple[str | bytes, str]] = [
 def test_id_echo(qmp: Client, sent: str | bytes, echoed: str) -> None:
     data = sent.encode() if isinstance(sent, str) else sent
     ok = b"{'execute': 'query-name', 'id': " + data + b"}"
-    assert exchange(qmp, ok) == [b'{"return": {"name": ' + NAME_WIRE + b'}, "id": ' + echoed.encode() + b"}\r\n"]
+    expected = b'{"return": {"name": ' + NAME_WIRE + b'}, "id": ' + echoed.encode() + b"}\r\n"
+    assert exchange(qmp, ok) == [expected]
     # errors found once the input is known to be an object carry the id too
     for request, error in [
         (b"{'execute': 'no-such', 'id': " + data + b"}",
@@ -451,11 +459,18 @@ def test_daemonize_with_pidfile(tmp_path: Path) -> None:
     try:
         result = subprocess.run(argv, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stderr
-        # ready when the parent exits: the pidfile and the socket are there already
+        # ready when the parent exits: the pidfile is written and the socket accepts at once
         daemon_pid = int(pidfile.read_text())
-        assert stat.S_ISSOCK(os.lstat(sock).st_mode)
-        assert not _gone(daemon_pid)
-        client = Client(sock, timeout=0.5)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(sock))
+            # the pidfile names the process that serves the socket (not the parent)
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            assert struct.unpack("3i", creds)[0] == daemon_pid
+        finally:
+            probe.close()
+        assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
+        client = Client(sock)
         try:
             assert client.execute("qmp_capabilities") == {"return": {}}
             assert client.cmd("query-status") == {"status": "running", "running": True}

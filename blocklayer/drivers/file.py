@@ -8,8 +8,8 @@ failure after a failed fdatasync, and dropping the page cache on activation.
 
 from __future__ import annotations
 
-import ctypes
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
