@@ -28,3 +28,10 @@ def qemu_io() -> str:
 def qemu_system() -> str:
     """Path of qemu-system-x86_64."""
     return qemu_tools.require("qemu-system-x86_64")
+
+
+@pytest.fixture
+def qemu_utils() -> None:
+    """qemu-img and qemu-io both (for modules that check images with them)."""
+    qemu_tools.require("qemu-img")
+    qemu_tools.require("qemu-io")

@@ -9,11 +9,8 @@ it: ``qemu-io`` writes, ``qemu-img check``, and the lock bytes each process hold
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,78 +18,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from server_support import Client
+
 SERVER = [sys.executable, "-m", "qmp_server"]
 QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
 DELAY_ENV = "QMP_SERVER_TEST_MIGRATION_DELAY"
 
-
-class Client:
-    """A blocking QMP client; events are kept, in order, in :attr:`events`.
-
-    Reads go through ``select`` rather than a socket file, so a read that times out
-    leaves the connection usable.
-    """
-
-    def __init__(self, path: str | Path, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        self.timeout = timeout
-        self._buffer = b""
-        self.events: list[dict[str, Any]] = []
-        self.greeting = self.read()
-
-    def read(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next message; TimeoutError after ``timeout`` (default: the client's)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
-                raise TimeoutError("no QMP message")
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("server closed the connection")
-            self._buffer += data
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Send a command; return its reply (events on the way go to :attr:`events`)."""
-        request: dict[str, Any] = {"execute": command}
-        if arguments is not None:
-            request["arguments"] = arguments
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            message = self.read()
-            if "event" in message:
-                self.events.append(message)
-                continue
-            return message
-
-    def cmd(self, command: str, **arguments: Any) -> Any:
-        """Execute (``a_b`` keywords become ``a-b``); return ``return`` or raise AssertionError."""
-        reply = self.execute(command, {k.replace("_", "-"): v for k, v in arguments.items()})
-        if "error" in reply:
-            raise AssertionError(f"{command} failed: {reply['error']}")
-        return reply["return"]
-
-    def hmp(self, line: str) -> str:
-        """An HMP command line's output."""
-        result: str = self.cmd("human-monitor-command", command_line=line)
-        return result
-
-    def close(self) -> None:
-        """Close the connection."""
-        self.sock.close()
 
 
 class Server:

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from lock_probe import locked
 from server_support import Client, running
 
-from blocklayer.lockbytes import byte_locked_by_other
-
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-LOCK_BYTES = [*range(100, 104), *range(200, 204)]
-
-
-def locked(path: Path) -> list[int]:
-    """Lock bytes held on ``path`` by anyone, probed from a fresh open file description."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return [off for off in LOCK_BYTES if byte_locked_by_other(fd, off)]
-    finally:
-        os.close(fd)
 
 
 def run_qemu_img(*args: str) -> subprocess.CompletedProcess[str]:

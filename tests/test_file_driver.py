@@ -16,29 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lock_probe import held_bytes
 
 from blocklayer.drivers import file as file_mod
 from blocklayer.drivers.file import FileDriver
 from blocklayer.errors import BlockError
-from blocklayer.lockbytes import lock_holder
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 
 # What a qcow2 node asks of its file child while active, and after inactivation.
 QCOW2_PERM = CONSISTENT_READ | WRITE | RESIZE
 QCOW2_SHARED = CONSISTENT_READ | WRITE_UNCHANGED
 QCOW2_BYTES = {100, 101, 103, 201, 203}
-PROBED = (*range(100, 105), *range(200, 205))
 
 OpenFn = Callable[..., FileDriver]
-
-
-def held_bytes(path: Path) -> set[int]:
-    """Lock bytes of ``path`` held by anybody, probed with F_OFD_GETLK from a fresh fd."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return {off for off in PROBED if lock_holder(fd, off, ofd=True) is not None}
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture

@@ -6,24 +6,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from lock_probe import locked
 
 from blocklayer.errors import BlockError
 from blocklayer.graph import BlockGraph
-from blocklayer.lockbytes import byte_locked_by_other
 from blocklayer.perm import ALL, CONSISTENT_READ, WRITE
-
-LOCK_BYTES = [*range(100, 104), *range(200, 204)]
-
-
-def locked(path: Path) -> list[int]:
-    """Lock bytes someone holds on ``path``, probed from a separate open file description."""
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return [off for off in LOCK_BYTES if byte_locked_by_other(fd, off)]
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture

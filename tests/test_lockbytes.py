@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lock_probe import held_bytes
 
 from blocklayer import lockbytes
 from blocklayer.errors import BlockError
 from blocklayer.lockbytes import LockState, check_lock_bytes, lock_byte, lock_holder, unlock_byte
 from blocklayer.perm import ALL, CONSISTENT_READ, PERM_NAMES, RESIZE, WRITE, WRITE_UNCHANGED
 
-PROBED = (*range(100, 105), *range(200, 205))
 
 
 def proc_locks(path: Path) -> set[int]:
@@ -32,15 +32,6 @@ def proc_locks(path: Path) -> set[int]:
         start, end = fields[-2:]
         held.update(range(int(start), int(end) + 1))
     return held
-
-
-def probed_bytes(path: Path) -> set[int]:
-    """Bytes among 100..104 and 200..204 that another description holds, via F_OFD_GETLK."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return {off for off in PROBED if lock_holder(fd, off, ofd=True) is not None}
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
@@ -87,9 +78,9 @@ def test_shared_lock_is_seen_by_another_description_but_not_by_its_own(
 def test_closing_the_descriptor_drops_its_locks(image: Path) -> None:
     fd = os.open(image, os.O_RDONLY)
     lock_byte(fd, 100)
-    assert probed_bytes(image) == {100}
+    assert held_bytes(image) == {100}
     os.close(fd)
-    assert probed_bytes(image) == set()
+    assert held_bytes(image) == set()
 
 
 def test_posix_fallback_is_per_process(image: Path, fds: tuple[int, int]) -> None:
@@ -120,17 +111,17 @@ def test_apply_locks_perm_and_unshared_bytes(image: Path, fds: tuple[int, int]) 
     a, _ = fds
     state = LockState(a)
     state.apply(CONSISTENT_READ | WRITE | RESIZE, ~(CONSISTENT_READ | WRITE_UNCHANGED), unlock=True)
-    assert probed_bytes(image) == proc_locks(image) == {100, 101, 103, 201, 203}
+    assert held_bytes(image) == proc_locks(image) == {100, 101, 103, 201, 203}
     assert state.locked_bytes() == [100, 101, 103, 201, 203]
     # Without unlock the old bytes stay (a prepare holds the union) ...
     state.apply(WRITE_UNCHANGED, 0, unlock=False)
-    assert probed_bytes(image) == {100, 101, 102, 103, 201, 203}
+    assert held_bytes(image) == {100, 101, 102, 103, 201, 203}
     # ... with unlock exactly the new set is held.
     state.apply(CONSISTENT_READ, 0, unlock=True)
-    assert probed_bytes(image) == {100}
+    assert held_bytes(image) == {100}
     assert (state.locked_perm, state.locked_unshared) == (CONSISTENT_READ, 0)
     state.release_all()
-    assert probed_bytes(image) == set()
+    assert held_bytes(image) == set()
 
 
 @pytest.mark.parametrize(("index", "bit", "name"), [(i, b, n) for i, (b, n) in enumerate(PERM_NAMES)])
@@ -183,7 +174,7 @@ def _wait_for_bytes(path: Path, proc: subprocess.Popen[bytes], deadline: float =
     stable_since = time.monotonic()
     while time.monotonic() < end:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        held = probed_bytes(path)
+        held = held_bytes(path)
         if held != last:
             last, stable_since = held, time.monotonic()
         elif 100 in held and time.monotonic() - stable_since > 0.1:
@@ -220,7 +211,7 @@ def test_same_bytes_as_qemu(
     fd = os.open(path, os.O_RDWR)
     try:
         LockState(fd).apply(perm, ~shared, unlock=True)
-        assert probed_bytes(path) == proc_locks(path) == qemu_bytes
+        assert held_bytes(path) == proc_locks(path) == qemu_bytes
     finally:
         os.close(fd)
     if args == ["-f", "qcow2"]:

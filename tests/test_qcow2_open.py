@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import qemu_tools
 from qcow2_support import (
     FileChildIO,
     assert_clean,
@@ -24,15 +23,9 @@ from blocklayer.errors import BlockError
 from blocklayer.qcow2 import Qcow2Driver
 from blocklayer.qcow2.header import parse_header, serialize_header
 
-pytestmark = pytest.mark.qemu
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_utils")]
 
 MiB = 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def _need_qemu() -> None:
-    qemu_tools.require("qemu-img")
-    qemu_tools.require("qemu-io")
 
 
 def _patch(path: Path, offset: int, fmt: str, *values: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import qemu_tools
 from qcow2_support import (
     close_qcow2,
     open_qcow2,
@@ -15,15 +14,9 @@ from qcow2_support import (
     run,
 )
 
-pytestmark = pytest.mark.qemu
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_utils")]
 
 MiB = 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def _need_qemu() -> None:
-    qemu_tools.require("qemu-img")
-    qemu_tools.require("qemu-io")
 
 
 def _apply(model: bytearray, ops: list[tuple[str, int, int, int]]) -> list[str]:

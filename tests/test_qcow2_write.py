@@ -7,7 +7,6 @@ import struct
 from pathlib import Path
 
 import pytest
-import qemu_tools
 from qcow2_support import (
     assert_clean,
     close_qcow2,
@@ -23,15 +22,9 @@ from qcow2_support import (
 from blocklayer.errors import BlockError
 from blocklayer.qcow2.header import parse_header
 
-pytestmark = pytest.mark.qemu
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_utils")]
 
 MiB = 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def _need_qemu() -> None:
-    qemu_tools.require("qemu-img")
-    qemu_tools.require("qemu-io")
 
 
 def _verify(img: Path, model: bytearray, tmp_path: Path, fmt_model: str = "raw") -> None:
