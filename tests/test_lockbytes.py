@@ -19,7 +19,6 @@ from blocklayer.lockbytes import LockState, check_lock_bytes, lock_byte, lock_ho
 from blocklayer.perm import ALL, CONSISTENT_READ, PERM_NAMES, RESIZE, WRITE, WRITE_UNCHANGED
 
 
-
 def proc_locks(path: Path) -> set[int]:
     """Every byte of ``path`` that /proc/locks lists as locked, by anybody."""
     st = os.stat(path)
