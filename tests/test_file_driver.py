@@ -9,7 +9,9 @@ import json
 import mmap
 import os
 import random
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,13 +140,52 @@ def test_open_error_text(tmp_path: Path) -> None:
     assert info.value.errno == errno.ENOENT
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file modes")
-def test_open_read_write_without_permission_reports_eacces(raw: Path) -> None:
-    raw.chmod(0o444)
-    with pytest.raises(BlockError) as info:
-        FileDriver().open({"filename": str(raw)}, read_only=False, inactive=False)
-    assert info.value.errno == errno.EACCES
-    assert str(info.value) == f"Could not open '{raw}': Permission denied"
+def _open_read_write(path: Path) -> str:
+    """Open ``path`` read-write with FileDriver, as an unprivileged user if we are root.
+
+    Root ignores file modes, so as root the open happens in a forked child that has
+    dropped to 'nobody'; the result comes back through a pipe.
+    """
+
+    def attempt() -> str:
+        try:
+            FileDriver().open({"filename": str(path)}, read_only=False, inactive=False)
+        except BlockError as err:
+            return f"{err.errno}:{err}"
+        return "opened"
+
+    if os.geteuid() != 0:
+        return attempt()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write_end, attempt().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        result = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return result
+
+
+def test_open_read_write_without_permission_reports_eacces() -> None:
+    # A directory the unprivileged child can enter (pytest's tmp_path is private to root).
+    directory = Path(tempfile.mkdtemp(prefix="qmp-eacces-"))
+    try:
+        directory.chmod(0o755)
+        image = directory / "ro.raw"
+        image.write_bytes(bytes(4096))
+        image.chmod(0o444)
+        assert _open_read_write(image) == f"{errno.EACCES}:Could not open '{image}': Permission denied"
+        image.chmod(0o666)
+        assert _open_read_write(image) == "opened"
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_open_flags(raw: Path, opened: OpenFn) -> None:
@@ -426,6 +467,7 @@ def test_no_flush_skips_fdatasync(raw: Path, opened: OpenFn, monkeypatch: pytest
     driver = opened(raw, cache={"no-flush": True})
     synced: list[int] = []
     monkeypatch.setattr(os, "fdatasync", synced.append)
+    driver.write(0, b"dirty")
     driver.flush()
     assert synced == []
 
