@@ -70,10 +70,6 @@ class Dispatcher:
         if missing:
             raise ValueError(f"schema commands without a handler: {sorted(missing)}")
 
-    def command_names(self) -> list[str]:
-        """Every command available after negotiation."""
-        return list(self.handlers)
-
     async def dispatch(self, session: QMPSession, request: Request) -> tuple[dict[str, Any], CommandContext]:
         """Execute ``request``; return the reply and the context (for after-reply work)."""
         context = CommandContext(self.machine, session)

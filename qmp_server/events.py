@@ -25,7 +25,6 @@ class EventBus:
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
-        self.history: list[dict[str, Any]] | None = None
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Deliver every later event to ``subscriber``."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -21,7 +21,6 @@ class MachineConfig:
     name: str | None = None
     start_paused: bool = False
     incoming: str | None = None
-    blockdevs: list[dict[str, object]] = field(default_factory=list)
 
 
 class Machine:

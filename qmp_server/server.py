@@ -10,7 +10,6 @@ import os
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -31,27 +30,6 @@ INBAND_QUEUE = 8
 
 class ListenError(Exception):
     """A monitor socket could not be set up; the message is for the user."""
-
-
-@dataclass(frozen=True)
-class UnixAddress:
-    """``-qmp unix:PATH,...``"""
-
-    path: str
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}"
-
-
-@dataclass(frozen=True)
-class TcpAddress:
-    """``-qmp tcp:HOST:PORT,...``"""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"tcp:{self.host}:{self.port}"
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -93,14 +71,6 @@ def bind_unix(path: str) -> trio.SocketListener:
         os.umask(old_umask)
     sock.listen(128)
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-
-
-async def bind_tcp(host: str, port: int) -> list[trio.SocketListener]:
-    """Listening TCP sockets for ``host:port``."""
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as err:
-        raise ListenError(f"Failed to bind socket to {host}:{port}: {err.strerror}") from err
 
 
 class Connection:

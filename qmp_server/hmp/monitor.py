@@ -82,7 +82,7 @@ class HumanMonitor:
 
     async def _info_version(self, args: list[str]) -> str:
         major, minor, micro = QEMU_VERSION
-        return f"{major}.{minor}.{micro}qmp-server {__version__}\n"
+        return f"{major}.{minor}.{micro} (qmp-server {__version__})\n"
 
     async def _info_block(self, args: list[str]) -> str:
         # Without -n QEMU lists guest devices (BlockBackends); we have none.
