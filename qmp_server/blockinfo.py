@@ -156,7 +156,8 @@ def block_infos_json(graph: BlockGraph, flat: bool) -> PreEncoded:
         stamp = stamp_of(node)
         cached = node.info_cache.get(flat)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, encode_text(collector.device(node)))
+            # Node info holds only integers, strings and booleans: no float pass needed.
+            cached = (stamp, encode_text(collector.device(node), floats=False))
             node.info_cache[flat] = cached
         parts.append(cached[1])
     result = PreEncoded("[" + ", ".join(parts) + "]")

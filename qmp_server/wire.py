@@ -146,8 +146,12 @@ def encode(message: Any) -> bytes:
     return encode_text(message).encode("ascii") + b"\r\n"
 
 
-def encode_text(message: Any) -> str:
-    """The JSON text QEMU would write for ``message`` (no line end)."""
+def encode_text(message: Any, *, floats: bool = True) -> str:
+    """The JSON text QEMU would write for ``message`` (no line end).
+
+    ``floats=False`` promises that ``message`` holds no float, which skips the scan that
+    rewrites them in QEMU's notation (for large integer-only results).
+    """
     try:
         text = _encode_fast(message)
     except RecursionError:
@@ -156,7 +160,7 @@ def encode_text(message: Any) -> str:
         text = _NAN_OR_STRING.sub(_c_nan, _nan_encoder.encode(message))
     # Substring tests first: a float's repr always holds "." or an exponent ("1e+300"),
     # and they cost a tenth of the regex search on the common float-free reply.
-    if ("." in text or "e+" in text or "e-" in text) and _MAYBE_FLOAT.search(text) is not None:
+    if floats and ("." in text or "e+" in text or "e-" in text) and _MAYBE_FLOAT.search(text) is not None:
         text = _FLOAT_OR_STRING.sub(_qemu_float, text)
     if "\\u" in text:
         text = _ESCAPE.sub(_upper, text)
