@@ -11,7 +11,7 @@ Offsets and lengths are in bytes and need no alignment; a driver that needs alig
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -163,6 +163,17 @@ class BlockDriver(ABC):
 
         Called on activation, after another process may have changed the image.
         """
+
+    def metadata_ranges(self) -> Sequence[tuple[int, int]]:
+        """(offset, length) of what :meth:`invalidate_cache` will read first from ``file``.
+
+        Only a prefetch hint for the child's activation: it may be stale (the image may
+        have changed meanwhile), and nothing relies on it being right.
+        """
+        return ()
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Hint that ``ranges`` will be read soon (protocol drivers). Must not fail."""
 
     def backing_request(self) -> BackingRequest | None:
         """The backing image named by the image itself, if any."""

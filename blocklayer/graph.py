@@ -294,18 +294,18 @@ class BlockGraph:
 
     def _subtree_order(self, roots: list[BlockNode]) -> list[BlockNode]:
         order: list[BlockNode] = []
-        seen: set[int] = set()
+        seen: set[BlockNode] = set()  # nodes hash by identity
 
         def visit(node: BlockNode) -> None:
-            if id(node) in seen:
-                return
-            seen.add(id(node))
+            seen.add(node)
             for edge in node.children:
-                visit(edge.child)
+                if edge.child not in seen:
+                    visit(edge.child)
             order.append(node)
 
         for root in roots:
-            visit(root)
+            if root not in seen:
+                visit(root)
         order.reverse()  # every node before its children
         return order
 
@@ -315,24 +315,15 @@ class BlockGraph:
         Either every affected driver takes its new permissions (locks), or none does and
         the graph's edges are as before; the error is QEMU's text for the first conflict.
         """
-        new_edges: dict[int, tuple[int, int]] = {}
+        # Edges hash by identity; this runs for every node of every activation.
+        new_edges: dict[Edge, tuple[int, int]] = {}
         prepared: list[tuple[BlockNode, int, int]] = []
-
-        def perms_of(edge: Edge) -> tuple[int, int]:
-            return new_edges.get(id(edge), (edge.perm, edge.shared))
-
         try:
             for node in self._subtree_order(roots):
-                parents = [(edge, *perms_of(edge)) for edge in node.parents]
-                for a, _, a_shared in parents:
-                    for b, b_perm, _ in parents:
-                        if a is not b and b_perm & ~a_shared:
-                            raise BlockError(
-                                f"Permission conflict on node '{node.name}': permissions "
-                                f"'{perm_names(b_perm & ~a_shared)}' are both required by "
-                                f"{b.describe_parent()} (uses node '{node.name}' as '{b.name}' child) "
-                                f"and unshared by {a.describe_parent()} (uses node '{node.name}' as "
-                                f"'{a.name}' child).")
+                parents = [(edge, *new_edges.get(edge, (edge.perm, edge.shared)))
+                           for edge in node.parents]
+                if len(parents) > 1:
+                    self._check_conflicts(node, parents)
                 perm, shared = 0, ALL
                 for _, p, s in parents:
                     perm |= p
@@ -342,15 +333,27 @@ class BlockGraph:
                 node.driver.perm_prepare(perm, shared)
                 prepared.append((node, perm, shared))
                 for edge in node.children:
-                    new_edges[id(edge)] = self._child_perm(node, edge.child, edge.role, perm, shared)
+                    new_edges[edge] = self._child_perm(node, edge.child, edge.role, perm, shared)
         except BlockError:
             for node, _, _ in reversed(prepared):
                 node.driver.perm_abort()
             raise
         for node, perm, shared in prepared:
             for edge in node.children:
-                edge.perm, edge.shared = new_edges[id(edge)]
+                edge.perm, edge.shared = new_edges[edge]
             node.driver.perm_commit(perm, shared)
+
+    @staticmethod
+    def _check_conflicts(node: BlockNode, parents: list[tuple[Edge, int, int]]) -> None:
+        for a, _, a_shared in parents:
+            for b, b_perm, _ in parents:
+                if a is not b and b_perm & ~a_shared:
+                    raise BlockError(
+                        f"Permission conflict on node '{node.name}': permissions "
+                        f"'{perm_names(b_perm & ~a_shared)}' are both required by "
+                        f"{b.describe_parent()} (uses node '{node.name}' as '{b.name}' child) "
+                        f"and unshared by {a.describe_parent()} (uses node '{node.name}' as "
+                        f"'{a.name}' child).")
 
     # Deleting -----------------------------------------------------------------------
 
@@ -425,6 +428,16 @@ class BlockGraph:
             raise
         finally:
             node.touch()
+        self._prefetch_for_parents(node)
+
+    @staticmethod
+    def _prefetch_for_parents(node: BlockNode) -> None:
+        # The format nodes above are about to re-read their metadata from this freshly
+        # invalidated node: let it start fetching exactly that (see FileDriver.prefetch).
+        ranges = [r for e in node.parents if e.parent is not None and e.name == "file"
+                  for r in e.parent.driver.metadata_ranges()]
+        if ranges:
+            node.driver.prefetch(ranges)
 
     def activate_all(self) -> None:
         """Activate every node, children before parents; stops at the first failure.
@@ -487,6 +500,7 @@ class BlockGraph:
             node.driver.flush()
         node.touch()
         node.driver.invalidate_cache()
+        self._prefetch_for_parents(node)
 
     def flush_all(self) -> None:
         """Flush every node, parents first so their caches reach the children."""

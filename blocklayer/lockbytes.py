@@ -21,6 +21,7 @@ import errno as errno_mod
 import fcntl
 import functools
 import os
+import struct
 from dataclasses import dataclass
 
 from .errors import BlockError
@@ -76,11 +77,27 @@ def ofd_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=256)
+def _request(lock_type: int, start: int, length: int) -> bytes:
+    # Only a handful of distinct requests exist (a few bytes, three lock types): build
+    # each struct once instead of on every call.
+    return bytes(_Flock(lock_type, os.SEEK_SET, start, length, 0))
+
+
+_L_TYPE = struct.Struct("@h")  # l_type, the first member of struct flock
+
+
 def _fcntl_lock(fd: int, cmd: int, lock_type: int, start: int, length: int) -> _Flock:
-    request = _Flock(lock_type, os.SEEK_SET, start, length, 0)
-    reply = fcntl.fcntl(fd, cmd, bytes(request))
+    reply = fcntl.fcntl(fd, cmd, _request(lock_type, start, length))
     assert isinstance(reply, bytes)
     return _Flock.from_buffer_copy(reply)
+
+
+def _range_unlocked(fd: int, getlk: int, start: int, length: int) -> bool:
+    """True if no other owner holds any lock in [start, start + length) (OSError as is)."""
+    reply = fcntl.fcntl(fd, getlk, _request(fcntl.F_WRLCK, start, length))
+    assert isinstance(reply, bytes)
+    return bool(_L_TYPE.unpack_from(reply)[0] == fcntl.F_UNLCK)
 
 
 def _setlk_cmd(ofd: bool | None) -> int:
@@ -100,12 +117,12 @@ def lock_byte(fd: int, offset: int, *, exclusive: bool = False, ofd: bool | None
     Raises OSError (EAGAIN/EACCES when someone holds a conflicting lock).
     """
     lock_type = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
-    _fcntl_lock(fd, _setlk_cmd(ofd), lock_type, offset, 1)
+    fcntl.fcntl(fd, _setlk_cmd(ofd), _request(lock_type, offset, 1))
 
 
 def unlock_byte(fd: int, offset: int, *, ofd: bool | None = None) -> None:
     """Release this descriptor's lock on one byte (a no-op if it holds none)."""
-    _fcntl_lock(fd, _setlk_cmd(ofd), fcntl.F_UNLCK, offset, 1)
+    fcntl.fcntl(fd, _setlk_cmd(ofd), _request(fcntl.F_UNLCK, offset, 1))
 
 
 def lock_holder(
@@ -180,23 +197,32 @@ class LockState:
         Raises BlockError ``Failed to lock byte N`` / ``Failed to unlock byte N``, having
         kept whatever it changed before the failure (the state says what is held).
         """
+        setlk = _setlk_cmd(self.ofd)
         for base, wanted in ((PERM_BASE, perm & ALL), (SHARED_BASE, unshared & ALL)):
+            held = self._held[base]
+            change = wanted & ~held
+            if unlock:
+                change |= held & ~wanted
+            if not change:
+                continue
             for i, bit, _ in _BITS:
+                if not change & bit:
+                    continue
                 offset = base + i
-                held = self._held[base]
-                if wanted & bit and not held & bit:
+                if wanted & bit:
                     try:
-                        lock_byte(self.fd, offset, ofd=self.ofd)
+                        fcntl.fcntl(self.fd, setlk, _request(fcntl.F_RDLCK, offset, 1))
                     except OSError as exc:
                         raise _lock_failure(f"Failed to lock byte {offset}", exc.errno or 0) from exc
-                    self._held[base] = held | bit
-                elif unlock and held & bit and not wanted & bit:
+                    held |= bit
+                else:
                     try:
-                        unlock_byte(self.fd, offset, ofd=self.ofd)
+                        fcntl.fcntl(self.fd, setlk, _request(fcntl.F_UNLCK, offset, 1))
                     except OSError as exc:
                         err = exc.errno or 0
                         raise BlockError(f"Failed to unlock byte {offset}: {os.strerror(err)}", err) from exc
-                    self._held[base] = held & ~bit
+                    held &= ~bit
+                self._held[base] = held
 
     def release_all(self) -> None:
         """Unlock every byte this state holds."""
@@ -215,11 +241,23 @@ def check_lock_bytes(fd: int, perm: int, shared: int, *, ofd: bool | None = None
     ``100+i`` held by another owner means they hold it: ``Failed to get shared "NAME"
     lock``. The first conflict found is raised (errno EAGAIN), in QEMU's order.
     """
+    getlk = _getlk_cmd(ofd)
     checks = (
-        (SHARED_BASE, perm, 'Failed to get "{}" lock'),
+        (SHARED_BASE, perm & ALL, 'Failed to get "{}" lock'),
         (PERM_BASE, ~shared & ALL, 'Failed to get shared "{}" lock'),
     )
     for base, mask, template in checks:
+        if not mask:
+            continue
+        # One probe over all the bytes to check (and those between them) usually shows
+        # that nobody holds any. Only if it finds something (or fails) are they probed
+        # one by one, in QEMU's order, to name the first real conflict (or the error).
+        first = (mask & -mask).bit_length() - 1
+        try:
+            if _range_unlocked(fd, getlk, base + first, mask.bit_length() - first):
+                continue
+        except OSError:
+            pass
         for i, bit, name in _BITS:
             if not mask & bit:
                 continue

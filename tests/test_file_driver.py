@@ -703,3 +703,62 @@ def test_close_releases_locks(raw: Path, opened: OpenFn) -> None:
     driver.close()
     assert held_bytes(raw) == set()
     driver.close()  # idempotent
+
+
+def resident_page_set(path: Path) -> set[int]:
+    """Indices of the pages of ``path`` in the host page cache."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+            assert libc.mincore(addr, size, vec) == 0
+            return {i for i, b in enumerate(vec.raw) if b & 1}
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def test_prefetch_reads_exactly_the_ranges_back_in(raw: Path, opened: OpenFn) -> None:
+    page = mmap.PAGESIZE
+    driver = opened(raw)
+    driver.write(0, b"p" * (1 << 20))
+    driver.invalidate_cache()
+    assert resident_pages(raw) == 0
+    driver.prefetch([(0, 100), (8 * page + 10, 2 * page)])
+    wanted = {0, 8, 9, 10}
+    deadline = time.monotonic() + 10
+    while not wanted <= resident_page_set(raw) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    held = resident_page_set(raw)
+    assert wanted <= held
+    # A hint for those ranges, not a blanket read-ahead of the file.
+    assert len(held) < (64 << 10) // page
+
+
+@pytest.mark.parametrize("opts", [{"drop-cache": False}, {"cache": {"direct": True}}],
+                         ids=["drop-cache-off", "direct"])
+def test_prefetch_only_where_invalidation_drops_the_cache(raw: Path, opened: OpenFn,
+                                                          opts: dict[str, Any]) -> None:
+    driver = opened(raw, **opts)
+    fd = os.open(raw, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages would stay
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert resident_pages(raw) == 0
+    driver.prefetch([(0, 1 << 20)])
+    time.sleep(0.05)
+    assert resident_pages(raw) == 0
+    driver.close()
+    driver.prefetch([(0, 4096)])  # a hint never fails, not even on a closed node

@@ -119,3 +119,48 @@ def test_inactive_nodes_refuse_writers_and_active_parents(raw_image: Path) -> No
         graph.inactivate(node)
     graph.inactivate(top)
     assert node.inactive and top.inactive
+
+
+def test_activation_prefetches_what_each_format_node_rereads(
+    tmp_path: Path, qemu_img: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blocklayer.drivers.file import FileDriver
+    from blocklayer.qcow2 import Qcow2Driver
+    from blocklayer.qcow2.header import parse_header
+
+    graph = BlockGraph()
+    expected: dict[str, list[tuple[int, int]]] = {}
+    for i in range(2):
+        path = tmp_path / f"d{i}.qcow2"
+        subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+        hdr = parse_header(path.read_bytes()[:4096])
+        expected[str(path)] = [(0, 4096), (hdr.l1_table_offset, hdr.l1_size * 8),
+                               (hdr.refcount_table_offset, hdr.refcount_table_clusters * hdr.cluster_size)]
+        graph.open({"driver": "qcow2", "node-name": f"d{i}", "file": file_spec(path)}, inactive=True)
+    graph.open({"driver": "raw", "node-name": "r", "file": file_spec(tmp_path / "d0.qcow2", locking="off")},
+               inactive=True)
+
+    calls: list[tuple[str, str, list[tuple[int, int]]]] = []
+    prefetch, reread = FileDriver.prefetch, Qcow2Driver.invalidate_cache
+
+    def spy_prefetch(self: FileDriver, ranges: list[tuple[int, int]]) -> None:
+        calls.append(("prefetch", self.filename, list(ranges)))
+        prefetch(self, ranges)
+
+    def spy_reread(self: Qcow2Driver) -> None:
+        assert self.file is not None
+        calls.append(("reread", self.file.filename, []))
+        reread(self)
+
+    monkeypatch.setattr(FileDriver, "prefetch", spy_prefetch)
+    monkeypatch.setattr(Qcow2Driver, "invalidate_cache", spy_reread)
+    graph.activate_all()
+    # Every image's metadata is asked for before any of it is re-read (a raw parent
+    # reads no metadata: nothing to ask for).
+    assert calls == [("prefetch", name, ranges) for name, ranges in expected.items()] + \
+        [("reread", name, []) for name in expected]
+
+    calls.clear()
+    graph.invalidate_cache(graph.nodes["d1"])
+    assert calls == [("prefetch", str(tmp_path / "d1.qcow2"), expected[str(tmp_path / "d1.qcow2")]),
+                     ("reread", str(tmp_path / "d1.qcow2"), [])]

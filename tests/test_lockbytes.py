@@ -215,3 +215,19 @@ def test_same_bytes_as_qemu(
         os.close(fd)
     if args == ["-f", "qcow2"]:
         assert qemu_bytes == {100, 101, 103, 201, 203}
+
+
+def test_check_ignores_bytes_between_the_checked_ones(fds: tuple[int, int]) -> None:
+    a, b = fds
+    holder = LockState(a)
+    # Bytes 102 and 202 (write unchanged), which a qcow2 file node neither asks for nor
+    # refuses, lie between the bytes it checks (101/103 and 200/201/203).
+    holder.apply(WRITE_UNCHANGED, WRITE_UNCHANGED, unlock=True)
+    check_lock_bytes(b, CONSISTENT_READ | WRITE | RESIZE, CONSISTENT_READ | WRITE_UNCHANGED)
+    # A checked byte next to them is still found, and named as QEMU names it.
+    holder.apply(WRITE_UNCHANGED, WRITE_UNCHANGED | RESIZE, unlock=True)
+    with pytest.raises(BlockError, match=r'^Failed to get "resize" lock$'):
+        check_lock_bytes(b, CONSISTENT_READ | WRITE | RESIZE, CONSISTENT_READ | WRITE_UNCHANGED)
+    holder.apply(WRITE_UNCHANGED | RESIZE, WRITE_UNCHANGED, unlock=True)
+    with pytest.raises(BlockError, match=r'^Failed to get shared "resize" lock$'):
+        check_lock_bytes(b, CONSISTENT_READ | WRITE | RESIZE, CONSISTENT_READ | WRITE_UNCHANGED)

@@ -8,7 +8,6 @@ failure after a failed fdatasync, and dropping the page cache on activation.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -17,7 +16,7 @@ import mmap
 import os
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..driver import BlockDriver
@@ -49,9 +48,6 @@ _UNSUPPORTED = frozenset({errno.ENODEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EN
 _AIO_MODES = ("threads", "native", "io_uring")
 _LOCKING_MODES = ("on", "off", "auto")
 
-
-#: How much of a file to read ahead after dropping its cache on activation.
-READAHEAD_ON_INVALIDATE = 1 << 20
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     try:
@@ -283,12 +279,14 @@ class FileDriver(BlockDriver):
             return b""
         if self._direct:
             return self._direct_read(offset, length)
-        out = bytearray()
         try:
-            while len(out) < length:
+            chunk = os.pread(self._fd, length, offset)
+            if len(chunk) == length:
+                # The usual case: no second copy of the data.
+                return chunk
+            out = bytearray(chunk)
+            while chunk and len(out) < length:
                 chunk = os.pread(self._fd, length - len(out), offset + len(out))
-                if not chunk:
-                    break
                 out += chunk
         except OSError as exc:
             raise _io_error(exc) from exc
@@ -526,12 +524,25 @@ class FileDriver(BlockDriver):
         except OSError as exc:
             err = exc.errno or errno.EIO
             raise BlockError(f"fadvise failed: {os.strerror(err)}", err) from exc
-        # The format driver above re-reads its metadata next, mostly near the start of the
-        # file. Asking for it now lets the kernel fetch it for every image of a handoff at
-        # once (the graph invalidates all files before any format node) instead of one
-        # cold read after another. A hint only: failure changes nothing.
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self._fd, 0, READAHEAD_ON_INVALIDATE, os.POSIX_FADV_WILLNEED)
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Start reading ``ranges`` into the page cache (only where invalidation dropped it).
+
+        Asked for by the graph right after the cache was dropped, with the ranges the
+        format driver above is about to re-read: the kernel then fetches them for every
+        image of a handoff at once (all files are invalidated before any format node)
+        instead of one cold read after another. Only those ranges, not a blanket
+        read-ahead, because the I/O itself is most of the cost of a handoff.
+        """
+        if self._fd < 0 or not self._drop_cache or self._direct:
+            return
+        for offset, length in ranges:
+            if length <= 0:
+                continue  # fadvise would take 0 to mean "to the end of the file"
+            try:
+                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # a hint only: the reads will simply be slower
 
     # --- permissions and locks -------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..driver import BackingRequest, BlockDriver
@@ -13,7 +13,7 @@ from ..perm import ChildRole
 from . import datapath
 from .errors import Qcow2Corruption
 from .header import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT
-from .image import Qcow2Image, open_image
+from .image import HEADER_READ, Qcow2Image, open_image
 
 #: Default for new drivers' ``skip_invalidate_for_tests``. Only tests set this, to show
 #: what goes wrong when stale metadata survives activation.
@@ -140,10 +140,21 @@ class Qcow2Driver(BlockDriver):
         assert self.file is not None
         try:
             self._img = open_image(self.file, self._options, read_only=self._read_only,
-                                   inactive=False)
+                                   inactive=False, opts=img.opts)
         except BlockError as exc:
             # Like QEMU, the node is unusable after a failed reopen.
             raise BlockError(f"Could not reopen qcow2 layer: {exc}", exc.errno) from exc
+
+    def metadata_ranges(self) -> Sequence[tuple[int, int]]:
+        """Header, L1 and refcount table as this node last knew them (open_image's reads)."""
+        ranges = [(0, HEADER_READ)]
+        img = self._img
+        if img is not None:
+            hdr = img.hdr
+            if hdr.l1_size:
+                ranges.append((hdr.l1_table_offset, hdr.l1_size * 8))
+            ranges.append((hdr.refcount_table_offset, hdr.refcount_table_clusters * img.cluster_size))
+        return ranges
 
     # -- information ---------------------------------------------------------------
 

@@ -7,6 +7,7 @@ Field layout and limits follow docs/interop/qcow2.rst; the error texts are QEMU'
 from __future__ import annotations
 
 import errno
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -73,6 +74,7 @@ FEATURE_TABLE: tuple[tuple[int, int, str], ...] = (
 _V2 = struct.Struct(">IIQIIQIIQQIIQ")
 _V3 = struct.Struct(">QQQII")
 _EXT = struct.Struct(">II")
+_FEATURE = struct.Struct(">BB46s")
 
 
 def _invalid(message: str, err: int = errno.EINVAL) -> BlockError:
@@ -213,6 +215,13 @@ def unsupported_features(hdr: Header, mask: int) -> BlockError:
     return BlockError("Unsupported qcow2 feature(s): " + ", ".join(names), errno.ENOTSUP)
 
 
+@functools.lru_cache(maxsize=8)
+def _feature_table(data: bytes) -> tuple[tuple[int, int, str], ...]:
+    # Nearly every image carries the very table QEMU writes: decode it once.
+    return tuple((ftype, bit, name.split(b"\0", 1)[0].decode("utf-8", "replace"))
+                 for ftype, bit, name in _FEATURE.iter_unpack(data))
+
+
 def _parse_extensions(hdr: Header, buf: bytes, ext_end: int, cluster_size: int) -> None:
     offset = hdr.header_length
     while offset < ext_end:
@@ -233,9 +242,7 @@ def _parse_extensions(hdr: Header, buf: bytes, ext_end: int, cluster_size: int) 
                                f"(>={BACKING_FORMAT_MAX})")
             hdr.backing_format = data.decode("utf-8", "surrogateescape")
         elif magic == EXT_FEATURE_TABLE:
-            for pos in range(0, length - 47, 48):
-                name = data[pos + 2:pos + 48].split(b"\0", 1)[0]
-                hdr.feature_table.append((data[pos], data[pos + 1], name.decode("utf-8", "replace")))
+            hdr.feature_table.extend(_feature_table(data[:length - length % 48]))
         elif magic == EXT_BITMAPS:
             hdr.bitmaps_ext = data
         elif magic == EXT_DATA_FILE:
@@ -295,7 +302,7 @@ def serialize_header(hdr: Header) -> bytes:
     if hdr.backing_format:
         exts.append(_ext(EXT_BACKING_FORMAT, hdr.backing_format.encode("utf-8", "surrogateescape")))
     if hdr.version >= 3 and cs > 4096:
-        table = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in FEATURE_TABLE)
+        table = b"".join(_FEATURE.pack(t, b, n.encode()) for t, b, n in FEATURE_TABLE)
         exts.append(_ext(EXT_FEATURE_TABLE, table))
     if hdr.bitmaps_ext is not None:
         exts.append(_ext(EXT_BITMAPS, hdr.bitmaps_ext))

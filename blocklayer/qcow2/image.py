@@ -29,10 +29,13 @@ from .refcount import REFT_OFFSET_MASK, RefcountManager
 from .tables import U64, RefBlockCodec, be_array, be_array_trimmed, be_bytes
 from .tracked import TrackedFile
 
+#: How much of cluster 0 is read first (more only if the header goes on past it).
+HEADER_READ = 4096
+
 
 def read_header(file: TrackedFile) -> H.Header:
     """Read cluster 0 (only as much of it as needed) and parse it."""
-    length = 4096
+    length = HEADER_READ
     for _ in range(3):
         try:
             return H.parse_header(file.pread(0, length))
@@ -312,13 +315,18 @@ class Qcow2Image:
 
 
 def open_image(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
-               inactive: bool) -> Qcow2Image:
-    """Open the image on ``child`` (QEMU's qcow2_do_open)."""
+               inactive: bool, opts: Qcow2Options | None = None) -> Qcow2Image:
+    """Open the image on ``child`` (QEMU's qcow2_do_open).
+
+    ``opts`` is ``options`` as parsed by an earlier open of the same node, if any: they
+    are the same on every reopen, and parsing them again could only give the same result.
+    """
     file = TrackedFile(child)
     writable = not read_only and not inactive
     hdr = read_header(file)
     check_features(hdr, not read_only)
-    opts = parse_options(options)
+    if opts is None:
+        opts = parse_options(options)
     check_option_conflicts(hdr, options, opts)
     l1 = be_array(file.pread(hdr.l1_table_offset, hdr.l1_size * 8)) if hdr.l1_size else array(U64)
     img = Qcow2Image(file, hdr, opts, l1, writable)
