@@ -473,32 +473,8 @@ def test_no_flush_skips_fdatasync(raw: Path, opened: OpenFn, monkeypatch: pytest
 
 
 def resident_pages(path: Path) -> int:
-    """Pages of ``path`` in the host page cache (mincore over a shared mapping)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.argtypes = (
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    )
-    libc.mmap.restype = ctypes.c_void_p
-    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-    size = os.path.getsize(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value)
-        try:
-            vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
-            assert libc.mincore(addr, size, vec) == 0
-            return sum(b & 1 for b in vec.raw)
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
+    """Pages of ``path`` in the host page cache."""
+    return len(resident_page_set(path))
 
 
 def test_invalidate_cache_drops_the_page_cache(raw: Path, opened: OpenFn) -> None:
