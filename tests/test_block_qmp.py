@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -11,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lock_probe import locked
-from server_support import Client, running
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+from server_support import REFERENCE, Client, running, transcript_runner
 
 
 def run_qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
@@ -38,14 +35,6 @@ def nodes(client: Client) -> dict[str, dict[str, Any]]:
     return {n["node-name"]: n for n in client.cmd("query-named-block-nodes", flat=True)}
 
 
-def _load_transcript_runner() -> Any:
-    spec = importlib.util.spec_from_file_location("qmp_transcript", REFERENCE / "qmp_transcript.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _normalize(record: dict[str, Any]) -> dict[str, Any]:
     text = re.sub(r"#block\d+", "#block", json.dumps(record, sort_keys=True))
     record = json.loads(text)
@@ -59,7 +48,7 @@ def _normalize(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_blockdev_scenario_matches_qemu(qemu_img: str) -> None:
-    runner = _load_transcript_runner()
+    runner = transcript_runner()
     scenario = json.loads((REFERENCE / "scenarios" / "blockdev.json").read_text())
     ours = [_normalize(r) for r in runner.run(scenario, f"{sys.executable} -m qmp_server")]
     expected = [_normalize(json.loads(line))

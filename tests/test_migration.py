@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import socket
 import subprocess
@@ -36,9 +35,9 @@ from migration_support import (
     start_server,
     start_servers,
 )
+from server_support import REFERENCE, transcript_runner
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = Path("/work/shared/reference")
 
 pytestmark = pytest.mark.qemu
 
@@ -131,10 +130,7 @@ def _normalize(transcript: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_reference_scenario_matches_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     qemu_tools.require("qemu-img")
-    spec = importlib.util.spec_from_file_location("qmp_transcript", REFERENCE / "qmp_transcript.py")
-    assert spec is not None and spec.loader is not None
-    transcript = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(transcript)
+    transcript = transcript_runner()
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     scenario = json.loads((REFERENCE / "scenarios" / "migration.json").read_text())

@@ -13,7 +13,6 @@ lines must be identical.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -22,19 +21,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from server_support import Client, running
+from server_support import REFERENCE, Client, running, transcript_runner
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 EMULATOR = f"{sys.executable} -m qmp_server"
 QEMU_EMULATOR = "qemu-system-x86_64 -machine none -nodefaults -display none"
-
-
-def _runner() -> Any:
-    spec = importlib.util.spec_from_file_location("qmp_transcript", REFERENCE / "qmp_transcript.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def normalize(record: dict[str, Any]) -> str:
@@ -58,7 +48,7 @@ def scenario() -> dict[str, Any]:
 
 
 def replay(emulator: str) -> list[str]:
-    return [normalize(record) for record in _runner().run(scenario(), emulator)]
+    return [normalize(record) for record in transcript_runner().run(scenario(), emulator)]
 
 
 def test_replay_matches_qemu_72_transcript() -> None:
