@@ -491,13 +491,20 @@ class BlockGraph:
             self._inactivate(edge.child)
 
     def invalidate_cache(self, node: BlockNode) -> None:
-        """Re-read cached metadata of an active node (flushing its own dirty state first)."""
+        """Re-read cached metadata of ``node`` and its children (inactive nodes: skipped).
+
+        Everything dirty is written back first, parents before children, so no child drops
+        its cache while a parent above it still holds unwritten metadata.
+        """
+        for member in self._subtree_order([node]):
+            member.flush()
+        self._invalidate(node)
+
+    def _invalidate(self, node: BlockNode) -> None:
         for edge in node.children:
-            self.invalidate_cache(edge.child)
+            self._invalidate(edge.child)
         if node.inactive:
             return
-        if node.writable:
-            node.driver.flush()
         node.touch()
         node.driver.invalidate_cache()
         self._prefetch_for_parents(node)

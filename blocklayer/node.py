@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from .driver import BlockDriver
 from .errors import BlockError
 from .perm import ALL, ChildRole
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(eq=False)

@@ -19,7 +19,7 @@ import trio
 
 from blocklayer.errors import BlockError
 from blocklayer.graph import BlockGraph
-from blocklayer.node import BlockNode, Edge
+from blocklayer.node import Edge
 from blocklayer.perm import ALL, WRITE
 
 from .blockinfo import block_infos, block_infos_json
@@ -38,13 +38,18 @@ class BlockService:
         self.graph = graph if graph is not None else BlockGraph()
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _call(fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` with block errors turned into QMP errors (caller holds the lock)."""
+        try:
+            return fn(*args)
+        except BlockError as err:
+            raise QMPError(err.message) from err
+
     def locked(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` under the graph lock in the current thread, mapping errors."""
         with self._lock:
-            try:
-                return fn(*args)
-            except BlockError as err:
-                raise QMPError(err.message) from err
+            return self._call(fn, *args)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` under the graph lock in a worker thread."""
@@ -55,14 +60,9 @@ class BlockService:
         if not self._lock.acquire(blocking=False):
             return await self.run(fn, *args)
         try:
-            return fn(*args)
-        except BlockError as err:
-            raise QMPError(err.message) from err
+            return self._call(fn, *args)
         finally:
             self._lock.release()
-
-    def _node(self, name: str) -> BlockNode:
-        return self.graph.lookup(name)
 
     # Commands -----------------------------------------------------------------------
 
@@ -90,7 +90,7 @@ class BlockService:
                 except BlockError as err:
                     raise BlockError(f"Failed to inactivate all nodes: {err.message}") from err
                 return
-            node = self._node(node_name)
+            node = self.graph.lookup(node_name)
             if active:
                 self.graph.activate(node)
             else:
@@ -102,7 +102,7 @@ class BlockService:
         """x-blockdev-invalidate-cache: re-read cached metadata (inactive nodes: skipped)."""
 
         def apply() -> None:
-            nodes = self.graph.top_nodes() if node_name is None else [self._node(node_name)]
+            nodes = self.graph.top_nodes() if node_name is None else [self.graph.lookup(node_name)]
             for node in nodes:
                 self.graph.invalidate_cache(node)
 

@@ -164,3 +164,19 @@ def test_activation_prefetches_what_each_format_node_rereads(
     graph.invalidate_cache(graph.nodes["d1"])
     assert calls == [("prefetch", str(tmp_path / "d1.qcow2"), expected[str(tmp_path / "d1.qcow2")]),
                      ("reread", str(tmp_path / "d1.qcow2"), [])]
+
+
+def test_invalidating_an_active_node_keeps_what_was_written(tmp_path: Path, qemu_img: str) -> None:
+    image = tmp_path / "a.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    graph = BlockGraph()
+    node = graph.open({"driver": "qcow2", "node-name": "a", "file": file_spec(image)})
+    # Allocating writes leave dirty L2 and refcount blocks in the caches.
+    for i in range(16):
+        node.pwrite(i << 20, bytes([i + 1]) * 4096)
+    graph.invalidate_cache(node)
+    for i in range(16):
+        assert node.pread(i << 20, 4096) == bytes([i + 1]) * 4096
+    graph.close_all()
+    check = subprocess.run([qemu_img, "check", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
