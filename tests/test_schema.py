@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import qemu_tools
+from server_support import Client
 
 from qmp_server.errors import CommandNotFound, QMPError
 from qmp_server.schema import DEFAULT_DIRECTORY, Schema, check_schema
@@ -823,34 +822,6 @@ def test_introspection_reports_allow_oob(tmp_path: Path, monkeypatch: pytest.Mon
 # ------------------------------------------------------------------------------ against QEMU
 
 
-class _QMP:
-    """A minimal QMP client for one QEMU process."""
-
-    def __init__(self, path: str) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        self.sock.settimeout(10)
-        self.stream = self.sock.makefile("rb")
-        self.stream.readline()
-        self.execute("qmp_capabilities", {})
-
-    def execute(self, command: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        self.sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode())
-        while True:
-            reply: dict[str, Any] = json.loads(self.stream.readline())
-            if "event" not in reply:
-                return reply
-
-
 @pytest.mark.qemu
 def test_against_real_qemu(tmp_path: Path) -> None:
     """Every QEMU_CONFIRMED case still gets the same text from the installed QEMU (7.2).
@@ -876,7 +847,8 @@ def test_against_real_qemu(tmp_path: Path) -> None:
         env={**os.environ, "LC_ALL": "C"},
     )
     try:
-        client = _QMP(path)
+        client = Client(path)
+        assert client.execute("qmp_capabilities") == {"return": {}}
         for command, arguments, expected in QEMU_CONFIRMED:
             reply = client.execute(command, arguments)
             assert reply.get("error", {}).get("desc") == expected, (command, arguments, reply)
