@@ -11,7 +11,10 @@ installed; and, for reference, (b') the same Trio server parsing each line with
 ``json.loads`` and encoding a reply dict with ``json`` (the floor of any Python server
 that reads JSON). For each it measures:
 
-- the ``query-status`` round trip of one client, sequential (median and mean);
+- the ``query-status`` round trip of one client, sequential (median and mean), each
+  request with a fresh ``id`` as management tools send them; for this server also
+  ``qmp-general``: the same query with ``"arguments": {}``, which its fast path for plain
+  queries leaves to the general request path;
 - the throughput of 16 concurrent clients, each with one request in flight. QEMU serves
   one client per monitor socket, so it gets 16 ``-qmp`` sockets, one per client; the
   others serve all clients on one socket.
@@ -36,7 +39,11 @@ from pathlib import Path
 
 SERVER = [sys.executable, "-m", "qmp_server"]
 QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
-REQUEST = b'{"execute": "query-status"}\n'
+# As management tools write it: every request carries a fresh id.
+REQUEST = b'{"execute": "query-status", "id": %d}\n'
+# The same query with an (empty) arguments object: the server's general request path,
+# which its fast path for plain queries (qmp_server/fastpath.py) leaves this to.
+GENERAL_REQUEST = b'{"execute": "query-status", "arguments": {}, "id": %d}\n'
 ECHO_GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 10}, "package": ""}, '
                  b'"capabilities": ["oob"]}}\r\n')
 ECHO_REPLY = b'{"return": {"status": "running", "running": true}}\r\n'
@@ -139,18 +146,19 @@ def negotiated(path: Path) -> tuple[socket.socket, bytearray]:
     return sock, buffer
 
 
-def round_trips(path: Path, count: int) -> list[float]:
+def round_trips(path: Path, count: int, template: bytes = REQUEST) -> list[float]:
     """Seconds per query-status round trip, one client, one request at a time."""
     sock, buffer = negotiated(path)
     try:
-        for _ in range(min(500, count)):  # warm-up
-            sock.sendall(REQUEST)
+        for i in range(min(500, count)):  # warm-up
+            sock.sendall(template % i)
             read_line(sock, buffer)
+        requests = [template % i for i in range(count)]
         samples = []
         clock = time.perf_counter
-        for _ in range(count):
+        for request in requests:
             start = clock()
-            sock.sendall(REQUEST)
+            sock.sendall(request)
             line = read_line(sock, buffer)
             samples.append(clock() - start)
             assert line.startswith(b'{"return": {"status": "running"'), line
@@ -159,7 +167,7 @@ def round_trips(path: Path, count: int) -> list[float]:
         sock.close()
 
 
-def throughput(paths: list[Path], clients: int, seconds: float) -> float:
+def throughput(paths: list[Path], clients: int, seconds: float, template: bytes = REQUEST) -> float:
     """Replies per second with ``clients`` connections, each keeping one request in flight.
 
     Client ``i`` connects to ``paths[i % len(paths)]``.
@@ -178,7 +186,7 @@ def throughput(paths: list[Path], clients: int, seconds: float) -> float:
             started = time.perf_counter()
             deadline = started + (min(0.5, seconds) if warmup else seconds)
             for sock, _ in conns:
-                sock.sendall(REQUEST)
+                sock.sendall(template % replies)
             outstanding = len(conns)
             while outstanding:
                 for key, _ in selector.select(timeout=30):
@@ -195,7 +203,7 @@ def throughput(paths: list[Path], clients: int, seconds: float) -> float:
                     del buffer[:buffer.rindex(b"\n") + 1]
                     replies += done
                     if time.perf_counter() < deadline:
-                        conn.sendall(REQUEST)
+                        conn.sendall(template % replies)
                     else:
                         outstanding -= 1
         elapsed = time.perf_counter() - started
@@ -211,7 +219,7 @@ def start(kind: str, folder: Path, clients: int,
     """Start server ``kind`` (all its threads on ``cpu`` if given); return it and its sockets."""
     folder.mkdir(parents=True, exist_ok=True)
     socks = [folder / f"{kind}.sock"]
-    if kind == "qmp-server":
+    if kind in ("qmp-server", "qmp-general"):
         argv = [*SERVER, "-qmp", f"unix:{socks[0]},server=on,wait=off"]
     elif kind in ("echo", "json-echo"):
         argv = [sys.executable, __file__, f"--{kind}-server", str(socks[0])]
@@ -235,9 +243,10 @@ Result = tuple[float, float, float]  # median round trip, mean round trip, repli
 def measure(kind: str, folder: Path, args: argparse.Namespace, cpu: int | None) -> Result:
     proc, socks = start(kind, folder / "1", 1, cpu)
     try:
-        samples = round_trips(socks[0], args.round_trips)
+        template = GENERAL_REQUEST if kind == "qmp-general" else REQUEST
+        samples = round_trips(socks[0], args.round_trips, template)
         if kind != "qemu":
-            rate = throughput(socks, args.clients, args.seconds)
+            rate = throughput(socks, args.clients, args.seconds, template)
     finally:
         proc.kill()
         proc.wait()
@@ -256,17 +265,22 @@ def report(title: str, results: dict[str, Result]) -> None:
     print(f"  {'server':<12} {'median RT':>11} {'mean RT':>11} {'throughput':>16}")
     for kind, (median, mean, rate) in results.items():
         print(f"  {kind:<12} {median * 1e6:>9.1f}us {mean * 1e6:>9.1f}us {rate:>10.0f} req/s")
-    ours = results["qmp-server"]
-    for other, target in (("qemu", 0.8), ("echo", 1.3), ("json-echo", None)):
-        if other not in results:
+    for mine, label in (("qmp-server", "round trip"), ("qmp-general", "general path")):
+        if mine not in results:
             continue
-        theirs = results[other]
-        ratio = ours[0] / theirs[0]
-        goal = "no target"
-        if target is not None:
-            goal = f"target <= {target}x: {'ok' if ratio <= target else 'MISSED'}"
-        print(f"  round trip vs {other:<9} {ratio:5.2f}x (median; {goal}); "
-              f"mean {ours[1] / theirs[1]:.2f}x; throughput {ours[2] / theirs[2]:.2f}x")
+        ours = results[mine]
+        for other, target in (("qemu", 0.8), ("echo", 1.3), ("json-echo", None)):
+            if other not in results:
+                continue
+            if mine != "qmp-server":
+                target = None  # the targets are for what clients send (the line above)
+            theirs = results[other]
+            ratio = ours[0] / theirs[0]
+            goal = "no target"
+            if target is not None:
+                goal = f"target <= {target}x: {'ok' if ratio <= target else 'MISSED'}"
+            print(f"  {label} vs {other:<9} {ratio:5.2f}x (median; {goal}); "
+                  f"mean {ours[1] / theirs[1]:.2f}x; throughput {ours[2] / theirs[2]:.2f}x")
     print()
 
 
@@ -294,7 +308,7 @@ def main() -> None:
         echo_server(args.echo_server or args.json_echo_server, parse=bool(args.json_echo_server))
         return
 
-    kinds = ["qmp-server", "echo", "json-echo"]
+    kinds = ["qmp-server", "qmp-general", "echo", "json-echo"]
     if shutil.which(QEMU[0]):
         kinds.append("qemu")
     else:

@@ -29,6 +29,8 @@ class CommandContext:
 
 
 Handler = Callable[[CommandContext, dict[str, Any]], Awaitable[Any]]
+#: A side-effect-free query without arguments: the result from the machine's state alone.
+Query = Callable[["Machine"], Any]
 
 
 class CommandTable:
@@ -36,6 +38,7 @@ class CommandTable:
 
     def __init__(self) -> None:
         self.handlers: dict[str, Handler] = {}
+        self.queries: dict[str, Query] = {}
 
     def command(self, name: str) -> Callable[[Handler], Handler]:
         """Decorator registering ``handler`` for command ``name``."""
@@ -45,6 +48,25 @@ class CommandTable:
                 raise ValueError(f"command {name} registered twice")
             self.handlers[name] = handler
             return handler
+
+        return register
+
+    def query(self, name: str) -> Callable[[Query], Query]:
+        """Decorator registering a plain query for command ``name``.
+
+        It must take no arguments, change nothing and never fail, so that the server may
+        answer it without the general request path (see :mod:`qmp_server.fastpath`);
+        the general path runs the same function.
+        """
+
+        def register(query: Query) -> Query:
+            async def handler(ctx: CommandContext, args: dict[str, Any]) -> Any:
+                return query(ctx.machine)
+
+            handler.__doc__ = query.__doc__
+            self.command(name)(handler)
+            self.queries[name] = query
+            return query
 
         return register
 
@@ -59,7 +81,13 @@ class Dispatcher:
         self.machine = machine
         self.schema = machine.schema
         self.handlers: dict[str, Handler] = {}
+        #: Argument-free queries the fast path may answer (see CommandTable.query).
+        self.queries: dict[str, Query] = {}
         for table in tables:
+            for name in table.queries:
+                if self.schema.commands[name].arguments.get("properties"):
+                    raise ValueError(f"query {name} takes arguments: it cannot be a plain query")
+            self.queries.update(table.queries)
             for name, handler in table.handlers.items():
                 if name in self.handlers:
                     raise ValueError(f"command {name} registered twice")

@@ -470,6 +470,10 @@ class JSONStreamer:
 
     # ---------------------------------------------------------------- public
 
+    def at_boundary(self) -> bool:
+        """True when no part of a message (or of a token) is buffered."""
+        return self._state == _START and self._ntok == 0 and not self._tok
+
     def feed(self, data: bytes) -> list[JSONValue | JSONParseError]:
         """Feed raw bytes from the socket; return the complete messages (and errors) in order."""
         if not isinstance(data, bytes):

@@ -16,6 +16,7 @@ import trio
 
 from .dispatcher import Dispatcher
 from .errors import QMPError
+from .fastpath import FastPath
 from .session import Mode, QMPSession, Request
 from .wire import encode
 
@@ -98,6 +99,9 @@ class Connection:
         self._broken = False
         # Actions taken from the queue but not run yet (run even if the client is gone).
         self._actions: list[Callable[[], None]] = []
+        self._fast = FastPath(machine, dispatcher.queries)
+        # In-band requests queued for the worker or running there (OOB enabled only).
+        self._inband_pending = 0
 
     def _output(self, data: bytes) -> None:
         """Send ``data`` to the client after everything produced before it."""
@@ -167,6 +171,14 @@ class Connection:
                 return
             if not data:
                 return
+            if (self._inband_pending == 0 and self.session.mode is Mode.COMMAND
+                    and self.session.between_messages()):
+                # Nothing is ahead of this input, so answering it now is answering it in
+                # order; the fast path takes only what the general path would run at once.
+                reply = self._fast.answer(data)
+                if reply is not None:
+                    self._output(reply)
+                    continue
             try:
                 requests = self.session.receive(bytes(data))
             except Exception:
@@ -183,11 +195,15 @@ class Connection:
                     # running it here, before reading more, is the same as queueing it.
                     await self._execute(request)
                 else:
+                    self._inband_pending += 1
                     await self._in_send.send(request)
 
     async def _inband_worker(self) -> None:
         async for request in self._in_recv:
-            await self._execute(request)
+            try:
+                await self._execute(request)
+            finally:
+                self._inband_pending -= 1
 
     async def _execute(self, request: Request) -> None:
         # A client that vanishes mid-command must not leave a half-done change behind: the

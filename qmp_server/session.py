@@ -187,6 +187,10 @@ class QMPSession:
             }
         }
 
+    def between_messages(self) -> bool:
+        """True when everything received so far was complete messages (nothing pending)."""
+        return self._streamer.at_boundary()
+
     def receive(self, data: bytes) -> list[Request]:
         """Feed bytes from the client; return the requests they completed, in order."""
         requests = []

@@ -298,6 +298,18 @@ def _sequence(source: Path) -> list[str]:
         "",
         "   ",
         "read  0   1",
+        "sleep 0",
+        "sleep 2",
+        "sleep 0x2",
+        "sleep 02",
+        "sleep 99999999999999999999",
+        "sleep abc",
+        "sleep -5",
+        "sleep 10x",
+        "sleep 0x",
+        "sleep 1e3",
+        "sleep",
+        "sleep 1 2",
         "length",
     ]
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import QEMU_VERSION, __version__
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import CommandNotFound, QMPError
 from ..session import Mode
+
+if TYPE_CHECKING:
+    from ..machine import Machine
 
 table = CommandTable()
 
@@ -21,36 +24,36 @@ async def qmp_capabilities(ctx: CommandContext, args: dict[str, Any]) -> None:
     ctx.session.negotiated(enable)
 
 
-@table.command("query-version")
-async def query_version(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+@table.query("query-version")
+def query_version(machine: Machine) -> dict[str, Any]:
     """The QEMU version whose semantics we follow; ``package`` names us."""
     major, minor, micro = QEMU_VERSION
     return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": f"qmp-server {__version__}"}
 
 
-@table.command("query-commands")
-async def query_commands(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, str]]:
+@table.query("query-commands")
+def query_commands(machine: Machine) -> list[dict[str, str]]:
     """Every command available after negotiation."""
-    return [{"name": name} for name in ctx.machine.schema.commands]
+    return [{"name": name} for name in machine.schema.commands]
 
 
-@table.command("query-qmp-schema")
-async def query_qmp_schema(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+@table.query("query-qmp-schema")
+def query_qmp_schema(machine: Machine) -> list[dict[str, Any]]:
     """Introspection in QEMU's SchemaInfo format, generated from schema/."""
-    return ctx.machine.schema.introspect()
+    return machine.schema.introspect()
 
 
-@table.command("query-name")
-async def query_name(ctx: CommandContext, args: dict[str, Any]) -> dict[str, str]:
+@table.query("query-name")
+def query_name(machine: Machine) -> dict[str, str]:
     """The ``-name`` given on the command line, if any."""
-    name = ctx.machine.name
+    name = machine.name
     return {} if name is None else {"name": name}
 
 
-@table.command("query-status")
-async def query_status(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+@table.query("query-status")
+def query_status(machine: Machine) -> dict[str, Any]:
     """Run state, QEMU 10.x form (no ``singlestep``)."""
-    vm = ctx.machine.vm
+    vm = machine.vm
     return {"status": str(vm.state), "running": vm.running}
 
 

@@ -168,6 +168,10 @@ class _Session:
         self.out(line + "\n")
         return _Abort()
 
+    def sleep(self, seconds: float) -> None:
+        """Wait (qemu-io's ``sleep``); the caller runs qemu-io off the event loop."""
+        time.sleep(seconds)
+
     def number(self, arg: str) -> int:
         """qemu-io's ``cvtnum`` with its error message; aborts the command on error."""
         try:
@@ -669,6 +673,17 @@ def _length_f(session: _Session, command: _Command, argv: Sequence[str]) -> None
     session.out(format_size(float(size)) + "\n")
 
 
+def _sleep_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
+    value, end = _strtol_base0(argv[1])
+    if end == 0 or end != len(argv[1]) or value < 0:
+        raise session.fail(f"{argv[1]} is not a valid number")
+    # qemu-io turns milliseconds into int64 nanoseconds without an overflow check; a
+    # product that wraps to a negative deadline has already passed, so no wait at all.
+    nanoseconds = (value * 1_000_000) & ((1 << 64) - 1)
+    if nanoseconds < 1 << 63:
+        session.sleep(nanoseconds / 1e9)
+
+
 _COMMANDS: tuple[_Command, ...] = (
     _Command(
         "read", "r", 2, -1, False,
@@ -697,6 +712,7 @@ _COMMANDS: tuple[_Command, ...] = (
     ),
     _Command("flush", "f", 0, 0, False, "", _flush_f),
     _Command("length", "l", 0, 0, False, "", _length_f),
+    _Command("sleep", None, 1, 1, False, "", _sleep_f),
 )  # fmt: skip
 
 _BY_NAME: dict[str, _Command] = {

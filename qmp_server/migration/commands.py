@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..dispatcher import CommandContext, CommandTable
+
+if TYPE_CHECKING:
+    from ..machine import Machine
 
 table = CommandTable()
 
@@ -30,10 +33,10 @@ async def migrate_cancel(ctx: CommandContext, args: dict[str, Any]) -> dict[str,
     return {}
 
 
-@table.command("query-migrate")
-async def query_migrate(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+@table.query("query-migrate")
+def query_migrate(machine: Machine) -> dict[str, Any]:
     """State and statistics of the current or last migration; ``{}`` before any."""
-    return ctx.machine.migration.query()
+    return machine.migration.query()
 
 
 @table.command("migrate-set-capabilities")
@@ -43,10 +46,10 @@ async def migrate_set_capabilities(ctx: CommandContext, args: dict[str, Any]) ->
     return {}
 
 
-@table.command("query-migrate-capabilities")
-async def query_migrate_capabilities(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+@table.query("query-migrate-capabilities")
+def query_migrate_capabilities(machine: Machine) -> list[dict[str, Any]]:
     """Every capability and its state, in QEMU's order."""
-    return ctx.machine.migration.query_capabilities()
+    return machine.migration.query_capabilities()
 
 
 @table.command("migrate-set-parameters")
@@ -56,7 +59,7 @@ async def migrate_set_parameters(ctx: CommandContext, args: dict[str, Any]) -> d
     return {}
 
 
-@table.command("query-migrate-parameters")
-async def query_migrate_parameters(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+@table.query("query-migrate-parameters")
+def query_migrate_parameters(machine: Machine) -> dict[str, Any]:
     """The current parameters."""
-    return ctx.machine.migration.query_parameters()
+    return machine.migration.query_parameters()
