@@ -12,9 +12,11 @@ installed; and, for reference, (b') the same Trio server parsing each line with
 that reads JSON). For each it measures:
 
 - the ``query-status`` round trip of one client, sequential (median and mean), each
-  request with a fresh ``id`` as management tools send them; for this server also
-  ``qmp-general``: the same query with ``"arguments": {}``, which its fast path for plain
-  queries leaves to the general request path;
+  request with a fresh ``id`` as management tools send them. For this server also
+  ``qmp-nopoll``: started with ``-poll-max-ns 0`` (no polling of the client's socket after
+  a reply; the floor does not poll either), and ``qmp-general``: the same query with
+  ``"arguments": {}``, which its fast path for plain queries leaves to the general
+  request path;
 - the throughput of 16 concurrent clients, each with one request in flight. QEMU serves
   one client per monitor socket, so it gets 16 ``-qmp`` sockets, one per client; the
   others serve all clients on one socket.
@@ -146,25 +148,17 @@ def negotiated(path: Path) -> tuple[socket.socket, bytearray]:
     return sock, buffer
 
 
-def round_trips(path: Path, count: int, template: bytes = REQUEST) -> list[float]:
-    """Seconds per query-status round trip, one client, one request at a time."""
-    sock, buffer = negotiated(path)
-    try:
-        for i in range(min(500, count)):  # warm-up
-            sock.sendall(template % i)
-            read_line(sock, buffer)
-        requests = [template % i for i in range(count)]
-        samples = []
-        clock = time.perf_counter
-        for request in requests:
-            start = clock()
-            sock.sendall(request)
-            line = read_line(sock, buffer)
-            samples.append(clock() - start)
-            assert line.startswith(b'{"return": {"status": "running"'), line
-        return samples
-    finally:
-        sock.close()
+def round_trips(sock: socket.socket, buffer: bytearray, requests: list[bytes]) -> list[float]:
+    """Seconds per query-status round trip, one request at a time, on a negotiated socket."""
+    samples = []
+    clock = time.perf_counter
+    for request in requests:
+        start = clock()
+        sock.sendall(request)
+        line = read_line(sock, buffer)
+        samples.append(clock() - start)
+        assert line.startswith(b'{"return": {"status": "running"'), line
+    return samples
 
 
 def throughput(paths: list[Path], clients: int, seconds: float, template: bytes = REQUEST) -> float:
@@ -219,8 +213,10 @@ def start(kind: str, folder: Path, clients: int,
     """Start server ``kind`` (all its threads on ``cpu`` if given); return it and its sockets."""
     folder.mkdir(parents=True, exist_ok=True)
     socks = [folder / f"{kind}.sock"]
-    if kind in ("qmp-server", "qmp-general"):
+    if kind in ("qmp-server", "qmp-general", "qmp-nopoll"):
         argv = [*SERVER, "-qmp", f"unix:{socks[0]},server=on,wait=off"]
+        if kind == "qmp-nopoll":
+            argv += ["-poll-max-ns", "0"]
     elif kind in ("echo", "json-echo"):
         argv = [sys.executable, __file__, f"--{kind}-server", str(socks[0])]
     else:
@@ -240,24 +236,51 @@ def start(kind: str, folder: Path, clients: int,
 Result = tuple[float, float, float]  # median round trip, mean round trip, replies per second
 
 
-def measure(kind: str, folder: Path, args: argparse.Namespace, cpu: int | None) -> Result:
-    proc, socks = start(kind, folder / "1", 1, cpu)
+def template_for(kind: str) -> bytes:
+    return GENERAL_REQUEST if kind == "qmp-general" else REQUEST
+
+
+def measure(kinds: list[str], folder: Path, args: argparse.Namespace, cpu: int | None) -> dict[str, Result]:
+    """Round trips of every kind interleaved in rounds (so that all see the same moments of
+    this shared machine), then each one's throughput."""
+    procs: dict[str, tuple[subprocess.Popen[bytes], list[Path]]] = {}
+    conns: dict[str, tuple[socket.socket, bytearray]] = {}
+    samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+    rates: dict[str, float] = {}
     try:
-        template = GENERAL_REQUEST if kind == "qmp-general" else REQUEST
-        samples = round_trips(socks[0], args.round_trips, template)
-        if kind != "qemu":
-            rate = throughput(socks, args.clients, args.seconds, template)
+        for kind in kinds:
+            procs[kind] = start(kind, folder / kind / "1", 1, cpu)
+        for kind in kinds:
+            conns[kind] = negotiated(procs[kind][1][0])
+            sock, buffer = conns[kind]
+            round_trips(sock, buffer, [template_for(kind) % i for i in range(min(500, args.round_trips))])
+        per_round = max(1, args.round_trips // args.rounds)
+        for number in range(args.rounds):
+            order = kinds[number % len(kinds):] + kinds[:number % len(kinds)]
+            for kind in order:
+                sock, buffer = conns[kind]
+                first = number * per_round
+                requests = [template_for(kind) % i for i in range(first, first + per_round)]
+                samples[kind] += round_trips(sock, buffer, requests)
+        for kind in kinds:
+            conns.pop(kind)[0].close()
+            if kind != "qemu":
+                rates[kind] = throughput(procs[kind][1], args.clients, args.seconds, template_for(kind))
     finally:
-        proc.kill()
-        proc.wait()
-    if kind == "qemu":  # one client per monitor socket
-        proc, socks = start(kind, folder / "n", args.clients, cpu)
+        for sock, _ in conns.values():
+            sock.close()
+        for proc, _ in procs.values():
+            proc.kill()
+            proc.wait()
+    if "qemu" in kinds:  # one client per monitor socket
+        proc, socks = start("qemu", folder / "qemu" / "n", args.clients, cpu)
         try:
-            rate = throughput(socks, args.clients, args.seconds)
+            rates["qemu"] = throughput(socks, args.clients, args.seconds)
         finally:
             proc.kill()
             proc.wait()
-    return statistics.median(samples), statistics.fmean(samples), rate
+    return {kind: (statistics.median(samples[kind]), statistics.fmean(samples[kind]), rates[kind])
+            for kind in kinds}
 
 
 def report(title: str, results: dict[str, Result]) -> None:
@@ -265,7 +288,8 @@ def report(title: str, results: dict[str, Result]) -> None:
     print(f"  {'server':<12} {'median RT':>11} {'mean RT':>11} {'throughput':>16}")
     for kind, (median, mean, rate) in results.items():
         print(f"  {kind:<12} {median * 1e6:>9.1f}us {mean * 1e6:>9.1f}us {rate:>10.0f} req/s")
-    for mine, label in (("qmp-server", "round trip"), ("qmp-general", "general path")):
+    for mine, label in (("qmp-server", "round trip"), ("qmp-nopoll", "no polling"),
+                        ("qmp-general", "general path")):
         if mine not in results:
             continue
         ours = results[mine]
@@ -279,7 +303,7 @@ def report(title: str, results: dict[str, Result]) -> None:
             goal = "no target"
             if target is not None:
                 goal = f"target <= {target}x: {'ok' if ratio <= target else 'MISSED'}"
-            print(f"  {label} vs {other:<9} {ratio:5.2f}x (median; {goal}); "
+            print(f"  {label:<12} vs {other:<9} {ratio:5.2f}x (median; {goal}); "
                   f"mean {ours[1] / theirs[1]:.2f}x; throughput {ours[2] / theirs[2]:.2f}x")
     print()
 
@@ -296,6 +320,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--round-trips", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="the round trips are measured in this many rounds, servers taking turns")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--placement", action="append", choices=sorted(PLACEMENTS),
@@ -308,7 +334,7 @@ def main() -> None:
         echo_server(args.echo_server or args.json_echo_server, parse=bool(args.json_echo_server))
         return
 
-    kinds = ["qmp-server", "qmp-general", "echo", "json-echo"]
+    kinds = ["qmp-server", "qmp-nopoll", "qmp-general", "echo", "json-echo"]
     if shutil.which(QEMU[0]):
         kinds.append("qemu")
     else:
@@ -325,8 +351,7 @@ def main() -> None:
             server = None if server_cpu is None else cpus[server_cpu % len(cpus)]
             os.sched_setaffinity(0, original if client is None else {client})
             try:
-                results = {kind: measure(kind, Path(tmp) / f"{placement}-{kind}", args, server)
-                           for kind in kinds}
+                results = measure(kinds, Path(tmp) / placement, args, server)
             finally:
                 os.sched_setaffinity(0, original)
             report(f"{placement}: {description}", results)

@@ -78,7 +78,7 @@ class App:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals, machine)
             await machine.migration.start_incoming(nursery)
-            await serve(machine, self.dispatcher, self.listeners)
+            await serve(machine, self.dispatcher, self.listeners, poll_max_ns=self.options.poll_max_ns)
             nursery.cancel_scope.cancel()
         return machine.exit_code
 

@@ -11,12 +11,14 @@ import trio
 
 from . import QEMU_VERSION, __version__
 from .errors import QMPError
+from .server import DEFAULT_POLL_MAX_NS
 
 PROG = "qmp-server"
 DEFAULT_SOCKET = "qmp.sock"
 
 # Options that take an argument, and flags that don't; accepted with one or two dashes.
-_WITH_ARG = {"qmp", "name", "incoming", "pidfile", "machine", "M", "blockdev", "display"}
+_WITH_ARG = {"qmp", "name", "incoming", "pidfile", "machine", "M", "blockdev", "display",
+             "poll-max-ns"}
 _FLAGS = {"S", "nodefaults", "nographic", "daemonize", "version", "help", "h"}
 
 HELP = f"""\
@@ -33,6 +35,8 @@ and migration. With no -qmp option it listens on ./{DEFAULT_SOCKET}.
   -blockdev OPTIONS     add a block node (key=value,... or JSON), as blockdev-add
   -daemonize            detach once the monitor sockets are ready
   -pidfile PATH         write the process id to PATH
+  -poll-max-ns NS       (qmp-server only) after answering a client, poll its socket
+                        up to NS ns for the next request (default {DEFAULT_POLL_MAX_NS}; 0: off)
   -machine none, -nodefaults, -display none, -nographic   accepted for compatibility
   -version, --version   print the version and exit
   -h, -help, --help     print this help and exit
@@ -66,6 +70,7 @@ class Options:
     daemonize: bool = False
     pidfile: str | None = None
     default_socket: bool = False
+    poll_max_ns: int = DEFAULT_POLL_MAX_NS
 
 
 def _split_commas(text: str) -> list[str]:
@@ -178,6 +183,10 @@ def parse_args(argv: list[str]) -> Options:
                                  "only 'none' is emulated")
         elif name == "blockdev":
             options.blockdevs.append(value)
+        elif name == "poll-max-ns":
+            if not value.isdigit() or int(value) > 1_000_000_000:
+                raise UsageError(f"{arg} {value}: expected nanoseconds from 0 to 1000000000")
+            options.poll_max_ns = int(value)
         # -display: accepted and ignored (there is no display).
     if not options.monitors:
         options.monitors.append(MonitorSpec(DEFAULT_SOCKET, "unix", path=DEFAULT_SOCKET))

@@ -9,6 +9,8 @@ path. The wire tests check that it never answers out of order.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_support import running
+from server_support import SERVER, Client, running
 
 from qmp_server.app import command_tables
 from qmp_server.dispatcher import Dispatcher
@@ -221,3 +223,54 @@ def test_plain_queries_before_negotiation_are_refused(tmp_path: Path) -> None:
         assert qmp.execute("query-status", id=1) == {"id": 1, "error": {
             "class": "CommandNotFound",
             "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}}
+
+
+# --------------------------------------------------------------------------------------
+# Polling a client's socket after answering it (-poll-max-ns)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("poll", [None, "0", "1000000"])
+def test_requests_and_events_with_any_polling(tmp_path: Path, poll: str | None) -> None:
+    args = [] if poll is None else ["-poll-max-ns", poll]
+    with running(args, tmp_path) as (_, qmp):
+        for number in range(50):
+            assert qmp.execute("query-status", id=number) == {"return": RUNNING, "id": number}
+            assert qmp.execute("query-status", {}, id=number) == {"return": RUNNING, "id": number}
+        other = Client(tmp_path / "vm.sock")
+        other.execute("qmp_capabilities")
+        assert other.execute("stop") == {"return": {}}
+        assert qmp.wait_event("STOP")["event"] == "STOP"
+        assert qmp.cmd("query-status") == {"status": "paused", "running": False}
+        other.close()
+
+
+def test_idle_clients_cost_no_cpu(tmp_path: Path) -> None:
+    """Polling stops when clients go quiet: connected idle clients leave the server idle."""
+    with running([], tmp_path) as (proc, qmp):
+        clients = [Client(tmp_path / "vm.sock") for _ in range(8)]
+        for client in clients:
+            client.execute("qmp_capabilities")
+            for _ in range(20):
+                client.execute("query-status")
+        for _ in range(200):
+            qmp.execute("query-status")
+        before = cpu_seconds(proc.pid)
+        time.sleep(1.0)
+        assert cpu_seconds(proc.pid) - before < 0.1
+        for client in clients:
+            client.close()
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "1e3", "1000000001", ""])
+def test_poll_max_ns_must_be_nanoseconds(tmp_path: Path, value: str) -> None:
+    result = subprocess.run([*SERVER, "-poll-max-ns", value], capture_output=True, text=True,
+                            timeout=30, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == f"qmp-server: -poll-max-ns {value}: expected nanoseconds from 0 to 1000000000\n"
+    assert not (tmp_path / "qmp.sock").exists()
