@@ -213,7 +213,12 @@ class Connection:
                     and self.session.between_messages()):
                 # Nothing is ahead of this input, so answering it now is answering it in
                 # order; the fast path takes only what the general path would run at once.
-                reply = self._fast.answer(data)
+                try:
+                    reply = self._fast.answer(data)
+                except Exception:
+                    # A failing query: the general path runs it again and reports the
+                    # failure as it does for any command.
+                    reply = None
                 if reply is not None:
                     self._output(reply)
                     continue

@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -22,10 +23,11 @@ from hypothesis import strategies as st
 from server_support import SERVER, Client, running
 
 from qmp_server.app import command_tables
-from qmp_server.dispatcher import Dispatcher
+from qmp_server.dispatcher import CommandContext, Dispatcher
 from qmp_server.fastpath import FastPath
 from qmp_server.machine import Machine, MachineConfig
 from qmp_server.schema import Schema
+from qmp_server.server import Connection
 from qmp_server.session import QMPSession
 from qmp_server.wire import encode
 
@@ -274,3 +276,48 @@ def test_poll_max_ns_must_be_nanoseconds(tmp_path: Path, value: str) -> None:
     assert result.returncode == 1
     assert result.stderr == f"qmp-server: -poll-max-ns {value}: expected nanoseconds from 0 to 1000000000\n"
     assert not (tmp_path / "qmp.sock").exists()
+
+
+def test_a_failing_plain_query_fails_like_any_command() -> None:
+    """The reply is the general path's internal error, and the connection goes on."""
+    machine = Machine(MachineConfig(), SCHEMA)
+    dispatcher = Dispatcher(machine, command_tables())
+
+    def broken(machine: Machine) -> Any:
+        raise RuntimeError("broken")
+
+    async def broken_handler(ctx: CommandContext, args: dict[str, Any]) -> Any:
+        return broken(ctx.machine)
+
+    dispatcher.queries["query-name"] = broken
+    dispatcher.handlers["query-name"] = broken_handler
+
+    async def main() -> list[bytes]:
+        ours, theirs = trio.socket.socketpair()
+        client = trio.SocketStream(theirs)
+        buffer = bytearray()
+
+        async def line() -> bytes:
+            while b"\n" not in buffer:
+                buffer.extend(await client.receive_some())
+            end = buffer.index(b"\n") + 1
+            text = bytes(buffer[:end])
+            del buffer[:end]
+            return text
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Connection(machine, dispatcher, trio.SocketStream(ours)).run)
+            await line()  # greeting
+            replies = []
+            for request in (b'{"execute": "qmp_capabilities"}', b'{"execute": "query-name", "id": 1}',
+                            b'{"execute": "query-status", "id": 2}'):
+                await client.send_all(request)
+                replies.append(await line())
+            await client.aclose()
+        return replies
+
+    assert trio.run(main) == [
+        b'{"return": {}}\r\n',
+        b'{"id": 1, "error": {"class": "GenericError", "desc": "Internal error: RuntimeError"}}\r\n',
+        b'{"return": {"status": "prelaunch", "running": false}, "id": 2}\r\n',
+    ]
