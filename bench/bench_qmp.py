@@ -9,7 +9,8 @@ greeting and answers every JSON line with a fixed reply (the floor: what any Tri
 needs just to move the bytes); (c) QEMU (``qemu-system-x86_64 -machine none``) when
 installed; and, for reference, (b') the same Trio server parsing each line with
 ``json.loads`` and encoding a reply dict with ``json`` (the floor of any Python server
-that reads JSON). For each it measures:
+that reads JSON), and (b'') the echo server polling its socket after each reply as
+qmp-server does by default (``echo-poll``: the floor of a server that polls). For each it measures:
 
 - the ``query-status`` round trip of one client, sequential (median and mean), each
   request with a fresh ``id`` as management tools send them. For this server also
@@ -51,7 +52,7 @@ ECHO_GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major"
 ECHO_REPLY = b'{"return": {"status": "running", "running": true}}\r\n'
 
 
-def echo_server(path: str, parse: bool) -> None:
+def echo_server(path: str, parse: bool, poll: bool = False) -> None:
     """The floor: greet, then answer each line with a fixed reply (or parse, and encode one)."""
     import json
 
@@ -83,13 +84,28 @@ def echo_server(path: str, parse: bool) -> None:
                 except trio.BrokenResourceError:
                     return
 
+    async def receive(stream: trio.SocketStream) -> bytes | bytearray:
+        # With polling: read the socket without blocking for up to 32768 ns first, other
+        # tasks running between tries, as qmp-server does by default (-poll-max-ns).
+        if poll:
+            fd = stream.socket.fileno()
+            deadline = time.perf_counter() + 32768e-9
+            while True:
+                try:
+                    return os.read(fd, 65536)
+                except BlockingIOError:
+                    if time.perf_counter() >= deadline:
+                        break
+                    await trio.lowlevel.checkpoint()
+        return await stream.receive_some(65536)
+
     async def handle(stream: trio.SocketStream) -> None:
         await stream.send_all(ECHO_GREETING)
         pending = b""
         while True:
             try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
+                data = await receive(stream)
+            except (trio.BrokenResourceError, OSError):
                 return
             if not data:
                 return
@@ -217,7 +233,7 @@ def start(kind: str, folder: Path, clients: int,
         argv = [*SERVER, "-qmp", f"unix:{socks[0]},server=on,wait=off"]
         if kind == "qmp-nopoll":
             argv += ["-poll-max-ns", "0"]
-    elif kind in ("echo", "json-echo"):
+    elif kind in ("echo", "echo-poll", "json-echo"):
         argv = [sys.executable, __file__, f"--{kind}-server", str(socks[0])]
     else:
         socks = [folder / f"{kind}-{i}.sock" for i in range(clients)]
@@ -293,7 +309,7 @@ def report(title: str, results: dict[str, Result]) -> None:
         if mine not in results:
             continue
         ours = results[mine]
-        for other, target in (("qemu", 0.8), ("echo", 1.3), ("json-echo", None)):
+        for other, target in (("qemu", 0.8), ("echo", 1.3), ("echo-poll", None), ("json-echo", None)):
             if other not in results:
                 continue
             if mine != "qmp-server":
@@ -329,12 +345,14 @@ def main() -> None:
                              "(default: cross and same with >= 2 CPUs, else free)")
     parser.add_argument("--echo-server", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--json-echo-server", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-poll-server", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.echo_server or args.json_echo_server:
-        echo_server(args.echo_server or args.json_echo_server, parse=bool(args.json_echo_server))
+    if args.echo_server or args.json_echo_server or args.echo_poll_server:
+        echo_server(args.echo_server or args.json_echo_server or args.echo_poll_server,
+                    parse=bool(args.json_echo_server), poll=bool(args.echo_poll_server))
         return
 
-    kinds = ["qmp-server", "qmp-nopoll", "qmp-general", "echo", "json-echo"]
+    kinds = ["qmp-server", "qmp-nopoll", "qmp-general", "echo", "echo-poll", "json-echo"]
     if shutil.which(QEMU[0]):
         kinds.append("qemu")
     else:
