@@ -208,6 +208,19 @@ def test_plain_query_waits_for_queued_in_band_commands(tmp_path: Path) -> None:
         assert qmp.execute("query-status", id=1) == {"return": RUNNING, "id": 1}
 
 
+@pytest.mark.qemu
+def test_fast_path_replies_match_live_qemu(qemu_system: str, tmp_path: Path) -> None:
+    """The client shapes answered by QEMU 7.2 and by us, byte for byte (7.2 adds singlestep)."""
+    shapes = [data for data in CLIENT_SHAPES if b"query-status" in data or b"query-name" in data]
+    with running([], tmp_path, "ours") as (_, ours), \
+            running([], tmp_path, "qemu", qemu=True) as (_, qemu):
+        for data in shapes:
+            ours.send_raw(data)
+            qemu.send_raw(data)
+            theirs = qemu.read_line().replace(b'"singlestep": false, ', b"")
+            assert ours.read_line() == theirs, data
+
+
 def test_plain_query_inside_pending_input_is_not_answered(tmp_path: Path) -> None:
     """A read that looks like a query but continues earlier input is parsed with it."""
     with running([], tmp_path) as (_, qmp):
