@@ -184,7 +184,8 @@ def parse_args(argv: list[str]) -> Options:
         elif name == "blockdev":
             options.blockdevs.append(value)
         elif name == "poll-max-ns":
-            if not value.isdigit() or int(value) > 1_000_000_000:
+            # isdigit() alone admits "²" and other digits int() refuses.
+            if not (value.isascii() and value.isdigit()) or int(value) > 1_000_000_000:
                 raise UsageError(f"{arg} {value}: expected nanoseconds from 0 to 1000000000")
             options.poll_max_ns = int(value)
         # -display: accepted and ignored (there is no display).

@@ -282,7 +282,7 @@ def test_idle_clients_cost_no_cpu(tmp_path: Path) -> None:
             client.close()
 
 
-@pytest.mark.parametrize("value", ["x", "-1", "1e3", "1000000001", ""])
+@pytest.mark.parametrize("value", ["x", "-1", "1e3", "1000000001", "", "\u00b2", "\u0661\u0662"])
 def test_poll_max_ns_must_be_nanoseconds(tmp_path: Path, value: str) -> None:
     result = subprocess.run([*SERVER, "-poll-max-ns", value], capture_output=True, text=True,
                             timeout=30, cwd=tmp_path)
