@@ -409,24 +409,26 @@ class FileDriver(BlockDriver):
         if self._has_discard and self._has_fallocate:
             ret = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
             if ret == 0:
-                ret = fallocate(fd, 0, offset, length)
-                if ret == 0:
+                if self._allocate(offset, length):
                     return
-                if ret != errno.ENOTSUP:
-                    raise BlockError(os.strerror(ret), ret)
-                self._has_fallocate = False
             elif ret == errno.ENOTSUP:
                 self._has_discard = False
             elif ret != errno.EINVAL:
                 raise BlockError(os.strerror(ret), ret)
         if self._has_fallocate and offset >= self.getlength():
-            ret = fallocate(fd, 0, offset, length)
-            if ret == 0:
+            if self._allocate(offset, length):
                 return
-            if ret != errno.ENOTSUP:
-                raise BlockError(os.strerror(ret), ret)
-            self._has_fallocate = False
         super().write_zeroes(offset, length, may_unmap)
+
+    def _allocate(self, offset: int, length: int) -> bool:
+        """Allocate the range (reading as zeroes); False once the file system cannot."""
+        ret = fallocate(self._fd, 0, offset, length)
+        if ret == 0:
+            return True
+        if ret != errno.ENOTSUP:
+            raise BlockError(os.strerror(ret), ret)
+        self._has_fallocate = False
+        return False
 
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole; quietly does nothing where the file system cannot."""
