@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -140,11 +140,7 @@ class Schema:
             directory = Path(override) if override else DEFAULT_DIRECTORY
         types = _read_json(directory / "types.json")
         commands: dict[str, CommandInfo] = {}
-        for path in sorted((directory / "commands").glob("*.json"), key=_stem):
-            raw = _read_json(path)
-            unknown = set(raw) - _COMMAND_KEYS
-            if unknown:
-                raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        for path, raw in _documents(directory / "commands", _COMMAND_KEYS):
             commands[path.stem] = CommandInfo(
                 name=path.stem,
                 description=raw["description"],
@@ -156,11 +152,7 @@ class Schema:
                 uri=f"{SCHEMA_BASE}commands/{path.name}",
             )
         events: dict[str, EventInfo] = {}
-        for path in sorted((directory / "events").glob("*.json"), key=_stem):
-            raw = _read_json(path)
-            unknown = set(raw) - _EVENT_KEYS
-            if unknown:
-                raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        for path, raw in _documents(directory / "events", _EVENT_KEYS):
             events[path.stem] = EventInfo(
                 name=path.stem,
                 description=raw["description"],
@@ -280,6 +272,16 @@ class Schema:
         The same list is returned on every call: callers must not modify it.
         """
         return self._introspection
+
+
+def _documents(folder: Path, allowed: set[str]) -> Iterator[tuple[Path, Any]]:
+    """Each ``*.json`` in ``folder`` (by name) and its content, which may use only ``allowed`` keys."""
+    for path in sorted(folder.glob("*.json"), key=_stem):
+        raw = _read_json(path)
+        unknown = set(raw) - allowed
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        yield path, raw
 
 
 def _stem(path: Path) -> str:
