@@ -168,10 +168,6 @@ class _Session:
         self.out(line + "\n")
         return _Abort()
 
-    def sleep(self, seconds: float) -> None:
-        """Wait (qemu-io's ``sleep``); the caller runs qemu-io off the event loop."""
-        time.sleep(seconds)
-
     def number(self, arg: str) -> int:
         """qemu-io's ``cvtnum`` with its error message; aborts the command on error."""
         try:
@@ -681,7 +677,7 @@ def _sleep_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
     # product that wraps to a negative deadline has already passed, so no wait at all.
     nanoseconds = (value * 1_000_000) & ((1 << 64) - 1)
     if nanoseconds < 1 << 63:
-        session.sleep(nanoseconds / 1e9)
+        time.sleep(nanoseconds / 1e9)  # qemu-io runs in a worker thread, off the event loop
 
 
 _COMMANDS: tuple[_Command, ...] = (
