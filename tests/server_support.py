@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -15,17 +14,6 @@ from pathlib import Path
 from typing import Any
 
 SERVER = [sys.executable, "-m", "qmp_server"]
-#: ../shared/reference beside the repository: scenarios and QEMU 7.2's transcripts of them.
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-
-
-def transcript_runner() -> Any:
-    """The reference ``qmp_transcript`` module (its ``run(scenario, emulator)`` replays one)."""
-    spec = importlib.util.spec_from_file_location("qmp_transcript", REFERENCE / "qmp_transcript.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
 
 

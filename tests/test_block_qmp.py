@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+import transcript
 from lock_probe import locked
-from server_support import REFERENCE, Client, running, transcript_runner
+from server_support import SERVER, Client, running
 
 
 def run_qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,11 +48,8 @@ def _normalize(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_blockdev_scenario_matches_qemu(qemu_img: str) -> None:
-    runner = transcript_runner()
-    scenario = json.loads((REFERENCE / "scenarios" / "blockdev.json").read_text())
-    ours = [_normalize(r) for r in runner.run(scenario, f"{sys.executable} -m qmp_server")]
-    expected = [_normalize(json.loads(line))
-                for line in (REFERENCE / "qemu-7.2" / "blockdev.jsonl").read_text().splitlines()]
+    ours = [_normalize(r) for r in transcript.run(transcript.scenario("blockdev"), SERVER)]
+    expected = [_normalize(r) for r in transcript.recorded("blockdev")]
     assert ours == expected
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import qemu_tools
+import transcript
 from migration_support import (
     Server,
     blockdev,
@@ -35,7 +36,7 @@ from migration_support import (
     start_server,
     start_servers,
 )
-from server_support import REFERENCE, transcript_runner
+from server_support import SERVER
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,13 +131,10 @@ def _normalize(transcript: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_reference_scenario_matches_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     qemu_tools.require("qemu-img")
-    transcript = transcript_runner()
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    scenario = json.loads((REFERENCE / "scenarios" / "migration.json").read_text())
-    ours = transcript.run(scenario, f"{sys.executable} -m qmp_server")
-    lines = (REFERENCE / "qemu-7.2" / "migration.jsonl").read_text().splitlines()
-    qemu = [json.loads(line) for line in lines]
+    ours = transcript.run(transcript.scenario("migration"), SERVER)
+    qemu = transcript.recorded("migration")
     assert _normalize(ours) == _normalize(qemu)
 
 

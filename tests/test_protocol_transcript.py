@@ -1,6 +1,6 @@
 """The protocol scenario against QEMU: the stored QEMU 7.2 transcript and a live QEMU.
 
-``shared/reference/scenarios/protocol.json`` is replayed by the shared transcript runner
+``tests/data/scenarios/protocol.json`` is replayed by the project's transcript runner
 against ``python -m qmp_server`` and compared, key order included, with what QEMU 7.2
 answered (``qemu-7.2/protocol.jsonl``). Only what legitimately differs is normalized:
 timestamps (the runner already does), the version numbers and package string, and
@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from server_support import REFERENCE, Client, running, transcript_runner
-
-EMULATOR = f"{sys.executable} -m qmp_server"
-QEMU_EMULATOR = "qemu-system-x86_64 -machine none -nodefaults -display none"
+import transcript
+from server_support import QEMU, SERVER, Client, running
 
 
 def normalize(record: dict[str, Any]) -> str:
@@ -42,23 +39,17 @@ def normalize(record: dict[str, Any]) -> str:
     return json.dumps(record)
 
 
-def scenario() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((REFERENCE / "scenarios" / "protocol.json").read_text())
-    return loaded
-
-
-def replay(emulator: str) -> list[str]:
-    return [normalize(record) for record in transcript_runner().run(scenario(), emulator)]
+def replay(emulator: list[str]) -> list[str]:
+    return [normalize(record) for record in transcript.run(transcript.scenario("protocol"), emulator)]
 
 
 def test_replay_matches_qemu_72_transcript() -> None:
-    expected = [normalize(json.loads(line))
-                for line in (REFERENCE / "qemu-7.2" / "protocol.jsonl").read_text().splitlines()]
-    assert replay(EMULATOR) == expected
+    expected = [normalize(record) for record in transcript.recorded("protocol")]
+    assert replay(SERVER) == expected
 
 
 def test_replay_matches_live_qemu(qemu_system: str) -> None:
-    assert replay(EMULATOR) == replay(QEMU_EMULATOR)
+    assert replay(SERVER) == replay(QEMU)
 
 
 # --------------------------------------------------------------------------------------
