@@ -17,7 +17,9 @@ The same nodes also convert the all-string trees of the keyval (``-blockdev key=
 into typed values, with the keyval visitor's texts (``expects integer``, ``'on' or 'off'``).
 
 Valid input raises nothing and builds no paths: a failing node raises :class:`Failure` and each
-container it passes on the way up records its member name or list index.
+container it passes on the way up records its member name or list index. The one change a
+check makes to valid input: a negative number in a 'uint64'/'size' member is stored back as the
+uint64 it wraps to, as QEMU's visitor casts it, so later range checks see QEMU's number.
 """
 
 from __future__ import annotations
@@ -519,6 +521,15 @@ class UIntNode(Node):
         if self.ctype is not None and value % 2**64 > self.hi:
             raise Failure(EXPECTS_BARE, self.ctype)
 
+    @staticmethod
+    def wrap(value: int) -> int:
+        """The uint64 a checked value stands for: QEMU casts a negative int64 (so -1 is 2^64-1).
+
+        Containers store this back, so handlers and range checks after the visit
+        (``migrate_params_check``, driver options) see the number QEMU sees.
+        """
+        return value + 2**64 if value < 0 else value
+
     def keyval(self, value: Any) -> Any:
         text = _keyval_string(value)
         if self.is_size:
@@ -575,6 +586,8 @@ class ListNode(Node):
             except Failure as failure:
                 failure.path.append(index)
                 raise
+        if isinstance(self.element, UIntNode):
+            value[:] = [UIntNode.wrap(item) for item in value]
 
     def keyval(self, value: Any) -> Any:
         if not isinstance(value, list):
@@ -601,7 +614,8 @@ class Member:
         self.features = features
 
 
-_Plan = tuple[tuple[str, Callable[[Any], None], bool], ...]
+# (member name, check, required, whether the checked value is wrapped to uint64)
+_Plan = tuple[tuple[str, Callable[[Any], None], bool, bool], ...]
 
 
 class StructNode(Node):
@@ -625,12 +639,12 @@ class StructNode(Node):
 
     @staticmethod
     def _make_plan(members: tuple[Member, ...]) -> _Plan:
-        return tuple((m.name, m.node.check, m.required) for m in members)
+        return tuple((m.name, m.node.check, m.required, isinstance(m.node, UIntNode)) for m in members)
 
     @staticmethod
     def _walk(plan: _Plan, value: dict[str, Any]) -> int:
         present = 0
-        for name, check, required in plan:
+        for name, check, required, wraps in plan:
             if name in value:
                 present += 1
                 try:
@@ -638,6 +652,8 @@ class StructNode(Node):
                 except Failure as failure:
                     failure.path.append(name)
                     raise
+                if wraps and value[name] < 0:
+                    value[name] = UIntNode.wrap(value[name])
             elif required:
                 raise Failure(MISSING, path=[name])
         return present
