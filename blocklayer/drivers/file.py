@@ -85,6 +85,15 @@ def _bounce_buffer(size: int) -> memoryview:
     return memoryview(mmap.mmap(-1, size))
 
 
+def _host_path(filename: str) -> bytes:
+    """The path QEMU would open for ``filename``.
+
+    QEMU's JSON parser stores a ``\\u0000`` in a string as the two bytes C0 80 (so that C
+    strings keep going), and opens that name: usually a file that does not exist.
+    """
+    return os.fsencode(filename).replace(b"\0", b"\xc0\x80")
+
+
 def _io_error(exc: OSError) -> BlockError:
     err = exc.errno or errno.EIO
     return BlockError(os.strerror(err), err)
@@ -167,6 +176,9 @@ class FileDriver(BlockDriver):
         filename = options.get("filename")
         if not isinstance(filename, str):
             raise BlockError("Parameter 'filename' is missing", errno.EINVAL)
+        if not filename:
+            # bdrv_open_inherit() refuses an empty name for drivers that need one.
+            raise BlockError("The 'file' block driver requires a file name", errno.EINVAL)
         self._filename = filename
 
         # Checked in QEMU's order, so the same bad option set fails with the same text.
@@ -196,7 +208,7 @@ class FileDriver(BlockDriver):
         if self._direct:
             flags |= os.O_DIRECT
         try:
-            fd = os.open(filename, flags)
+            fd = os.open(_host_path(filename), flags)
         except OSError as exc:
             err = exc.errno or errno.EIO
             if err == errno.EINVAL and self._direct:
@@ -235,6 +247,14 @@ class FileDriver(BlockDriver):
             raise BlockError(f"'file' driver requires '{self._filename}' to be a regular file", errno.EINVAL)
         if self._direct:
             self._align = self._probe_alignment()
+        # QEMU sizes a file with lseek(SEEK_END) (raw_getlength) when the node is opened;
+        # some regular-looking files refuse that (/proc/self/mem: EINVAL), and then
+        # bdrv_refresh_total_sectors() fails the open.
+        try:
+            os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            raise BlockError(f"Could not refresh total sector count: {os.strerror(err)}", err) from exc
 
     def _probe_alignment(self) -> int:
         try:

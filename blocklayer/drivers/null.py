@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from typing import Any
 
 from ..driver import BlockDriver
+from ..errors import BlockError
 
 DEFAULT_SIZE = 1 << 30
+# QEMU's BDRV_MAX_LENGTH: INT64_MAX aligned down to BDRV_MAX_ALIGNMENT (1 GiB). Any node
+# longer than this fails bdrv_refresh_total_sectors() with EFBIG.
+MAX_LENGTH = (2**63 - 1) & ~((1 << 30) - 1)
+INT64_MAX = 2**63 - 1
 
 
 class NullDriver(BlockDriver):
@@ -22,8 +28,22 @@ class NullDriver(BlockDriver):
         self.filename = "null-co://"
 
     def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
-        """Take ``size``; ``latency-ns`` and ``read-zeroes`` are accepted."""
-        self.size = options.get("size", DEFAULT_SIZE)
+        """Take ``size``; ``latency-ns`` and ``read-zeroes`` are accepted.
+
+        Checked in QEMU's order (null_file_open, then bdrv_refresh_total_sectors): a
+        negative size as QemuOpts' size parser refuses it (QEMU 7.2 aborts there), a
+        latency that is no int64, a size beyond what the block layer can address.
+        """
+        size = int(options.get("size", DEFAULT_SIZE))
+        if size < 0:
+            raise BlockError("Parameter 'size' expects a non-negative number below 2^64", errno.EINVAL)
+        # latency-ns is a uint64 member stored in an int64_t: anything past INT64_MAX
+        # (including a wrapped negative number) reads as negative in QEMU.
+        if not 0 <= int(options.get("latency-ns", 0)) <= INT64_MAX:
+            raise BlockError("latency-ns is invalid", errno.EINVAL)
+        if size > MAX_LENGTH:
+            raise BlockError("Could not refresh total sector count: File too large", errno.EFBIG)
+        self.size = size
 
     def getlength(self) -> int:
         """The configured size."""

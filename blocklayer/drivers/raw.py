@@ -33,19 +33,27 @@ class RawDriver(BlockDriver):
         return self.file
 
     def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
-        """Check the window against the file."""
-        self.offset = options.get("offset", 0)
-        self.size = options.get("size")
-        if self.size is not None and self.size % 512:
-            raise BlockError("Specified size is not multiple of 512")
-        if self.offset < 0 or (self.size is not None and self.size < 0):
-            raise BlockError("offset and size must be non-negative")
+        """Check the window against the file, in QEMU's order (raw_read_options, then
+        raw_apply_options against the opened file's length), with QEMU 7.2's texts."""
+        offset = int(options.get("offset", 0))
+        size = options.get("size")
+        # QemuOpts parses both as sizes: no negative numbers.
+        if offset < 0:
+            raise BlockError("Parameter 'offset' expects a non-negative number below 2^64")
+        if size is not None and size < 0:
+            raise BlockError("Parameter 'size' expects a non-negative number below 2^64")
         file_len = self._file().getlength()
-        if self.offset > file_len:
-            raise BlockError("Offset in the file is bigger than the file size")
-        if self.size is not None and self.offset + self.size > file_len:
-            raise BlockError(f"The sum of offset ({self.offset}) and size ({self.size}) has to be smaller "
-                             f"or equal to the actual size of the containing file ({file_len})")
+        if offset > file_len:
+            raise BlockError(f"Offset ({offset}) cannot be greater than size of the "
+                             f"containing file ({file_len})")
+        if size is not None and offset + size > file_len:
+            # Two spaces before "actual": QEMU 7.2's text, byte for byte.
+            raise BlockError(f"The sum of offset ({offset}) and size ({size}) has to be smaller "
+                             f"or equal to the  actual size of the containing file ({file_len})")
+        if size is not None and size % 512:
+            raise BlockError("Specified size is not multiple of 512")
+        self.offset = offset
+        self.size = size
 
     def getlength(self) -> int:
         """The window size, or what the file holds past ``offset``."""
