@@ -11,6 +11,7 @@ layer's (QEMU's) text.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,6 +22,8 @@ from blocklayer.errors import BlockError
 from blocklayer.graph import BlockGraph
 from blocklayer.node import Edge
 from blocklayer.perm import ALL, WRITE
+from blocklayer.qcow2 import Qcow2Driver
+from blocklayer.qcow2.errors import CorruptionReport
 
 from .blockinfo import block_infos, block_infos_json
 from .errors import QMPError
@@ -37,6 +40,36 @@ class BlockService:
         self.vm = vm
         self.graph = graph if graph is not None else BlockGraph()
         self._lock = threading.Lock()
+        if self.graph.drivers.get("qcow2") is Qcow2Driver:
+            self.graph.drivers = {**self.graph.drivers, "qcow2": lambda: Qcow2Driver(
+                corruption_listener=self._image_corrupted)}
+
+    def _image_corrupted(self, driver: Qcow2Driver, report: CorruptionReport) -> None:
+        """QEMU's qcow2_signal_corruption, our half: the stderr line and the event.
+
+        Called under the graph lock, in a worker thread or in the event loop's thread.
+        """
+        sys.stderr.write(report.stderr_line)
+        sys.stderr.flush()
+        node = next((n for n in self.graph.nodes.values() if n.driver is driver), None)
+        # Keys in the order QEMU 7.2 writes them; there are no devices, hence "".
+        data: dict[str, Any] = {"device": "", "msg": report.msg}
+        if report.offset >= 0:
+            data["offset"] = report.offset
+        if node is not None:
+            data["node-name"] = node.name
+        data["fatal"] = report.fatal
+        if report.size >= 0:
+            data["size"] = report.size
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            try:
+                trio.from_thread.run_sync(self.vm.events.emit, "BLOCK_IMAGE_CORRUPTED", data)
+            except RuntimeError:
+                pass  # no event loop any more (closing at exit): nobody to tell
+            return
+        self.vm.events.emit("BLOCK_IMAGE_CORRUPTED", data)
 
     @staticmethod
     def _call(fn: Callable[..., T], *args: Any) -> T:

@@ -540,7 +540,8 @@ def test_commands_and_flags(schema: Schema) -> None:
         "query-migrate-parameters",
     }
     assert set(schema.commands) == expected
-    assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS"}
+    assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
+                                  "BLOCK_IMAGE_CORRUPTED"}
     assert not any(info.allow_oob for info in schema.commands.values())
     preconfig = {name for name, info in schema.commands.items() if info.allow_preconfig}
     assert {"qmp_capabilities", "blockdev-add", "blockdev-set-active", "query-status"} <= preconfig

@@ -44,6 +44,9 @@ class MetadataCache(Generic[T]):
         self._entries: OrderedDict[int, CacheEntry[T]] = OrderedDict()
         self.depends: MetadataCache[Any] | None = None
         self.depends_on_flush = False
+        #: Called with (offset, length) before any entry is written: the image's overlap
+        #: check (QEMU's qcow2_cache_entry_flush runs qcow2_pre_write_overlap_check).
+        self.pre_write: Callable[[int, int], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -104,6 +107,8 @@ class MetadataCache(Generic[T]):
         elif self.depends_on_flush:
             self.file.flush()
             self.depends_on_flush = False
+        if self.pre_write is not None:
+            self.pre_write(offset, self.table_size)
         self.file.pwrite(offset, self._encode(entry.table))
         entry.dirty = False
 

@@ -11,7 +11,7 @@ from ..driver import BackingRequest, BlockDriver
 from ..errors import BlockError
 from ..perm import ChildRole
 from . import datapath
-from .errors import Qcow2Corruption
+from .errors import CorruptionReport, Qcow2Corruption
 from .header import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT
 from .image import HEADER_READ, Qcow2Image, open_image
 
@@ -21,6 +21,9 @@ SKIP_INVALIDATE_FOR_TESTS = False
 
 R = TypeVar("R")
 
+#: Told about every corruption the driver signals (the QMP layer makes it an event).
+CorruptionListener = Callable[["Qcow2Driver", CorruptionReport], None]
+
 
 class Qcow2Driver(BlockDriver):
     """qcow2 images (v2/v3) on top of the ``file`` child, with an optional backing child."""
@@ -29,8 +32,14 @@ class Qcow2Driver(BlockDriver):
     file_role = ChildRole.image()
     supports_backing = True
 
-    def __init__(self, skip_invalidate_for_tests: bool | None = None) -> None:
+    def __init__(self, skip_invalidate_for_tests: bool | None = None,
+                 corruption_listener: CorruptionListener | None = None) -> None:
         super().__init__()
+        self.corruption_listener = corruption_listener
+        #: QEMU's ``bs->drv = NULL`` after a fatal corruption: every request then fails
+        #: with ENOMEDIUM until the node is deleted.
+        self.ejected = False
+        self._signaled = False
         self._img: Qcow2Image | None = None
         self._options: Mapping[str, Any] = {}
         self._read_only = True
@@ -58,6 +67,12 @@ class Qcow2Driver(BlockDriver):
         self._img = None
 
     def _image(self) -> Qcow2Image:
+        if self.ejected:
+            raise BlockError(os.strerror(errno.ENOMEDIUM), errno.ENOMEDIUM)
+        return self._opened()
+
+    def _opened(self) -> Qcow2Image:
+        # The image state, also after a fatal corruption (queries still describe it).
         if self._img is None:
             raise BlockError("qcow2 node is not open", errno.EBADF)
         return self._img
@@ -78,11 +93,27 @@ class Qcow2Driver(BlockDriver):
     def _guard(self, img: Qcow2Image, fn: Callable[[], R]) -> R:
         try:
             return fn()
-        except Qcow2Corruption:
-            # As QEMU's qcow2_signal_corruption: once metadata is known to be wrong, any
-            # further write could spread the damage, so the image is flagged and frozen.
-            img.mark_corrupt()
+        except Qcow2Corruption as exc:
+            self._signal_corruption(img, exc)
             raise
+
+    def _signal_corruption(self, img: Qcow2Image, exc: Qcow2Corruption) -> None:
+        """QEMU's qcow2_signal_corruption.
+
+        On a writable image the corruption is fatal: once metadata is known to be wrong
+        any further write could spread the damage, so the corrupt bit is set and the
+        node becomes unusable. A read-only image is only reported (the request fails).
+        Either way only the first event is reported, as QEMU suppresses the rest.
+        """
+        fatal = img.writable
+        first = not self._signaled
+        self._signaled = True
+        if fatal:
+            img.mark_corrupt()
+            self.ejected = True
+        if first and self.corruption_listener is not None:
+            self.corruption_listener(self, CorruptionReport(exc.detail, exc.offset, exc.size,
+                                                            fatal))
 
     # -- I/O -----------------------------------------------------------------------
 
@@ -110,19 +141,24 @@ class Qcow2Driver(BlockDriver):
 
     def flush(self) -> None:
         """Write back L2 then refcount caches (dependency order), then flush the file."""
+        if self.ejected:
+            return  # QEMU: flushing a node without a driver succeeds and does nothing
         img = self._image()
         self._guard(img, img.flush)
 
     def getlength(self) -> int:
         """Virtual size, in whole 512-byte sectors as QEMU counts it."""
-        return self._image().virtual_size // 512 * 512
+        return self._opened().virtual_size // 512 * 512
 
     # -- activation ----------------------------------------------------------------
 
     def inactivate(self) -> None:
         """Flush caches, clear the dirty bit, make it durable; no writes afterwards."""
+        if self.ejected:
+            self._inactive = True
+            return
         img = self._image()
-        img.inactivate()
+        self._guard(img, img.inactivate)
         self._inactive = True
 
     def invalidate_cache(self) -> None:
@@ -149,7 +185,7 @@ class Qcow2Driver(BlockDriver):
         """Header, L1 and refcount table as this node last knew them (open_image's reads)."""
         ranges = [(0, HEADER_READ)]
         img = self._img
-        if img is not None:
+        if img is not None and not self.ejected:
             hdr = img.hdr
             if hdr.l1_size:
                 ranges.append((hdr.l1_table_offset, hdr.l1_size * 8))
@@ -168,7 +204,7 @@ class Qcow2Driver(BlockDriver):
 
     def backing_request(self) -> BackingRequest | None:
         """The backing file the header names, resolved against the image's directory."""
-        hdr = self._image().hdr
+        hdr = self._opened().hdr
         if not hdr.backing_file:
             return None
         return BackingRequest(hdr.backing_file, self._full_backing_path(hdr.backing_file),
@@ -176,7 +212,7 @@ class Qcow2Driver(BlockDriver):
 
     def image_info(self) -> dict[str, Any]:
         """cluster-size, dirty-flag, format-specific and backing names, as QEMU reports."""
-        img = self._image()
+        img = self._opened()
         hdr = img.hdr
         data: dict[str, Any]
         compression = COMPRESSION_NAMES.get(hdr.compression_type, "zlib")

@@ -13,6 +13,7 @@ written through with a flush.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from array import array
 from collections.abc import Mapping
@@ -21,11 +22,13 @@ from typing import Any
 from ..driver import ChildIO
 from ..errors import BlockError
 from . import header as H
+from . import overlap as OL
 from .cache import CacheEntry, CleanTimer, MetadataCache
-from .errors import Qcow2Corruption
+from .errors import Qcow2Corruption, c_hex
 from .l2 import L1E_OFFSET_MASK, OFLAG_COPIED, CompressedLayout
 from .options import Qcow2Options, cache_sizes, parse_options
 from .refcount import REFT_OFFSET_MASK, RefcountManager
+from .snapshot import SnapshotTable, read_snapshot_table
 from .tables import U64, RefBlockCodec, be_array, be_array_trimmed, be_bytes
 from .tracked import TrackedFile
 
@@ -109,15 +112,20 @@ class Qcow2Image:
         self.slice_mask = self.slice_entries - 1
         self.l2_cache: MetadataCache[array[int]] = MetadataCache(
             file, sizes.l2_entries, self.slice_bytes, be_array, be_bytes)
-        reftable = be_array_trimmed(
-            file.pread(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs))
+        reftable = be_array_trimmed(_read_table(
+            file, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs,
+            "Could not initialize refcount handling"))
         self.refcounts = RefcountManager(
             file, hdr.cluster_bits, RefBlockCodec(hdr.refcount_order, cs), reftable,
             hdr.refcount_table_offset, hdr.refcount_table_clusters, sizes.refcount_entries,
             self.l2_cache, self._reftable_moved)
         self.refcounts.discard_cluster_hook = self._forget_l2_cluster
-        self.refcounts.layout_hook = self._layout_changed
-        self._metadata_clusters: dict[int, str] | None = None
+        self.refcounts.layout_hook = self.layout_changed
+        self.refcounts.overlap_check = self.check_overlap
+        self.l2_cache.pre_write = lambda off, n: self.check_overlap(off, n, OL.ACTIVE_L2)
+        self.refcounts.cache.pre_write = lambda off, n: self.check_overlap(off, n, OL.REFCOUNT_BLOCK)
+        self.snapshots = SnapshotTable(hdr.snapshots_offset, 0, ())
+        self._metadata: OL.MetadataMap | None = None
         self.clean_timer = CleanTimer(opts.cache_clean_interval)
         self.last_compressed: tuple[int, bytes] | None = None
 
@@ -133,48 +141,51 @@ class Qcow2Image:
         """False while lazy refcounts let on-disk refcounts lag (image marked dirty)."""
         return not self.dirty
 
-    def _layout_changed(self) -> None:
-        self._metadata_clusters = None
+    def layout_changed(self) -> None:
+        """Forget the metadata map (tables moved or were added); rebuilt on next use."""
+        self._metadata = None
 
-    def _build_metadata_map(self) -> dict[int, str]:
-        cb = self.cluster_bits
-        found: dict[int, str] = {0: "qcow2_header"}
-
-        def add(offset: int, length: int, name: str) -> None:
-            for cluster in range(offset >> cb, ((offset + max(length, 1) - 1) >> cb) + 1):
-                found[cluster] = name
-
-        add(self.hdr.l1_table_offset, self.hdr.l1_size * 8, "active L1 table")
+    def _build_metadata_map(self) -> OL.MetadataMap:
+        meta = OL.MetadataMap(self.cluster_bits)
+        hdr = self.hdr
         rc = self.refcounts
-        add(rc.reftable_offset, rc.reftable_clusters << cb, "refcount table")
-        if self.hdr.nb_snapshots:
-            add(self.hdr.snapshots_offset, 1, "snapshot table")
+        meta.add_range(0, self.cluster_size, OL.HEADER)
+        meta.add_range(hdr.l1_table_offset, hdr.l1_size * 8, OL.ACTIVE_L1)
+        meta.add_range(rc.reftable_offset, rc.reftable_clusters << self.cluster_bits,
+                       OL.REFCOUNT_TABLE)
+        if hdr.nb_snapshots:
+            meta.add_range(hdr.snapshots_offset, max(self.snapshots.length, 1), OL.SNAPSHOT_TABLE)
         if self.opts.overlap_check != "constant":
+            for l1_offset, l1_size in self.snapshots.l1_tables:
+                meta.add_range(l1_offset, l1_size * 8, OL.INACTIVE_L1)
             for entry in self.l1:
                 if entry & L1E_OFFSET_MASK:
-                    found[(entry & L1E_OFFSET_MASK) >> cb] = "active L2 table"
+                    meta.add_cluster(entry & L1E_OFFSET_MASK, OL.ACTIVE_L2)
             for entry in rc.reftable:
                 if entry & REFT_OFFSET_MASK:
-                    found[(entry & REFT_OFFSET_MASK) >> cb] = "refcount block"
-        return found
+                    meta.add_cluster(entry & REFT_OFFSET_MASK, OL.REFCOUNT_BLOCK)
+        return meta
 
-    def check_overlap(self, offset: int, length: int) -> None:
-        """QEMU's pre-write overlap check: guest data must never land on metadata.
+    def check_overlap(self, offset: int, length: int, ignore: int = 0) -> None:
+        """QEMU's qcow2_pre_write_overlap_check: nothing may be written over metadata.
 
-        ``constant`` covers the header, L1, refcount table and snapshot table;
-        ``cached`` (the default) and ``all`` add every active L2 table and refblock.
+        Every metadata and data write calls this first, naming in ``ignore`` the kind of
+        table it legitimately rewrites (an L2 table may be written over an L2 table).
+        ``constant`` checks the header, L1, refcount table and snapshot table; ``cached``
+        (the default) and ``all`` add L2 tables, refcount blocks and snapshot L1 tables.
         """
-        if self.opts.overlap_check == "none" or length <= 0:
+        mode = self.opts.overlap_check
+        if mode == "none" or length <= 0:
             return
-        meta = self._metadata_clusters
+        meta = self._metadata
         if meta is None:
-            meta = self._metadata_clusters = self._build_metadata_map()
-        cb = self.cluster_bits
-        for cluster in range(offset >> cb, ((offset + length - 1) >> cb) + 1):
-            name = meta.get(cluster)
-            if name is not None:
-                raise Qcow2Corruption(
-                    f"Preventing invalid write on metadata (overlaps with {name})")
+            meta = self._metadata = self._build_metadata_map()
+        check = (OL.CONSTANT if mode == "constant" else OL.CACHED) & ~ignore
+        found = meta.hits(offset, length, check)
+        if found:
+            raise Qcow2Corruption(
+                f"Preventing invalid write on metadata (overlaps with {OL.name_of(found)})",
+                offset, length)
 
     def _reftable_moved(self, offset: int, clusters: int) -> None:
         self.hdr.refcount_table_offset = offset
@@ -206,15 +217,23 @@ class Qcow2Image:
         self.update_header()
 
     def mark_corrupt(self) -> None:
-        """Set the corrupt bit so nobody writes to the image again before a repair."""
-        if self.version >= 3 and self.writable:
+        """Set the corrupt bit so nobody writes to the image again before a repair.
+
+        Only the 8-byte feature field is written (never the whole header, whose in-memory
+        copy is exactly what may be wrong); v2 images have no such bit (QEMU's
+        qcow2_mark_corrupt then changes nothing on disk either). Cached tables are
+        dropped unwritten: they may hold the very damage that was just caught.
+        """
+        if self.writable:
             self.hdr.incompatible_features |= H.INCOMPAT_CORRUPT
-            try:
-                self.update_header()
-                self.file.flush()
-            except BlockError:
-                pass
+            if self.version >= 3:
+                try:
+                    self.file.pwrite(72, struct.pack(">Q", self.hdr.incompatible_features))
+                    self.file.flush()
+                except BlockError:
+                    pass
         self.writable = False
+        self.drop()
 
     # -- caches ----------------------------------------------------------------
 
@@ -266,7 +285,8 @@ class Qcow2Image:
             return 0
         offset: int = self.l1[l1_index] & L1E_OFFSET_MASK
         if offset & (self.cluster_size - 1):
-            raise Qcow2Corruption(f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})")
+            raise Qcow2Corruption(f"L2 table offset {c_hex(offset)} unaligned "
+                                  f"(L1 index: {c_hex(l1_index)})")
         return offset
 
     def l2_slice(self, l1_index: int, slice_start: int) -> array[int] | None:
@@ -279,7 +299,7 @@ class Qcow2Image:
     def l2_slice_for_write(self, l1_index: int, slice_start: int) -> CacheEntry[array[int]]:
         """The cache entry of an L2 slice this node may modify (allocated/COWed as needed)."""
         if l1_index >= len(self.l1):
-            raise Qcow2Corruption(f"L1 index {l1_index:#x} out of range")
+            raise Qcow2Corruption(f"L1 index {c_hex(l1_index)} out of range")
         entry = self.l1[l1_index]
         offset = self.l2_table_offset(l1_index)
         if not offset or not entry & OFLAG_COPIED:
@@ -289,6 +309,9 @@ class Qcow2Image:
     def _allocate_l2(self, l1_index: int, old_offset: int) -> int:
         cs = self.cluster_size
         new_offset = self.refcounts.alloc(1)
+        if new_offset == 0:
+            # Free refcounts for cluster 0 mean the refcounts are wrong (QEMU's l2_allocate).
+            raise Qcow2Corruption("Preventing invalid allocation of L2 table at offset 0")
         # The new table's refcount must be on disk before the table is referenced
         # (this also writes out L2 changes the refcounts depend on).
         self.refcounts.cache.flush()
@@ -296,22 +319,46 @@ class Qcow2Image:
             table = self.file.pread(old_offset, cs)
         else:
             table = bytes(cs)
+        self.check_overlap(new_offset, cs, OL.ACTIVE_L2)
         self.file.pwrite(new_offset, table)
         self.file.flush()
         for pos in range(0, cs, self.slice_bytes):
             self.l2_cache.put(new_offset + pos, be_array(table[pos:pos + self.slice_bytes]),
                               dirty=False)
         self.write_l1_entry(l1_index, new_offset | OFLAG_COPIED)
-        self._metadata_clusters = None
+        self._metadata = None
         if old_offset:
             self.refcounts.free_clusters(old_offset, cs, self.opts.pass_discard_other)
         return new_offset
 
     def write_l1_entry(self, l1_index: int, value: int) -> None:
         """Update one L1 entry in memory and on disk, durably."""
+        position = self.hdr.l1_table_offset + 8 * l1_index
+        self.check_overlap(position, 8, OL.ACTIVE_L1)
         self.l1[l1_index] = value
-        self.file.pwrite(self.hdr.l1_table_offset + 8 * l1_index, struct.pack(">Q", value))
+        self.file.pwrite(position, struct.pack(">Q", value))
         self.file.flush()
+
+
+def _read_table(file: TrackedFile, offset: int, length: int, what: str) -> bytes:
+    """Read a table QEMU reads at open; a failed read is its ``what: strerror``."""
+    try:
+        return file.pread(offset, length)
+    except BlockError as exc:
+        code = exc.errno or errno.EIO
+        raise BlockError(f"{what}: {os.strerror(code)}", code) from exc
+
+
+def _read_snapshots(file: TrackedFile, hdr: H.Header) -> SnapshotTable:
+    """The snapshot table as far as it can be trusted (QEMU reads it at open too)."""
+    try:
+        return read_snapshot_table(file, hdr.snapshots_offset, hdr.nb_snapshots, validate=False)
+    except Qcow2Corruption:
+        # Unreadable entries: protect at least the table's fixed-size part.
+        return SnapshotTable(hdr.snapshots_offset, hdr.nb_snapshots * H.SNAPSHOT_HEADER_SIZE, ())
+    except BlockError as exc:
+        code = exc.errno or errno.EIO
+        raise BlockError(f"Failed to read snapshot table: {os.strerror(code)}", code) from exc
 
 
 def open_image(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
@@ -328,8 +375,12 @@ def open_image(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
     if opts is None:
         opts = parse_options(options)
     check_option_conflicts(hdr, options, opts)
-    l1 = be_array(file.pread(hdr.l1_table_offset, hdr.l1_size * 8)) if hdr.l1_size else array(U64)
+    l1 = (be_array(_read_table(file, hdr.l1_table_offset, hdr.l1_size * 8,
+                               "Could not read L1 table"))
+          if hdr.l1_size else array(U64))
     img = Qcow2Image(file, hdr, opts, l1, writable)
+    if hdr.nb_snapshots:
+        img.snapshots = _read_snapshots(file, hdr)
     if writable:
         if hdr.autoclear_features:
             # We maintain no bitmaps (bit 0) and know no other autoclear feature;

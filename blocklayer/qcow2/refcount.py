@@ -14,6 +14,7 @@ handed out twice, and new metadata is always made durable before anything points
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from array import array
 from collections.abc import Callable
@@ -21,12 +22,15 @@ from typing import Any
 
 from ..driver import ChildIO
 from ..errors import BlockError
+from . import overlap as OL
 from .cache import MetadataCache
-from .errors import Qcow2Corruption
+from .errors import Qcow2Corruption, c_hex
 from .tables import U64, RefBlock, RefBlockCodec, be_bytes, used_length
 
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
+#: QEMU's QCOW_MAX_CLUSTER_OFFSET: no cluster is ever allocated at or past it.
+MAX_CLUSTER_OFFSET = (1 << 56) - 1
 
 
 class RefcountManager:
@@ -54,6 +58,8 @@ class RefcountManager:
         self.pending_discards: list[tuple[int, int]] = []
         self.discard_cluster_hook: Callable[[int], None] | None = None
         self.layout_hook: Callable[[], None] | None = None
+        #: The image's pre-write overlap check (offset, length, kinds to ignore).
+        self.overlap_check: Callable[[int, int, int], None] | None = None
 
     # -- lookup ----------------------------------------------------------------
 
@@ -63,11 +69,12 @@ class RefcountManager:
             return 0
         entry = self.reftable[block_index]
         if entry & REFT_RESERVED_MASK:
-            raise Qcow2Corruption(f"Reserved bits set in refcount table entry {block_index:#x}")
+            raise Qcow2Corruption(
+                f"Reserved bits set in refcount table entry {c_hex(block_index)}")
         offset = entry & REFT_OFFSET_MASK
         if offset & (self.cluster_size - 1):
-            raise Qcow2Corruption(f"Refblock offset {offset:#x} unaligned "
-                                  f"(reftable index: {block_index:#x})")
+            raise Qcow2Corruption(f"Refblock offset {c_hex(offset)} unaligned "
+                                  f"(reftable index: {c_hex(block_index)})")
         return offset
 
     def refcount(self, cluster: int) -> int:
@@ -80,24 +87,39 @@ class RefcountManager:
     # -- allocation ------------------------------------------------------------
 
     def alloc(self, count: int) -> int:
-        """Allocate ``count`` contiguous clusters (refcount 1); return the host offset."""
-        while True:
+        """Allocate ``count`` contiguous clusters (refcount 1); return the host offset.
+
+        As QEMU's qcow2_alloc_clusters: find a free run, create the refblocks it needs
+        and, when that allocated anything, search again from the same start (the new
+        refblock may sit in the run). Each retry adds a refblock (or a bigger table), so
+        the retries are bounded by the run's refblocks; a search that still does not
+        settle means refcounts that contradict themselves, and fails instead of looping.
+        """
+        for _ in range((count >> self.block_bits) + 16):
             start = self._find_free_run(count)
+            self.free_index = start + count
             if self._ensure_blocks(start, count):
+                self.free_index = min(self.free_index, start)
                 continue
             self.update(start, count, 1)
-            self.free_index = start + count
             self._cancel_discards(start << self.cluster_bits, count << self.cluster_bits)
             return start << self.cluster_bits
+        raise Qcow2Corruption("Refcount structures keep changing while allocating clusters")
 
     def _find_free_run(self, count: int) -> int:
         index = self.free_index
-        while True:
+        limit = (MAX_CLUSTER_OFFSET >> self.cluster_bits) + 1
+        # Every pass moves ``index`` forward, and past the refcount table everything is
+        # free, so this ends; the limit is QEMU's -EFBIG for a run past the largest offset.
+        while index + count <= limit:
             index = self._next_free(index)
             used = self._first_used(index, index + count)
             if used < 0:
+                if index + count > limit:
+                    break
                 return index
             index = used + 1
+        raise BlockError(os.strerror(errno.EFBIG), errno.EFBIG)
 
     def _next_free(self, index: int) -> int:
         while True:
@@ -140,6 +162,11 @@ class RefcountManager:
         self.l2_cache.flush()
         self.cache.flush()
         cluster = self._next_free(self.free_index)
+        if cluster == 0:
+            # Cluster 0 is the header: free refcounts there mean broken refcounts
+            # (QEMU's alloc_refcount_block refuses the same way).
+            raise Qcow2Corruption("Preventing invalid allocation of refcount block at offset 0")
+        self.free_index = cluster + 1
         owner = cluster >> self.block_bits
         if owner != block_index and not self.block_offset(owner):
             self._alloc_block(owner)
@@ -151,14 +178,21 @@ class RefcountManager:
             self.update(cluster, 1, 1)
             self.cache.flush()
         offset = cluster << self.cluster_bits
+        entry_offset = self.reftable_offset + 8 * block_index
+        self._check_overlap(offset, self.cluster_size, OL.REFCOUNT_BLOCK)
+        self._check_overlap(entry_offset, 8, OL.REFCOUNT_TABLE)
         self.file.pwrite(offset, self.codec.encode(block))
         self.file.flush()
         self.cache.put(offset, block, dirty=False)
         self._set_reftable_entry(block_index, offset)
-        self.file.pwrite(self.reftable_offset + 8 * block_index, struct.pack(">Q", offset))
+        self.file.pwrite(entry_offset, struct.pack(">Q", offset))
         self.file.flush()
         if self.layout_hook is not None:
             self.layout_hook()
+
+    def _check_overlap(self, offset: int, length: int, ignore: int) -> None:
+        if self.overlap_check is not None:
+            self.overlap_check(offset, length, ignore)
 
     def _set_reftable_entry(self, index: int, value: int) -> None:
         if index >= len(self.reftable):
@@ -186,6 +220,8 @@ class RefcountManager:
         blocks = [self.codec.empty() for _ in range(new_blocks)]
         for i in range(new_blocks + table_clusters):
             blocks[i // per_block].set(i % per_block, 1)
+        self._check_overlap(area * cs, (new_blocks + table_clusters) * cs,
+                            OL.REFCOUNT_BLOCK | OL.REFCOUNT_TABLE)
         self.file.pwrite(area * cs, b"".join(self.codec.encode(b) for b in blocks))
         table = array(U64, self.reftable)
         table.extend([0] * (entries - len(table)))
@@ -226,7 +262,7 @@ class RefcountManager:
             block_index = index >> self.block_bits
             off = self.block_offset(block_index)
             if not off:
-                raise Qcow2Corruption(f"Refcount block for cluster {index:#x} missing")
+                raise Qcow2Corruption(f"Refcount block for cluster {c_hex(index)} missing")
             entry = self.cache.get(off)
             block = entry.table
             stop = min(end, (block_index + 1) << self.block_bits)
@@ -235,7 +271,7 @@ class RefcountManager:
                 value = block.get(i) + delta
                 if value < 0 or value > max_value:
                     raise Qcow2Corruption(
-                        f"Refcount of cluster {base + i:#x} would become {value} "
+                        f"Refcount of cluster {c_hex(base + i)} would become {value} "
                         f"(allowed 0..{max_value})")
                 block.set(i, value)
                 if value == 0:

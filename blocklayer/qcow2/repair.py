@@ -15,6 +15,7 @@ import struct
 from array import array
 
 from ..errors import BlockError
+from . import overlap as OL
 from .errors import Qcow2Corruption
 from .image import Qcow2Image
 from .l2 import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
@@ -118,6 +119,7 @@ def _write_structure(img: Qcow2Image, counter: _Counter) -> None:
     rc.free_index = 0
     img.hdr.refcount_table_offset = table_offset
     img.hdr.refcount_table_clusters = table_clusters
+    img.layout_changed()
 
 
 def _fix_copied(img: Qcow2Image, counter: _Counter) -> None:
@@ -147,8 +149,10 @@ def _fix_copied(img: Qcow2Image, counter: _Counter) -> None:
                 table[i] = fixed
                 changed = True
         if changed:
+            img.check_overlap(l2_offset, cs, OL.ACTIVE_L2)
             img.file.pwrite(l2_offset, be_bytes(table))
     if l1_changed:
+        img.check_overlap(img.hdr.l1_table_offset, len(img.l1) * 8, OL.ACTIVE_L1)
         img.file.pwrite(img.hdr.l1_table_offset, be_bytes(img.l1))
     img.file.flush()
 

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 from ..driver import ChildIO
+from ..errors import BlockError
+
+#: QEMU's BDRV_MAX_LENGTH (INT64_MAX rounded down to BDRV_MAX_ALIGNMENT, 1 GiB): its
+#: bdrv_check_request fails anything reaching past it with EIO, which is what a crafted
+#: table offset near 2^63 gets ("Could not read L1 table: Input/output error").
+MAX_LENGTH = ((1 << 63) - 1) & ~((1 << 30) - 1)
+
+
+def _check_request(offset: int, length: int) -> None:
+    if offset < 0 or length < 0 or offset > MAX_LENGTH - length:
+        raise BlockError(os.strerror(errno.EIO), errno.EIO)
 
 
 class TrackedFile:
@@ -35,17 +49,20 @@ class TrackedFile:
         return self._end
 
     def pread(self, offset: int, length: int) -> bytes:
-        """Read from the child."""
+        """Read from the child (requests past QEMU's largest length fail with EIO)."""
+        _check_request(offset, length)
         return self.child.pread(offset, length)
 
     def pwrite(self, offset: int, data: bytes) -> None:
         """Write to the child, noting growth."""
+        _check_request(offset, len(data))
         self.child.pwrite(offset, data)
         if self._end is not None and offset + len(data) > self._end:
             self._end = offset + len(data)
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Zero a range of the child, noting growth."""
+        _check_request(offset, length)
         self.child.pwrite_zeroes(offset, length, may_unmap)
         if self._end is not None and offset + length > self._end:
             self._end = offset + length
