@@ -10,8 +10,9 @@ from functools import partial
 
 import trio
 
-from .cli import Options
+from .cli import MonitorSpec, Options
 from .commands import block, control
+from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
 from .errors import QMPError
 from .machine import Machine, MachineConfig
@@ -28,7 +29,13 @@ def command_tables() -> list[CommandTable]:
     """Every command module's table."""
     from .migration import commands as migration_commands
 
-    return [control.table, block.table, migration_commands.table]
+    return [control.table, block.table, migration_commands.table, machine_commands.table]
+
+
+def _address(monitor: MonitorSpec) -> str:
+    if monitor.kind == "unix":
+        return f"unix:{monitor.path}"
+    return f"tcp:{monitor.host}:{monitor.port}"
 
 
 class App:
@@ -45,7 +52,8 @@ class App:
         options = self.options
         schema = Schema.load()
         config = MachineConfig(name=options.name, start_paused=options.start_paused,
-                               incoming=options.incoming)
+                               incoming=options.incoming,
+                               monitor_addresses=[_address(monitor) for monitor in options.monitors])
         machine = Machine(config, schema)
         self.machine = machine
         self.dispatcher = Dispatcher(machine, command_tables())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -21,6 +21,17 @@ class MachineConfig:
     name: str | None = None
     start_paused: bool = False
     incoming: str | None = None
+    #: ``-machine type=``: a name or alias from machinemodel.MACHINE_TYPES. Without a
+    #: guest the server is QEMU's ``-machine none``, hence the default.
+    machine_type: str = "none"
+    #: ``-uuid``; QEMU reports all zeros when none was given.
+    uuid: str = "00000000-0000-0000-0000-000000000000"
+    #: ``-no-shutdown``: a guest power-off stops the VM (run state ``shutdown``) instead
+    #: of ending the process.
+    no_shutdown: bool = False
+    #: Each ``-qmp`` address as ``unix:PATH`` or ``tcp:HOST:PORT``, in command-line order
+    #: (query-chardev's compat_monitor0, 1, ...).
+    monitor_addresses: list[str] = field(default_factory=list)
 
 
 class Machine:

@@ -538,10 +538,15 @@ def test_commands_and_flags(schema: Schema) -> None:
         "query-migrate-capabilities",
         "migrate-set-parameters",
         "query-migrate-parameters",
+        # qmp_server/commands/machine.py
+        "query-target", "query-kvm", "query-uuid", "query-machines", "query-cpus-fast",
+        "query-hotpluggable-cpus", "query-iothreads", "query-jobs", "query-chardev",
+        "qom-list-types", "qom-list-properties", "device-list-properties", "qom-list", "qom-get",
+        "system_reset", "system_powerdown",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
-                                  "BLOCK_IMAGE_CORRUPTED"}
+                                  "BLOCK_IMAGE_CORRUPTED", "POWERDOWN", "RESET"}
     assert not any(info.allow_oob for info in schema.commands.values())
     preconfig = {name for name, info in schema.commands.items() if info.allow_preconfig}
     assert {"qmp_capabilities", "blockdev-add", "blockdev-set-active", "query-status"} <= preconfig

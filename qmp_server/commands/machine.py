@@ -1,0 +1,262 @@
+"""Commands about the machine itself: target, machine types, QOM, CPUs, power.
+
+What they describe is in :mod:`qmp_server.machinemodel`; the live parts (the machine
+type chosen, the UUID, the monitors) come from the MachineConfig.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .. import machinemodel as model
+from ..dispatcher import CommandContext, CommandTable
+from ..errors import QMPError
+from ..runstate import RunState
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+table = CommandTable()
+
+
+class DeviceNotFound(QMPError):
+    """QEMU's ERROR_CLASS_DEVICE_NOT_FOUND."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc, "DeviceNotFound")
+
+
+def _machine_type(machine: Machine) -> model.MachineType:
+    found = model.machine_type(machine.config.machine_type)
+    if found is None:
+        # The command line checks the name; a bad one here is a bug, not user error.
+        raise AssertionError(f"unknown machine type {machine.config.machine_type!r}")
+    return found
+
+
+@table.query("query-target")
+def query_target(machine: Machine) -> dict[str, str]:
+    """The emulated architecture."""
+    return {"arch": model.TARGET_ARCH}
+
+
+@table.query("query-kvm")
+def query_kvm(machine: Machine) -> dict[str, bool]:
+    """KVM is neither used nor usable: the server runs no guest code (qmp_query_kvm)."""
+    return {"enabled": False, "present": False}
+
+
+@table.query("query-uuid")
+def query_uuid(machine: Machine) -> dict[str, str]:
+    """The VM's UUID (``-uuid``; all zeros by default, as QEMU)."""
+    return {"UUID": machine.config.uuid}
+
+
+@table.query("query-machines")
+def query_machines(machine: Machine) -> list[dict[str, Any]]:
+    """Every machine type the command line accepts (QEMU's qmp_query_machines)."""
+    return [entry.info() for entry in model.MACHINE_TYPES.values()]
+
+
+@table.query("query-cpus-fast")
+def query_cpus_fast(machine: Machine) -> list[dict[str, Any]]:
+    """No guest, no vCPUs: the empty list QEMU gives for ``-machine none``."""
+    return []
+
+
+@table.command("query-hotpluggable-cpus")
+async def query_hotpluggable_cpus(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """The CPU slots of the machine: none exist, since no vCPU is modelled."""
+    if not _machine_type(ctx.machine).hotpluggable_cpus:
+        # qmp_query_hotpluggable_cpus for a machine without possible_cpu_arch_ids.
+        raise QMPError("The feature 'query-hotpluggable-cpus' is not enabled")
+    return []
+
+
+@table.query("query-iothreads")
+def query_iothreads(machine: Machine) -> list[dict[str, Any]]:
+    """No ``-object iothread`` exists: every block device runs in the main loop."""
+    return []
+
+
+@table.query("query-jobs")
+def query_jobs(machine: Machine) -> list[dict[str, Any]]:
+    """Background jobs: no job kind (mirror, commit, create, ...) is implemented yet."""
+    return []
+
+
+def _chardev_labels(machine: Machine) -> list[tuple[str, str]]:
+    # monitor_init_qmp names each -qmp's chardev compat_monitor<n>.
+    return [(f"compat_monitor{index}", address)
+            for index, address in enumerate(machine.config.monitor_addresses)]
+
+
+@table.query("query-chardev")
+def query_chardev(machine: Machine) -> list[dict[str, Any]]:
+    """The character devices: one listening socket per ``-qmp``.
+
+    QEMU's filename is that of a connected socket (``unix:PATH,server=on``) while a
+    client is attached and ``disconnected:...`` otherwise; the asking client is attached
+    to one of them, and we report them all as connected (qemu_chr_socket_address).
+    """
+    return [{"frontend-open": True, "filename": f"{address},server=on", "label": label}
+            for label, address in _chardev_labels(machine)]
+
+
+@table.command("qom-list-types")
+async def qom_list_types(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """The QOM classes we model, filtered as qmp_qom_list_types does."""
+    implements: str | None = args.get("implements")
+    abstract: bool = args.get("abstract", False)
+    result: list[dict[str, Any]] = []
+    for entry in model.QOM_TYPES.values():
+        if entry.abstract and not abstract:
+            continue
+        if implements is not None and implements not in model.ancestors(entry.name):
+            continue
+        info: dict[str, Any] = {"name": entry.name}
+        if entry.abstract:
+            info["abstract"] = True
+        if entry.parent is not None:
+            info["parent"] = entry.parent
+        result.append(info)
+    return result
+
+
+def _class(typename: str) -> model.QOMType:
+    entry = model.QOM_TYPES.get(typename)
+    if entry is None:
+        raise DeviceNotFound(f"Class '{typename}' not found")
+    return entry
+
+
+@table.command("qom-list-properties")
+async def qom_list_properties(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """The properties of a QOM class: those we model for it."""
+    entry = _class(args["typename"])
+    if model.is_device(entry.name):
+        # An object's properties carry no default-value (qmp_qom_list_properties).
+        device = [{key: value for key, value in prop.items() if key != "default-value"}
+                  for prop in model.DEVICE_PROPERTIES.get(entry.name, [])]
+        return [*model.DEVICE_BASE_PROPERTIES, *device]
+    return [{"name": "type", "type": "string"}]
+
+
+@table.command("device-list-properties")
+async def device_list_properties(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """The properties ``device_add`` takes for a device type (qmp_device_list_properties)."""
+    typename: str = args["typename"]
+    entry = model.QOM_TYPES.get(typename)
+    if entry is None:
+        raise DeviceNotFound(f"Device '{typename}' not found")
+    if entry.abstract or not model.is_device(typename):
+        raise QMPError("Parameter 'typename' expects a non-abstract device type")
+    return list(model.DEVICE_PROPERTIES[typename])
+
+
+# The QOM composition tree: path -> (type, children by name).  Built on each request from
+# the configuration, which is all it depends on.
+def _tree(machine: Machine) -> dict[str, tuple[str, dict[str, str]]]:
+    tree: dict[str, tuple[str, dict[str, str]]] = {
+        "/": ("container", {"objects": "container", "machine": _machine_type(machine).qom_type,
+                            "chardevs": "container"}),
+        "/objects": ("container", {}),
+        "/machine": (_machine_type(machine).qom_type,
+                     {"peripheral-anon": "container", "peripheral": "container",
+                      "unattached": "container"}),
+        "/machine/peripheral-anon": ("container", {}),
+        "/machine/peripheral": ("container", {}),
+        "/machine/unattached": ("container", {}),
+        "/chardevs": ("container", {label: "chardev-socket" for label, _ in _chardev_labels(machine)}),
+    }
+    for label, _ in _chardev_labels(machine):
+        tree[f"/chardevs/{label}"] = ("chardev-socket", {})
+    return tree
+
+
+def _resolve(tree: dict[str, tuple[str, dict[str, str]]], path: str) -> str:
+    """object_resolve_path: an absolute path, or a partial one matching exactly one object."""
+    if path.startswith("/"):
+        canonical = "/" + "/".join(part for part in path.split("/") if part)
+        if canonical in tree:
+            return canonical
+        raise DeviceNotFound(f"Device '{path}' not found")
+    parts = [part for part in path.split("/") if part]
+    matches = [candidate for candidate in tree
+               if candidate.split("/")[1:][-len(parts):] == parts or not parts]
+    if len(matches) > 1:
+        raise QMPError(f"Path '{path}' is ambiguous")
+    if not matches:
+        raise DeviceNotFound(f"Device '{path}' not found")
+    return matches[0]
+
+
+def _child_path(parent: str, name: str) -> str:
+    return f"/{name}" if parent == "/" else f"{parent}/{name}"
+
+
+@table.command("qom-list")
+async def qom_list(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, str]]:
+    """The properties of the object at ``path``: its type and its children."""
+    tree = _tree(ctx.machine)
+    _, children = tree[_resolve(tree, args["path"])]
+    return [{"name": "type", "type": "string"},
+            *({"name": name, "type": f"child<{kind}>"} for name, kind in children.items())]
+
+
+@table.command("qom-get")
+async def qom_get(ctx: CommandContext, args: dict[str, Any]) -> Any:
+    """A property of the object at ``path``: ``type``, or a child's canonical path."""
+    tree = _tree(ctx.machine)
+    path = _resolve(tree, args["path"])
+    kind, children = tree[path]
+    name: str = args["property"]
+    if name == "type":
+        return kind
+    if name in children:
+        return _child_path(path, name)
+    raise QMPError(f"Property '{kind}.{name}' not found")
+
+
+@table.command("system_reset")
+async def system_reset(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Reset the machine: RESET after the reply; a stopped VM comes back in prelaunch.
+
+    QEMU's main_loop_should_exit: after qemu_system_reset, any state but running,
+    inmigrate and finish-migrate becomes prelaunch (so a shut down VM can ``cont``).
+    """
+    machine = ctx.machine
+
+    def reset() -> None:
+        machine.events.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        if machine.vm.state not in (RunState.RUNNING, RunState.INMIGRATE, RunState.FINISH_MIGRATE):
+            machine.vm.set_state(RunState.PRELAUNCH)
+
+    ctx.after_reply.append(reset)
+
+
+@table.command("system_powerdown")
+async def system_powerdown(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Press the power button: POWERDOWN; a running guest then powers itself off.
+
+    There is no guest OS; the one we stand in for honours the ACPI request at once, as a
+    guest does that has nothing to save: SHUTDOWN (guest-shutdown), then, as QEMU does
+    for a guest power-off, exit, or with ``-no-shutdown`` stop in run state ``shutdown``
+    (main_loop_should_exit).  A paused guest cannot react; only POWERDOWN is sent.
+    """
+    machine = ctx.machine
+    guest_reacts = machine.vm.state is RunState.RUNNING
+
+    async def guest_poweroff() -> None:
+        machine.events.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        if machine.config.no_shutdown:
+            await machine.vm.vm_stop(RunState.SHUTDOWN)
+        else:
+            machine.request_exit(0)
+
+    def powerdown() -> None:
+        machine.events.emit("POWERDOWN")
+        if guest_reacts and machine.nursery is not None:
+            machine.nursery.start_soon(guest_poweroff)
+
+    ctx.after_reply.append(powerdown)

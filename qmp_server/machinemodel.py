@@ -1,0 +1,347 @@
+"""What the machine is made of, as QOM and QMP describe it: data only, no behaviour.
+
+The server stands in for QEMU 7.2's x86_64 system emulator without a guest: it has a
+machine object, QMP monitors (socket chardevs) and block devices, but no guest CPU,
+memory or bus.  Everything here is checked against a live QEMU 7.2 in
+tests/test_machine_commands.py; what is not listed here is not modelled, and the commands
+answer for it exactly as a QEMU that lacks it would (``Class 'x' not found``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: query-target's ``arch``.
+TARGET_ARCH = "x86_64"
+
+#: The machine type of QEMU's ``-machine none``: what the server is without a guest.
+NONE_MACHINE = "none"
+
+# QEMU 7.2's versioned PC machine types (hw/i386/pc_piix.c, pc_q35.c).  The newest of each
+# family is the one the unversioned alias names; i440fx is the default machine type.
+_I440FX_VERSIONS = [
+    "1.4", "1.5", "1.6", "1.7", "2.0", "2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8",
+    "2.9", "2.10", "2.11", "2.12", "3.0", "3.1", "4.0", "4.1", "4.2", "5.0", "5.1", "5.2", "6.0",
+    "6.1", "6.2", "7.0", "7.1", "7.2",
+]
+_Q35_VERSIONS = [
+    "2.4", "2.5", "2.6", "2.7", "2.8", "2.9", "2.10", "2.11", "2.12", "3.0", "3.1", "4.0", "4.0.1",
+    "4.1", "4.2", "5.0", "5.1", "5.2", "6.0", "6.1", "6.2", "7.0", "7.1", "7.2",
+]
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+@dataclass(frozen=True)
+class MachineType:
+    """One entry of query-machines (QEMU's MachineInfo)."""
+
+    name: str
+    cpu_max: int
+    hotpluggable_cpus: bool
+    numa_mem_supported: bool
+    deprecated: bool
+    default_ram_id: str
+    default_cpu_type: str | None = None
+    alias: str | None = None
+    is_default: bool = False
+
+    @property
+    def qom_type(self) -> str:
+        """The QOM class name, as qom-list-types and ``/machine``'s ``type`` say."""
+        return f"{self.name}-machine"
+
+    def info(self) -> dict[str, Any]:
+        """query-machines' MachineInfo for this type."""
+        info: dict[str, Any] = {
+            "name": self.name, "hotpluggable-cpus": self.hotpluggable_cpus,
+            "numa-mem-supported": self.numa_mem_supported, "cpu-max": self.cpu_max,
+            "deprecated": self.deprecated, "default-ram-id": self.default_ram_id,
+        }
+        if self.alias is not None:
+            info["alias"] = self.alias
+        if self.is_default:
+            info["is-default"] = True
+        if self.default_cpu_type is not None:
+            info["default-cpu-type"] = self.default_cpu_type
+        return info
+
+
+def _pc_machine(family: str, version: str, newest: str) -> MachineType:
+    old = _version_key(version)
+    q35 = family == "q35"
+    return MachineType(
+        name=f"pc-{family}-{version}",
+        # pc_q35_2_7_machine_options and older keep the 255 limit of the i440fx family.
+        cpu_max=288 if q35 and old >= (2, 8) else 255,
+        hotpluggable_cpus=True,
+        # pc_*_5_0_machine_options keep numa_mem_supported for old guests.
+        numa_mem_supported=old < (5, 1),
+        # QEMU 7.2 deprecates the 1.x i440fx types.
+        deprecated=old < (2, 0),
+        default_ram_id="pc.ram",
+        default_cpu_type="qemu64-x86_64-cpu",
+        alias=("q35" if q35 else "pc") if version == newest else None,
+        is_default=not q35 and version == newest,
+    )
+
+
+MACHINE_TYPES: dict[str, MachineType] = {
+    machine.name: machine
+    for machine in [
+        *(_pc_machine("i440fx", v, _I440FX_VERSIONS[-1]) for v in _I440FX_VERSIONS),
+        *(_pc_machine("q35", v, _Q35_VERSIONS[-1]) for v in _Q35_VERSIONS),
+        MachineType(NONE_MACHINE, cpu_max=1, hotpluggable_cpus=False, numa_mem_supported=False,
+                    deprecated=False, default_ram_id="ram"),
+    ]
+}
+
+
+def machine_type(name: str) -> MachineType | None:
+    """The machine type called ``name`` or aliased so (``pc``, ``q35``); None if unknown."""
+    found = MACHINE_TYPES.get(name)
+    if found is not None:
+        return found
+    for machine in MACHINE_TYPES.values():
+        if machine.alias == name:
+            return machine
+    return None
+
+
+@dataclass(frozen=True)
+class QOMType:
+    """A QOM class: its parent, whether it is abstract, the interfaces it adds."""
+
+    name: str
+    parent: str | None
+    abstract: bool = False
+    interfaces: tuple[str, ...] = ()
+
+
+def _types(*entries: QOMType) -> dict[str, QOMType]:
+    return {entry.name: entry for entry in entries}
+
+
+# The classes of everything we model, with their ancestors and interfaces as QEMU 7.2
+# registers them (``accel`` is a concrete class there, hence not abstract here).
+QOM_TYPES: dict[str, QOMType] = _types(
+    QOMType("object", None, abstract=True),
+    QOMType("interface", None, abstract=True),
+    *(QOMType(name, "interface", abstract=True) for name in (
+        "resettable", "vmstate-if", "hotplug-handler", "nmi", "pci-express-device",
+        "conventional-pci-device",
+    )),
+    QOMType("container", "object"),
+    QOMType("chardev", "object", abstract=True),
+    QOMType("chardev-socket", "chardev"),
+    QOMType("accel", "object"),
+    QOMType("tcg-accel", "accel"),
+    QOMType("machine", "object", abstract=True),
+    QOMType("x86-machine", "machine", abstract=True),
+    QOMType("generic-pc-machine", "x86-machine", abstract=True, interfaces=("hotplug-handler", "nmi")),
+    *(QOMType(m.qom_type, "machine" if m.name == NONE_MACHINE else "generic-pc-machine")
+      for m in MACHINE_TYPES.values()),
+    QOMType("device", "object", abstract=True, interfaces=("vmstate-if", "resettable")),
+    QOMType("pci-device", "device", abstract=True),
+    QOMType("virtio-pci", "pci-device", abstract=True,
+            interfaces=("pci-express-device", "conventional-pci-device")),
+    QOMType("virtio-blk-pci-base", "virtio-pci", abstract=True),
+    QOMType("virtio-blk-pci", "virtio-blk-pci-base"),
+    QOMType("virtio-device", "device", abstract=True),
+    QOMType("virtio-blk-device", "virtio-device"),
+    QOMType("scsi-device", "device", abstract=True),
+    QOMType("scsi-disk-base", "scsi-device", abstract=True),
+    QOMType("scsi-hd", "scsi-disk-base"),
+    QOMType("ide-device", "device", abstract=True),
+    QOMType("ide-hd", "ide-device"),
+)
+
+
+def ancestors(name: str) -> list[str]:
+    """``name``, its parents up to ``object``, and every interface any of them implements."""
+    chain: list[str] = []
+    current: str | None = name
+    while current is not None:
+        entry = QOM_TYPES[current]
+        chain.append(current)
+        chain.extend(entry.interfaces)
+        current = entry.parent
+    if any(QOM_TYPES[n].parent == "interface" for n in chain):
+        chain.append("interface")
+    return list(dict.fromkeys(chain))
+
+
+def is_device(name: str) -> bool:
+    """Whether QOM class ``name`` is a device (derives from ``device``)."""
+    return name in QOM_TYPES and "device" in ancestors(name)
+
+
+# Properties every device has (qdev's device class), as qom-list-properties lists them.
+DEVICE_BASE_PROPERTIES: list[dict[str, Any]] = [
+    {"name": "type", "type": "string"},
+    {"name": "parent_bus", "type": "link<bus>"},
+    {"name": "realized", "type": "bool"},
+    {"name": "hotplugged", "type": "bool"},
+    {"name": "hotpluggable", "type": "bool"},
+]
+
+# device-list-properties of the block devices, as QEMU 7.2 answers it, limited to the
+# properties that concern the disk and its backend: the virtio transport, PCI and
+# guest-visible tuning knobs we do not model are left out, so a client probing for them
+# concludes they are absent.
+# Descriptions QEMU attaches to recurring property kinds.
+_ON_OFF = "on/off"
+_ON_OFF_AUTO = "on/off/auto"
+_ERROR_POLICY = "Error handling policy, report/ignore/enospc/stop/auto"
+_BLOCK_SIZE = "A power of two between 512 B and 2 MiB"
+_DRIVE = "Node name or ID of a block device to use as a backend"
+
+
+def _prop(name: str, type_: str, default: Any = None, description: str | None = None) -> dict[str, Any]:
+    """One ObjectPropertyInfo; ``default`` None means QEMU reports no default."""
+    prop: dict[str, Any] = {"name": name, "type": type_}
+    if description is not None:
+        prop["description"] = description
+    if default is not None:
+        prop["default-value"] = default
+    return prop
+
+
+DEVICE_PROPERTIES: dict[str, list[dict[str, Any]]] = {
+    "virtio-blk-pci": [
+        _prop("addr", "int32", -1, "Slot and optional function number, example: 06.0 or 06"),
+        _prop("share-rw", "bool", False),
+        _prop("lcyls", "uint32", 0),
+        _prop("queue-size", "uint16", 256),
+        _prop("lsecs", "uint32", 0),
+        _prop("heads", "uint32", 0),
+        _prop("account-invalid", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("iothread", "link<iothread>"),
+        _prop("lheads", "uint32", 0),
+        _prop("num-queues", "uint16", 65535),
+        _prop("cyls", "uint32", 0),
+        _prop("secs", "uint32", 0),
+        _prop("min_io_size", "size", 0),
+        _prop("bootindex", "int32"),
+        _prop("config-wce", "bool", True, _ON_OFF),
+        _prop("drive", "str", None, _DRIVE),
+        _prop("werror", "BlockdevOnError", "auto", _ERROR_POLICY),
+        _prop("report-discard-granularity", "bool", True),
+        _prop("rerror", "BlockdevOnError", "auto", _ERROR_POLICY),
+        _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("physical_block_size", "size", 0, _BLOCK_SIZE),
+        _prop("opt_io_size", "size", 0),
+        _prop("logical_block_size", "size", 0, _BLOCK_SIZE),
+        _prop("max-discard-sectors", "uint32", 4194303),
+        _prop("discard", "bool", True, _ON_OFF),
+        _prop("discard_granularity", "size", 4294967295),
+        _prop("write-zeroes", "bool", True, _ON_OFF),
+        _prop("max-write-zeroes-sectors", "uint32", 4194303),
+        _prop("account-failed", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("backend_defaults", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("serial", "str"),
+    ],
+    "virtio-blk-device": [
+        _prop("share-rw", "bool", False),
+        _prop("lcyls", "uint32", 0),
+        _prop("queue-size", "uint16", 256),
+        _prop("lsecs", "uint32", 0),
+        _prop("serial", "str"),
+        _prop("account-invalid", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("iothread", "link<iothread>"),
+        _prop("lheads", "uint32", 0),
+        _prop("num-queues", "uint16", 65535),
+        _prop("cyls", "uint32", 0),
+        _prop("secs", "uint32", 0),
+        _prop("heads", "uint32", 0),
+        _prop("min_io_size", "size", 0),
+        _prop("config-wce", "bool", True, _ON_OFF),
+        _prop("drive", "str", None, _DRIVE),
+        _prop("werror", "BlockdevOnError", "auto", _ERROR_POLICY),
+        _prop("report-discard-granularity", "bool", True),
+        _prop("rerror", "BlockdevOnError", "auto", _ERROR_POLICY),
+        _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("physical_block_size", "size", 0, _BLOCK_SIZE),
+        _prop("opt_io_size", "size", 0),
+        _prop("logical_block_size", "size", 0, _BLOCK_SIZE),
+        _prop("max-discard-sectors", "uint32", 4194303),
+        _prop("discard", "bool", True, _ON_OFF),
+        _prop("discard_granularity", "size", 4294967295),
+        _prop("write-zeroes", "bool", True, _ON_OFF),
+        _prop("max-write-zeroes-sectors", "uint32", 4194303),
+        _prop("account-failed", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("backend_defaults", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("bootindex", "int32"),
+    ],
+    "scsi-hd": [
+        _prop("scsi-id", "uint32", 4294967295),
+        _prop("lun", "uint32", 4294967295),
+        _prop("channel", "uint32", 0),
+        _prop("lheads", "uint32", 0),
+        _prop("lcyls", "uint32", 0),
+        _prop("share-rw", "bool", False),
+        _prop("account-invalid", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("lsecs", "uint32", 0),
+        _prop("secs", "uint32", 0),
+        _prop("removable", "bool", False, _ON_OFF),
+        _prop("ver", "str"),
+        _prop("max_unmap_size", "uint64", 1073741824),
+        _prop("cyls", "uint32", 0),
+        _prop("serial", "str"),
+        _prop("min_io_size", "size", 0),
+        _prop("product", "str"),
+        _prop("rotation_rate", "uint16", 0),
+        _prop("heads", "uint32", 0),
+        _prop("dpofua", "bool", False, _ON_OFF),
+        _prop("drive", "str", None, _DRIVE),
+        _prop("werror", "BlockdevOnError", "auto", _ERROR_POLICY),
+        _prop("wwn", "uint64", 0),
+        _prop("vendor", "str"),
+        _prop("rerror", "BlockdevOnError", "auto", _ERROR_POLICY),
+        _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("physical_block_size", "size", 0, _BLOCK_SIZE),
+        _prop("max_io_size", "uint64", 2147483647),
+        _prop("opt_io_size", "size", 0),
+        _prop("logical_block_size", "size", 0, _BLOCK_SIZE),
+        _prop("discard_granularity", "size", 4294967295),
+        _prop("port_wwn", "uint64", 0),
+        _prop("port_index", "uint16", 0),
+        _prop("account-failed", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("device_id", "str"),
+        _prop("backend_defaults", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("bootindex", "int32"),
+    ],
+    "ide-hd": [
+        _prop("unit", "uint32", 4294967295),
+        _prop("lsecs", "uint32", 0),
+        _prop("account-invalid", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("model", "str"),
+        _prop("lheads", "uint32", 0),
+        _prop("rotation_rate", "uint16", 0),
+        _prop("drive", "str", None, _DRIVE),
+        _prop("serial", "str"),
+        _prop("logical_block_size", "size", 0, _BLOCK_SIZE),
+        _prop("ver", "str"),
+        _prop("share-rw", "bool", False),
+        _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("heads", "uint32", 0),
+        _prop("wwn", "uint64", 0),
+        _prop("discard_granularity", "size", 4294967295),
+        _prop("backend_defaults", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("cyls", "uint32", 0),
+        _prop("lcyls", "uint32", 0),
+        _prop("opt_io_size", "size", 0),
+        _prop("rerror", "BlockdevOnError", "auto", _ERROR_POLICY),
+        _prop("bios-chs-trans", "BiosAtaTranslation", "auto",
+              "Logical CHS translation algorithm, auto/none/lba/large/rechs"),
+        _prop("min_io_size", "size", 0),
+        _prop("account-failed", "OnOffAuto", "auto", _ON_OFF_AUTO),
+        _prop("physical_block_size", "size", 0, _BLOCK_SIZE),
+        _prop("secs", "uint32", 0),
+        _prop("werror", "BlockdevOnError", "auto", _ERROR_POLICY),
+        _prop("bootindex", "int32"),
+    ],
+}
