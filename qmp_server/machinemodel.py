@@ -140,8 +140,8 @@ QOM_TYPES: dict[str, QOMType] = _types(
     QOMType("accel", "object"),
     QOMType("tcg-accel", "accel"),
     QOMType("machine", "object", abstract=True),
-    QOMType("x86-machine", "machine", abstract=True),
-    QOMType("generic-pc-machine", "x86-machine", abstract=True, interfaces=("hotplug-handler", "nmi")),
+    QOMType("x86-machine", "machine", abstract=True, interfaces=("nmi",)),
+    QOMType("generic-pc-machine", "x86-machine", abstract=True, interfaces=("hotplug-handler",)),
     *(QOMType(m.qom_type, "machine" if m.name == NONE_MACHINE else "generic-pc-machine")
       for m in MACHINE_TYPES.values()),
     QOMType("device", "object", abstract=True, interfaces=("vmstate-if", "resettable")),
@@ -161,17 +161,27 @@ QOM_TYPES: dict[str, QOMType] = _types(
 
 
 def ancestors(name: str) -> list[str]:
-    """``name``, its parents up to ``object``, and every interface any of them implements."""
+    """``name`` and its parents up to ``object`` (or ``interface``)."""
     chain: list[str] = []
     current: str | None = name
     while current is not None:
-        entry = QOM_TYPES[current]
         chain.append(current)
-        chain.extend(entry.interfaces)
-        current = entry.parent
-    if any(QOM_TYPES[n].parent == "interface" for n in chain):
-        chain.append("interface")
-    return list(dict.fromkeys(chain))
+        current = QOM_TYPES[current].parent
+    return chain
+
+
+def implements(name: str, target: str) -> bool:
+    """Whether class ``name`` casts to ``target``, as object_class_dynamic_cast decides.
+
+    A parent matches; otherwise exactly one of the interfaces the class and its parents
+    declare must be ``target`` or derive from it: QEMU treats several as ambiguous and
+    fails the cast (so a device, which has two, does not "implement" ``interface``).
+    """
+    chain = ancestors(name)
+    if target in chain:
+        return True
+    declared = [interface for cls in chain for interface in QOM_TYPES[cls].interfaces]
+    return sum(target in ancestors(interface) for interface in declared) == 1
 
 
 def is_device(name: str) -> bool:

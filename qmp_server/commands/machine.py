@@ -112,7 +112,7 @@ async def qom_list_types(ctx: CommandContext, args: dict[str, Any]) -> list[dict
     for entry in model.QOM_TYPES.values():
         if entry.abstract and not abstract:
             continue
-        if implements is not None and implements not in model.ancestors(entry.name):
+        if implements is not None and not model.implements(entry.name, implements):
             continue
         info: dict[str, Any] = {"name": entry.name}
         if entry.abstract:
@@ -220,19 +220,16 @@ async def qom_get(ctx: CommandContext, args: dict[str, Any]) -> Any:
 
 @table.command("system_reset")
 async def system_reset(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """Reset the machine: RESET after the reply; a stopped VM comes back in prelaunch.
+    """Reset the machine: RESET; a VM that is not running comes back in prelaunch.
 
     QEMU's main_loop_should_exit: after qemu_system_reset, any state but running,
-    inmigrate and finish-migrate becomes prelaunch (so a shut down VM can ``cont``).
+    inmigrate and finish-migrate becomes prelaunch (so a shut down VM can ``cont``).  The
+    main loop handles the request before the reply goes out, so the event comes first.
     """
     machine = ctx.machine
-
-    def reset() -> None:
-        machine.events.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
-        if machine.vm.state not in (RunState.RUNNING, RunState.INMIGRATE, RunState.FINISH_MIGRATE):
-            machine.vm.set_state(RunState.PRELAUNCH)
-
-    ctx.after_reply.append(reset)
+    machine.events.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+    if machine.vm.state not in (RunState.RUNNING, RunState.INMIGRATE, RunState.FINISH_MIGRATE):
+        machine.vm.set_state(RunState.PRELAUNCH)
 
 
 @table.command("system_powerdown")
@@ -241,22 +238,16 @@ async def system_powerdown(ctx: CommandContext, args: dict[str, Any]) -> None:
 
     There is no guest OS; the one we stand in for honours the ACPI request at once, as a
     guest does that has nothing to save: SHUTDOWN (guest-shutdown), then, as QEMU does
-    for a guest power-off, exit, or with ``-no-shutdown`` stop in run state ``shutdown``
-    (main_loop_should_exit).  A paused guest cannot react; only POWERDOWN is sent.
+    for a guest power-off, exit after the reply, or with ``-no-shutdown`` stop in run
+    state ``shutdown`` (main_loop_should_exit).  A paused guest cannot react: only
+    POWERDOWN.  Events precede the reply, as with QEMU's main loop.
     """
     machine = ctx.machine
-    guest_reacts = machine.vm.state is RunState.RUNNING
-
-    async def guest_poweroff() -> None:
-        machine.events.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
-        if machine.config.no_shutdown:
-            await machine.vm.vm_stop(RunState.SHUTDOWN)
-        else:
-            machine.request_exit(0)
-
-    def powerdown() -> None:
-        machine.events.emit("POWERDOWN")
-        if guest_reacts and machine.nursery is not None:
-            machine.nursery.start_soon(guest_poweroff)
-
-    ctx.after_reply.append(powerdown)
+    machine.events.emit("POWERDOWN")
+    if machine.vm.state is not RunState.RUNNING:
+        return
+    machine.events.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+    if machine.config.no_shutdown:
+        await machine.vm.vm_stop(RunState.SHUTDOWN)
+    else:
+        ctx.after_reply.append(lambda: machine.request_exit(0))
