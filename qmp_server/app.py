@@ -99,13 +99,11 @@ class App:
                 return
 
     def cleanup(self) -> None:
-        """Close the images cleanly and remove our socket files and pidfile."""
+        """Close the images cleanly and remove our socket files."""
         if self.machine is not None:
             with contextlib.suppress(QMPError):
                 self.machine.block.close_all()
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        if self.options.pidfile:
-            with contextlib.suppress(OSError):
-                os.unlink(self.options.pidfile)
+        # The pidfile is the CLI's (cli.PidFile): removed there, and only while still ours.

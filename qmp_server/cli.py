@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import trio
+
+from blocklayer.lockbytes import lock_byte
 
 from . import QEMU_VERSION, __version__
 from .errors import QMPError
@@ -28,13 +32,14 @@ A QMP monitor server that behaves like QEMU's for the VM run state, block device
 and migration. With no -qmp option it listens on ./{DEFAULT_SOCKET}.
 
   -qmp unix:PATH,server=on,wait=off   serve QMP on a UNIX socket (repeatable)
-  -qmp tcp:HOST:PORT,server=on,wait=off  serve QMP on a TCP socket (loopback use)
+  -qmp tcp:HOST:PORT,server=on,wait=off  serve QMP on a TCP socket (no authentication:
+                        keep it on loopback; other addresses get a warning)
   -S                    start paused (prelaunch); 'cont' starts the VM
   -name NAME            VM name (query-name)
   -incoming defer|unix:PATH|tcp:HOST:PORT  wait for an incoming migration
   -blockdev OPTIONS     add a block node (key=value,... or JSON), as blockdev-add
-  -daemonize            detach once the monitor sockets are ready
-  -pidfile PATH         write the process id to PATH
+  -daemonize            detach once the monitor sockets are ready (then cwd is /)
+  -pidfile PATH         write the process id to PATH, locked: a second server refuses it
   -poll-max-ns NS       (qmp-server only) after answering a client, poll its socket
                         up to NS ns for the next request (default {DEFAULT_POLL_MAX_NS}; 0: off)
   -machine none, -nodefaults, -display none, -nographic   accepted for compatibility
@@ -195,6 +200,104 @@ def parse_args(argv: list[str]) -> Options:
     return options
 
 
+class PidFileError(Exception):
+    """The pidfile could not be created, locked or written (QEMU's texts)."""
+
+
+class PidFile:
+    """A ``-pidfile`` created and held as QEMU's ``qemu_write_pidfile`` does.
+
+    The file is created mode 0600 and locked for as long as the process lives, so a second
+    server (or QEMU, whose lockf() lock conflicts with ours) given the same path refuses
+    to start. It is removed at exit only while it is still ours: another process may have
+    replaced it since (same path, another inode).
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        # Absolute, as QEMU keeps its realpath: -daemonize changes to / before the exit.
+        self.path = os.path.realpath(path)
+        self.fd = fd
+
+    @classmethod
+    def create(cls, path: str) -> PidFile:
+        """Create, lock and fill ``path``; raise :class:`PidFileError` with QEMU's text."""
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise PidFileError(f"Could not create '{path}': {os.strerror(exc.errno or 0)}") from exc
+            try:
+                if cls._lock_and_write(path, fd):
+                    return cls(path, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    @staticmethod
+    def _lock_and_write(path: str, fd: int) -> bool:
+        """False when ``path`` no longer names the file we locked (its owner removed it)."""
+        try:
+            # An OFD lock, unlike lockf(), survives this process closing some other
+            # descriptor of the same file; the kernel still makes it conflict with QEMU's.
+            lock_byte(fd, 0, exclusive=True)
+        except OSError as exc:
+            raise PidFileError(f"Cannot lock pid file: {os.strerror(exc.errno or 0)}") from exc
+        opened = os.fstat(fd)
+        try:
+            named = os.stat(path)
+        except OSError:
+            return False
+        if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            return False
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as exc:
+            raise PidFileError(f"Failed to truncate pid file: {os.strerror(exc.errno or 0)}") from exc
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            raise PidFileError(f"Failed to write pid file: {os.strerror(exc.errno or 0)}") from exc
+        return True
+
+    def remove(self) -> None:
+        """Delete the file if the path still names the one we hold locked, then let go."""
+        if self.fd < 0:
+            return
+        try:
+            named = os.stat(self.path)
+            held = os.fstat(self.fd)
+            if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                os.unlink(self.path)
+        except OSError:
+            pass  # already gone, or not ours to touch
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` resolves to loopback addresses only."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False  # the bind will fail and say why
+    return all(ipaddress.ip_address(str(info[4][0]).partition("%")[0]).is_loopback for info in infos)
+
+
+def exposure_warnings(options: Options) -> list[str]:
+    """Warnings for ``-qmp tcp:`` monitors reachable from other hosts.
+
+    QEMU accepts any address; so do we, but whoever can connect can read and write every
+    file this process can (blockdev-add, then HMP ``qemu-io``), so say so at start.
+    """
+    return [
+        f"warning: -qmp {monitor.text}: '{monitor.host}' is not a loopback address: anyone who "
+        "can connect can read and write any file this process can (no authentication)"
+        for monitor in options.monitors
+        if monitor.kind == "tcp" and not _is_loopback(monitor.host)
+    ]
+
+
 def fail(message: str) -> NoReturn:
     """Print ``qmp-server: message`` to stderr and exit with status 1."""
     print(f"{PROG}: {message}", file=sys.stderr)
@@ -215,6 +318,11 @@ def _daemonize() -> int:
         os._exit(1)
     os.close(read_end)
     os.setsid()
+    # As QEMU's os_daemonize(): fork again so the daemon is no session leader (it can never
+    # acquire a terminal), and create files no wider than 0750.
+    if os.fork():
+        os._exit(0)
+    os.umask(0o027)
     return write_end
 
 
@@ -226,25 +334,37 @@ def main(argv: list[str] | None = None) -> None:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
         fail(str(err))
+    for warning in exposure_warnings(options):
+        print(f"{PROG}: {warning}", file=sys.stderr)
     report_fd = _daemonize() if options.daemonize else None
+    pidfile: PidFile | None = None
     try:
+        # Before any socket exists (qemu_init writes the pidfile before creating chardevs):
+        # a server that must not run leaves nothing behind.
+        if options.pidfile:
+            try:
+                pidfile = PidFile.create(options.pidfile)
+            except PidFileError as err:
+                raise PidFileError(f"cannot create PID file: {err}") from None
         app = App(options)
         app.setup()
-    except (SetupError, QMPError) as err:
+    except (SetupError, QMPError, PidFileError) as err:
+        if pidfile is not None:
+            pidfile.remove()
         message = f"{PROG}: {err}\n"
         if report_fd is not None:
             os.write(report_fd, message.encode())
             os._exit(1)
         sys.stderr.write(message)
         raise SystemExit(1) from None
-    if options.pidfile:
-        with open(options.pidfile, "w") as pidfile:
-            pidfile.write(f"{os.getpid()}\n")
     if options.default_socket:
         path = os.path.abspath(options.monitors[0].path)
         print(f"{PROG}: QMP monitor listening on {path}\n"
               f"connect with: qmp-shell {path}   (pip install qemu.qmp)", flush=True)
     if report_fd is not None:
+        # QEMU's os_setup_post(): leave the start directory (paths given relative to it
+        # were resolved above), and detach from the terminal.
+        os.chdir("/")
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
@@ -254,5 +374,6 @@ def main(argv: list[str] | None = None) -> None:
         code = trio.run(app.serve)
     finally:
         app.cleanup()
+        if pidfile is not None:
+            pidfile.remove()
     raise SystemExit(code)
-
