@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 from functools import partial
@@ -18,7 +17,7 @@ from .errors import QMPError
 from .machine import Machine, MachineConfig
 from .runstate import RunState
 from .schema import Schema, blockdev_options_from_cli
-from .server import ListenError, bind_unix, serve
+from .server import LISTEN_BACKLOG, ListenError, SocketFile, bind_unix_file, serve
 
 
 class SetupError(Exception):
@@ -45,7 +44,7 @@ class App:
         self.options = options
         self.machine: Machine | None = None
         self.listeners: list[trio.SocketListener] = []
-        self._unix_paths: list[str] = []
+        self._socket_files: list[SocketFile] = []
 
     def setup(self) -> None:
         """Everything that can fail before serving: schema, -blockdev, sockets."""
@@ -70,10 +69,12 @@ class App:
         for monitor in options.monitors:
             try:
                 if monitor.kind == "unix":
-                    self.listeners.append(bind_unix(monitor.path))
-                    self._unix_paths.append(monitor.path)
+                    listener, socket_file = bind_unix_file(monitor.path)
+                    self.listeners.append(listener)
+                    self._socket_files.append(socket_file)
                 else:
-                    sock = socket.create_server((monitor.host, monitor.port), reuse_port=False)
+                    sock = socket.create_server((monitor.host, monitor.port), reuse_port=False,
+                                                backlog=LISTEN_BACKLOG)
                     self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
             except (ListenError, OSError) as err:
                 raise SetupError(f"-qmp {monitor.text}: {err}") from err
@@ -103,7 +104,6 @@ class App:
         if self.machine is not None:
             with contextlib.suppress(QMPError):
                 self.machine.block.close_all()
-        for path in self._unix_paths:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        for socket_file in self._socket_files:
+            socket_file.remove()  # only if it is still ours: it may have been replaced
         # The pidfile is the CLI's (cli.PidFile): removed there, and only while still ours.

@@ -7,6 +7,7 @@ import errno
 import logging
 import math
 import os
+import resource
 import socket
 import stat
 import time
@@ -30,6 +31,31 @@ log = logging.getLogger(__name__)
 INBAND_QUEUE = 8
 # How long to poll a client's socket for its next request (QEMU's IOThread default).
 DEFAULT_POLL_MAX_NS = 32768
+# Output bytes queued for one client (replies and events it has not read yet) above which
+# the server stops reading that client's input until the client has read some of it.
+# QEMU stops reading a monitor once 8 requests are queued (monitor_qmp_dispatcher_co);
+# we serve many clients, so the bound is on bytes, which are what costs memory.
+OUTPUT_LIMIT = 1 << 20
+# Once below OUTPUT_LIMIT / OUTPUT_RESUME_DIVISOR, input is read again.
+OUTPUT_RESUME_DIVISOR = 2
+# Events still arrive while a client is over its bound (they come from other clients
+# and from the VM, not from its own input). Up to this many bytes of them are queued;
+# one more and the client, which has stopped reading, is disconnected.
+EVENT_SLACK = 256 << 10
+# Input goes to the parser this much at a time, so that input that makes many (error)
+# replies per byte produces them in steps the output bound can stop between.
+INPUT_SLICE = 4096
+# The longest a busy client runs before it lets other tasks run (seconds).
+QUANTUM = 0.001
+# Coalesce at most this much queued output into one write.
+WRITE_CHUNK = 64 << 10
+# The listen() backlog: 1,000 clients connecting at once all get in (the kernel caps it
+# at net.core.somaxconn, 4096 by default).
+LISTEN_BACKLOG = 4096
+# How long to wait before accepting again after running out of descriptors.
+ACCEPT_RETRY = 0.1
+# Accept failures this long after the previous one start a new spell, logged again.
+ACCEPT_QUIET = 10.0
 
 
 class ListenError(Exception):
@@ -61,8 +87,36 @@ def _remove_stale_socket(path: str) -> None:
     raise ListenError(f"{path} is in use by a running server")
 
 
+class SocketFile:
+    """The file a UNIX socket was bound to, remembered so that only that file is removed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        st = os.lstat(path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        """Unlink the socket file if it is still the one we created.
+
+        Someone may have removed it while we ran and put a file or another server's
+        socket in its place; that is not ours to delete.
+        """
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == self._identity and stat.S_ISSOCK(st.st_mode):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
 def bind_unix(path: str) -> trio.SocketListener:
     """A listening UNIX socket at ``path``, mode 0600, replacing only a stale socket."""
+    return bind_unix_file(path)[0]
+
+
+def bind_unix_file(path: str) -> tuple[trio.SocketListener, SocketFile]:
+    """:func:`bind_unix`, and the socket file, to remove it (and only it) on exit."""
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # bind creates the file 0600 itself: no window where it is open
@@ -73,8 +127,25 @@ def bind_unix(path: str) -> trio.SocketListener:
         raise ListenError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}") from err
     finally:
         os.umask(old_umask)
-    sock.listen(128)
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    try:
+        socket_file = SocketFile(path)
+    except OSError as err:
+        sock.close()
+        raise ListenError(f"{path}: {os.strerror(err.errno or 0)}") from err
+    sock.listen(LISTEN_BACKLOG)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock)), socket_file
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open descriptors to the hard limit.
+
+    Each client costs a descriptor and the usual soft limit (1024) is below what a
+    server of many clients needs. QEMU does the same since 9.0 (os_setup_limits()).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Connection:
@@ -85,6 +156,12 @@ class Connection:
     in-band requests go through a queue of 8 to the worker, so that OOB ones can overtake
     them. Output is written at once by whoever produced it when nothing is queued ahead
     of it; otherwise the writer task sends it, in order.
+
+    Output not yet taken by the client is bounded (:data:`OUTPUT_LIMIT`): above it the
+    reader stops reading and parsing input until the client has read some; events that
+    still arrive are queued up to :data:`EVENT_SLACK` more, past which the client is
+    disconnected. A client with input waiting runs at most :data:`QUANTUM` before it
+    lets the others run.
     """
 
     def __init__(self, machine: Machine, dispatcher: Dispatcher, stream: trio.abc.Stream,
@@ -109,6 +186,19 @@ class Connection:
         self._poll_window = poll_max_ns / 1e9 if self._fd >= 0 else 0.0
         self._poll_misses = 0  # polls in a row that found nothing (capped)
         self._poll_skip = 0  # requests to wait for without polling, after misses
+        # Backpressure: bytes queued or being written, events queued while over the
+        # bound, and the event the reader waits on for the queue to drain.
+        self._queued = 0
+        self._overflow = 0
+        self._room = trio.Event()
+        self._dropped = False  # disconnected for not reading its output
+        # Fairness: when this task last resumed after letting others run.
+        self._resumed = time.perf_counter()
+
+    def _enqueue(self, data: bytes) -> None:
+        self._writer_idle = False
+        self._queued += len(data)
+        self._out_send.send_nowait(data)
 
     def _output(self, data: bytes) -> None:
         """Send ``data`` to the client after everything produced before it."""
@@ -121,12 +211,12 @@ class Connection:
                 written = 0
             except OSError:
                 self._broken = True  # the reader sees the connection end and closes the session
+                self._room.set()
                 return
             if written == len(data):
                 return
             data = data[written:]
-        self._writer_idle = False
-        self._out_send.send_nowait(data)
+        self._enqueue(data)
 
     def _after_output(self, action: Callable[[], None]) -> None:
         """Run ``action`` once everything produced before it was written."""
@@ -138,12 +228,48 @@ class Connection:
 
     def _deliver_event(self, message: dict[str, Any]) -> None:
         # QEMU sends no events to a monitor still in negotiation mode.
-        if self.session.mode is Mode.COMMAND:
-            self._output(encode(message))
+        if self.session.mode is not Mode.COMMAND or self._broken:
+            return
+        data = encode(message)
+        if self._queued > OUTPUT_LIMIT:
+            self._overflow += len(data)
+            if self._overflow > EVENT_SLACK:
+                self._drop()
+                return
+        self._output(data)
+
+    def _drop(self) -> None:
+        """Disconnect a client that stopped reading: its events would pile up forever.
+
+        Dropping them instead would leave it a stream that looks complete but is not.
+        """
+        log.warning("a QMP client stopped reading its replies and events; disconnecting it")
+        self._dropped = True
+        self._broken = True
+        self._room.set()
+        if isinstance(self.stream, trio.SocketStream):
+            # Wakes the reader (end of input) and the writer (a failed send) at once.
+            with contextlib.suppress(OSError):
+                self.stream.socket.shutdown(socket.SHUT_RDWR)
+
+    async def _pace(self) -> bool:
+        """Let other clients run, or wait for the client to read its output, as due.
+
+        Returns False once the connection is being dropped.
+        """
+        if self._queued > OUTPUT_LIMIT and not self._broken:
+            while self._queued > OUTPUT_LIMIT // OUTPUT_RESUME_DIVISOR and not self._broken:
+                self._room = trio.Event()
+                await self._room.wait()
+            self._resumed = time.perf_counter()
+        elif time.perf_counter() - self._resumed >= QUANTUM:
+            await trio.lowlevel.checkpoint()
+            self._resumed = time.perf_counter()
+        return not self._dropped
 
     async def run(self) -> None:
         """Serve the connection until the client goes away."""
-        self._out_send.send_nowait(encode(self.session.greeting()))
+        self._enqueue(encode(self.session.greeting()))
         self.machine.events.subscribe(self._deliver_event)
         try:
             async with trio.open_nursery() as nursery:
@@ -164,6 +290,7 @@ class Connection:
                     break
                 if not isinstance(item, bytes):
                     self._actions.append(item)
+            self._queued = 0
             actions, self._actions = self._actions, []
             for action in actions:
                 action()
@@ -187,6 +314,7 @@ class Connection:
             else:
                 clock = time.perf_counter
                 deadline = clock() + self._poll_window
+                yielded = False
                 while True:
                     try:
                         data = os.read(self._fd, 65536)
@@ -194,15 +322,25 @@ class Connection:
                         if clock() >= deadline:
                             break
                         await trio.lowlevel.checkpoint()
+                        yielded = True
                         continue
                     self._poll_misses = 0
+                    if yielded:
+                        self._resumed = clock()
                     return data
                 self._poll_misses = min(self._poll_misses + 1, 6)
                 self._poll_skip = (1 << self._poll_misses) - 1
-        return await self.stream.receive_some(65536)
+        received = await self.stream.receive_some(65536)
+        self._resumed = time.perf_counter()
+        return received
 
     async def _reader(self) -> None:
         while True:
+            # A client with input always waiting must not keep the others (the accept
+            # loop, signals) from running; nor may one that does not read its output
+            # make us queue replies without end.
+            if not await self._pace():
+                return
             try:
                 data = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -222,14 +360,30 @@ class Connection:
                 if reply is not None:
                     self._output(reply)
                     continue
+            if not await self._handle_input(data):
+                return
+
+    async def _handle_input(self, data: bytes | bytearray) -> bool:
+        """Parse and run what ``data`` holds; False once the connection is being dropped."""
+        for start in range(0, len(data), INPUT_SLICE):
+            if start and not await self._pace():
+                return False
             try:
-                requests = self.session.receive(bytes(data))
+                requests = self.session.receive(bytes(data[start:start + INPUT_SLICE]))
             except Exception:
                 # A bug in the input path: this connection's state is unknown, so drop it,
                 # but never let it take the server (and every other session) down.
                 log.exception("internal error reading QMP input; closing the connection")
-                return
-            for request in requests:
+                return False
+            # Taken off the list as they run: a request that was answered (an error's
+            # traceback included) is garbage at once, not when the whole slice is done.
+            requests.reverse()
+            first = True
+            while requests:
+                if not first and not await self._pace():
+                    return False
+                first = False
+                request = requests.pop()
                 if request.oob or not self.session.oob_enabled:
                     # QEMU dispatches an out-of-band request at once, in its I/O thread,
                     # before it parses further input: its reply precedes the reply to
@@ -240,6 +394,7 @@ class Connection:
                 else:
                     self._inband_pending += 1
                     await self._in_send.send(request)
+        return True
 
     async def _inband_worker(self) -> None:
         async for request in self._in_recv:
@@ -271,9 +426,23 @@ class Connection:
             error = QMPError(f"Internal error: {type(err).__name__}")
             self._output(encode(request.response(error=error)))
             return
+        finally:
+            # The dispatcher raised the error a request carried; its traceback holds the
+            # frames that hold the request: a cycle only the cyclic GC frees, late, once
+            # thousands of error requests have come in.
+            if request.error is not None:
+                request.error.__traceback__ = None
         self._output(data)
         for action in context.after_reply:
             self._after_output(action)
+
+    def _sent(self, size: int) -> None:
+        """``size`` queued bytes left the queue (written, or dropped with the client)."""
+        self._queued -= size
+        if self._queued <= OUTPUT_LIMIT:
+            self._overflow = 0
+        if self._queued <= OUTPUT_LIMIT // OUTPUT_RESUME_DIVISOR:
+            self._room.set()
 
     async def _writer(self) -> None:
         pending: list[bytes] = []
@@ -283,10 +452,15 @@ class Connection:
             except trio.WouldBlock:
                 self._writer_idle = not self._broken
                 item = await self._out_recv.receive()
-            # Coalesce whatever is already queued into one write, stopping at an action.
+            # Coalesce what is already queued into one write, stopping at an action and
+            # at WRITE_CHUNK bytes (the join copies them).
+            size = 0
             while True:
                 if isinstance(item, bytes):
                     pending.append(item)
+                    size += len(item)
+                    if size >= WRITE_CHUNK:
+                        break
                 else:
                     self._actions.append(item)
                     break
@@ -301,10 +475,38 @@ class Connection:
                     await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     self._broken = True
+                del data
             pending.clear()
+            self._sent(size)
             actions, self._actions = self._actions, []
             for action in actions:
                 action()
+
+
+async def _accept_loop(listener: trio.SocketListener, nursery: trio.Nursery,
+                       handle: Callable[[trio.SocketStream], Any]) -> None:
+    """Accept clients on ``listener`` for ever, each served in a task of ``nursery``.
+
+    Out of descriptors (or kernel memory), accept() fails until something is closed;
+    the clients wait in the backlog meanwhile, and we retry every ACCEPT_RETRY seconds.
+    Such a spell is logged once, not on every retry as trio.serve_listeners does: a
+    failure is logged only after ACCEPT_QUIET seconds without one.
+    """
+    last_failure = -math.inf
+    while True:
+        try:
+            stream = await listener.accept()
+        except trio.ClosedResourceError:
+            return
+        except OSError as err:
+            now = trio.current_time()
+            if now - last_failure >= ACCEPT_QUIET:
+                log.error("accepting a QMP client failed: %s; retrying (not logged again "
+                          "while it keeps failing)", os.strerror(err.errno or 0))
+            last_failure = now
+            await trio.sleep(ACCEPT_RETRY)
+            continue
+        nursery.start_soon(handle, stream)
 
 
 async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.SocketListener],
@@ -319,9 +521,11 @@ async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.S
     async def handle(stream: trio.SocketStream) -> None:
         await Connection(machine, dispatcher, stream, poll_max_ns).run()
 
+    raise_fd_limit()
     async with trio.open_nursery() as nursery:
         machine.nursery = nursery
-        nursery.start_soon(trio.serve_listeners, handle, listeners)
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, nursery, handle)
         task_status.started()
         await machine.exit_requested.wait()
         nursery.cancel_scope.cancel()
