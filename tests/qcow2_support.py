@@ -47,7 +47,10 @@ class FileChildIO:
             raise BlockError("Block node is read-only")
 
     def pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:  # as the real file driver reports it
+            raise BlockError(os.strerror(exc.errno or 5), exc.errno) from exc
         if len(data) < length:
             data += bytes(length - len(data))
         return data
@@ -56,7 +59,10 @@ class FileChildIO:
         self._check_writable()
         view = memoryview(data)
         while view:
-            written = os.pwrite(self.fd, view, offset)
+            try:
+                written = os.pwrite(self.fd, view, offset)
+            except OSError as exc:  # as the real file driver reports it
+                raise BlockError(os.strerror(exc.errno or 5), exc.errno) from exc
             view = view[written:]
             offset += written
 

@@ -67,11 +67,9 @@ class RefcountManager:
         """Host offset of refcount block ``block_index``, 0 if there is none."""
         if block_index >= len(self.reftable):
             return 0
-        entry = self.reftable[block_index]
-        if entry & REFT_RESERVED_MASK:
-            raise Qcow2Corruption(
-                f"Reserved bits set in refcount table entry {c_hex(block_index)}")
-        offset = entry & REFT_OFFSET_MASK
+        # Reserved bits are ignored here, as QEMU's qcow2_get_refcount does (only
+        # qemu-img check reports them).
+        offset = self.reftable[block_index] & REFT_OFFSET_MASK
         if offset & (self.cluster_size - 1):
             raise Qcow2Corruption(f"Refblock offset {c_hex(offset)} unaligned "
                                   f"(reftable index: {c_hex(block_index)})")
