@@ -46,7 +46,7 @@ EVENT_SLACK = 256 << 10
 # replies per byte produces them in steps the output bound can stop between.
 INPUT_SLICE = 4096
 # The longest a busy client runs before it lets other tasks run (seconds).
-QUANTUM = 0.001
+QUANTUM = 0.0005
 # Coalesce at most this much queued output into one write.
 WRITE_CHUNK = 64 << 10
 # The listen() backlog: 1,000 clients connecting at once all get in (the kernel caps it
