@@ -231,6 +231,38 @@ def test_client_that_never_reads_costs_bounded_memory(server: Server) -> None:
     assert server.rss() - base < 16 * MIB, "memory kept after the client left"
 
 
+def test_client_that_stopped_reading_is_disconnected_once_its_events_pile_up(server: Server) -> None:
+    hog = server.client()
+    hog.sock.setblocking(False)
+    batch = b'{"execute":"query-commands"}' * 64
+    # Until the server stops reading it (its output is over the bound).
+    blocked_since = None
+    while blocked_since is None or time.monotonic() - blocked_since < 0.5:
+        try:
+            hog.sock.send(batch)
+            blocked_since = None
+        except BlockingIOError:
+            blocked_since = blocked_since or time.monotonic()
+            time.sleep(0.01)
+    # Events still come for it: 4,000 of them (~340 KB), more than it may have queued.
+    other = server.client()
+    for _ in range(2000):
+        assert other.execute("stop") == {"return": {}}
+        assert other.execute("cont") == {"return": {}}
+    # It gets what was queued for it, then the end of the connection.
+    hog.sock.setblocking(True)
+    hog.sock.settimeout(10)
+    while True:
+        try:
+            if not hog.sock.recv(1 << 20):
+                break
+        except ConnectionResetError:
+            break
+    _round_trips(other, 1)
+    assert server.terminate() == 0
+    assert "stopped reading its replies and events; disconnecting it" in server.stderr()
+
+
 def test_input_over_the_limits_makes_its_errors_under_the_output_bound(server: Server) -> None:
     client = server.client(timeout=30)
     # A token past QEMU's 64 MiB token limit: one error (QEMU holds the token as well).
