@@ -10,6 +10,8 @@ from another open file or from /proc.
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
 import struct
 import subprocess
@@ -33,7 +35,14 @@ from migration_support import (
 )
 
 from blocklayer.errors import BlockError
-from blocklayer.lockbytes import LockState, check_lock_bytes, lock_byte
+from blocklayer.lockbytes import (
+    LockState,
+    byte_locked_by_other,
+    check_lock_bytes,
+    lock_byte,
+    lock_holder,
+    unlock_byte,
+)
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 from qmp_server.errors import QMPError
 from qmp_server.machine import Machine, MachineConfig
@@ -283,7 +292,8 @@ def test_paused_source_failing_after_switchover_stays_paused_and_can_continue(
         wait_until(lambda: not is_writer(src.pid, image), "source inactivation")
         dst.kill()
         assert src.wait_for("MIGRATION:failed", "MIGRATION:completed") == "MIGRATION:failed"
-        wait_until(lambda: is_writer(src.pid, image), "source re-activation")
+        # Re-activation takes the locks first, then leaves finish-migrate.
+        wait_until(lambda: src.status() != "finish-migrate", "source re-activation")
         assert src.status() == "paused"
         assert held_lock_bytes(src.pid, image) == WRITER
         assert "RESUME" not in src.settle()
@@ -357,3 +367,83 @@ def test_check_sees_the_top_byte_of_each_range(tmp_path: Path) -> None:
     finally:
         os.close(a)
         os.close(b)
+
+
+# --- lock bytes: what the mutation run of lockbytes.py found unpinned ---------------------
+
+
+@pytest.fixture
+def two_fds(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
+    path = tmp_path / "locks"
+    path.write_bytes(bytes(4096))
+    a, b = os.open(path, os.O_RDWR), os.open(path, os.O_RDWR)
+    yield path, a, b
+    os.close(a)
+    os.close(b)
+
+
+def test_releasing_one_byte_keeps_its_neighbour(two_fds: tuple[Path, int, int]) -> None:
+    path, a, _ = two_fds
+    state = LockState(a)
+    state.apply(CONSISTENT_READ | WRITE, 0, unlock=True)
+    state.apply(WRITE, 0, unlock=True)
+    assert locked(path) == [101]
+    lock_byte(a, 100)
+    unlock_byte(a, 100)
+    assert locked(path) == [101]
+
+
+def test_shared_probe_ignores_shared_locks_and_reports_the_type(two_fds: tuple[Path, int, int]) -> None:
+    _, a, b = two_fds
+    lock_byte(a, 101)
+    assert lock_holder(b, 101, exclusive=False) is None
+    holder = lock_holder(b, 101)
+    assert holder is not None and holder.type == fcntl.F_RDLCK
+
+
+def test_lock_failures_carry_text_and_errno(two_fds: tuple[Path, int, int]) -> None:
+    _, a, b = two_fds
+    lock_byte(b, 100, exclusive=True)  # not what QEMU does, but someone might
+    with pytest.raises(BlockError) as info:
+        LockState(a).apply(CONSISTENT_READ, 0, unlock=False)
+    assert (str(info.value), info.value.errno) == ("Failed to lock byte 100", errno.EAGAIN)
+    fd = os.dup(a)
+    os.close(fd)
+    with pytest.raises(BlockError) as info:
+        LockState(fd).apply(CONSISTENT_READ, 0, unlock=False)
+    assert (str(info.value), info.value.errno) == ("Failed to lock byte 100: Bad file descriptor",
+                                                   errno.EBADF)
+
+
+def _locked_seen_from_another_process(path: Path) -> list[int]:
+    # Probing from this process would close a descriptor of the file, and closing any
+    # descriptor drops every POSIX lock the process holds on it.
+    code = "import sys; from lock_probe import locked; print(locked(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parent)
+    return list(json.loads(out.stdout))
+
+
+def test_posix_fallback_keeps_posix_semantics(two_fds: tuple[Path, int, int]) -> None:
+    # Without OFD locks (old kernels) QEMU falls back to POSIX locks, which belong to the
+    # process: our own descriptors never conflict, other processes see everything.
+    path, a, b = two_fds
+    state = LockState(a, ofd=False)
+    state.apply(CONSISTENT_READ | WRITE, WRITE, unlock=True)
+    LockState(b, ofd=False).check(ALL, 0)
+    assert not byte_locked_by_other(b, 101, ofd=False)
+    assert _locked_seen_from_another_process(path) == [100, 101, 201]
+    state.apply(0, 0, unlock=True)
+    assert _locked_seen_from_another_process(path) == []
+    lock_byte(a, 102, ofd=False)
+    unlock_byte(a, 102, ofd=False)
+    assert _locked_seen_from_another_process(path) == []
+    # Our own POSIX lock on 201 is no conflict; another process's 203 is, and is named.
+    state.apply(0, WRITE, unlock=True)
+    holder = _hold_bytes(path, 203)
+    try:
+        with pytest.raises(BlockError, match='^Failed to get "resize" lock$'):
+            check_lock_bytes(b, WRITE | RESIZE, ALL, ofd=False)
+    finally:
+        holder.kill()
+        holder.wait()
