@@ -11,13 +11,16 @@ The single source of truth is the JSON Schema (draft 2020-12) under ``schema/``:
 
 ``schema/README.md`` describes the conventions. :class:`Schema` loads the files once and
 answers the dispatcher: argument checks with QEMU's exact error texts
-(:mod:`qmp_server.schema_validate`), ``query-qmp-schema`` (:mod:`qmp_server.introspect`),
-and return/event checks for the tests.
+(:mod:`qmp_server.schema_validate`) and ``query-qmp-schema`` (:mod:`qmp_server.introspect`).
+The tests check replies and events against the same files with ``jsonschema``, the
+reference implementation of the standard they are written in; serving does not need it.
+
+An installed package carries the files as ``qmp_server/_schema`` (``setup.py`` copies
+them into the wheel); a source checkout reads the repository's ``schema/``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -25,9 +28,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
-
-from referencing import Registry
-from referencing.jsonschema import DRAFT202012
 
 from .errors import CommandNotFound, QMPError
 from .keyval import blockdev_options_from_cli, parse_keyval
@@ -39,38 +39,19 @@ __all__ = [
     "EventInfo",
     "Schema",
     "blockdev_options_from_cli",
-    "check_schema",
     "parse_keyval",
 ]
 
 #: Base URI of the schema files; ``$ref`` values resolve against it like relative paths.
 SCHEMA_BASE: Final = "https://qmp-server.invalid/schema/"
 TYPES_URI: Final = SCHEMA_BASE + "types.json"
-DEFAULT_DIRECTORY: Final = Path(__file__).resolve().parent.parent / "schema"
+_PACKAGE: Final = Path(__file__).resolve().parent
+#: The schema files: inside an installed package, else the source checkout's ``schema/``.
+DEFAULT_DIRECTORY: Final = (_PACKAGE / "_schema" if (_PACKAGE / "_schema").is_dir()
+                            else _PACKAGE.parent / "schema")
 
 _COMMAND_KEYS: Final = {"description", "allow-oob", "allow-preconfig", "features", "arguments", "returns"}
 _EVENT_KEYS: Final = {"description", "features", "data"}
-
-
-# jsonschema ships no type information; loading it as a plain module keeps mypy --strict
-# clean whether or not the types-jsonschema stubs are installed.
-_jsonschema: Any = importlib.import_module("jsonschema")
-
-
-def _strict_integer(checker: Any, instance: Any) -> bool:
-    # jsonschema counts 1.0 as an integer; QEMU (and therefore we) do not.
-    return isinstance(instance, int) and not isinstance(instance, bool)
-
-
-_Validator202012: Any = _jsonschema.validators.extend(
-    _jsonschema.Draft202012Validator,
-    type_checker=_jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
-)
-
-
-def check_schema(document: Any) -> None:
-    """Raise if ``document`` is not a valid draft 2020-12 JSON Schema."""
-    _jsonschema.Draft202012Validator.check_schema(document)
 
 
 @dataclass(frozen=True)
@@ -127,10 +108,6 @@ class Schema:
         }
         self._return_nodes: dict[str, Node] = {}
         self._event_nodes: dict[str, Node | None] = {}
-        self._registry: Registry[Any] = Registry().with_resource(
-            TYPES_URI, DRAFT202012.create_resource(types)
-        )
-        self._validators: dict[tuple[str, str], Any] = {}
 
     @classmethod
     def load(cls, directory: Path | None = None) -> Schema:
@@ -223,41 +200,6 @@ class Schema:
 
     # ------------------------------------------------------------------ returns and events
 
-    def _validator(self, uri: str, part: str, schema: dict[str, Any]) -> Any:
-        key = (uri, part)
-        validator = self._validators.get(key)
-        if validator is None:
-            rooted = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": uri, **schema}
-            validator = _Validator202012(rooted, registry=self._registry)
-            self._validators[key] = validator
-        return validator
-
-    def check_return(self, command: str, value: Any) -> None:
-        """Raise ValueError unless ``value`` matches the ``returns`` schema of ``command``."""
-        info = self.commands.get(command)
-        if info is None:
-            raise ValueError(f"unknown command {command!r}")
-        errors = self._validator(info.uri, "returns", info.returns).iter_errors(value)
-        error = _jsonschema.exceptions.best_match(errors)
-        if error is not None:
-            raise ValueError(f"{command} return {_where(error.absolute_path)}: {error.message}")
-
-    def check_event(self, event: str, data: dict[str, Any] | None) -> None:
-        """Raise ValueError unless ``data`` matches the schema of ``event``."""
-        info = self.events.get(event)
-        if info is None:
-            raise ValueError(f"unknown event {event!r}")
-        if info.data is None:
-            if data is not None:
-                raise ValueError(f"event {event} carries no data, got {data!r}")
-            return
-        if data is None:
-            raise ValueError(f"event {event} needs data")
-        errors = self._validator(info.uri, "data", info.data).iter_errors(data)
-        error = _jsonschema.exceptions.best_match(errors)
-        if error is not None:
-            raise ValueError(f"{event} data {_where(error.absolute_path)}: {error.message}")
-
     # ------------------------------------------------------------------ introspection
 
     @cached_property
@@ -290,8 +232,3 @@ def _stem(path: Path) -> str:
 
 def _command_document(info: CommandInfo) -> dict[str, Any]:
     return {"arguments": info.arguments, "returns": info.returns}
-
-
-def _where(path: Any) -> str:
-    parts = list(path)
-    return "at " + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts) if parts else "at top"

@@ -12,16 +12,22 @@ from typing import Any
 
 import pytest
 import qemu_tools
+from schema_conformance import Conformance, check_schema
 from server_support import Client
 
 from qmp_server.errors import CommandNotFound, QMPError
-from qmp_server.schema import DEFAULT_DIRECTORY, Schema, check_schema
+from qmp_server.schema import DEFAULT_DIRECTORY, Schema
 from qmp_server.schema_validate import SchemaError
 
 
 @pytest.fixture(scope="module")
 def schema() -> Schema:
     return Schema.load()
+
+
+@pytest.fixture(scope="module")
+def conformance(schema: Schema) -> Conformance:
+    return Conformance(schema)
 
 
 # Every case below was sent to QEMU 7.2 (qemu-system-x86_64 -machine none, QMP socket) and the
@@ -601,16 +607,16 @@ def test_schema_conventions_are_enforced(
 # ------------------------------------------------------------------------------ returns, events
 
 
-def test_check_return(schema: Schema) -> None:
-    schema.check_return("query-status", {"running": False, "status": "postmigrate"})
-    schema.check_return("stop", {})
-    schema.check_return("human-monitor-command", "")
-    schema.check_return("query-version", {"qemu": {"micro": 0, "minor": 1, "major": 10}, "package": ""})
-    schema.check_return("query-migrate", {})
-    schema.check_return(
+def test_check_return(conformance: Conformance) -> None:
+    conformance.check_return("query-status", {"running": False, "status": "postmigrate"})
+    conformance.check_return("stop", {})
+    conformance.check_return("human-monitor-command", "")
+    conformance.check_return("query-version", {"qemu": {"micro": 0, "minor": 1, "major": 10}, "package": ""})
+    conformance.check_return("query-migrate", {})
+    conformance.check_return(
         "query-migrate", {"status": "completed", "total-time": 5, "downtime": 2, "setup-time": 1}
     )
-    schema.check_return("query-migrate-capabilities", [{"capability": "events", "state": True}])
+    conformance.check_return("query-migrate-capabilities", [{"capability": "events", "state": True}])
     node = {
         "file": "/d/a.qcow2",
         "node-name": "a-fmt",
@@ -649,8 +655,8 @@ def test_check_return(schema: Schema) -> None:
         },
         "children": [{"child": "file", "node-name": "a-file"}],
     }
-    schema.check_return("query-named-block-nodes", [node])
-    schema.check_return(
+    conformance.check_return("query-named-block-nodes", [node])
+    conformance.check_return(
         "query-block",
         [{"device": "", "type": "unknown", "removable": False, "locked": False, "inserted": node}],
     )
@@ -663,15 +669,15 @@ def test_check_return(schema: Schema) -> None:
         ("query-version", {"qemu": {"micro": 1.0, "minor": 1, "major": 10}, "package": ""}),
     ):
         with pytest.raises(ValueError):
-            schema.check_return(*bad)
+            conformance.check_return(*bad)
 
 
-def test_check_event(schema: Schema) -> None:
-    schema.check_event("STOP", None)
-    schema.check_event("RESUME", None)
-    schema.check_event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-    schema.check_event("MIGRATION", {"status": "device"})
-    schema.check_event("MIGRATION_PASS", {"pass": 1})
+def test_check_event(conformance: Conformance) -> None:
+    conformance.check_event("STOP", None)
+    conformance.check_event("RESUME", None)
+    conformance.check_event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+    conformance.check_event("MIGRATION", {"status": "device"})
+    conformance.check_event("MIGRATION_PASS", {"pass": 1})
     for event, data in (
         ("STOP", {}),
         ("SHUTDOWN", None),
@@ -681,7 +687,7 @@ def test_check_event(schema: Schema) -> None:
         ("NO_SUCH_EVENT", None),
     ):
         with pytest.raises(ValueError):
-            schema.check_event(event, data)
+            conformance.check_event(event, data)
 
 
 # ------------------------------------------------------------------------------ introspection
@@ -756,9 +762,9 @@ def test_introspection_probing(schema: Schema, query: str, present: bool) -> Non
     assert _lookup(schema.introspect(), query) is present
 
 
-def test_introspection_format(schema: Schema) -> None:
+def test_introspection_format(schema: Schema, conformance: Conformance) -> None:
     info = schema.introspect()
-    schema.check_return("query-qmp-schema", info)
+    conformance.check_return("query-qmp-schema", info)
     names = [entity["name"] for entity in info]
     assert len(names) == len(set(names))
     by_name = {entity["name"]: entity for entity in info}
