@@ -21,7 +21,7 @@ PROG = "qmp-server"
 DEFAULT_SOCKET = "qmp.sock"
 
 # Options that take an argument, and flags that don't; accepted with one or two dashes.
-_WITH_ARG = {"qmp", "name", "incoming", "pidfile", "machine", "M", "blockdev", "display",
+_WITH_ARG = {"qmp", "name", "incoming", "pidfile", "machine", "M", "blockdev", "device", "drive", "display",
              "poll-max-ns"}
 _FLAGS = {"S", "nodefaults", "nographic", "daemonize", "version", "help", "h"}
 
@@ -72,6 +72,9 @@ class Options:
     name: str | None = None
     incoming: str | None = None
     blockdevs: list[str] = field(default_factory=list)
+    #: ``-device`` and ``-drive`` arguments as typed (keyval, or JSON for -device), in order.
+    devices: list[str] = field(default_factory=list)
+    drives: list[str] = field(default_factory=list)
     daemonize: bool = False
     pidfile: str | None = None
     default_socket: bool = False
@@ -188,6 +191,10 @@ def parse_args(argv: list[str]) -> Options:
                                  "only 'none' is emulated")
         elif name == "blockdev":
             options.blockdevs.append(value)
+        elif name == "device":
+            options.devices.append(value)
+        elif name == "drive":
+            options.drives.append(value)
         elif name == "poll-max-ns":
             # isdigit() alone admits "²" and other digits int() refuses.
             if not (value.isascii() and value.isdigit()) or int(value) > 1_000_000_000:
