@@ -447,3 +447,31 @@ def test_posix_fallback_keeps_posix_semantics(two_fds: tuple[Path, int, int]) ->
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- backing chains: what a backing child asks and shares ----------------------------------
+
+
+def test_backing_chain_locks_and_a_writable_shared_backing_node(tmp_path: Path, qemu_utils: None) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img_create(base, "1M")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    srv = start_server([], tmp_path)
+    try:
+        # The implicit backing node is read-only: it reads consistently and lets nobody
+        # write or resize under it (QEMU 7.2, checked live).
+        srv.cmd("blockdev-add", driver="qcow2", node_name="top",
+                file={"driver": "file", "filename": str(top)})
+        assert locked(base) == [100, 201, 203] and locked(top) == sorted(WRITER)
+        srv.cmd("blockdev-del", node_name="top")
+        # A writable node used as a backing child may still be written by others: the
+        # overlay only reads it and shares write (QEMU 7.2 writes it too).
+        srv.cmd("blockdev-add", driver="qcow2", node_name="b",
+                file={"driver": "file", "filename": str(base)})
+        srv.cmd("blockdev-add", driver="qcow2", node_name="top", backing="b",
+                file={"driver": "file", "filename": str(top)})
+        assert "wrote 4096/4096" in qemu_io(srv, "write -P 0x11 0 4k", "b")
+        assert "verification failed" not in qemu_io(srv, "read -P 0x11 0 4k", "top")
+    finally:
+        srv.close()
