@@ -339,8 +339,10 @@ class Connection:
             # A client with input always waiting must not keep the others (the accept
             # loop, signals) from running; nor may one that does not read its output
             # make us queue replies without end.
-            if not await self._pace():
-                return
+            if (self._queued > OUTPUT_LIMIT or self._dropped
+                    or time.perf_counter() - self._resumed >= QUANTUM):
+                if not await self._pace():
+                    return
             try:
                 data = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -188,12 +188,15 @@ def test_flooding_client_leaves_room_for_everyone(server: Server) -> None:
         # of Client's timeout, and nine in ten within 50 ms (the flooder gets a share of
         # the time, not all of it, and not in long stretches).
         other = server.client()
-        times = []
+        base = server.rss()
+        times, peak = [], base
         for _ in range(40):
             times += _round_trips(other, 1)
+            peak = max(peak, server.rss())
             time.sleep(0.02)
         times.sort()
         assert times[36] < 0.05, f"p90 {times[36] * 1000:.0f} ms"
+        assert peak - base < 16 * MIB, f"server grew {(peak - base) / MIB:.0f} MiB under the flood"
         # A new client gets its greeting.
         Client(server.sock, timeout=5).close()
         assert flooder.poll() is None, "the flood ended early"
