@@ -33,7 +33,7 @@ INBAND_QUEUE = 8
 DEFAULT_POLL_MAX_NS = 32768
 # Output bytes queued for one client (replies and events it has not read yet) above which
 # the server stops reading that client's input until the client has read some of it.
-# QEMU stops reading a monitor once 8 requests are queued (monitor_qmp_dispatcher_co);
+# QEMU suspends a monitor once 8 requests are queued (handle_qmp_command());
 # we serve many clients, so the bound is on bytes, which are what costs memory.
 OUTPUT_LIMIT = 1 << 20
 # Once below OUTPUT_LIMIT / OUTPUT_RESUME_DIVISOR, input is read again.
