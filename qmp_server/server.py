@@ -91,8 +91,9 @@ class SocketFile:
     """The file a UNIX socket was bound to, remembered so that only that file is removed."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        st = os.lstat(path)
+        # Absolute: -daemonize changes to / before we exit.
+        self.path = os.path.abspath(path)
+        st = os.lstat(self.path)
         self._identity = (st.st_dev, st.st_ino)
 
     def remove(self) -> None:
