@@ -421,6 +421,10 @@ class BlockGraph:
         try:
             self.refresh_perms([node])
             node.driver.invalidate_cache()
+            # bdrv_activate: the parents (BlockBackends) ask for their permissions again.
+            for edge in list(node.parents):
+                if edge.activate_hook is not None:
+                    edge.activate_hook()
         except BlockError:
             node.inactive = True
             node.driver.set_inactive(True)
@@ -479,6 +483,10 @@ class BlockGraph:
         else:
             node.driver.inactivate()
             node.flushed_gen = node.write_gen
+        # bdrv_inactivate_recurse: parents that can (device BlockBackends) let go first.
+        for edge in node.parents:
+            if edge.inactivate_hook is not None and not edge.inactivate_hook():
+                raise BlockError("Failed to inactivate node: Operation not permitted", errno.EPERM)
         perm, _ = node.cumulative_perms()
         if perm & (WRITE | WRITE_UNCHANGED):
             # An outside user still needs to write (QEMU: -EPERM).

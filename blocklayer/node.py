@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -26,6 +27,12 @@ class Edge:
     shared: int = ALL
     parent: BlockNode | None = None
     user: str = ""
+    #: An outside user's part in (in)activation, QEMU's BdrvChildClass .activate and
+    #: .inactivate (a BlockBackend, see backend.py): ``activate_hook`` re-takes the
+    #: user's permissions once the node is active (raising BlockError on conflict),
+    #: ``inactivate_hook`` drops them and returns False if the user cannot let go.
+    activate_hook: Callable[[], None] | None = None
+    inactivate_hook: Callable[[], bool] | None = None
 
     def describe_parent(self) -> str:
         """How QEMU names the user of this edge in permission conflicts."""
@@ -70,6 +77,8 @@ class BlockNode:
     #: successful one is skipped (it would only cost an fdatasync).
     write_gen: int = 0
     flushed_gen: int = 0
+    #: QEMU's bs->wr_highest_offset: the end of the furthest write, for query-blockstats.
+    wr_highest_offset: int = 0
     #: Free for the QMP adapter's cache of this node's info (keyed by ``generation``).
     info_cache: dict[bool, tuple[object, str]] = field(default_factory=dict)
 
@@ -149,6 +158,7 @@ class BlockNode:
         self._check_writable()
         self.touch()
         self.write_gen += 1
+        self.wr_highest_offset = max(self.wr_highest_offset, offset + len(data))
         if self.options.detect_zeroes != "off" and not any(data):
             self.driver.write_zeroes(offset, len(data),
                                      self.options.detect_zeroes == "unmap" and self.options.discard_unmap)
@@ -160,6 +170,7 @@ class BlockNode:
         self._check_writable()
         self.touch()
         self.write_gen += 1
+        self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
         self.driver.write_zeroes(offset, length, may_unmap and self.options.discard_unmap)
 
     def pdiscard(self, offset: int, length: int) -> None:
