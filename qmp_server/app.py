@@ -10,7 +10,7 @@ from functools import partial
 import trio
 
 from .cli import MonitorSpec, Options
-from .commands import block, control
+from .commands import block, control, devices
 from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
 from .errors import QMPError
@@ -28,7 +28,8 @@ def command_tables() -> list[CommandTable]:
     """Every command module's table."""
     from .migration import commands as migration_commands
 
-    return [control.table, block.table, migration_commands.table, machine_commands.table]
+    return [control.table, block.table, migration_commands.table, machine_commands.table,
+            devices.table]
 
 
 def _address(monitor: MonitorSpec) -> str:
@@ -51,7 +52,7 @@ class App:
         options = self.options
         schema = Schema.load()
         config = MachineConfig(name=options.name, start_paused=options.start_paused,
-                               incoming=options.incoming,
+                               incoming=options.incoming, machine_type=options.machine_type,
                                monitor_addresses=[_address(monitor) for monitor in options.monitors])
         machine = Machine(config, schema)
         self.machine = machine
@@ -65,6 +66,14 @@ class App:
                 machine.block.locked(partial(machine.block.graph.open, spec, inactive=inactive))
             except QMPError as err:
                 raise SetupError(f"-blockdev {text}: {err.desc}") from err
+        # QEMU's order: -blockdev and -drive (configure_blockdev), then -device.
+        for flag, texts, make in (("-drive", options.drives, machine.devices.cli_drive),
+                                  ("-device", options.devices, machine.devices.cli_device)):
+            for text in texts:
+                try:
+                    machine.block.locked(make, text)
+                except QMPError as err:
+                    raise SetupError(f"{flag} {text}: {err.desc}") from err
         machine.migration.check_incoming_uri()
         for monitor in options.monitors:
             try:

@@ -12,6 +12,7 @@ import os
 import weakref
 from typing import Any
 
+from blocklayer.backend import BlockBackend
 from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode
 
@@ -170,3 +171,25 @@ def block_infos_json(graph: BlockGraph, flat: bool) -> PreEncoded:
     result = PreEncoded("[" + ", ".join(parts) + "]")
     cache.results[flat] = (key, result)
     return result
+
+
+def backend_info(blk: BlockBackend, qdev: str | None) -> dict[str, Any]:
+    """One BlockInfo of query-block (QEMU's bdrv_query_info), keys in QEMU 7.2's order.
+
+    ``qdev`` is the QOM path of the device using the backend, if any. A backend without
+    a device counts as removable (blk_dev_has_removable_media); the disk devices we model
+    keep their I/O status, hence ``io-status``.
+    """
+    info: dict[str, Any] = {}
+    if qdev is not None:
+        info["io-status"] = "ok"
+    info["device"] = blk.name
+    info["locked"] = False
+    info["removable"] = qdev is None
+    node = blk.node
+    if node is not None:
+        info["inserted"] = _Collector(False).device(node)
+    if qdev is not None:
+        info["qdev"] = qdev
+    info["type"] = "unknown"
+    return info

@@ -13,7 +13,7 @@ import trio
 
 from blocklayer.lockbytes import lock_byte
 
-from . import QEMU_VERSION, __version__
+from . import QEMU_VERSION, __version__, machinemodel
 from .errors import QMPError
 from .server import DEFAULT_POLL_MAX_NS
 
@@ -74,6 +74,8 @@ class Options:
     blockdevs: list[str] = field(default_factory=list)
     #: ``-device`` and ``-drive`` arguments as typed (keyval, or JSON for -device), in order.
     devices: list[str] = field(default_factory=list)
+    #: ``-machine TYPE`` (a name or alias from machinemodel.MACHINE_TYPES).
+    machine_type: str = "none"
     drives: list[str] = field(default_factory=list)
     daemonize: bool = False
     pidfile: str | None = None
@@ -186,9 +188,9 @@ def parse_args(argv: list[str]) -> Options:
             options.pidfile = value
         elif name in ("machine", "M"):
             machine_type = _split_commas(value)[0].removeprefix("type=")
-            if machine_type != "none":
-                raise UsageError(f"{arg} {value}: unsupported machine type '{machine_type}': "
-                                 "only 'none' is emulated")
+            if machinemodel.machine_type(machine_type) is None:
+                raise UsageError(f"{arg} {value}: unsupported machine type '{machine_type}'")
+            options.machine_type = machine_type
         elif name == "blockdev":
             options.blockdevs.append(value)
         elif name == "device":

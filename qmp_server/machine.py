@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .blockservice import BlockService
+from .devices import Devices
 from .events import EventBus
 from .hmp.monitor import HumanMonitor
 from .migration.service import MigrationService
@@ -45,6 +46,8 @@ class Machine:
         self.vm = VM(self.events, start_paused=config.start_paused, incoming=config.incoming is not None)
         self.block = BlockService(self.vm)
         self.vm.block = self.block
+        self.devices = Devices(self)
+        self.vm.state_listeners.append(self.devices.vm_state_changed)
         self.hmp = HumanMonitor(self)
         self.migration = MigrationService(self)
         self.exit_requested = trio.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from .errors import QMPError
@@ -96,6 +97,8 @@ class VM:
         self.autostart = not start_paused
         self.state = RunState.PRELAUNCH
         self.block: BlockHooks | None = None
+        #: Called after every state change (QEMU's vm change state handlers).
+        self.state_listeners: list[Callable[[], None]] = []
         if incoming:
             self.set_state(RunState.INMIGRATE)
 
@@ -116,6 +119,8 @@ class VM:
         if (self.state, new) not in TRANSITIONS:
             raise InvalidTransition(f"invalid runstate transition: '{self.state}' -> '{new}'")
         self.state = new
+        for listener in self.state_listeners:
+            listener()
 
     def start_after_launch(self) -> None:
         """Machine creation done: run now unless -S or -incoming holds us back."""

@@ -621,7 +621,7 @@ _Plan = tuple[tuple[str, Callable[[Any], None], bool, bool], ...]
 class StructNode(Node):
     """A QAPI struct, or a flat union (common members + one variant chosen by a discriminator)."""
 
-    __slots__ = ("_plan", "_variant_plans", "discriminator", "members", "variants")
+    __slots__ = ("_plan", "_variant_plans", "discriminator", "members", "open", "variants")
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
@@ -631,6 +631,9 @@ class StructNode(Node):
         self.variants: dict[str, tuple[Member, ...]] = {}
         self._plan: _Plan = ()
         self._variant_plans: dict[str, _Plan] = {}
+        #: Other members are let through (QEMU's 'gen': false commands such as device_add,
+        #: whose handler reads what it needs from the dictionary itself).
+        self.open = False
 
     def finish(self) -> None:
         """Precompute the walk once all member nodes exist."""
@@ -680,7 +683,7 @@ class StructNode(Node):
         case = self._case(value)
         if case is not None:
             present += self._walk(self._variant_plans[case], value)
-        if present != len(value):
+        if present != len(value) and not self.open:
             raise self._unexpected(value, case)
 
     def keyval(self, value: Any) -> Any:
@@ -905,6 +908,7 @@ class Compiler:
         struct.features = tuple(schema.get("x-features", ()))
         self._register(named, struct)
         struct.members = self._members(schema, base)
+        struct.open = schema.get("additionalProperties") is True
         discriminator = schema.get("x-discriminator")
         if discriminator is not None:
             struct.discriminator = discriminator

@@ -549,10 +549,13 @@ def test_commands_and_flags(schema: Schema) -> None:
         "query-hotpluggable-cpus", "query-iothreads", "query-jobs", "query-chardev",
         "qom-list-types", "qom-list-properties", "device-list-properties", "qom-list", "qom-get",
         "system_reset", "system_powerdown",
+        # qmp_server/commands/devices.py
+        "device_add", "device_del",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
-                                  "BLOCK_IMAGE_CORRUPTED", "POWERDOWN", "RESET"}
+                                  "BLOCK_IMAGE_CORRUPTED", "POWERDOWN", "RESET",
+                                  "DEVICE_DELETED"}
     assert not any(info.allow_oob for info in schema.commands.values())
     preconfig = {name for name, info in schema.commands.items() if info.allow_preconfig}
     assert {"qmp_capabilities", "blockdev-add", "blockdev-set-active", "query-status"} <= preconfig

@@ -45,8 +45,3 @@ async def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> 
     """Every node, newest first (sent as cached, pre-encoded JSON)."""
     return await ctx.machine.block.query_named_block_nodes_json(args.get("flat", False))
 
-
-@table.command("query-block")
-async def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
-    """Guest block devices: there are none, so always empty."""
-    return []

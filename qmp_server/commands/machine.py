@@ -164,13 +164,19 @@ def _tree(machine: Machine) -> dict[str, tuple[str, dict[str, str]]]:
         "/machine": (_machine_type(machine).qom_type,
                      {"peripheral-anon": "container", "peripheral": "container",
                       "unattached": "container"}),
-        "/machine/peripheral-anon": ("container", {}),
-        "/machine/peripheral": ("container", {}),
+        "/machine/peripheral-anon": ("container", machine.devices.peripherals(anonymous=True)),
+        "/machine/peripheral": ("container", machine.devices.peripherals(anonymous=False)),
         "/machine/unattached": ("container", {}),
         "/chardevs": ("container", {label: "chardev-socket" for label, _ in _chardev_labels(machine)}),
     }
     for label, _ in _chardev_labels(machine):
         tree[f"/chardevs/{label}"] = ("chardev-socket", {})
+    for device in machine.devices.devices:
+        # A virtio transport holds its disk as a child object (virtio-backend).
+        children = {} if device.qdev == device.path else {"virtio-backend": "virtio-blk-device"}
+        tree[device.path] = (device.driver, children)
+        for name, kind in children.items():
+            tree[f"{device.path}/{name}"] = (kind, {})
     return tree
 
 
