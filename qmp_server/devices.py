@@ -24,6 +24,7 @@ from blocklayer.errors import BlockError
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 
 from . import machinemodel as model
+from .blockinfo import backend_info
 from .errors import QMPError
 from .keyval import parse_json_option, parse_keyval
 from .runstate import RunState
@@ -120,6 +121,11 @@ class Devices:
             (blk, by_backend.get(id(blk))) for blk in self.named.values()]
         result += [(d.backend, d) for d in self.devices if not d.backend.name]
         return result
+
+    def query_block(self) -> list[dict[str, Any]]:
+        """query-block's BlockInfo list (the caller holds the graph lock)."""
+        return [backend_info(blk, device.qdev if device is not None else None)
+                for blk, device in self.backends()]
 
     def find(self, ident: str) -> Device | None:
         """A device by id or QOM path (find_device_state)."""

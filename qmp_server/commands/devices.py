@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from ..blockinfo import backend_info
 from ..dispatcher import CommandContext, CommandTable
 
 table = CommandTable()
@@ -38,9 +37,4 @@ async def device_del(ctx: CommandContext, args: dict[str, Any]) -> None:
 @table.command("query-block")
 async def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
     """Every named BlockBackend and every device's backend (qmp_query_block)."""
-
-    def build() -> list[dict[str, Any]]:
-        return [backend_info(blk, device.qdev if device is not None else None)
-                for blk, device in ctx.machine.devices.backends()]
-
-    return await ctx.machine.block.run_light(build)
+    return await ctx.machine.block.run_light(ctx.machine.devices.query_block)

@@ -8,7 +8,7 @@ read what the "guest" saw.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import QEMU_VERSION, __version__
 
@@ -85,30 +85,28 @@ class HumanMonitor:
         return f"{major}.{minor}.{micro} (qmp-server {__version__})\n"
 
     async def _info_block(self, args: list[str]) -> str:
-        # Without -n QEMU lists guest devices (BlockBackends); we have none.
-        if "-n" not in args:
-            return ""
-        nodes = await self.machine.block.query_named_block_nodes(True)
+        # hmp_info_block: without -n the BlockBackends (query-block), with -n the nodes.
         wanted = [a for a in args if not a.startswith("-")]
+        if "-n" in args:
+            nodes = await self.machine.block.query_named_block_nodes(True)
+            return "\n".join(_block_text(info, info["node-name"], "") for info in nodes
+                             if not wanted or info["node-name"] in wanted)
         blocks = []
-        for info in nodes:
-            if wanted and info["node-name"] not in wanted:
+        for backend in await self.machine.block.run_light(self.machine.devices.query_block):
+            name = backend["device"]
+            if wanted and name not in wanted:
                 continue
-            text = f"{info['node-name']}: {info['file']} ({info['drv']}"
-            text += ", read-only)" if info["ro"] else ")"
-            if not info["active"]:
-                text += " [inactive]"
-            cache = info["cache"]
-            mode = "writeback" if cache["writeback"] else "writethrough"
-            if cache["direct"]:
-                mode += ", direct"
-            if cache["no-flush"]:
-                mode += ", ignore flushes"
-            text += f"\n    Cache mode:       {mode}\n"
-            if "backing_file" in info:
-                depth = info["backing_file_depth"]
-                text += f"    Backing file:     {info['backing_file']} (chain depth: {depth})\n"
-            blocks.append(text)
+            inserted = backend.get("inserted")
+            if inserted is None:
+                blocks.append(f"{name}: [not inserted]\n")
+                continue
+            prefix = f"{name} ({inserted['node-name']})" if name else inserted["node-name"]
+            extra = ""
+            if "qdev" in backend:
+                extra += f"    Attached to:      {backend['qdev']}\n"
+            if backend["removable"]:
+                extra += "    Removable device: not locked, tray closed\n"
+            blocks.append(_block_text(inserted, prefix, extra))
         return "\n".join(blocks)
 
     async def _qemu_io(self, args: str) -> str:
@@ -119,6 +117,26 @@ class HumanMonitor:
         except HmpArgumentError as err:
             return err.monitor_text
         return await self.machine.block.qemu_io(device, command, qdev)
+
+
+def _block_text(info: dict[str, Any], prefix: str, extra: str) -> str:
+    """print_block_info: the lines of one backend or node."""
+    text = f"{prefix}: {info['file']} ({info['drv']}"
+    text += ", read-only)" if info["ro"] else ")"
+    if not info["active"]:
+        text += " [inactive]"
+    text += "\n" + extra
+    cache = info["cache"]
+    mode = "writeback" if cache["writeback"] else "writethrough"
+    if cache["direct"]:
+        mode += ", direct"
+    if cache["no-flush"]:
+        mode += ", ignore flushes"
+    text += f"    Cache mode:       {mode}\n"
+    if "backing_file" in info:
+        depth = info["backing_file_depth"]
+        text += f"    Backing file:     {info['backing_file']} (chain depth: {depth})\n"
+    return text
 
 
 __all__ = ["HumanMonitor"]
