@@ -94,6 +94,9 @@ class BlockDriver(ABC):
     file_role: ClassVar[ChildRole] = ChildRole.DATA | ChildRole.PRIMARY
     #: True if the format can have a backing image (qcow2).
     supports_backing: ClassVar[bool] = False
+    #: QEMU's ``bs->drv == NULL``: the driver gave the node up (fatal corruption, failed
+    #: re-open) and it only waits to be deleted; queries then fail as QEMU's do.
+    ejected: bool = False
 
     def __init__(self) -> None:
         self.file: ChildIO | None = None

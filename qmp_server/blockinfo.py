@@ -16,6 +16,7 @@ from blocklayer.backend import BlockBackend
 from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode
 
+from .errors import QMPError
 from .wire import PreEncoded, encode_text
 
 
@@ -58,6 +59,8 @@ class _Collector:
 
     def device(self, node: BlockNode) -> dict[str, Any]:
         """One BlockDeviceInfo (QEMU 10.1 members)."""
+        if node.driver.ejected:  # bdrv_block_device_info refuses a node without a driver
+            raise QMPError(f"Block device {node.name} is ejected")
         options = node.options
         depth = 0
         backing = node.child("backing")
@@ -161,6 +164,8 @@ def block_infos_json(graph: BlockGraph, flat: bool) -> PreEncoded:
 
     parts = []
     for node in nodes:
+        if node.driver.ejected:  # checked before the per-node cache: see _Collector.device
+            raise QMPError(f"Block device {node.name} is ejected")
         stamp = stamp_of(node)
         cached = node.info_cache.get(flat)
         if cached is None or cached[0] != stamp:
@@ -187,7 +192,7 @@ def backend_info(blk: BlockBackend, qdev: str | None) -> dict[str, Any]:
     info["locked"] = False
     info["removable"] = qdev is None
     node = blk.node
-    if node is not None:
+    if node is not None and not node.driver.ejected:  # bdrv_query_info: only with bs->drv
         info["inserted"] = _Collector(False).device(node)
     if qdev is not None:
         info["qdev"] = qdev

@@ -33,6 +33,8 @@ from migration_support import (
     read_pattern,
     start_server,
 )
+from qemu_tools import require
+from server_support import running
 
 from blocklayer.errors import BlockError
 from blocklayer.lockbytes import (
@@ -211,6 +213,54 @@ def test_failed_activation_gives_the_locks_back(tmp_path: Path, qemu_utils: None
         assert out.returncode == 0 and "Failed" not in out.stderr, out.stderr
     finally:
         srv.close()
+
+
+def _reopen_failure(tmp_path: Path, *, qemu: bool) -> dict[str, Any]:
+    """Activate a qcow2 node whose image went bad while inactive, then query it."""
+    side = tmp_path / ("qemu" if qemu else "ours")
+    side.mkdir()
+    a, b = side / "a.qcow2", side / "b.qcow2"
+    qemu_img_create(a, "1M")
+    qemu_img_create(b, "1M")
+    out: dict[str, Any] = {}
+    with running(["-incoming", "defer", *blockdev(a, "disk0"), *blockdev(b, "disk1")], side,
+                 qemu=qemu) as (proc, client):
+        with open(b, "r+b") as f:
+            f.write(b"XXXX")
+
+        def activate() -> dict[str, Any]:
+            # QEMU 7.2 activates on cont during inmigrate; we follow 10.x there (cont only
+            # sets autostart), so blockdev-set-active (10.0) does it for us.
+            if qemu:
+                return client.execute("cont")
+            return client.execute("blockdev-set-active", {"node-name": "disk1", "active": True})
+
+        out["activate"] = activate()
+        out["nodes"] = [client.execute("query-named-block-nodes", {"flat": flat})
+                        for flat in (False, True)]
+        out["info"] = client.hmp("info block -n")
+        out["again"] = activate()
+        out["del"] = client.execute("blockdev-del", {"node-name": "disk1"})
+        nodes = client.execute("query-named-block-nodes")["return"]
+        out["left"] = sorted(n["node-name"] for n in nodes if not n["node-name"].startswith("#"))
+        client.execute("quit")
+        proc.wait(timeout=10)
+    return out
+
+
+def test_a_qcow2_node_that_fails_to_reopen_is_ejected(tmp_path: Path, qemu_utils: None) -> None:
+    require("qemu-system-x86_64")
+    got, want = _reopen_failure(tmp_path, qemu=False), _reopen_failure(tmp_path, qemu=True)
+    assert got == want
+    assert want["activate"]["error"]["desc"] == (
+        "Could not reopen qcow2 layer: Image is not in qcow2 format")
+    # qcow2_co_invalidate_cache dropped the driver: the node cannot be described ...
+    assert want["nodes"] == [{"error": {"class": "GenericError",
+                                        "desc": "Block device disk1 is ejected"}}] * 2
+    assert want["info"] == ""  # (HMP prints nothing at all then)
+    # ... activating it again is silently nothing, and it can still be deleted.
+    assert want["again"] == want["del"] == {"return": {}}
+    assert want["left"] == ["disk0"]
 
 
 def test_destination_whose_second_disk_fails_activation_gives_back_the_first(

@@ -85,6 +85,10 @@ def _session(tmp_path: Path, image: Path, *, qemu: bool) -> dict[str, Any]:
         out["write"] = client.reply()["return"]
         out["event"] = client.wait_event("BLOCK_IMAGE_CORRUPTED", timeout=10)["data"]
         out["read"] = client.hmp('qemu-io disk0 "read 0 4k"')
+        # The node has no driver any more (bs->drv = NULL): node queries fail.
+        out["nodes"] = [client.execute("query-named-block-nodes", {"flat": flat})
+                        for flat in (False, True)]
+        out["info-block"] = client.hmp("info block -n")
         out["info"] = run("qemu-img", "info", "-U", "--output=json", str(image)).stdout
         assert client.execute("blockdev-del", {"node-name": "disk0"}) == {"return": {}}
         out["reopen"] = client.execute("blockdev-add", _blockdev(image))
@@ -115,6 +119,9 @@ def test_reported_images_end_to_end(tmp_path: Path, case: str) -> None:
     assert list(got["event"]) == list(want["event"])  # QEMU 7.2's key order
     line = f"qcow2: Marking image as corrupt: {message}; further corruption events will be suppressed"
     assert line in got["stdout"] and line in want["stdout"]
+    assert got["nodes"] == want["nodes"]
+    assert want["nodes"][0]["error"]["desc"] == "Block device disk0 is ejected"
+    assert got["info-block"] == want["info-block"] == ""
     for side in (got, want):
         assert "write failed: Input/output error" in side["write"] + side["stdout"]
         assert "read failed: No medium found" in side["read"] + side["stdout"]

@@ -74,6 +74,8 @@ class Qcow2Driver(BlockDriver):
     def _opened(self) -> Qcow2Image:
         # The image state, also after a fatal corruption (queries still describe it).
         if self._img is None:
+            if self.ejected:  # the re-open failed (bdrv_nb_sectors: no driver)
+                raise BlockError(os.strerror(errno.ENOMEDIUM), errno.ENOMEDIUM)
             raise BlockError("qcow2 node is not open", errno.EBADF)
         return self._img
 
@@ -178,7 +180,9 @@ class Qcow2Driver(BlockDriver):
             self._img = open_image(self.file, self._options, read_only=self._read_only,
                                    inactive=False, opts=img.opts)
         except BlockError as exc:
-            # Like QEMU, the node is unusable after a failed reopen.
+            # qcow2_co_invalidate_cache: a failed reopen leaves the node without a driver
+            # (bs->drv = NULL), exactly like a fatal corruption.
+            self.ejected = True
             raise BlockError(f"Could not reopen qcow2 layer: {exc}", exc.errno) from exc
 
     def metadata_ranges(self) -> Sequence[tuple[int, int]]:

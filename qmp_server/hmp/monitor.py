@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import QEMU_VERSION, __version__
+from ..errors import QMPError
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -88,7 +89,10 @@ class HumanMonitor:
         # hmp_info_block: without -n the BlockBackends (query-block), with -n the nodes.
         wanted = [a for a in args if not a.startswith("-")]
         if "-n" in args:
-            nodes = await self.machine.block.query_named_block_nodes(True)
+            try:
+                nodes = await self.machine.block.query_named_block_nodes(True)
+            except QMPError:
+                return ""  # hmp_info_block ignores the error (an ejected node): no lines
             return "\n".join(_block_text(info, info["node-name"], "") for info in nodes
                              if not wanted or info["node-name"] in wanted)
         blocks = []
