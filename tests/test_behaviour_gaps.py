@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -523,5 +524,55 @@ def test_backing_chain_locks_and_a_writable_shared_backing_node(tmp_path: Path, 
                 file={"driver": "file", "filename": str(top)})
         assert "wrote 4096/4096" in qemu_io(srv, "write -P 0x11 0 4k", "b")
         assert "verification failed" not in qemu_io(srv, "read -P 0x11 0 4k", "top")
+    finally:
+        srv.close()
+
+
+# --- -incoming unix: removes only its own socket file ------------------------------------
+
+
+def _stranger_socket(path: Path) -> socket.socket:
+    """Another program's listening socket at ``path`` (after ours was moved away)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    return sock
+
+
+def test_incoming_unix_socket_file_is_removed_only_while_ours(tmp_path: Path) -> None:
+    mig, moved = tmp_path / "mig.sock", tmp_path / "moved.sock"
+    # Nobody touches it: the migration takes its one connection and the file goes.
+    srv = start_server(["-incoming", f"unix:{mig}"], tmp_path, name="plain")
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(mig))
+            conn.sendall(b"not a migration stream")
+            assert srv.wait_exit() == 1
+        assert not mig.exists()
+    finally:
+        srv.close()
+    # Ours is moved away and another socket put in its place before the source connects
+    # (through the moved name): the migration ends, the stranger's socket stays.
+    srv = start_server(["-incoming", f"unix:{mig}"], tmp_path, name="moved")
+    try:
+        mig.rename(moved)
+        with _stranger_socket(mig), socket.socket(socket.AF_UNIX) as conn:
+            identity = mig.stat().st_ino
+            conn.connect(str(moved))
+            conn.sendall(b"not a migration stream")
+            assert srv.wait_exit() == 1
+            assert mig.is_socket() and mig.stat().st_ino == identity
+    finally:
+        srv.close()
+    mig.unlink()
+    # The same when the server quits while still listening.
+    srv = start_server(["-incoming", f"unix:{mig}"], tmp_path, name="quit")
+    try:
+        mig.unlink()
+        with _stranger_socket(mig):
+            identity = mig.stat().st_ino
+            srv.client.execute("quit")
+            assert srv.wait_exit() == 0
+            assert mig.is_socket() and mig.stat().st_ino == identity
     finally:
         srv.close()

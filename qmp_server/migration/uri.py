@@ -6,7 +6,6 @@ Error texts are QEMU's (``migration/migration.c: migrate_uri_parse``,
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
@@ -16,6 +15,7 @@ from typing import Any
 import trio
 
 from ..errors import QMPError
+from ..server import ListenError, SocketFile, bind_unix_file
 
 #: Transports QEMU knows but a process without a guest cannot offer.
 _UNSUPPORTED = ("exec:", "rdma:", "vsock:", "fd:", "file:")
@@ -131,8 +131,9 @@ class Listening:
 
     listener: trio.SocketListener
     address: Address
-    #: The UNIX socket file we created (removed again once we stop listening).
-    unix_path: str | None = None
+    #: The UNIX socket file we created (removed again once we stop listening, and only if
+    #: it is still the one we bound: someone may have put another socket in its place).
+    socket_file: SocketFile | None = None
 
     def socket_address(self) -> dict[str, Any]:
         """What query-migrate reports under ``socket-address`` (the real port for tcp:…:0)."""
@@ -144,22 +145,19 @@ class Listening:
     def close(self) -> None:
         """Stop listening (QEMU takes exactly one connection) and remove the socket file."""
         self.listener.socket.close()
-        if self.unix_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.unix_path)
-            self.unix_path = None
+        if self.socket_file is not None:
+            self.socket_file.remove()
+            self.socket_file = None
 
 
 def listen(address: Address) -> Listening:
     """Bind and listen now, so that errors reach the command (or the command line)."""
     if isinstance(address, UnixAddress):
-        from ..server import ListenError, bind_unix
-
         try:
-            listener = bind_unix(address.path)
+            listener, socket_file = bind_unix_file(address.path)
         except ListenError as err:
             raise QMPError(str(err)) from err
-        return Listening(listener, address, unix_path=address.path)
+        return Listening(listener, address, socket_file=socket_file)
     host = address.host
     try:
         port = int(address.port)
