@@ -576,3 +576,33 @@ def test_incoming_unix_socket_file_is_removed_only_while_ours(tmp_path: Path) ->
             assert mig.is_socket() and mig.stat().st_ino == identity
     finally:
         srv.close()
+
+
+# --- a raw node with a window is a data child, not a filter ---------------------------------
+
+
+def _raw_window_locks(tmp_path: Path, *, qemu: bool) -> list[list[int]]:
+    side = tmp_path / ("qemu" if qemu else "ours")
+    side.mkdir()
+    image = side / "d.raw"
+    image.write_bytes(bytes(1 << 20))
+    seen = []
+    with running([], side, qemu=qemu) as (_, client):
+        for read_only in (False, True):
+            for window in ({}, {"offset": 65536, "size": 524288}, {"offset": 65536}):
+                reply = client.execute("blockdev-add", {
+                    "driver": "raw", "node-name": "w", "read-only": read_only, **window,
+                    "file": {"driver": "file", "filename": str(image)}})
+                assert reply == {"return": {}}, reply
+                seen.append(locked(image))
+                client.execute("blockdev-del", {"node-name": "w"})
+    return seen
+
+
+def test_raw_node_with_a_window_keeps_the_file_from_being_resized(tmp_path: Path) -> None:
+    require("qemu-system-x86_64")
+    # raw_open: with offset/size the file child is DATA, not FILTERED; as data (not
+    # metadata) it asks nothing without users and only refuses to share "resize".
+    want = _raw_window_locks(tmp_path, qemu=True)
+    assert want == [[], [203], [203]] * 2
+    assert _raw_window_locks(tmp_path, qemu=False) == want
