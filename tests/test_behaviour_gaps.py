@@ -606,3 +606,33 @@ def test_raw_node_with_a_window_keeps_the_file_from_being_resized(tmp_path: Path
     want = _raw_window_locks(tmp_path, qemu=True)
     assert want == [[], [203], [203]] * 2
     assert _raw_window_locks(tmp_path, qemu=False) == want
+
+
+def _raw_backing_locks(tmp_path: Path, *, qemu: bool) -> list[tuple[list[int], list[int]]]:
+    side = tmp_path / ("qemu" if qemu else "ours")
+    side.mkdir()
+    base, top = side / "base.raw", side / "top.qcow2"
+    base.write_bytes(bytes(1 << 20))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+                    str(top)], check=True)
+    seen = []
+    with running([], side, qemu=qemu) as (_, client):
+        for read_only in (False, True):
+            reply = client.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": "top", "read-only": read_only,
+                "file": {"driver": "file", "filename": str(top)}})
+            assert reply == {"return": {}}, reply
+            seen.append((locked(base), locked(top)))
+            client.execute("blockdev-del", {"node-name": "top"})
+    return seen
+
+
+def test_raw_backing_file_of_an_overlay_nobody_reads_is_not_locked(
+        tmp_path: Path, qemu_utils: None) -> None:
+    require("qemu-system-x86_64")
+    # A backing child reads consistently only if the overlay's users do (bdrv_default_perms
+    # for COW children); a raw backing node adds no metadata read of its own (unlike a
+    # qcow2 one), so nothing at all is locked on the base file.
+    want = _raw_backing_locks(tmp_path, qemu=True)
+    assert want == [([], sorted(WRITER)), ([], [100, 201, 203])]
+    assert _raw_backing_locks(tmp_path, qemu=False) == want
