@@ -182,6 +182,14 @@ class BlockDriver(ABC):
         """The backing image named by the image itself, if any."""
         return None
 
+    def child_perm(self, perm: int, nperm: int, nshared: int) -> tuple[int, int]:
+        """Adjust what the default rules ask of a child (QEMU: the driver's bdrv_child_perm).
+
+        ``perm`` is what this node's own parents need; ``nperm``/``nshared`` what
+        :func:`blocklayer.permissions.child_permissions` derived from it. Default: as is.
+        """
+        return nperm, nshared
+
     def image_info(self) -> dict[str, Any]:
         """Format-specific members of QMP ``ImageInfo``.
 

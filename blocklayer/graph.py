@@ -253,6 +253,7 @@ class BlockGraph:
                     shared: int) -> tuple[int, int]:
         nperm, nshared = child_permissions(role, perm, shared, writable=parent.writable,
                                            inactive=parent.inactive)
+        nperm, nshared = parent.driver.child_perm(perm, nperm, nshared)
         if child.options.force_share:
             nshared = ALL
         return nperm, nshared

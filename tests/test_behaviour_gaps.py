@@ -636,3 +636,38 @@ def test_raw_backing_file_of_an_overlay_nobody_reads_is_not_locked(
     want = _raw_backing_locks(tmp_path, qemu=True)
     assert want == [([], sorted(WRITER)), ([], [100, 201, 203])]
     assert _raw_backing_locks(tmp_path, qemu=False) == want
+
+
+# --- what a guest device refuses to share reaches the files below ---------------------------
+
+
+def _device_locks(tmp_path: Path, share_rw: str, *, qemu: bool) -> list[list[int]]:
+    side = tmp_path / f"{'qemu' if qemu else 'ours'}-{share_rw}"
+    side.mkdir()
+    window, base, top = side / "d.raw", side / "base.raw", side / "top.qcow2"
+    window.write_bytes(bytes(1 << 20))
+    base.write_bytes(bytes(1 << 20))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+                    str(top)], check=True)
+    with running(["-machine", "pc", "-S"], side, qemu=qemu) as (_, client):
+        client.cmd("blockdev-add", driver="raw", node_name="w", offset=65536,
+                   file={"driver": "file", "filename": str(window)})
+        client.cmd("blockdev-add", driver="qcow2", node_name="top",
+                   file={"driver": "file", "filename": str(top)})
+        for i, node in enumerate(("w", "top")):
+            client.cmd("device_add", driver="virtio-blk-pci", drive=node, id=f"vd{i}",
+                       **{"share-rw": share_rw})
+        return [locked(window), locked(base), locked(top)]
+
+
+@pytest.mark.parametrize("share_rw", ["off", "on"])
+def test_devices_on_a_window_and_on_an_overlay_with_a_raw_backing_file(
+        tmp_path: Path, qemu_utils: None, share_rw: str) -> None:
+    require("qemu-system-x86_64")
+    want = _device_locks(tmp_path, share_rw, qemu=True)
+    # raw_child_perm: the window passes "write" down but adds no "resize" (no 103). A
+    # device that does not share "write" keeps others from writing the window's file
+    # (201) and, through the overlay's backing child, the raw backing file (201, 203).
+    assert want == ([[100, 101, 201, 203], [100, 201, 203], sorted(WRITER)] if share_rw == "off"
+                    else [[100, 101, 203], [100], sorted(WRITER)])
+    assert _device_locks(tmp_path, share_rw, qemu=False) == want

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..driver import BlockDriver, ChildIO
 from ..errors import BlockError
-from ..perm import ChildRole
+from ..perm import RESIZE, WRITE, ChildRole
 
 
 class RawDriver(BlockDriver):
@@ -22,6 +22,15 @@ class RawDriver(BlockDriver):
         if "offset" in options or "size" in options:
             return ChildRole.DATA | ChildRole.PRIMARY
         return cls.file_role
+
+    def child_perm(self, perm: int, nperm: int, nshared: int) -> tuple[int, int]:
+        """raw_child_perm: write and resize only if the parents ask for them.
+
+        The default rules for a data child (a window) add resize to write; the window never
+        grows the file, so QEMU drops both unless they come from above (QEMU 7.2, checked
+        live: a writer on a windowed raw node locks 101 but not 103).
+        """
+        return (nperm & ~(WRITE | RESIZE)) | (perm & (WRITE | RESIZE)), nshared
 
     def __init__(self) -> None:
         super().__init__()
