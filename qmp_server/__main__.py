@@ -1,5 +1,5 @@
 """``python -m qmp_server``."""
 
-from .cli import main
+from .main import main
 
 main()

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 from functools import partial
 
 import trio
 
-from .cli import MonitorSpec, Options
+from .chardev import ChardevError, Endpoint, open_chardev
+from .cli import Options
 from .commands import block, control, devices
 from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
 from .errors import QMPError
+from .hmp.terminal import serve_terminal
 from .machine import Machine, MachineConfig
+from .qtest import serve_qtest
 from .runstate import RunState
 from .schema import Schema, blockdev_options_from_cli
-from .server import LISTEN_BACKLOG, ListenError, SocketFile, bind_unix_file, serve
+from .server import Connection, SocketFile, serve
 
 
 class SetupError(Exception):
@@ -32,12 +34,6 @@ def command_tables() -> list[CommandTable]:
             devices.table]
 
 
-def _address(monitor: MonitorSpec) -> str:
-    if monitor.kind == "unix":
-        return f"unix:{monitor.path}"
-    return f"tcp:{monitor.host}:{monitor.port}"
-
-
 class App:
     """One server process."""
 
@@ -45,6 +41,11 @@ class App:
         self.options = options
         self.machine: Machine | None = None
         self.listeners: list[trio.SocketListener] = []
+        #: Monitors on a single connection (stdio, a connected socket): (stream, control).
+        self.streams: list[tuple[trio.abc.Stream, bool]] = []
+        #: HMP monitors on listening sockets.
+        self.hmp_listeners: list[trio.SocketListener] = []
+        self.qtest: trio.abc.Stream | None = None
         self._socket_files: list[SocketFile] = []
 
     def setup(self) -> None:
@@ -53,7 +54,10 @@ class App:
         schema = Schema.load()
         config = MachineConfig(name=options.name, start_paused=options.start_paused,
                                incoming=options.incoming, machine_type=options.machine_type,
-                               monitor_addresses=[_address(monitor) for monitor in options.monitors])
+                               uuid=options.uuid or MachineConfig.uuid, no_shutdown=options.no_shutdown,
+                               chardevs=[(device.id, device.filename(connected=True),
+                                          f"chardev-{device.backend}")
+                                         for device in options.chardevs.devices.values()])
         machine = Machine(config, schema)
         self.machine = machine
         self.dispatcher = Dispatcher(machine, command_tables())
@@ -75,18 +79,24 @@ class App:
                 except QMPError as err:
                     raise SetupError(f"{flag} {text}: {err.desc}") from err
         machine.migration.check_incoming_uri()
-        for monitor in options.monitors:
-            try:
-                if monitor.kind == "unix":
-                    listener, socket_file = bind_unix_file(monitor.path)
-                    self.listeners.append(listener)
-                    self._socket_files.append(socket_file)
-                else:
-                    sock = socket.create_server((monitor.host, monitor.port), reuse_port=False,
-                                                backlog=LISTEN_BACKLOG)
-                    self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-            except (ListenError, OSError) as err:
-                raise SetupError(f"-qmp {monitor.text}: {err}") from err
+        # QEMU creates the chardevs (in order), then the monitors on them.
+        opened: dict[str, Endpoint] = {}
+        try:
+            for device in options.chardevs.devices.values():
+                endpoint = opened[device.id] = open_chardev(device)
+                if endpoint.socket_file is not None:
+                    self._socket_files.append(endpoint.socket_file)
+            if options.qtest is not None:
+                qtest = opened.get(options.qtest.id) or open_chardev(options.qtest)
+                self.qtest = qtest.stream
+        except ChardevError as err:
+            raise SetupError(str(err)) from err
+        for monitor in options.chardevs.monitors:
+            endpoint = opened[monitor.chardev.id]
+            if endpoint.listener is not None:
+                (self.listeners if monitor.control else self.hmp_listeners).append(endpoint.listener)
+            elif endpoint.stream is not None:
+                self.streams.append((endpoint.stream, monitor.control))
 
     async def serve(self) -> int:
         """Serve until ``quit`` or a termination signal; returns the exit status."""
@@ -96,6 +106,16 @@ class App:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals, machine)
             await machine.migration.start_incoming(nursery)
+            for stream, control in self.streams:
+                if control:
+                    connection = Connection(machine, self.dispatcher, stream, self.options.poll_max_ns)
+                    nursery.start_soon(connection.run)
+                else:
+                    nursery.start_soon(serve_terminal, machine.hmp, stream)
+            for listener in self.hmp_listeners:
+                nursery.start_soon(_serve_hmp_listener, machine, listener)
+            if self.qtest is not None:
+                nursery.start_soon(serve_qtest, self.qtest)
             await serve(machine, self.dispatcher, self.listeners, poll_max_ns=self.options.poll_max_ns)
             nursery.cancel_scope.cancel()
         return machine.exit_code
@@ -116,3 +136,11 @@ class App:
         for socket_file in self._socket_files:
             socket_file.remove()  # only if it is still ours: it may have been replaced
         # The pidfile is the CLI's (cli.PidFile): removed there, and only while still ours.
+
+
+async def _serve_hmp_listener(machine: Machine, listener: trio.SocketListener) -> None:
+    """HMP on a listening socket: one client at a time, as QEMU's socket chardev."""
+    while True:
+        stream = await listener.accept()
+        async with stream:
+            await serve_terminal(machine.hmp, stream)

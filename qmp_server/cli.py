@@ -2,154 +2,244 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
-from typing import NoReturn
-
-import trio
 
 from blocklayer.lockbytes import lock_byte
 
-from . import QEMU_VERSION, __version__, machinemodel
-from .errors import QMPError
+from . import QEMU_VERSION, __version__
+from .chardev import Chardev, ChardevError, Chardevs, parse_bool, split_options
+from .machinemodel import (
+    DEVICE_HELP,
+    FORMATS,
+    MACHINE_TYPES,
+    NONE_MACHINE,
+    MachineType,
+    machine_description,
+    machine_type,
+)
 from .server import DEFAULT_POLL_MAX_NS
 
-PROG = "qmp-server"
 DEFAULT_SOCKET = "qmp.sock"
 
 # Options that take an argument, and flags that don't; accepted with one or two dashes.
-_WITH_ARG = {"qmp", "name", "incoming", "pidfile", "machine", "M", "blockdev", "device", "drive", "display",
-             "poll-max-ns"}
-_FLAGS = {"S", "nodefaults", "nographic", "daemonize", "version", "help", "h"}
+_WITH_ARG = {
+    "qmp", "qmp-pretty", "monitor", "mon", "chardev", "serial", "parallel", "name", "incoming", "pidfile",
+    "machine", "M", "accel", "blockdev", "device", "drive", "display", "vga", "m", "smp", "cpu",
+    "uuid", "rtc", "boot", "audiodev", "msg", "overcommit", "sandbox", "object", "qtest", "global",
+    "poll-max-ns",
+}
+_FLAGS = {
+    "S", "nodefaults", "nographic", "daemonize", "version", "help", "h", "no-user-config",
+    "no-shutdown", "no-acpi", "no-hpet", "no-reboot", "enable-kvm", "preconfig",
+}
+# Accepted with their argument checked only as far as noted, because there is no guest for
+# them to act on (docs/command-line.md says what each would do in QEMU).
+_GUEST_ONLY = {"cpu", "rtc", "boot", "audiodev", "msg", "overcommit", "sandbox", "vga", "global",
+               "parallel"}
+#: Machine properties of the types we advertise (libvirt sets these); values are not used.
+_MACHINE_PROPERTIES = {"accel", "usb", "dump-guest-core", "memory-backend", "mem-merge", "vmport",
+                       "smm", "kernel-irqchip", "graphics", "suppress-vmdesc", "hpet", "acpi",
+                       "pic", "pit", "sata", "smbus", "i8042", "confidential-guest-support"}
 
-HELP = f"""\
-usage: {PROG} [options]
+HELP = """\
+usage: {prog} [options]
 
 A QMP monitor server that behaves like QEMU's for the VM run state, block devices
-and migration. With no -qmp option it listens on ./{DEFAULT_SOCKET}.
+and migration. With no monitor option it listens on ./{socket}.
 
-  -qmp unix:PATH,server=on,wait=off   serve QMP on a UNIX socket (repeatable)
-  -qmp tcp:HOST:PORT,server=on,wait=off  serve QMP on a TCP socket (no authentication:
-                        keep it on loopback; other addresses get a warning)
+Monitors (QEMU's spelling; see docs/command-line.md):
+  -qmp unix:PATH,server=on,wait=off   QMP on a UNIX socket (repeatable)
+  -qmp tcp:HOST:PORT,server=on,wait=off  QMP on TCP (no authentication: keep it on
+                        loopback; other addresses get a warning)
+  -qmp stdio, -monitor stdio   QMP / HMP on standard input and output
+  -chardev socket,id=ID,path=PATH|host=H,port=P|fd=N[,server=on,wait=off]
+  -chardev stdio,id=ID | null,id=ID
+  -mon chardev=ID[,mode=control|readline][,pretty=on]   a monitor on a chardev
+  -qtest unix:path=PATH | chardev:ID   the qtest protocol (answers FAIL to what needs a guest)
+Machine:
   -S                    start paused (prelaunch); 'cont' starts the VM
   -name NAME            VM name (query-name)
-  -incoming defer|unix:PATH|tcp:HOST:PORT  wait for an incoming migration
+  -machine TYPE[,...]   pc, q35, pc-i440fx-X.Y, pc-q35-X.Y or none (-machine help)
+  -accel tcg|qtest      the accelerator (there is no guest to accelerate; kvm is refused)
+  -uuid UUID            the VM UUID (query-uuid)
+  -no-shutdown          a guest power-off leaves the VM in 'shutdown' instead of exiting
+  -m, -smp, -cpu, -rtc, -boot, -audiodev, -msg, -overcommit, -sandbox, -vga, -serial,
+  -no-acpi, -nodefaults, -no-user-config, -display, -nographic   accepted (no guest)
+  -object qom-type=TYPE,id=ID,...   secret, memory-backend-*, iothread, throttle-group
+Block devices and migration:
   -blockdev OPTIONS     add a block node (key=value,... or JSON), as blockdev-add
-  -daemonize            detach once the monitor sockets are ready (then cwd is /)
+  -drive OPTIONS        a block backend with its nodes (legacy)
+  -device DRIVER,...    a disk frontend (virtio-blk-pci, scsi-hd, ide-hd; -device help)
+  -incoming defer|unix:PATH|tcp:HOST:PORT  wait for an incoming migration
+Process:
+  -daemonize            detach once the monitors are ready (then cwd is /)
   -pidfile PATH         write the process id to PATH, locked: a second server refuses it
   -poll-max-ns NS       (qmp-server only) after answering a client, poll its socket
-                        up to NS ns for the next request (default {DEFAULT_POLL_MAX_NS}; 0: off)
-  -machine none, -nodefaults, -display none, -nographic   accepted for compatibility
+                        up to NS ns for the next request (default {poll}; 0: off)
   -version, --version   print the version and exit
   -h, -help, --help     print this help and exit
 """
 
 
+def program_name() -> str:
+    """The name errors start with: QEMU's is its argv[0] without the directory."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "qmp-server" if name in ("", "__main__.py", "-c") else name
+
+
 class UsageError(Exception):
-    """A command-line error: printed as ``qmp-server: <message>``, exit status 1."""
-
-
-@dataclass
-class MonitorSpec:
-    """One ``-qmp`` argument."""
-
-    text: str
-    kind: str  # "unix" or "tcp"
-    path: str = ""
-    host: str = ""
-    port: int = 0
+    """A command-line error: printed as ``<program>: <message>``, exit status 1."""
 
 
 @dataclass
 class Options:
     """Parsed command line."""
 
-    monitors: list[MonitorSpec] = field(default_factory=list)
+    chardevs: Chardevs = field(default_factory=Chardevs)
     start_paused: bool = False
     name: str | None = None
     incoming: str | None = None
     blockdevs: list[str] = field(default_factory=list)
     #: ``-device`` and ``-drive`` arguments as typed (keyval, or JSON for -device), in order.
     devices: list[str] = field(default_factory=list)
-    #: ``-machine TYPE`` (a name or alias from machinemodel.MACHINE_TYPES).
-    machine_type: str = "none"
     drives: list[str] = field(default_factory=list)
+    #: ``-object`` arguments as typed.
+    objects: list[str] = field(default_factory=list)
     daemonize: bool = False
     pidfile: str | None = None
     default_socket: bool = False
     poll_max_ns: int = DEFAULT_POLL_MAX_NS
+    machine_type: str = NONE_MACHINE
+    accel: str = "tcg"
+    uuid: str | None = None
+    no_shutdown: bool = False
+    #: ``-qtest``: the chardev the qtest protocol is served on.
+    qtest: Chardev | None = None
+    nodefaults: bool = False
+    nographic: bool = False
+    #: Whether any monitor option was given (-qmp, -monitor, -mon): no default socket then.
+    monitor_options: bool = False
 
 
-def _split_commas(text: str) -> list[str]:
-    # QEMU's option syntax: ',' separates, ',,' is a literal comma.
-    parts: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1:i + 2] == ",":
-                current.append(",")
-                i += 2
-                continue
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(text[i])
-        i += 1
-    parts.append("".join(current))
-    return parts
+def _machine_help() -> str:
+    lines = ["Supported machines are:"]
+    groups: dict[str, list[MachineType]] = {}
+    for machine in MACHINE_TYPES.values():
+        groups.setdefault(machine.name.rpartition("-")[0] or machine.name, []).append(machine)
+    for group in groups.values():
+        # QEMU lists each family newest first, by name (so "2.9" before "2.12").
+        for machine in sorted(group, key=lambda m: m.name, reverse=True):
+            description = machine_description(machine)
+            if machine.alias is not None:
+                lines.append(f"{machine.alias:<20} {description} (alias of {machine.name})")
+            flags = " (default)" if machine.is_default else ""
+            flags += " (deprecated)" if machine.deprecated else ""
+            lines.append(f"{machine.name:<20} {description}{flags}")
+    return "\n".join(lines) + "\n"
 
 
-def _bool_opt(value: str | None, key: str, text: str) -> bool:
-    if value is None or value in ("on", "yes", "true"):
-        return True
-    if value in ("off", "no", "false"):
-        return False
-    raise UsageError(f"-qmp {text}: Parameter '{key}' expects 'on' or 'off'")
+def _device_help() -> str:
+    lines = ["Storage devices:"]
+    for device in sorted(DEVICE_HELP):
+        lines.append(DEVICE_HELP[device])
+    return "\n".join(lines) + "\n\n"
 
 
-def parse_monitor(text: str) -> MonitorSpec:
-    """Parse ``unix:PATH,server=on,wait=off`` / ``tcp:HOST:PORT,...`` (and ``server,nowait``)."""
-    parts = _split_commas(text)
-    address, settings = parts[0], parts[1:]
-    server = False
-    wait = True
-    for item in settings:
-        key, _, value = item.partition("=")
-        if key == "server":
-            server = _bool_opt(value if "=" in item else None, key, text)
-        elif key == "nowait":
-            wait = False
-        elif key == "wait":
-            wait = _bool_opt(value if "=" in item else None, key, text)
-        elif key in ("pretty", "id"):
-            continue
-        else:
-            raise UsageError(f"-qmp {text}: Invalid parameter '{key}'")
-    if address.startswith("unix:"):
-        spec = MonitorSpec(text, "unix", path=address[len("unix:"):])
-        if not spec.path:
-            raise UsageError(f"-qmp {text}: missing socket path")
-    elif address.startswith("tcp:"):
-        host, _, port = address[len("tcp:"):].rpartition(":")
-        if not port.isdigit():
-            raise UsageError(f"-qmp {text}: invalid port '{port}'")
-        spec = MonitorSpec(text, "tcp", host=host or "127.0.0.1", port=int(port))
-    else:
-        raise UsageError(f"-qmp {text}: '{address}' is not a valid char driver")
-    if not server:
-        raise UsageError(f"-qmp {text}: only listening sockets are supported: add server=on,wait=off")
-    if wait:
-        raise UsageError(f"-qmp {text}: wait=on is not supported: add wait=off")
-    return spec
+def _is_help(value: str) -> bool:
+    first = split_options(value)[0]
+    return first in ("help", "?") or "help" in split_options(value)[1:]
+
+
+def _help_query(name: str, value: str) -> str | None:
+    """The text of ``-machine help``, ``-device help``, ``-drive format=help``; None if not one."""
+    if name in ("machine", "M") and _is_help(value.removeprefix("type=")):
+        return _machine_help()
+    if name == "device" and split_options(value)[0] in ("help", "?"):
+        return _device_help()
+    if name == "drive" and "format=help" in split_options(value):
+        formats = " ".join(sorted(FORMATS))
+        return f"Supported formats: {formats}\n"
+    if name == "accel" and value in ("help", "?"):
+        return "Accelerators supported in QEMU binary:\ntcg\nqtest\n"
+    return None
+
+
+def _machine(options: Options, option: str, value: str) -> None:
+    parts = split_options(value)
+    first = parts[0]
+    properties = parts[1:]
+    if "=" in first:
+        properties = parts
+        first = ""
+    for item in properties:
+        key, _, setting = item.partition("=")
+        if key == "type":
+            first = setting
+        elif key == "accel":
+            options.accel = _accelerator(option, setting)
+        elif key not in _MACHINE_PROPERTIES:
+            raise UsageError(f"{option}: Invalid parameter '{key}'")
+    if first:
+        found = machine_type(first)
+        if found is None:
+            raise UsageError("unsupported machine type\nUse -machine help to list supported machines")
+        options.machine_type = found.name
+
+
+def _accelerator(option: str, value: str) -> str:
+    # QEMU tries each of "a:b:c" in turn; KVM is never available here (no guest to run).
+    for name in value.split(":"):
+        if name in ("tcg", "qtest"):
+            return name
+        if name not in ("kvm", "hax", "whpx", "hvf", "xen", "nvmm"):
+            raise UsageError(f"{option}: invalid accelerator {name}")
+    raise UsageError(f"{option}: failed to initialize {value.split(':')[-1]}: No such file or directory")
+
+
+def _uuid(option: str, value: str) -> str:
+    text = value.lower()
+    digits = text.replace("-", "")
+    shape = [len(part) for part in text.split("-")]
+    if shape not in ([8, 4, 4, 4, 12], [32]) or any(c not in "0123456789abcdef" for c in digits):
+        raise UsageError(f"{option}: failed to parse UUID string: wrong format")
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def _size(option: str, value: str) -> None:
+    # -m: QEMU's qemu_strtosz (an optional k/M/G/T/P/E suffix; MiB without one).
+    number = value.split(",")[0].removeprefix("size=")
+    body = number[:-1] if number[-1:].upper() in ("K", "M", "G", "T", "P", "E") else number
+    try:
+        float(body)
+    except ValueError:
+        raise UsageError(f"{option}: Parameter 'size' expects a non-negative number below 2^64\n"
+                         "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                         "and exabytes, respectively.") from None
+
+
+def _qtest(options: Options, option: str, value: str) -> None:
+    if value.startswith("chardev:"):
+        options.qtest = Chardev(value[len("chardev:"):], "", option)  # resolved later
+        return
+    # The legacy form is a chardev of its own: unix:path=P or unix:P, as -qmp's.
+    address = value.removeprefix("unix:").removeprefix("path=")
+    if not value.startswith("unix:"):
+        raise UsageError(f"{option}: '{value.partition(':')[0]}' is not a valid char driver")
+    path, _, rest = address.partition(",")
+    device = Chardev("qtest", "socket", option, path=path)
+    for item in filter(None, rest.split(",")):
+        key, _, setting = item.partition("=")
+        if key in ("server", "wait"):
+            setattr(device, key, parse_bool(setting or "on", key, option))
+    options.qtest = device
 
 
 def parse_args(argv: list[str]) -> Options:
-    """Parse QEMU-style options; raise UsageError like QEMU would fail."""
+    """Parse QEMU-style options; raise UsageError with QEMU's text where QEMU fails."""
     options = Options()
+    chardevs = options.chardevs
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -157,56 +247,117 @@ def parse_args(argv: list[str]) -> Options:
             raise UsageError(f"{arg}: invalid option")
         name = arg[2:] if arg.startswith("--") else arg[1:]
         if name in _FLAGS:
+            i += 1
             if name in ("help", "h"):
-                sys.stdout.write(HELP)
+                sys.stdout.write(HELP.format(prog=program_name(), socket=DEFAULT_SOCKET,
+                                             poll=DEFAULT_POLL_MAX_NS))
                 raise SystemExit(0)
             if name == "version":
                 major, minor, micro = QEMU_VERSION
-                print(f"{PROG} {__version__} (QMP semantics of QEMU {major}.{minor}.{micro})")
+                print(f"QEMU emulator version {major}.{minor}.{micro} (qmp-server {__version__})\n"
+                      "qmp-server: a QMP server that stands in for QEMU, without a guest")
                 raise SystemExit(0)
             if name == "S":
                 options.start_paused = True
             elif name == "daemonize":
                 options.daemonize = True
-            i += 1
+            elif name == "no-shutdown":
+                options.no_shutdown = True
+            elif name == "nodefaults":
+                options.nodefaults = True
+            elif name == "nographic":
+                options.nographic = True
+            elif name == "enable-kvm":
+                raise UsageError("-enable-kvm: failed to initialize kvm: No such file or directory")
             continue
         if name not in _WITH_ARG:
             raise UsageError(f"{arg}: invalid option")
         if i + 1 >= len(argv):
             raise UsageError(f"{arg}: requires an argument")
         value = argv[i + 1]
+        option = f"{arg} {value}"
         i += 2
-        if name == "qmp":
-            options.monitors.append(parse_monitor(value))
-        elif name == "name":
-            # QEMU: the first element is the implied 'guest' key.
-            first = _split_commas(value)[0]
-            options.name = first.partition("=")[2] if first.startswith("guest=") else first
-        elif name == "incoming":
-            options.incoming = value
-        elif name == "pidfile":
-            options.pidfile = value
-        elif name in ("machine", "M"):
-            machine_type = _split_commas(value)[0].removeprefix("type=")
-            if machinemodel.machine_type(machine_type) is None:
-                raise UsageError(f"{arg} {value}: unsupported machine type '{machine_type}'")
-            options.machine_type = machine_type
-        elif name == "blockdev":
-            options.blockdevs.append(value)
-        elif name == "device":
-            options.devices.append(value)
-        elif name == "drive":
-            options.drives.append(value)
-        elif name == "poll-max-ns":
-            # isdigit() alone admits "²" and other digits int() refuses.
-            if not (value.isascii() and value.isdigit()) or int(value) > 1_000_000_000:
-                raise UsageError(f"{arg} {value}: expected nanoseconds from 0 to 1000000000")
-            options.poll_max_ns = int(value)
-        # -display: accepted and ignored (there is no display).
-    if not options.monitors:
-        options.monitors.append(MonitorSpec(DEFAULT_SOCKET, "unix", path=DEFAULT_SOCKET))
+        text = _help_query(name, value)
+        if text is not None:
+            sys.stdout.write(text)
+            raise SystemExit(0)
+        try:
+            _apply(options, chardevs, name, option, value)
+        except ChardevError as err:
+            raise UsageError(str(err)) from None
+    try:
+        chardevs.resolve()
+        if options.qtest is not None and not options.qtest.backend:
+            found = chardevs.devices.get(options.qtest.id)
+            if found is None:
+                raise UsageError(f'{options.qtest.option}: chardev "{options.qtest.id}" not found')
+            options.qtest = found
+        if options.nographic and not options.nodefaults and not options.monitor_options:
+            # QEMU's -nographic without -nodefaults: the monitor (multiplexed with the
+            # serial port, which we do not have) on standard input and output.
+            chardevs.parse_legacy("stdio", control=False)
+            options.monitor_options = True
+    except ChardevError as err:
+        raise UsageError(str(err)) from None
+    if not options.monitor_options:
+        chardevs.parse_legacy(f"unix:{DEFAULT_SOCKET},server=on,wait=off", control=True)
         options.default_socket = True
     return options
+
+
+def _apply(options: Options, chardevs: Chardevs, name: str, option: str, value: str) -> None:
+    """One option with its argument (``option`` is both, as QEMU quotes it in errors)."""
+    if name in ("qmp", "qmp-pretty"):
+        chardevs.parse_legacy(value + (",pretty=on" if name == "qmp-pretty" else ""), control=True)
+        options.monitor_options = True
+    elif name == "monitor":
+        chardevs.parse_legacy(value, control=False)
+        options.monitor_options = True
+    elif name == "mon":
+        chardevs.parse_mon(value)
+        options.monitor_options = True
+    elif name == "chardev":
+        chardevs.parse_chardev(value)
+    elif name == "serial":
+        if value not in ("none", "null") and not value.startswith("chardev:"):
+            raise UsageError(f"{option}: there is no guest serial port here; only none, null "
+                             "or chardev:ID are accepted")
+    elif name == "name":
+        # QEMU: the first element is the implied 'guest' key.
+        for item in split_options(value):
+            key, has_value, setting = item.partition("=")
+            if not has_value:
+                options.name = item
+            elif key == "guest":
+                options.name = setting
+    elif name == "incoming":
+        options.incoming = value
+    elif name == "pidfile":
+        options.pidfile = value
+    elif name in ("machine", "M"):
+        _machine(options, option, value)
+    elif name == "accel":
+        options.accel = _accelerator(option, split_options(value)[0].removeprefix("accel="))
+    elif name == "uuid":
+        options.uuid = _uuid(option, value)
+    elif name == "m":
+        _size(option, value)
+    elif name == "blockdev":
+        options.blockdevs.append(value)
+    elif name == "device":
+        options.devices.append(value)
+    elif name == "drive":
+        options.drives.append(value)
+    elif name == "object":
+        options.objects.append(value)
+    elif name == "qtest":
+        _qtest(options, option, value)
+    elif name == "poll-max-ns":
+        # isdigit() alone admits "²" and other digits int() refuses.
+        if not (value.isascii() and value.isdigit()) or int(value) > 1_000_000_000:
+            raise UsageError(f"{option}: expected nanoseconds from 0 to 1000000000")
+        options.poll_max_ns = int(value)
+    # -display, -smp and the _GUEST_ONLY options: accepted, nothing to act on.
 
 
 class PidFileError(Exception):
@@ -282,107 +433,3 @@ class PidFile:
             pass  # already gone, or not ours to touch
         os.close(self.fd)
         self.fd = -1
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` resolves to loopback addresses only."""
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return False  # the bind will fail and say why
-    return all(ipaddress.ip_address(str(info[4][0]).partition("%")[0]).is_loopback for info in infos)
-
-
-def exposure_warnings(options: Options) -> list[str]:
-    """Warnings for ``-qmp tcp:`` monitors reachable from other hosts.
-
-    QEMU accepts any address; so do we, but whoever can connect can read and write every
-    file this process can (blockdev-add, then HMP ``qemu-io``), so say so at start.
-    """
-    return [
-        f"warning: -qmp {monitor.text}: '{monitor.host}' is not a loopback address: anyone who "
-        "can connect can read and write any file this process can (no authentication)"
-        for monitor in options.monitors
-        if monitor.kind == "tcp" and not _is_loopback(monitor.host)
-    ]
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``qmp-server: message`` to stderr and exit with status 1."""
-    print(f"{PROG}: {message}", file=sys.stderr)
-    raise SystemExit(1)
-
-
-def _daemonize() -> int:
-    """Fork; the parent waits until the child is ready. Returns the pipe to report on."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            report = pipe.read()
-        if report == b"ok":
-            os._exit(0)
-        sys.stderr.write(report.decode(errors="replace"))
-        os._exit(1)
-    os.close(read_end)
-    os.setsid()
-    # As QEMU's os_daemonize(): fork again so the daemon is no session leader (it can never
-    # acquire a terminal), and create files no wider than 0750.
-    if os.fork():
-        os._exit(0)
-    os.umask(0o027)
-    return write_end
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``qmp-server`` and ``python -m qmp_server``."""
-    from .app import App, SetupError
-
-    try:
-        options = parse_args(sys.argv[1:] if argv is None else argv)
-    except UsageError as err:
-        fail(str(err))
-    for warning in exposure_warnings(options):
-        print(f"{PROG}: {warning}", file=sys.stderr)
-    report_fd = _daemonize() if options.daemonize else None
-    pidfile: PidFile | None = None
-    try:
-        # Before any socket exists (qemu_init writes the pidfile before creating chardevs):
-        # a server that must not run leaves nothing behind.
-        if options.pidfile:
-            try:
-                pidfile = PidFile.create(options.pidfile)
-            except PidFileError as err:
-                raise PidFileError(f"cannot create PID file: {err}") from None
-        app = App(options)
-        app.setup()
-    except (SetupError, QMPError, PidFileError) as err:
-        if pidfile is not None:
-            pidfile.remove()
-        message = f"{PROG}: {err}\n"
-        if report_fd is not None:
-            os.write(report_fd, message.encode())
-            os._exit(1)
-        sys.stderr.write(message)
-        raise SystemExit(1) from None
-    if options.default_socket:
-        path = os.path.abspath(options.monitors[0].path)
-        print(f"{PROG}: QMP monitor listening on {path}\n"
-              f"connect with: qmp-shell {path}   (pip install qemu.qmp)", flush=True)
-    if report_fd is not None:
-        # QEMU's os_setup_post(): leave the start directory (paths given relative to it
-        # were resolved above), and detach from the terminal.
-        os.chdir("/")
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.write(report_fd, b"ok")
-        os.close(report_fd)
-    try:
-        code = trio.run(app.serve)
-    finally:
-        app.cleanup()
-        if pidfile is not None:
-            pidfile.remove()
-    raise SystemExit(code)

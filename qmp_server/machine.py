@@ -30,9 +30,9 @@ class MachineConfig:
     #: ``-no-shutdown``: a guest power-off stops the VM (run state ``shutdown``) instead
     #: of ending the process.
     no_shutdown: bool = False
-    #: Each ``-qmp`` address as ``unix:PATH`` or ``tcp:HOST:PORT``, in command-line order
-    #: (query-chardev's compat_monitor0, 1, ...).
-    monitor_addresses: list[str] = field(default_factory=list)
+    #: The character devices (-chardev, and one per -qmp/-monitor), in command-line order:
+    #: (label, query-chardev filename while connected, QOM type).
+    chardevs: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class Machine:

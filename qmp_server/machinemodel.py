@@ -157,6 +157,16 @@ QOM_TYPES: dict[str, QOMType] = _types(
     QOMType("scsi-hd", "scsi-disk-base"),
     QOMType("ide-device", "device", abstract=True),
     QOMType("ide-hd", "ide-device"),
+    QOMType("user-creatable", "interface", abstract=True),
+    QOMType("memory-backend", "object", abstract=True, interfaces=("user-creatable",)),
+    QOMType("memory-backend-ram", "memory-backend"),
+    QOMType("memory-backend-file", "memory-backend"),
+    QOMType("memory-backend-memfd", "memory-backend"),
+    QOMType("event-loop-base", "object", abstract=True, interfaces=("user-creatable",)),
+    QOMType("iothread", "event-loop-base"),
+    QOMType("secret_common", "object", abstract=True, interfaces=("user-creatable",)),
+    QOMType("secret", "secret_common"),
+    QOMType("throttle-group", "object", interfaces=("user-creatable",)),
 )
 
 
@@ -355,3 +365,81 @@ DEVICE_PROPERTIES: dict[str, list[dict[str, Any]]] = {
         _prop("bootindex", "int32"),
     ],
 }
+
+
+# ---------------------------------------------------------------- user-creatable objects
+# -object / object-add types we create (they hold no guest state here: a memory backend
+# allocates nothing). Their qom-list-properties answers, as QEMU 7.2 gives them: libvirt's
+# probe reads the memory backends' (libvirtd 9.0 crashes when the class is missing).
+_MEMORY_BACKEND_PROPERTIES: list[dict[str, Any]] = [
+    {"name": "type", "type": "string"},
+    {"name": "share", "description": "Mark the memory as private to QEMU or shared", "type": "bool"},
+    {"name": "size", "description": "Size of the memory region (ex: 500M)", "type": "int"},
+    {"name": "dump", "description": "Set to 'off' to exclude from core dump", "type": "bool"},
+    {"name": "prealloc-threads", "description": "Number of CPU threads to use for prealloc", "type": "int"},
+    {"name": "x-use-canonical-path-for-ramblock-id", "type": "bool"},
+    {"name": "policy", "description": "Set the NUMA policy", "type": "HostMemPolicy"},
+    {"name": "prealloc-context", "description": "Context to use for creating CPU threads for preallocation",
+     "type": "link<thread-context>"},
+    {"name": "prealloc", "description": "Preallocate memory", "type": "bool"},
+    {"name": "reserve", "description": "Reserve swap space (or huge pages) if applicable", "type": "bool"},
+    {"name": "host-nodes", "description": "Binds memory to the list of NUMA host nodes", "type": "int"},
+    {"name": "merge", "description": "Mark memory as mergeable", "type": "bool"},
+]
+OBJECT_PROPERTIES: dict[str, list[dict[str, Any]]] = {
+    "memory-backend-ram": _MEMORY_BACKEND_PROPERTIES,
+    "memory-backend-file": [*_MEMORY_BACKEND_PROPERTIES, *[
+    {"name": "readonly", "type": "bool"},
+    {"name": "align", "type": "int"},
+    {"name": "pmem", "type": "bool"},
+    {"name": "mem-path", "type": "string"},
+    {"name": "discard-data", "type": "bool"},
+]],
+    "memory-backend-memfd": [*_MEMORY_BACKEND_PROPERTIES, *[
+    {"name": "hugetlb", "description": "Use huge pages", "type": "bool"},
+    {"name": "seal", "description": "Seal growing & shrinking", "type": "bool"},
+    {"name": "hugetlbsize", "description": "Huge pages size (ex: 2M, 1G)", "type": "int"},
+]],
+    "iothread": [
+    {"name": "type", "type": "string"},
+    {"name": "thread-pool-min", "type": "int"},
+    {"name": "aio-max-batch", "type": "int"},
+    {"name": "thread-pool-max", "type": "int"},
+    {"name": "poll-max-ns", "type": "int"},
+    {"name": "poll-grow", "type": "int"},
+    {"name": "poll-shrink", "type": "int"},
+],
+    "secret": [
+    {"name": "type", "type": "string"},
+    {"name": "iv", "type": "string"},
+    {"name": "keyid", "type": "string"},
+    {"name": "loaded", "type": "bool"},
+    {"name": "format", "type": "QCryptoSecretFormat"},
+    {"name": "file", "type": "string"},
+    {"name": "data", "type": "string"},
+],
+    "throttle-group": [{"name": "type", "type": "string"}, {"name": "limits", "type": "ThrottleLimits"}],
+}
+
+#: ``-machine help`` descriptions (QEMU's MachineClass desc).
+_MACHINE_DESCRIPTIONS = {"i440fx": "Standard PC (i440FX + PIIX, 1996)",
+                         "q35": "Standard PC (Q35 + ICH9, 2009)"}
+
+
+def machine_description(machine: MachineType) -> str:
+    """The description ``-machine help`` prints for ``machine``."""
+    if machine.name == NONE_MACHINE:
+        return "empty machine"
+    return _MACHINE_DESCRIPTIONS[machine.name.split("-")[1]]
+
+
+#: ``-device help`` lines of the devices we model, as QEMU 7.2 prints them.
+DEVICE_HELP: dict[str, str] = {
+    "ide-hd": 'name "ide-hd", bus IDE, desc "virtual IDE disk"',
+    "scsi-hd": 'name "scsi-hd", bus SCSI, desc "virtual SCSI disk"',
+    "virtio-blk-device": 'name "virtio-blk-device", bus virtio-bus',
+    "virtio-blk-pci": 'name "virtio-blk-pci", bus PCI, alias "virtio-blk"',
+}
+
+#: The block drivers (``-drive format=help``), as blocklayer's graph registers them.
+FORMATS: tuple[str, ...] = ("file", "null-co", "qcow2", "raw")

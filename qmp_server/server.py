@@ -58,6 +58,10 @@ ACCEPT_RETRY = 0.1
 ACCEPT_QUIET = 10.0
 
 
+#: How long output still queued when a client's input ends may take to go out (seconds).
+OUTPUT_DRAIN_AT_EOF = 5.0
+
+
 class ListenError(Exception):
     """A monitor socket could not be set up; the message is for the user."""
 
@@ -277,6 +281,11 @@ class Connection:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._inband_worker)
                 await self._reader()
+                # The end of the input need not be the end of the output (stdio, a
+                # half-closed socket): let what is queued go out first, within a bound.
+                with trio.move_on_after(OUTPUT_DRAIN_AT_EOF):
+                    while not (self._broken or self._writer_idle):
+                        await trio.sleep(0.001)
                 nursery.cancel_scope.cancel()
         finally:
             self.machine.events.unsubscribe(self._deliver_event)

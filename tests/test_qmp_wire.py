@@ -390,14 +390,6 @@ def test_version_and_help(tmp_path: Path) -> None:
     assert not (tmp_path / "qmp.sock").exists()
 
 
-def test_other_machine_types_are_refused(tmp_path: Path) -> None:
-    result = run_cli(["-machine", "pc", "-qmp", f"unix:{tmp_path}/m.sock,server=on,wait=off"], tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.startswith("qmp-server: -machine pc: ") and "'pc'" in result.stderr
-    assert result.stderr.count("\n") == 1
-    assert not (tmp_path / "m.sock").exists()
-
-
 def test_compatibility_options_are_accepted(tmp_path: Path) -> None:
     with running(["-machine", "none", "-nodefaults", "-display", "none", "-nographic"], tmp_path) as (_, qmp):
         assert qmp.cmd("query-status") == {"status": "running", "running": True}

@@ -85,22 +85,16 @@ def query_jobs(machine: Machine) -> list[dict[str, Any]]:
     return []
 
 
-def _chardev_labels(machine: Machine) -> list[tuple[str, str]]:
-    # monitor_init_qmp names each -qmp's chardev compat_monitor<n>.
-    return [(f"compat_monitor{index}", address)
-            for index, address in enumerate(machine.config.monitor_addresses)]
-
-
 @table.query("query-chardev")
 def query_chardev(machine: Machine) -> list[dict[str, Any]]:
-    """The character devices: one listening socket per ``-qmp``.
+    """The character devices: each -chardev, and one per -qmp/-monitor (compat_monitor<n>).
 
     QEMU's filename is that of a connected socket (``unix:PATH,server=on``) while a
     client is attached and ``disconnected:...`` otherwise; the asking client is attached
     to one of them, and we report them all as connected (qemu_chr_socket_address).
     """
-    return [{"frontend-open": True, "filename": f"{address},server=on", "label": label}
-            for label, address in _chardev_labels(machine)]
+    return [{"frontend-open": True, "filename": filename, "label": label}
+            for label, filename, _ in machine.config.chardevs]
 
 
 @table.command("qom-list-types")
@@ -139,7 +133,7 @@ async def qom_list_properties(ctx: CommandContext, args: dict[str, Any]) -> list
         device = [{key: value for key, value in prop.items() if key != "default-value"}
                   for prop in model.DEVICE_PROPERTIES.get(entry.name, [])]
         return [*model.DEVICE_BASE_PROPERTIES, *device]
-    return [{"name": "type", "type": "string"}]
+    return list(model.OBJECT_PROPERTIES.get(entry.name, [{"name": "type", "type": "string"}]))
 
 
 @table.command("device-list-properties")
@@ -167,10 +161,10 @@ def _tree(machine: Machine) -> dict[str, tuple[str, dict[str, str]]]:
         "/machine/peripheral-anon": ("container", machine.devices.peripherals(anonymous=True)),
         "/machine/peripheral": ("container", machine.devices.peripherals(anonymous=False)),
         "/machine/unattached": ("container", {}),
-        "/chardevs": ("container", {label: "chardev-socket" for label, _ in _chardev_labels(machine)}),
+        "/chardevs": ("container", {label: kind for label, _, kind in machine.config.chardevs}),
     }
-    for label, _ in _chardev_labels(machine):
-        tree[f"/chardevs/{label}"] = ("chardev-socket", {})
+    for label, _, kind in machine.config.chardevs:
+        tree[f"/chardevs/{label}"] = (kind, {})
     for device in machine.devices.devices:
         # A virtio transport holds its disk as a child object (virtio-backend).
         children = {} if device.qdev == device.path else {"virtio-backend": "virtio-blk-device"}

@@ -35,6 +35,12 @@ class HumanMonitor:
                      "info [subcommand] -- show various information about the system state"),
             "qemu-io": (self._qemu_io,
                         'qemu-io [-d] [device] "[command]" -- run a qemu-io command on a block device'),
+            "cont": (self._cont, "cont|c  -- resume emulation"),
+            "c": (self._cont, ""),
+            "stop": (self._stop, "stop|s  -- stop emulation"),
+            "s": (self._stop, ""),
+            "quit": (self._quit, "quit|q  -- quit the emulator"),
+            "q": (self._quit, ""),
         }
         self.info_commands: dict[str, tuple[Callable[[list[str]], Awaitable[str]], str]] = {
             "status": (self._info_status, "info status  -- show the current VM status (running|paused)"),
@@ -55,6 +61,24 @@ class HumanMonitor:
         if entry is None:
             return f"unknown command: '{name}'\r\n"
         return _crlf(await entry[0](rest.strip()))
+
+    async def _cont(self, args: str) -> str:
+        # hmp_cont: the QMP command, its error printed as hmp_handle_error does.
+        try:
+            await self.machine.vm.cont()
+        except QMPError as err:
+            return f"Error: {err.desc}\n"
+        return ""
+
+    async def _stop(self, args: str) -> str:
+        await self.machine.vm.stop()
+        return ""
+
+    async def _quit(self, args: str) -> str:
+        # hmp_quit: as QMP quit (monitor_suspend, then qmp_quit's SHUTDOWN and exit).
+        self.machine.events.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        self.machine.request_exit(0)
+        return ""
 
     async def _help(self, args: str) -> str:
         if args == "info":

@@ -1,0 +1,124 @@
+"""The ``qmp-server`` program: parse the command line, set up, detach, serve, clean up.
+
+On top of everything else: :mod:`qmp_server.cli` reads the options, :mod:`qmp_server.app`
+wires and serves the machine; this module runs them in QEMU's order (pidfile, then
+monitors, then detach) and reports start-up errors as QEMU does
+(``<program>: <option as typed>: <message>``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from typing import NoReturn
+
+import trio
+
+from .app import App, SetupError
+from .chardev import ChardevError
+from .cli import Options, PidFile, PidFileError, UsageError, parse_args, program_name
+from .errors import QMPError
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` resolves to loopback addresses only."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False  # the bind will fail and say why
+    return all(ipaddress.ip_address(str(info[4][0]).partition("%")[0]).is_loopback for info in infos)
+
+
+def exposure_warnings(options: Options) -> list[str]:
+    """Warnings for ``-qmp tcp:`` monitors reachable from other hosts.
+
+    QEMU accepts any address; so do we, but whoever can connect can read and write every
+    file this process can (blockdev-add, then HMP ``qemu-io``), so say so at start.
+    """
+    return [
+        f"warning: {device.option}: '{device.host}' is not a loopback address: anyone who "
+        "can connect can read and write any file this process can (no authentication)"
+        for device in options.chardevs.devices.values()
+        if device.host is not None and device.server and not _is_loopback(device.host)
+    ]
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``<program>: message`` to stderr and exit with status 1."""
+    print(f"{program_name()}: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _daemonize() -> int:
+    """Fork; the parent waits until the child is ready. Returns the pipe to report on."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read()
+        if report == b"ok":
+            os._exit(0)
+        sys.stderr.write(report.decode(errors="replace"))
+        os._exit(1)
+    os.close(read_end)
+    os.setsid()
+    # As QEMU's os_daemonize(): fork again so the daemon is no session leader (it can never
+    # acquire a terminal), and create files no wider than 0750.
+    if os.fork():
+        os._exit(0)
+    os.umask(0o027)
+    return write_end
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``qmp-server`` and ``python -m qmp_server``."""
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        fail(str(err))
+    for warning in exposure_warnings(options):
+        print(f"{program_name()}: {warning}", file=sys.stderr)
+    report_fd = _daemonize() if options.daemonize else None
+    pidfile: PidFile | None = None
+    try:
+        # Before any socket exists (qemu_init writes the pidfile before creating chardevs):
+        # a server that must not run leaves nothing behind.
+        if options.pidfile:
+            try:
+                pidfile = PidFile.create(options.pidfile)
+            except PidFileError as err:
+                raise PidFileError(f"cannot create PID file: {err}") from None
+        app = App(options)
+        app.setup()
+    except (SetupError, QMPError, PidFileError, ChardevError) as err:
+        if pidfile is not None:
+            pidfile.remove()
+        message = f"{program_name()}: {err}\n"
+        if report_fd is not None:
+            os.write(report_fd, message.encode())
+            os._exit(1)
+        sys.stderr.write(message)
+        raise SystemExit(1) from None
+    if options.default_socket:
+        path = os.path.abspath(options.chardevs.monitors[0].chardev.path or "")
+        print(f"{program_name()}: QMP monitor listening on {path}\n"
+              f"connect with: qmp-shell {path}   (pip install qemu.qmp)", flush=True)
+    if report_fd is not None:
+        # QEMU's os_setup_post(): leave the start directory (paths given relative to it
+        # were resolved above), and detach from the terminal.
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.write(report_fd, b"ok")
+        os.close(report_fd)
+    try:
+        code = trio.run(app.serve)
+    finally:
+        app.cleanup()
+        if pidfile is not None:
+            pidfile.remove()
+    raise SystemExit(code)

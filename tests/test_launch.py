@@ -1,0 +1,256 @@
+"""The QEMU launch contract: how management tools and test harnesses start the server.
+
+libvirt binds the monitor socket itself and passes the listening descriptor
+(``-chardev socket,id=charmonitor,fd=N,server=on,wait=off -mon chardev=charmonitor,...``);
+QEMU's Python harness listens and lets QEMU connect (``path=`` without ``server=on``),
+or passes one end of a socketpair; both run help queries first. Every case is run against
+QEMU too, in the same test, and what a user sees must be the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import qemu_tools
+from server_support import QEMU, SERVER
+
+#: The program name starts QEMU's error lines; compared without it.
+_PROGRAM = re.compile(r"^(qemu-system-x86_64|qmp-server): ", re.M)
+
+
+@pytest.fixture
+def qemu() -> list[str]:
+    """QEMU's program alone (skips or fails without it, see qemu_tools)."""
+    return [qemu_tools.require("qemu-system-x86_64")]
+
+
+def run(argv: list[str], *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run to completion (help queries and start-up errors end at once)."""
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def test_machine_help_lists_our_machines_as_qemu_does(qemu: list[str]) -> None:
+    ours, theirs = run(SERVER, "-machine", "help"), run(qemu, "-machine", "help")
+    assert ours.returncode == theirs.returncode == 0
+    lines = ours.stdout.splitlines()
+    assert lines[0] == "Supported machines are:"
+    assert set(lines) <= set(theirs.stdout.splitlines())
+    names = [line.split()[0] for line in lines[1:]]
+    assert {"pc", "q35", "pc-i440fx-7.2", "pc-q35-7.2", "none"} <= set(names)
+    # QEMU's order for the families we share.
+    qemu_names = [line.split()[0] for line in theirs.stdout.splitlines()[1:]]
+    assert [name for name in qemu_names if name in names] == names
+
+
+def test_device_help_lists_the_disk_devices_we_model(qemu: list[str]) -> None:
+    ours, theirs = run(SERVER, "-M", "none", "-device", "help"), run(qemu, "-M", "none", "-device", "help")
+    assert ours.returncode == theirs.returncode == 0
+    assert ours.stdout.splitlines()[0] == "Storage devices:"
+    assert set(ours.stdout.splitlines()[1:]) - {""} <= set(theirs.stdout.splitlines())
+    # QEMUMachine-based tests skip themselves unless virtio-blk is listed.
+    assert '"virtio-blk-pci"' in ours.stdout
+
+
+def test_drive_format_help(qemu: list[str]) -> None:
+    ours, theirs = run(SERVER, "-drive", "format=help"), run(qemu, "-drive", "format=help")
+    assert ours.returncode == theirs.returncode == 0
+    assert ours.stdout.startswith("Supported formats: ")
+    qemu_formats = set(theirs.stdout.splitlines()[0].split(": ")[1].split())
+    assert set(ours.stdout.split(": ")[1].split()) <= qemu_formats
+
+
+@pytest.mark.parametrize("args", [
+    ["-bogus"],
+    ["-uuid", "bad"],
+    ["-machine", "bogus"],
+    ["-accel", "foo"],
+    ["-chardev", "foo,id=x"],
+    ["-chardev", "socket,path=/nonexistent/a"],
+    ["-chardev", "socket,id=m"],
+    ["-chardev", "socket,id=m,fd=99", "-mon", "chardev=m,mode=control"],
+    ["-chardev", "socket,id=m,path=/nonexistent/x", "-mon", "chardev=m,mode=control"],
+    ["-chardev", "null,id=m", "-chardev", "null,id=m"],
+    ["-mon", "chardev=nope,mode=control"],
+    ["-mon", "chardev=m,mode=bogus", "-chardev", "null,id=m"],
+    ["-monitor", "bogus:1"],
+    ["-m", "abc"],
+], ids=lambda args: " ".join(args))
+def test_startup_errors_in_qemus_format(qemu: list[str], args: list[str]) -> None:
+    ours, theirs = run(SERVER, *args), run(qemu, "-nodefaults", "-display", "none", *args)
+    assert ours.returncode == theirs.returncode == 1
+    # QEMU may print further lines (a parse error's echo); ours are the first of them.
+    ours_lines = _PROGRAM.sub("", ours.stderr).splitlines()
+    assert ours_lines == _PROGRAM.sub("", theirs.stderr).splitlines()[:len(ours_lines)]
+    assert ours_lines and "Traceback" not in ours.stderr
+
+
+def _qmp(sock: socket.socket) -> Iterator[dict[str, object]]:
+    """The greeting and the replies (events skipped)."""
+    for line in sock.makefile("rb"):
+        message = json.loads(line)
+        if "event" not in message:
+            yield message
+
+
+def _greeting_and_status(sock: socket.socket) -> list[object]:
+    sock.settimeout(20)
+    messages = _qmp(sock)
+    greeting = next(messages)
+    sock.sendall(b'{"execute":"qmp_capabilities"}{"execute":"query-status"}')
+    seen = [sorted(greeting["QMP"]), next(messages), next(messages)]  # type: ignore[call-overload]
+    sock.sendall(b'{"execute":"quit"}')
+    seen.append(next(messages))
+    return seen
+
+
+def _start(argv: list[str], *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*argv, "-display", "none", *args], pass_fds=pass_fds,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("program", ["ours", "qemu"])
+def test_inherited_listening_socket_as_libvirt_passes_it(program: str, tmp_path: Path) -> None:
+    argv = SERVER if program == "ours" else QEMU
+    if program == "qemu":
+        qemu_tools.require("qemu-system-x86_64")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "mon.sock"))
+    listener.listen(1)
+    fd = listener.fileno()
+    proc = _start(argv, "-S", "-chardev", f"socket,id=charmonitor,fd={fd},server=on,wait=off",
+                  "-mon", "chardev=charmonitor,id=monitor,mode=control", pass_fds=(fd,))
+    listener.close()
+    try:
+        # libvirt connects once, with no retry: the socket must be listening already.
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(tmp_path / "mon.sock"))
+        assert _greeting_and_status(client) == [
+            ["capabilities", "version"], {"return": {}},
+            {"return": {"status": "prelaunch", "running": False}} if program == "ours" else
+            {"return": {"status": "prelaunch", "singlestep": False, "running": False}},
+            {"return": {}}]
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("program", ["ours", "qemu"])
+def test_socketpair_as_qemus_python_harness_passes_it(program: str) -> None:
+    argv = SERVER if program == "ours" else QEMU
+    if program == "qemu":
+        qemu_tools.require("qemu-system-x86_64")
+    mine, theirs = socket.socketpair()
+    proc = _start(argv, "-chardev", f"socket,id=mon,fd={theirs.fileno()}", "-mon", "chardev=mon,mode=control",
+                  pass_fds=(theirs.fileno(),))
+    theirs.close()
+    try:
+        seen = _greeting_and_status(mine)
+        assert seen[:2] == [["capabilities", "version"], {"return": {}}]
+        assert seen[3] == {"return": {}}
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("program", ["ours", "qemu"])
+def test_connects_out_to_a_path_without_server_on(program: str, tmp_path: Path) -> None:
+    argv = SERVER if program == "ours" else QEMU
+    if program == "qemu":
+        qemu_tools.require("qemu-system-x86_64")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "harness.sock"))
+    listener.listen(1)
+    listener.settimeout(20)
+    proc = _start(argv, "-chardev", f"socket,id=mon,path={tmp_path / 'harness.sock'}",
+                  "-mon", "chardev=mon,mode=control")
+    try:
+        client, _ = listener.accept()
+        seen = _greeting_and_status(client)
+        assert seen[1] == {"return": {}} and seen[3] == {"return": {}}
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        listener.close()
+
+
+def _normalize_hmp(data: bytes) -> bytes:
+    return re.sub(rb"QEMU \d+\.\d+\.\d+ monitor", b"QEMU X.Y.Z monitor", data)
+
+
+def test_hmp_on_stdio_writes_what_qemu_writes(qemu: list[str]) -> None:
+    commands = b"info name\nbogus\nquit\n"
+    outputs = []
+    for argv in (SERVER, qemu):
+        proc = subprocess.run([*argv, "-display", "none", "-name", "vm0", "-monitor", "stdio"],
+                              input=commands, capture_output=True, timeout=30)
+        outputs.append(_normalize_hmp(proc.stdout))
+    ours, theirs = outputs
+    # Everything up to the quit: banner, prompts, echo, each command's output.
+    cut = theirs.index(b"(qemu) q")
+    assert ours[:cut] == theirs[:cut]
+
+
+def test_qmp_on_stdio(tmp_path: Path) -> None:
+    proc = subprocess.run([*SERVER, "-qmp", "stdio"], input=b'{"execute":"qmp_capabilities"}\n'
+                          b'{"execute":"quit"}\n', capture_output=True, timeout=30)
+    lines = [message for message in map(json.loads, proc.stdout.splitlines()) if "event" not in message]
+    assert sorted(lines[0]["QMP"]) == ["capabilities", "version"]
+    assert lines[1:3] == [{"return": {}}, {"return": {}}]
+    assert proc.returncode == 0
+
+
+def test_qtest_channel_is_connected_and_answers(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "qtest.sock"))
+    listener.listen(1)
+    listener.settimeout(20)
+    sock = tmp_path / "qmp.sock"
+    proc = _start(SERVER, "-accel", "qtest", "-qtest", f"unix:path={tmp_path / 'qtest.sock'}",
+                  "-qmp", f"unix:{sock},server=on,wait=off")
+    try:
+        channel, _ = listener.accept()
+        channel.settimeout(20)
+        channel.sendall(b"bogus 1 2\n")
+        assert channel.recv(100) == b"FAIL Unknown command 'bogus'\n"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+HARNESS = os.environ.get("QMP_SERVER_QEMU_PYTHON")
+
+
+@pytest.mark.skipif(not HARNESS and os.environ.get("QMP_SERVER_REQUIRE_QEMU") != "1",
+                    reason="QEMU's python/ (apt-get source qemu) not given in QMP_SERVER_QEMU_PYTHON")
+def test_qemu_machine_launches_and_shuts_down() -> None:
+    assert HARNESS, "QMP_SERVER_QEMU_PYTHON must name QEMU's python/ directory"
+    # The harness runs BINARY followed by its own options: a program of ours, no wrapper.
+    launcher = Path(sys.executable).parent / "qmp-server"
+    # Its socket paths live in base_temp_dir: short enough for AF_UNIX.
+    base = tempfile.mkdtemp(prefix="qm", dir="/tmp")
+    script = f"""
+import sys
+sys.path.insert(0, {HARNESS!r})
+from qemu.machine import QEMUMachine
+vm = QEMUMachine({str(launcher)!r}, base_temp_dir={base!r})
+vm.launch()
+print(vm.qmp("query-status"))
+vm.shutdown()
+print("exit", vm.exitcode())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "'status': 'running'" in done.stdout
+    assert done.stdout.rstrip().endswith("exit 0")
