@@ -34,10 +34,9 @@ _FLAGS = {
     "S", "nodefaults", "nographic", "daemonize", "version", "help", "h", "no-user-config",
     "no-shutdown", "no-acpi", "no-hpet", "no-reboot", "enable-kvm", "preconfig",
 }
-# Accepted with their argument checked only as far as noted, because there is no guest for
-# them to act on (docs/command-line.md says what each would do in QEMU).
-_GUEST_ONLY = {"cpu", "rtc", "boot", "audiodev", "msg", "overcommit", "sandbox", "vga", "global",
-               "parallel"}
+#: Flags that set an option of the same meaning.
+_FLAG_FIELDS = {"S": "start_paused", "daemonize": "daemonize", "no-shutdown": "no_shutdown",
+                "nodefaults": "nodefaults", "nographic": "nographic"}
 #: Machine properties of the types we advertise (libvirt sets these); values are not used.
 _MACHINE_PROPERTIES = {"accel", "usb", "dump-guest-core", "memory-backend", "mem-merge", "vmport",
                        "smm", "kernel-irqchip", "graphics", "suppress-vmdesc", "hpet", "acpi",
@@ -257,16 +256,8 @@ def parse_args(argv: list[str]) -> Options:
                 print(f"QEMU emulator version {major}.{minor}.{micro} (qmp-server {__version__})\n"
                       "qmp-server: a QMP server that stands in for QEMU, without a guest")
                 raise SystemExit(0)
-            if name == "S":
-                options.start_paused = True
-            elif name == "daemonize":
-                options.daemonize = True
-            elif name == "no-shutdown":
-                options.no_shutdown = True
-            elif name == "nodefaults":
-                options.nodefaults = True
-            elif name == "nographic":
-                options.nographic = True
+            if name in _FLAG_FIELDS:
+                setattr(options, _FLAG_FIELDS[name], True)
             elif name == "enable-kvm":
                 raise UsageError("-enable-kvm: failed to initialize kvm: No such file or directory")
             continue
@@ -357,7 +348,8 @@ def _apply(options: Options, chardevs: Chardevs, name: str, option: str, value: 
         if not (value.isascii() and value.isdigit()) or int(value) > 1_000_000_000:
             raise UsageError(f"{option}: expected nanoseconds from 0 to 1000000000")
         options.poll_max_ns = int(value)
-    # -display, -smp and the _GUEST_ONLY options: accepted, nothing to act on.
+    # The options for a guest (-smp, -cpu, -rtc, -boot, -audiodev, -msg, -overcommit, -sandbox,
+    # -vga, -global, -parallel) and -display: accepted, there is nothing to act on.
 
 
 class PidFileError(Exception):
