@@ -39,6 +39,16 @@ def _default_drivers() -> dict[str, DriverFactory]:
     return {"file": FileDriver, "raw": RawDriver, "qcow2": Qcow2Driver, "null-co": NullDriver}
 
 
+def probe_format(path: str) -> str:
+    """The format of the image at ``path`` among our drivers, as bdrv_probe_all decides.
+
+    qcow2 by its magic, else raw. Raises OSError when the file cannot be read.
+    """
+    with open(path, "rb") as image:
+        magic = image.read(4)
+    return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+
 def _id_wellformed(name: str) -> bool:
     # QEMU's id_wellformed: an ASCII letter, then letters, digits, '-', '.', '_'.
     if not name or not (name[0].isascii() and name[0].isalpha()):
@@ -215,12 +225,10 @@ class BlockGraph:
     @staticmethod
     def _probe_format(path: str) -> str:
         try:
-            with open(path, "rb") as image:
-                magic = image.read(4)
+            return probe_format(path)
         except OSError as err:
             raise BlockError(f"Could not open backing file: Could not open '{path}': "
                              f"{os.strerror(err.errno or 0)}", err.errno) from err
-        return "qcow2" if magic == b"QFI\xfb" else "raw"
 
     # Edges and permissions ------------------------------------------------------------
 

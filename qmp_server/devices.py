@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from blocklayer.backend import BlockBackend
 from blocklayer.errors import BlockError
+from blocklayer.graph import probe_format
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 
 from . import machinemodel as model
@@ -195,12 +196,11 @@ class Devices:
     def _probe(filename: str) -> str:
         # bdrv_probe_all over the drivers we have: qcow2's magic, else raw with QEMU's warning.
         try:
-            with open(filename, "rb") as image:
-                magic = image.read(4)
+            fmt = probe_format(filename)
         except OSError as err:
             raise QMPError(f"Could not open '{filename}': {err.strerror}") from err
-        if magic == b"QFI\xfb":
-            return "qcow2"
+        if fmt != "raw":
+            return fmt
         sys.stderr.write(
             f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
             "         Automatically detecting the format is dangerous for raw images, write "
