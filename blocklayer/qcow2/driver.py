@@ -7,13 +7,15 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ..driver import BackingRequest, BlockDriver
+from ..driver import BackingRequest, BlockDriver, ChildIO
 from ..errors import BlockError
 from ..perm import ChildRole
 from . import datapath
 from .errors import CorruptionReport, Qcow2Corruption
 from .header import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT
 from .image import HEADER_READ, Qcow2Image, open_image
+from .options import Qcow2Options
+from .repair import repair_image
 
 #: Default for new drivers' ``skip_invalidate_for_tests``. Only tests set this, to show
 #: what goes wrong when stale metadata survives activation.
@@ -58,7 +60,8 @@ class Qcow2Driver(BlockDriver):
         self._options = dict(options)
         self._read_only = read_only
         self._inactive = inactive
-        self._img = open_image(self.file, self._options, read_only=read_only, inactive=inactive)
+        self._img = _open_and_repair(self.file, self._options, read_only=read_only,
+                                     inactive=inactive)
 
     def close(self) -> None:
         """Drop all state; never writes."""
@@ -177,8 +180,8 @@ class Qcow2Driver(BlockDriver):
         self._inactive = False
         assert self.file is not None
         try:
-            self._img = open_image(self.file, self._options, read_only=self._read_only,
-                                   inactive=False, opts=img.opts)
+            self._img = _open_and_repair(self.file, self._options, read_only=self._read_only,
+                                         inactive=False, opts=img.opts)
         except BlockError as exc:
             # qcow2_co_invalidate_cache: a failed reopen leaves the node without a driver
             # (bs->drv = NULL), exactly like a fatal corruption.
@@ -240,3 +243,13 @@ class Qcow2Driver(BlockDriver):
             if hdr.backing_format:
                 info["backing-filename-format"] = hdr.backing_format
         return info
+
+
+def _open_and_repair(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
+                     inactive: bool, opts: Qcow2Options | None = None) -> Qcow2Image:
+    """open_image, then the repair a writer owes a dirty image (qcow2_do_open's
+    qcow2_check call when the dirty bit is set and the image is opened read-write)."""
+    img = open_image(child, options, read_only=read_only, inactive=inactive, opts=opts)
+    if img.writable and img.dirty:
+        repair_image(img)
+    return img

@@ -388,8 +388,4 @@ def open_image(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
             hdr.autoclear_features = 0
             hdr.bitmaps_ext = None
             img.update_header()
-        if img.dirty:
-            from .repair import repair_image
-
-            repair_image(img)
     return img
