@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .dirtybitmap import DirtyBitmap, set_dirty
 from .driver import BlockDriver
 from .errors import BlockError
 from .perm import ALL, ChildRole
@@ -81,10 +82,22 @@ class BlockNode:
     wr_highest_offset: int = 0
     #: Free for the QMP adapter's cache of this node's info (keyed by ``generation``).
     info_cache: dict[bool, tuple[object, str]] = field(default_factory=dict)
+    #: QEMU's bs->dirty_bitmaps, newest first. Every successful write, write-zeroes and
+    #: (performed) discard marks the enabled ones (bdrv_co_write_req_finish). A format
+    #: driver that stores bitmaps in its image (qcow2) shares this very list: it loads
+    #: into it on open/activation and stores from it on inactivation.
+    dirty_bitmaps: list[DirtyBitmap] = field(default_factory=list)
 
     #: Bumped with every change to any node (and by the graph when nodes come and go):
     #: lets adapters reuse what they derived from the whole graph.
     changes: ClassVar[int] = 0
+
+    def __post_init__(self) -> None:
+        # The driver exists before the node and is opened after it (graph._open), so
+        # this is where a driver that persists bitmaps (qcow2) gets the node's list.
+        bind = getattr(self.driver, "bind_dirty_bitmaps", None)
+        if callable(bind):
+            bind(self.dirty_bitmaps, self.name)
 
     def touch(self) -> None:
         """Note that the node's observable state changed."""
@@ -162,8 +175,10 @@ class BlockNode:
         if self.options.detect_zeroes != "off" and not any(data):
             self.driver.write_zeroes(offset, len(data),
                                      self.options.detect_zeroes == "unmap" and self.options.discard_unmap)
-            return
-        self.driver.write(offset, data)
+        else:
+            self.driver.write(offset, data)
+        if self.dirty_bitmaps:
+            set_dirty(self.dirty_bitmaps, offset, len(data))
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make the range read as zeroes."""
@@ -172,6 +187,8 @@ class BlockNode:
         self.write_gen += 1
         self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
         self.driver.write_zeroes(offset, length, may_unmap and self.options.discard_unmap)
+        if self.dirty_bitmaps:
+            set_dirty(self.dirty_bitmaps, offset, length)
 
     def pdiscard(self, offset: int, length: int) -> None:
         """Discard; dropped unless the node was opened with ``discard=unmap``."""
@@ -180,6 +197,10 @@ class BlockNode:
         self.write_gen += 1
         if self.options.discard_unmap:
             self.driver.discard(offset, length)
+            # bdrv_co_pdiscard returns before its tracked request without discard=unmap,
+            # so only a performed discard marks the bitmaps.
+            if self.dirty_bitmaps:
+                set_dirty(self.dirty_bitmaps, offset, length)
 
     def flush(self) -> None:
         """Flush caches and make the data durable; a no-op on nodes that cannot write."""
@@ -205,3 +226,5 @@ class BlockNode:
         if truncate is None:
             raise BlockError("Image format driver does not support resize", errno.ENOTSUP)
         truncate(length)
+        for bitmap in self.dirty_bitmaps:
+            bitmap.truncate(self.getlength())

@@ -10,7 +10,7 @@ import trio
 
 from .chardev import ChardevError, Endpoint, open_chardev
 from .cli import Options
-from .commands import block, control, devices
+from .commands import bitmaps, block, control, devices
 from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
 from .errors import QMPError
@@ -31,7 +31,7 @@ def command_tables() -> list[CommandTable]:
     from .migration import commands as migration_commands
 
     return [control.table, block.table, migration_commands.table, machine_commands.table,
-            devices.table]
+            devices.table, bitmaps.table]
 
 
 class App:

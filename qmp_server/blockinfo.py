@@ -13,6 +13,7 @@ import weakref
 from typing import Any
 
 from blocklayer.backend import BlockBackend
+from blocklayer.bitmapops import query as query_bitmaps
 from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode
 
@@ -80,6 +81,11 @@ class _Collector:
             "iops": 0,
             "bps_wr": 0,
             "write_threshold": 0,
+        }
+        if node.dirty_bitmaps:
+            # bdrv_block_device_info: only when the node has bitmaps, in this place.
+            info["dirty-bitmaps"] = query_bitmaps(node)
+        info |= {
             "encrypted": False,
             "bps": 0,
             "bps_rd": 0,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from ..dirtybitmap import DirtyBitmap
 from ..driver import BackingRequest, BlockDriver, ChildIO
 from ..errors import BlockError
 from ..perm import ChildRole
+from . import bitmaps as BM
 from . import datapath
 from .errors import CorruptionReport, Qcow2Corruption
 from .header import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT
@@ -22,6 +25,8 @@ from .repair import repair_image
 SKIP_INVALIDATE_FOR_TESTS = False
 
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
 
 #: Told about every corruption the driver signals (the QMP layer makes it an event).
 CorruptionListener = Callable[["Qcow2Driver", CorruptionReport], None]
@@ -46,12 +51,21 @@ class Qcow2Driver(BlockDriver):
         self._options: Mapping[str, Any] = {}
         self._read_only = True
         self._inactive = False
+        #: The node's dirty bitmaps (BlockNode.dirty_bitmaps, shared): persistent ones
+        #: are loaded into it on open/activation and stored from it on inactivation.
+        self._bitmaps: list[DirtyBitmap] = []
+        self._node_name = ""
         #: Test-only: make invalidate_cache() keep all cached metadata (unsafe).
         self.skip_invalidate_for_tests = (SKIP_INVALIDATE_FOR_TESTS
                                           if skip_invalidate_for_tests is None
                                           else skip_invalidate_for_tests)
 
     # -- lifecycle -----------------------------------------------------------------
+
+    def bind_dirty_bitmaps(self, bitmaps: list[DirtyBitmap], node_name: str) -> None:
+        """Share the node's bitmap list (called by BlockNode before open)."""
+        self._bitmaps = bitmaps
+        self._node_name = node_name
 
     def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
         """Read and validate the header, L1 and refcount table (see image.open_image)."""
@@ -61,7 +75,7 @@ class Qcow2Driver(BlockDriver):
         self._read_only = read_only
         self._inactive = inactive
         self._img = _open_and_repair(self.file, self._options, read_only=read_only,
-                                     inactive=inactive)
+                                     inactive=inactive, bitmaps=self._bitmaps)
 
     def close(self) -> None:
         """Drop all state; never writes."""
@@ -163,8 +177,26 @@ class Qcow2Driver(BlockDriver):
             self._inactive = True
             return
         img = self._image()
-        self._guard(img, img.inactivate)
+        self._guard(img, lambda: self._store_and_inactivate(img))
         self._inactive = True
+
+    def _store_and_inactivate(self, img: Qcow2Image) -> None:
+        """qcow2_inactivate: store persistent bitmaps, write back caches, mark clean.
+
+        A bitmap that cannot be stored is reported and the image is left dirty-free but
+        not marked clean, as QEMU does; the inactivation then fails.
+        """
+        try:
+            BM.store_bitmaps(img, self._bitmaps)
+        except Qcow2Corruption:
+            raise
+        except BlockError as exc:
+            message = (f"Lost persistent bitmaps during inactivation of node "
+                       f"'{self._node_name}': {exc}")
+            log.error("%s", message)
+            img.inactivate(mark_clean=False)
+            raise BlockError(message, exc.errno) from exc
+        img.inactivate()
 
     def invalidate_cache(self) -> None:
         """Drop every cache and all in-memory metadata, then open the image again."""
@@ -173,15 +205,17 @@ class Qcow2Driver(BlockDriver):
             self._inactive = False
             img.writable = not self._read_only
             return
-        if img.writable:
-            img.inactivate()
+        if not self._inactive:
+            # qcow2_co_invalidate_cache closes the driver first: an active node stores
+            # (and releases) its persistent bitmaps, which the re-open loads again.
+            self._guard(img, lambda: self._store_and_inactivate(img))
         img.drop()
         self._img = None
         self._inactive = False
         assert self.file is not None
         try:
             self._img = _open_and_repair(self.file, self._options, read_only=self._read_only,
-                                         inactive=False, opts=img.opts)
+                                         inactive=False, opts=img.opts, bitmaps=self._bitmaps)
         except BlockError as exc:
             # qcow2_co_invalidate_cache: a failed reopen leaves the node without a driver
             # (bs->drv = NULL), exactly like a fatal corruption.
@@ -198,6 +232,21 @@ class Qcow2Driver(BlockDriver):
                 ranges.append((hdr.l1_table_offset, hdr.l1_size * 8))
             ranges.append((hdr.refcount_table_offset, hdr.refcount_table_clusters * img.cluster_size))
         return ranges
+
+    # -- persistent dirty bitmaps (QEMU's bdrv_co_*_dirty_bitmap callbacks) ---------
+
+    def default_bitmap_granularity(self) -> int:
+        """The cluster size, which bdrv_get_default_bitmap_granularity clamps."""
+        return self._opened().cluster_size
+
+    def can_store_new_dirty_bitmap(self, name: str, granularity: int, node_name: str) -> None:
+        """qcow2_co_can_store_new_dirty_bitmap: raise with QEMU's text if it cannot."""
+        BM.can_store_new(self._image(), self._bitmaps, name, granularity, node_name)
+
+    def remove_persistent_dirty_bitmap(self, name: str) -> None:
+        """qcow2_co_remove_persistent_dirty_bitmap: drop it from the image now."""
+        img = self._image()
+        self._guard(img, lambda: BM.remove_persistent(img, name))
 
     # -- information ---------------------------------------------------------------
 
@@ -227,11 +276,16 @@ class Qcow2Driver(BlockDriver):
             data = {"compat": "0.10", "compression-type": compression,
                     "refcount-bits": hdr.refcount_bits}
         else:
+            # Members in the order QEMU 7.2 sends them (checked live); "bitmaps" only
+            # when the image has some, read from its directory (qcow2_get_specific_info).
             data = {"compat": "1.1", "compression-type": compression,
-                    "lazy-refcounts": bool(hdr.compatible_features & COMPAT_LAZY_REFCOUNTS),
-                    "refcount-bits": hdr.refcount_bits,
-                    "corrupt": bool(hdr.incompatible_features & INCOMPAT_CORRUPT),
-                    "extended-l2": False}
+                    "lazy-refcounts": bool(hdr.compatible_features & COMPAT_LAZY_REFCOUNTS)}
+            bitmaps = self._bitmap_info(img)
+            if bitmaps is not None:
+                data["bitmaps"] = bitmaps
+            data.update({"refcount-bits": hdr.refcount_bits,
+                         "corrupt": bool(hdr.incompatible_features & INCOMPAT_CORRUPT),
+                         "extended-l2": False})
         info: dict[str, Any] = {
             "cluster-size": img.cluster_size,
             "format-specific": {"type": "qcow2", "data": data},
@@ -245,11 +299,34 @@ class Qcow2Driver(BlockDriver):
         return info
 
 
+    @staticmethod
+    def _bitmap_info(img: Qcow2Image) -> list[dict[str, object]] | None:
+        try:
+            return BM.info_list(img)
+        except BlockError:
+            # QEMU fails the whole query then; a broken directory refuses to open
+            # read-write anyway, so only an inactive node can get here.
+            return None
+
+
 def _open_and_repair(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
-                     inactive: bool, opts: Qcow2Options | None = None) -> Qcow2Image:
-    """open_image, then the repair a writer owes a dirty image (qcow2_do_open's
-    qcow2_check call when the dirty bit is set and the image is opened read-write)."""
+                     inactive: bool, opts: Qcow2Options | None = None,
+                     bitmaps: list[DirtyBitmap] | None = None) -> Qcow2Image:
+    """open_image, then what qcow2_do_open does next, in its order: load the persistent
+    bitmaps unless inactive (qcow2_load_dirty_bitmaps), rewrite the header if open_image
+    found it owed and loading did not already, repair a dirty image when writable."""
     img = open_image(child, options, read_only=read_only, inactive=inactive, opts=opts)
+    header_updated = False
+    if not inactive:
+        header_updated = BM.load_bitmaps(img, bitmaps if bitmaps is not None else [])
+    if img.need_header_update and not header_updated:
+        try:
+            img.update_header()
+        except BlockError as exc:
+            code = exc.errno or errno.EIO
+            raise BlockError(f"Could not update qcow2 header: {os.strerror(code)}",
+                             code) from exc
+    img.need_header_update = False
     if img.writable and img.dirty:
         repair_image(img)
     return img

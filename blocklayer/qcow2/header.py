@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import struct
 from dataclasses import dataclass, field
 
@@ -70,6 +71,12 @@ FEATURE_TABLE: tuple[tuple[int, int, str], ...] = (
     (FEATURE_AUTOCLEAR, 0, "bitmaps"),
     (FEATURE_AUTOCLEAR, 1, "raw external data"),
 )
+
+MAX_BITMAPS = 65535  # QCOW2_MAX_BITMAPS
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
+
+log = logging.getLogger(__name__)
 
 _V2 = struct.Struct(">IIQIIQIIQQIIQ")
 _V3 = struct.Struct(">QQQII")
@@ -329,3 +336,51 @@ def serialize_header(hdr: Header) -> bytes:
     if len(blob) > cs:
         raise BlockError("Could not update qcow2 header: no space in cluster 0", errno.ENOSPC)
     return blob + bytes(cs - len(blob))
+
+
+@dataclass(frozen=True)
+class BitmapsExtension:
+    """The bitmaps extension once validated: where the bitmap directory is."""
+
+    nb_bitmaps: int
+    directory_size: int
+    directory_offset: int
+
+
+def bitmaps_extension(hdr: Header) -> BitmapsExtension | None:
+    """Validate the bitmaps extension as qcow2_read_extensions does, with its texts.
+
+    None when there is none, or when it is stale: autoclear bit 0 is clear because a
+    program that knows no bitmaps wrote the image. QEMU then warns, ignores the bitmaps
+    and (when writable) drops the extension; ``hdr.bitmaps_ext`` tells the caller which.
+    """
+    data = hdr.bitmaps_ext
+    if data is None:
+        return None
+    if len(data) != BITMAPS_EXT.size:
+        raise _invalid("bitmaps_ext: Invalid extension length")
+    if not hdr.autoclear_features & AUTOCLEAR_BITMAPS:
+        if hdr.version < 3:
+            log.warning("This qcow2 v2 image contains bitmaps, but they may have been "
+                        "modified by a program without persistent bitmap support; so now "
+                        "they must all be considered inconsistent")
+        else:
+            log.warning("a program lacking bitmap support modified this file, so all "
+                        "bitmaps are now considered inconsistent")
+        log.warning("Some clusters may be leaked, run 'qemu-img check -r' on the image "
+                    "file to fix.")
+        return None
+    nb_bitmaps, reserved, dir_size, dir_offset = BITMAPS_EXT.unpack(data)
+    if reserved:
+        raise _invalid("bitmaps_ext: Reserved field is not zero")
+    if nb_bitmaps > MAX_BITMAPS:
+        raise _invalid(f"bitmaps_ext: Image has {nb_bitmaps} bitmaps, exceeding the QEMU "
+                       f"supported maximum of {MAX_BITMAPS}")
+    if nb_bitmaps == 0:
+        raise _invalid("found bitmaps extension with zero bitmaps")
+    if dir_offset & (hdr.cluster_size - 1):
+        raise _invalid("bitmaps_ext: invalid bitmap directory offset")
+    if dir_size > MAX_BITMAP_DIRECTORY_SIZE:
+        raise _invalid(f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds the maximum "
+                       f"supported size ({MAX_BITMAP_DIRECTORY_SIZE})")
+    return BitmapsExtension(nb_bitmaps, dir_size, dir_offset)

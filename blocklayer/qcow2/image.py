@@ -1,8 +1,9 @@
 """The state of one open qcow2 image: header, L1, caches, refcounts.
 
 :func:`open_image` is QEMU's ``qcow2_do_open``: it reads and validates the header,
-reads the L1 and refcount tables, sizes the caches, clears autoclear bits and repairs a
-dirty image when writable. Invalidation builds a fresh :class:`Qcow2Image` from the same
+reads the L1 and refcount tables, sizes the caches and validates the bitmaps extension
+(the driver then loads the bitmaps, rewrites the header if needed and repairs a dirty
+image when writable). Invalidation builds a fresh :class:`Qcow2Image` from the same
 file, which is exactly QEMU's close-and-reopen of the driver state.
 
 Metadata write ordering: refcounts before the L2 entries that use them (cache
@@ -128,6 +129,16 @@ class Qcow2Image:
         self._metadata: OL.MetadataMap | None = None
         self.clean_timer = CleanTimer(opts.cache_clean_interval)
         self.last_compressed: tuple[int, bytes] | None = None
+        # The bitmaps extension as validated at open (bitmaps.read_extension); zero
+        # bitmaps means the header carries no extension on its next rewrite.
+        self.nb_bitmaps = 0
+        self.bitmap_directory_offset = 0
+        self.bitmap_directory_size = 0
+        #: ((offset, size), entries) of the directory last read (see bitmaps.load_directory).
+        self.bitmap_directory_cache: tuple[tuple[int, int], list[Any]] | None = None
+        #: Set by open_image when a writer owes the image a header rewrite (unknown
+        #: autoclear bits, a stale bitmaps extension); done after the bitmaps are loaded.
+        self.need_header_update = False
 
     # -- header ----------------------------------------------------------------
 
@@ -155,6 +166,10 @@ class Qcow2Image:
                        OL.REFCOUNT_TABLE)
         if hdr.nb_snapshots:
             meta.add_range(hdr.snapshots_offset, max(self.snapshots.length, 1), OL.SNAPSHOT_TABLE)
+        if hdr.autoclear_features & H.AUTOCLEAR_BITMAPS:
+            # Protected only while the autoclear bit vouches for it (QEMU's check).
+            meta.add_range(self.bitmap_directory_offset, self.bitmap_directory_size,
+                           OL.BITMAP_DIRECTORY)
         if self.opts.overlap_check != "constant":
             for l1_offset, l1_size in self.snapshots.l1_tables:
                 meta.add_range(l1_offset, l1_size * 8, OL.INACTIVE_L1)
@@ -196,7 +211,15 @@ class Qcow2Image:
             self.l2_cache.discard(pos)
 
     def update_header(self) -> None:
-        """Rewrite cluster 0 from the in-memory header (QEMU's qcow2_update_header)."""
+        """Rewrite cluster 0 from the in-memory header (QEMU's qcow2_update_header).
+
+        The bitmaps extension is written from the validated state, only when there are
+        bitmaps (so a stale extension disappears with the first rewrite, as in QEMU).
+        """
+        self.hdr.bitmaps_ext = (H.BITMAPS_EXT.pack(self.nb_bitmaps, 0,
+                                                   self.bitmap_directory_size,
+                                                   self.bitmap_directory_offset)
+                                if self.nb_bitmaps else None)
         self.file.pwrite(0, H.serialize_header(self.hdr))
 
     def mark_dirty(self) -> None:
@@ -256,12 +279,13 @@ class Qcow2Image:
         self.write_caches()
         self.file.flush()
 
-    def inactivate(self) -> None:
+    def inactivate(self, mark_clean: bool = True) -> None:
         """Write everything back, clear the dirty bit, make it durable, stop writing."""
         if self.writable:
             self.l2_cache.flush()
             self.refcounts.cache.flush()
-            self.mark_clean()
+            if mark_clean:
+                self.mark_clean()
             self.file.flush()
         self.writable = False
 
@@ -379,13 +403,20 @@ def open_image(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
                                "Could not read L1 table"))
           if hdr.l1_size else array(U64))
     img = Qcow2Image(file, hdr, opts, l1, writable)
+    # After the L1 and refcount tables, before the snapshot table, as qcow2_do_open.
+    ext = H.bitmaps_extension(hdr)
+    if ext is not None:
+        img.nb_bitmaps = ext.nb_bitmaps
+        img.bitmap_directory_offset = ext.directory_offset
+        img.bitmap_directory_size = ext.directory_size
+    stale_bitmaps = ext is None and hdr.bitmaps_ext is not None
     if hdr.nb_snapshots:
         img.snapshots = _read_snapshots(file, hdr)
-    if writable:
-        if hdr.autoclear_features:
-            # We maintain no bitmaps (bit 0) and know no other autoclear feature;
-            # clearing the bits is how a writer tells others those structures are stale.
-            hdr.autoclear_features = 0
-            hdr.bitmaps_ext = None
-            img.update_header()
+    # qcow2_do_open: unknown autoclear bits are cleared by a writer (that is how it tells
+    # others their structures are stale); a stale bitmaps extension is dropped. The
+    # rewrite waits until the bitmaps are loaded (the driver's step, as in QEMU).
+    unknown = hdr.autoclear_features & ~(H.AUTOCLEAR_BITMAPS | H.AUTOCLEAR_DATA_FILE_RAW)
+    if writable and (unknown or stale_bitmaps):
+        hdr.autoclear_features &= H.AUTOCLEAR_BITMAPS | H.AUTOCLEAR_DATA_FILE_RAW
+        img.need_header_update = True
     return img

@@ -4,7 +4,8 @@ QEMU (``qcow2_check_metadata_overlap``) knows these kinds of metadata, in this o
 write that hits several is reported with the first. ``overlap-check=constant`` covers
 the fixed structures, ``cached`` (the default) adds what the caches know (L2 tables,
 refcount blocks, snapshot L1 tables), ``all`` also inactive L2 tables (which we do not
-track: ``all`` behaves as ``cached``).
+track: ``all`` behaves as ``cached``). The bitmap directory counts only while the
+image's autoclear bit for bitmaps is set, as in QEMU.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ REFCOUNT_TABLE = 1 << 3
 REFCOUNT_BLOCK = 1 << 4
 SNAPSHOT_TABLE = 1 << 5
 INACTIVE_L1 = 1 << 6
+INACTIVE_L2 = 1 << 7  # not tracked (see above); kept so the bit numbers match QEMU's
+BITMAP_DIRECTORY = 1 << 8
 
 #: QEMU's metadata_ol_names, by bit.
 NAMES = ("qcow2_header", "active L1 table", "active L2 table", "refcount table",
-         "refcount block", "snapshot table", "inactive L1 table")
+         "refcount block", "snapshot table", "inactive L1 table", "inactive L2 table",
+         "bitmap directory")
 
-CONSTANT = HEADER | ACTIVE_L1 | REFCOUNT_TABLE | SNAPSHOT_TABLE
+CONSTANT = HEADER | ACTIVE_L1 | REFCOUNT_TABLE | SNAPSHOT_TABLE | BITMAP_DIRECTORY
 CACHED = CONSTANT | ACTIVE_L2 | REFCOUNT_BLOCK | INACTIVE_L1
 
 

@@ -16,6 +16,7 @@ from array import array
 
 from ..errors import BlockError
 from . import overlap as OL
+from .bitmaps import count_references as count_bitmap_references
 from .errors import Qcow2Corruption
 from .image import Qcow2Image
 from .l2 import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
@@ -83,6 +84,9 @@ def count_references(img: Qcow2Image) -> _Counter:
             if l1_size:
                 counter.add(l1_offset, l1_size * 8)
                 _count_l1(img, counter, be_array(img.file.pread(l1_offset, l1_size * 8)))
+    # Persistent bitmaps own their directory, tables and data clusters
+    # (qcow2_check_bitmaps_refcounts); forgetting them would free live clusters.
+    count_bitmap_references(img, counter.add)
     return counter
 
 
