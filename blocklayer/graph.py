@@ -11,13 +11,19 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .driver import BlockDriver
+from .drivers.file import FileDriver
+from .drivers.null import NullDriver
+from .drivers.raw import RawDriver
 from .errors import BlockError
 from .node import BlockNode, Edge, NodeOptions
 from .perm import ALL, CONSISTENT_READ, WRITE, WRITE_UNCHANGED, ChildRole, perm_names
 from .permissions import child_permissions
+
+if TYPE_CHECKING:
+    from .qcow2.driver import CorruptionListener
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +36,20 @@ _COMMON = frozenset({
 })
 
 
-def _default_drivers() -> dict[str, DriverFactory]:
-    from .drivers.file import FileDriver
-    from .drivers.null import NullDriver
-    from .drivers.raw import RawDriver
-    from .qcow2 import Qcow2Driver
+def default_drivers(corruption_listener: CorruptionListener | None = None) -> dict[str, DriverFactory]:
+    """Our drivers by name (BlockdevDriver's spelling).
 
-    return {"file": FileDriver, "raw": RawDriver, "qcow2": Qcow2Driver, "null-co": NullDriver}
+    ``corruption_listener`` hears of every image qcow2 marks corrupt. qcow2 is imported
+    when its first node opens: a server that never opens a qcow2 image never loads it,
+    which is most of the start-up time the block layer would cost (issue 9 §5).
+    """
+
+    def qcow2() -> BlockDriver:
+        from .qcow2 import Qcow2Driver
+
+        return Qcow2Driver(corruption_listener=corruption_listener)
+
+    return {"file": FileDriver, "raw": RawDriver, "qcow2": qcow2, "null-co": NullDriver}
 
 
 def probe_format(path: str) -> str:
@@ -60,7 +73,7 @@ class BlockGraph:
     """All nodes of one server, by name."""
 
     def __init__(self, drivers: Mapping[str, DriverFactory] | None = None) -> None:
-        self.drivers: Mapping[str, DriverFactory] = drivers if drivers is not None else _default_drivers()
+        self.drivers: Mapping[str, DriverFactory] = drivers if drivers is not None else default_drivers()
         # Insertion order = name assignment order (children before their parent), which
         # query-named-block-nodes reports newest first, as QEMU does.
         self.nodes: dict[str, BlockNode] = {}

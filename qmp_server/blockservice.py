@@ -14,21 +14,23 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from blocklayer.driver import BlockDriver
 from blocklayer.errors import BlockError
-from blocklayer.graph import BlockGraph
+from blocklayer.graph import BlockGraph, default_drivers
 from blocklayer.node import Edge
-from blocklayer.perm import ALL, WRITE
-from blocklayer.qcow2 import Qcow2Driver
-from blocklayer.qcow2.errors import CorruptionReport
+from blocklayer.perm import ALL
 
 from .blockinfo import block_infos, block_infos_json
 from .errors import QMPError
+from .protocol.encoding import PreEncoded
 from .runstate import VM, RunState
-from .wire import PreEncoded
+
+if TYPE_CHECKING:
+    from blocklayer.qcow2.errors import CorruptionReport
 
 T = TypeVar("T")
 
@@ -38,13 +40,10 @@ class BlockService:
 
     def __init__(self, vm: VM, graph: BlockGraph | None = None) -> None:
         self.vm = vm
-        self.graph = graph if graph is not None else BlockGraph()
+        self.graph = graph if graph is not None else BlockGraph(default_drivers(self._image_corrupted))
         self._lock = threading.Lock()
-        if self.graph.drivers.get("qcow2") is Qcow2Driver:
-            self.graph.drivers = {**self.graph.drivers, "qcow2": lambda: Qcow2Driver(
-                corruption_listener=self._image_corrupted)}
 
-    def _image_corrupted(self, driver: Qcow2Driver, report: CorruptionReport) -> None:
+    def _image_corrupted(self, driver: BlockDriver, report: CorruptionReport) -> None:
         """QEMU's qcow2_signal_corruption, our half: the stderr line and the event.
 
         Called under the graph lock, in a worker thread or in the event loop's thread.
@@ -99,12 +98,20 @@ class BlockService:
 
     # Commands -----------------------------------------------------------------------
 
-    async def blockdev_add(self, options: dict[str, Any]) -> None:
-        """blockdev-add; nodes created during ``inmigrate`` open inactive."""
+    def _blockdev_add(self, options: dict[str, Any]) -> None:
+        # qmp_blockdev_add; the caller holds the lock. Nodes created during inmigrate
+        # open inactive (bdrv_open with BDRV_O_INACTIVE, as QEMU's -incoming does).
         if "node-name" not in options:
             raise QMPError("'node-name' must be specified for the root node")
-        inactive = self.vm.state is RunState.INMIGRATE
-        await self.run_light(lambda: self.graph.open(options, inactive=inactive))
+        self.graph.open(options, inactive=self.vm.state is RunState.INMIGRATE)
+
+    async def blockdev_add(self, options: dict[str, Any]) -> None:
+        """The ``blockdev-add`` command."""
+        await self.run_light(self._blockdev_add, options)
+
+    def blockdev_add_at_startup(self, options: dict[str, Any]) -> None:
+        """``-blockdev``: the same as the command, before the event loop runs."""
+        self.locked(self._blockdev_add, options)
 
     async def blockdev_del(self, node_name: str) -> None:
         """blockdev-del."""
@@ -149,24 +156,22 @@ class BlockService:
         """query-named-block-nodes as encoded JSON, for the QMP reply."""
         return await self.run_light(block_infos_json, self.graph, flat)
 
-    async def qemu_io(self, device: str, command: str, qdev: bool = False) -> str:
-        """HMP ``qemu-io``: run one qemu-io command on a node through a temporary user.
+    async def lend_node(self, name: str, user: str, fn: Callable[[BlockGraph, Edge], T]) -> T | None:
+        """Run ``fn(graph, edge)`` in a worker thread with a temporary user of node ``name``.
 
-        Like QEMU's HMP, the node gets a user that asks nothing until a command needs to
-        write; a write to an inactive or read-only node is refused before it starts.
+        The user (named ``user`` in permission errors) holds no permission and shares
+        all, as the BlockBackend QEMU's HMP ``qemu-io`` creates; ``fn`` may raise its
+        permissions through the graph. Returns None when there is no node ``name``.
         """
-        from .hmp.qemu_io import run_qemu_io
 
-        def work() -> str:
+        def work() -> T | None:
             with self._lock:
-                if qdev:
-                    return f"Error: Device '{device}' not found\n"
-                node = self.graph.find(device)
+                node = self.graph.find(name)
                 if node is None:
-                    return f"Error: Cannot find device='' nor node-name='{device}'\n"
-                edge = self.graph.add_user(node, "block device 'qemu-io'", 0, ALL)
+                    return None
+                edge = self.graph.add_user(node, user, 0, ALL)
                 try:
-                    return run_qemu_io(_QemuIoTarget(self.graph, edge), command)
+                    return fn(self.graph, edge)
                 finally:
                     self.graph.remove_user(edge)
 
@@ -189,34 +194,3 @@ class BlockService:
     def close_all(self) -> None:
         """Close every node at exit (synchronously: the event loop is gone)."""
         self.locked(self.graph.close_all)
-
-
-class _QemuIoTarget:
-    """A node as qemu-io sees it through its temporary user."""
-
-    def __init__(self, graph: BlockGraph, edge: Edge) -> None:
-        self.graph = graph
-        self.edge = edge
-        self.node = edge.child
-
-    def require_write(self) -> None:
-        if not self.edge.perm & WRITE:
-            self.graph.set_user_perm(self.edge, self.edge.perm | WRITE, self.edge.shared)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.node.pread(offset, length)
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.node.pwrite(offset, data)
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self.node.pwrite_zeroes(offset, length, may_unmap)
-
-    def discard(self, offset: int, length: int) -> None:
-        self.node.pdiscard(offset, length)
-
-    def flush(self) -> None:
-        self.node.flush()
-
-    def getlength(self) -> int:
-        return self.node.getlength()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .server import LISTEN_BACKLOG, ListenError, SocketFile, bind_unix_file
+from .unixsocket import LISTEN_BACKLOG, ListenError, SocketFile, bind_unix_file
 
 
 class ChardevError(Exception):

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from blocklayer.lockbytes import lock_byte
 
-from . import QEMU_VERSION, __version__
 from .chardev import Chardev, ChardevError, Chardevs, parse_bool, split_options
+from .errorreport import program_name
 from .machinemodel import (
     DEVICE_HELP,
     FORMATS,
@@ -20,6 +20,7 @@ from .machinemodel import (
     machine_type,
 )
 from .server import DEFAULT_POLL_MAX_NS
+from .version import PACKAGE, version_string
 
 DEFAULT_SOCKET = "qmp.sock"
 
@@ -80,12 +81,6 @@ Process:
   -version, --version   print the version and exit
   -h, -help, --help     print this help and exit
 """
-
-
-def program_name() -> str:
-    """The name errors start with: QEMU's is its argv[0] without the directory."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return "qmp-server" if name in ("", "__main__.py", "-c") else name
 
 
 class UsageError(Exception):
@@ -252,8 +247,7 @@ def parse_args(argv: list[str]) -> Options:
                                              poll=DEFAULT_POLL_MAX_NS))
                 raise SystemExit(0)
             if name == "version":
-                major, minor, micro = QEMU_VERSION
-                print(f"QEMU emulator version {major}.{minor}.{micro} (qmp-server {__version__})\n"
+                print(f"QEMU emulator version {version_string()} ({PACKAGE})\n"
                       "qmp-server: a QMP server that stands in for QEMU, without a guest")
                 raise SystemExit(0)
             if name in _FLAG_FIELDS:

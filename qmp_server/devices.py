@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from blocklayer.backend import BlockBackend
 from blocklayer.errors import BlockError
@@ -26,12 +26,11 @@ from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 
 from . import machinemodel as model
 from .blockinfo import backend_info
+from .blockservice import BlockService
+from .errorreport import error_report
 from .errors import QMPError
 from .keyval import parse_json_option, parse_keyval
-from .runstate import RunState
-
-if TYPE_CHECKING:
-    from .machine import Machine
+from .runstate import VM, RunState
 
 T = TypeVar("T")
 
@@ -105,8 +104,10 @@ class Device:
 class Devices:
     """The machine's disk frontends and named (``-drive``) BlockBackends."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
+    def __init__(self, vm: VM, block: BlockService, machine_type: str) -> None:
+        self.vm = vm
+        self.block = block
+        self.machine_type = machine_type
         #: Named BlockBackends (``-drive id=``), in creation order.
         self.named: dict[str, BlockBackend] = {}
         #: Devices in creation order (QEMU lists backends in that order too).
@@ -143,7 +144,7 @@ class Devices:
     # -drive -----------------------------------------------------------------------------
 
     def _inmigrate(self) -> bool:
-        return self.machine.vm.state is RunState.INMIGRATE
+        return self.vm.state is RunState.INMIGRATE
 
     def drive_new(self, opts: dict[str, Any]) -> None:
         """``-drive``: a named BlockBackend over a new node tree (drive_new, blockdev_init)."""
@@ -176,7 +177,7 @@ class Devices:
                 spec[key] = opts.pop(key)
         if opts:
             raise QMPError(f"Block format '{fmt}' does not support the option '{next(iter(opts))}'")
-        graph = self.machine.block.graph
+        graph = self.block.graph
         node = _call(graph.open, spec, inactive=self._inmigrate())
         # drive_new's tree belongs to its BlockBackend, not to the monitor.
         node.monitor_owned = False
@@ -210,7 +211,7 @@ class Devices:
         return "raw"
 
     def _close_tree(self, node_name: str) -> None:
-        graph = self.machine.block.graph
+        graph = self.block.graph
         node = graph.find(node_name)
         if node is not None:
             # graph.delete closes only monitor-owned trees; this one is ours to close.
@@ -229,10 +230,10 @@ class Devices:
             raise QMPError(f"'{driver}' is not a valid device model name")
         if entry.abstract:
             raise QMPError("Parameter 'driver' expects a non-abstract device type")
-        buses = _buses(self.machine.config.machine_type).get(_BUS_TYPE[driver], [])
+        buses = _buses(self.machine_type).get(_BUS_TYPE[driver], [])
         bus_name = props.get("bus")
         if bus_name is not None:
-            all_buses = [b for names in _buses(self.machine.config.machine_type).values() for b in names]
+            all_buses = [b for names in _buses(self.machine_type).values() for b in names]
             if bus_name not in all_buses:
                 raise QMPError(f"Bus '{bus_name}' not found")
             if bus_name not in buses:
@@ -286,10 +287,10 @@ class Devices:
             if named.dev is not None or any(d.backend is named for d in self.devices):
                 raise QMPError(f"Drive '{drive}' is already in use by another device")
             return named, True
-        node = self.machine.block.graph.find(drive)
+        node = self.block.graph.find(drive)
         if node is None:
             raise QMPError(f"Property '{backend_type}.drive' can't find value '{drive}'")
-        blk = BlockBackend(self.machine.block.graph, inmigrate=self._inmigrate)
+        blk = BlockBackend(self.block.graph, inmigrate=self._inmigrate)
         _call(blk.insert, node)
         return blk, False
 
@@ -346,10 +347,10 @@ class Devices:
         """The run state changed: backends waiting for the end of migration tighten."""
         for blk, _ in self.backends():
             try:
-                self.machine.block.locked(blk.vm_state_changed)
+                self.block.locked(blk.vm_state_changed)
             except QMPError as err:
                 # QEMU reports this and carries on (blk_vm_state_changed).
-                sys.stderr.write(f"qmp-server: {err.desc}\n")
+                error_report(err.desc)
 
     # Command line ---------------------------------------------------------------------
 

@@ -9,8 +9,10 @@ Optional object members carry ``"default": null``; ``allow-oob`` appears only wh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import Any
 
+from .schema import Schema
 from .schema_validate import (
     AlternateNode,
     EnumNode,
@@ -19,9 +21,6 @@ from .schema_validate import (
     Node,
     StructNode,
 )
-
-if TYPE_CHECKING:
-    from .schema import Schema
 
 _BUILTINS = (
     ("str", "string"),
@@ -156,3 +155,17 @@ def build_schema_info(schema: Schema) -> list[dict[str, Any]]:
         {"name": name, "json-type": json_type, "meta-type": "builtin"} for name, json_type in _BUILTINS
     )
     return entities
+
+
+_COMPUTED: weakref.WeakKeyDictionary[Schema, list[dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def schema_info(schema: Schema) -> list[dict[str, Any]]:
+    """The ``query-qmp-schema`` result for ``schema``, computed once per schema.
+
+    The same list is returned on every call: callers must not modify it.
+    """
+    info = _COMPUTED.get(schema)
+    if info is None:
+        info = _COMPUTED[schema] = build_schema_info(schema)
+    return info

@@ -21,13 +21,11 @@ types the schema wants.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from .errors import QMPError
-from .schema_validate import qdict_order
-
-if TYPE_CHECKING:
-    from .schema import Schema
+from .protocol.qdict import qdict_order
+from .schema import Schema
 
 _INT_MAX: Final = 2**31 - 1
 _KEY_FRAGMENT_MAX: Final = 127

@@ -11,6 +11,7 @@ from .devices import Devices
 from .events import EventBus
 from .hmp.monitor import HumanMonitor
 from .migration.service import MigrationService
+from .objects import Objects
 from .runstate import VM
 from .schema import Schema
 
@@ -43,18 +44,29 @@ class Machine:
         self.name = config.name
         self.schema = schema if schema is not None else Schema.load()
         self.events = EventBus()
-        self.vm = VM(self.events, start_paused=config.start_paused, incoming=config.incoming is not None)
+        # The wiring: each service gets the narrow parts it needs, lower layers first.
+        self.vm = VM(self.events, start_paused=config.start_paused,
+                     incoming=config.incoming is not None, no_shutdown=config.no_shutdown)
         self.block = BlockService(self.vm)
         self.vm.block = self.block
-        self.devices = Devices(self)
+        self.devices = Devices(self.vm, self.block, config.machine_type)
+        #: -object / object-add objects (/objects in QOM).
+        self.objects = Objects()
         self.vm.state_listeners.append(self.devices.vm_state_changed)
-        self.hmp = HumanMonitor(self)
-        self.migration = MigrationService(self)
-        self.exit_requested = trio.Event()
-        self.exit_code = 0
+        self.migration = MigrationService(self.vm, self.block, self.schema, config.incoming)
+        self.hmp = HumanMonitor(self.vm, self.block, self.devices, config.name)
         self.nursery: trio.Nursery | None = None
+
+    @property
+    def exit_requested(self) -> trio.Event:
+        """Set when the process should end (see VM.request_exit)."""
+        return self.vm.exit_requested
+
+    @property
+    def exit_code(self) -> int:
+        """The status the process exits with."""
+        return self.vm.exit_code
 
     def request_exit(self, code: int = 0) -> None:
         """Ask the server to stop serving and exit with ``code``."""
-        self.exit_code = code
-        self.exit_requested.set()
+        self.vm.request_exit(code)

@@ -18,7 +18,8 @@ import trio
 
 from .app import App, SetupError
 from .chardev import ChardevError
-from .cli import Options, PidFile, PidFileError, UsageError, parse_args, program_name
+from .cli import Options, PidFile, PidFileError, UsageError, parse_args
+from .errorreport import program_name
 from .errors import QMPError
 
 

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+import trio
+
 from .errors import QMPError
 from .events import EventBus
 
@@ -91,8 +93,15 @@ class BlockHooks(Protocol):
 class VM:
     """The virtual machine's run state, as ``query-status``, ``stop`` and ``cont`` see it."""
 
-    def __init__(self, events: EventBus, *, start_paused: bool = False, incoming: bool = False) -> None:
+    def __init__(self, events: EventBus, *, start_paused: bool = False, incoming: bool = False,
+                 no_shutdown: bool = False) -> None:
         self.events = events
+        #: ``-no-shutdown``: a guest power-off stops the VM instead of ending the process.
+        self.no_shutdown = no_shutdown
+        #: Set when the process should end (``quit``, a signal, a guest power-off, a
+        #: failed ``-incoming``); the server stops serving and exits with ``exit_code``.
+        self.exit_requested = trio.Event()
+        self.exit_code = 0
         # QEMU: autostart is cleared by -S and by `stop` during inmigrate, set by `cont`.
         self.autostart = not start_paused
         self.state = RunState.PRELAUNCH
@@ -150,6 +159,26 @@ class VM:
             return
         self.set_state(RunState.RUNNING)
         self.events.emit("RESUME")
+
+    def request_exit(self, code: int = 0) -> None:
+        """Ask the server to stop serving and exit with ``code``."""
+        self.exit_code = code
+        self.exit_requested.set()
+
+    async def shutdown(self, reason: str, *, guest: bool = False) -> bool:
+        """A shutdown request, as QEMU's main_loop_should_exit handles it.
+
+        SHUTDOWN is emitted at once. A host request (``quit``, a signal) always ends the
+        process: qmp_quit and qemu_system_killed force the power-off action. A guest
+        power-off with ``-no-shutdown`` stops the VM in ``shutdown`` instead. Returns
+        whether the caller should now request the exit (QMP ``quit`` does it after its
+        reply).
+        """
+        self.events.emit("SHUTDOWN", {"guest": guest, "reason": reason})
+        if guest and self.no_shutdown:
+            await self.vm_stop(RunState.SHUTDOWN)
+            return False
+        return True
 
     async def stop(self) -> None:
         """The ``stop`` command."""

@@ -11,7 +11,8 @@ The single source of truth is the JSON Schema (draft 2020-12) under ``schema/``:
 
 ``schema/README.md`` describes the conventions. :class:`Schema` loads the files once and
 answers the dispatcher: argument checks with QEMU's exact error texts
-(:mod:`qmp_server.schema_validate`) and ``query-qmp-schema`` (:mod:`qmp_server.introspect`).
+(:mod:`qmp_server.schema_validate`); :mod:`qmp_server.introspect` derives
+``query-qmp-schema`` and :mod:`qmp_server.keyval` the command-line forms from it.
 The tests check replies and events against the same files with ``jsonschema``, the
 reference implementation of the standard they are written in; serving does not need it.
 
@@ -25,12 +26,10 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
 from .errors import CommandNotFound, QMPError
-from .keyval import blockdev_options_from_cli, parse_keyval
 from .schema_validate import Compiler, Failure, Node
 
 __all__ = [
@@ -38,8 +37,6 @@ __all__ = [
     "CommandInfo",
     "EventInfo",
     "Schema",
-    "blockdev_options_from_cli",
-    "parse_keyval",
 ]
 
 #: Base URI of the schema files; ``$ref`` values resolve against it like relative paths.
@@ -199,21 +196,6 @@ class Schema:
         return self._compiler.def_name(uri)
 
     # ------------------------------------------------------------------ returns and events
-
-    # ------------------------------------------------------------------ introspection
-
-    @cached_property
-    def _introspection(self) -> list[dict[str, Any]]:
-        from .introspect import build_schema_info
-
-        return build_schema_info(self)
-
-    def introspect(self) -> list[dict[str, Any]]:
-        """The ``query-qmp-schema`` result (a list of SchemaInfo), computed once.
-
-        The same list is returned on every call: callers must not modify it.
-        """
-        return self._introspection
 
 
 def _documents(folder: Path, allowed: set[str]) -> Iterator[tuple[Path, Any]]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .. import QEMU_VERSION, __version__
 from ..dispatcher import CommandContext, CommandTable
-from ..errors import CommandNotFound, QMPError
-from ..session import Mode
+from ..errors import QMPError
+from ..introspect import schema_info
+from ..version import version_info
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -17,18 +17,18 @@ table = CommandTable()
 
 @table.command("qmp_capabilities")
 async def qmp_capabilities(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """Leave capabilities negotiation; ``enable: ["oob"]`` turns on out-of-band execution."""
-    if ctx.session.mode is Mode.COMMAND:
-        raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
-    enable: list[str] = args.get("enable", [])
-    ctx.session.negotiated(enable)
+    """Leave capabilities negotiation; ``enable: ["oob"]`` turns on out-of-band execution.
+
+    The session decides (QEMU's qmp_qmp_capabilities: an error once negotiation is over);
+    this is its entry point with the arguments checked against the schema.
+    """
+    ctx.session.negotiate(args.get("enable", []))
 
 
 @table.query("query-version")
 def query_version(machine: Machine) -> dict[str, Any]:
     """The QEMU version whose semantics we follow; ``package`` names us."""
-    major, minor, micro = QEMU_VERSION
-    return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": f"qmp-server {__version__}"}
+    return version_info()
 
 
 @table.query("query-commands")
@@ -40,7 +40,7 @@ def query_commands(machine: Machine) -> list[dict[str, str]]:
 @table.query("query-qmp-schema")
 def query_qmp_schema(machine: Machine) -> list[dict[str, Any]]:
     """Introspection in QEMU's SchemaInfo format, generated from schema/."""
-    return machine.schema.introspect()
+    return schema_info(machine.schema)
 
 
 @table.query("query-name")
@@ -72,8 +72,9 @@ async def cont(ctx: CommandContext, args: dict[str, Any]) -> None:
 @table.command("quit")
 async def quit_(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Shut down: SHUTDOWN event, the reply, then exit."""
-    ctx.machine.events.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-    ctx.after_reply.append(lambda: ctx.machine.request_exit(0))
+    vm = ctx.machine.vm
+    if await vm.shutdown("host-qmp-quit"):
+        ctx.after_reply.append(lambda: vm.request_exit(0))
 
 
 @table.command("human-monitor-command")

@@ -6,11 +6,13 @@ type chosen, the UUID, the monitors) come from the MachineConfig.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from .. import machinemodel as model
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
+from ..objects import UserObject
 from ..runstate import RunState
 
 if TYPE_CHECKING:
@@ -75,8 +77,64 @@ async def query_hotpluggable_cpus(ctx: CommandContext, args: dict[str, Any]) -> 
 
 @table.query("query-iothreads")
 def query_iothreads(machine: Machine) -> list[dict[str, Any]]:
-    """No ``-object iothread`` exists: every block device runs in the main loop."""
+    """The ``-object iothread`` / object-add iothreads (block I/O runs in the main loop)."""
+    return [obj.iothread_info() for obj in machine.objects.iothreads()]
+
+
+@table.command("object-add")
+async def object_add(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Create a user-creatable object (arguments already checked against ObjectOptions)."""
+    ctx.machine.objects.add(args)
+    return {}
+
+
+@table.command("object-del")
+async def object_del(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Remove a user-created object."""
+    ctx.machine.objects.delete(args["id"])
+    return {}
+
+
+@table.query("query-cpu-definitions")
+def query_cpu_definitions(machine: Machine) -> list[dict[str, Any]]:
+    """No CPU model is modelled (there is no vCPU), so none is listed."""
     return []
+
+
+@table.query("query-tpm-models")
+def query_tpm_models(machine: Machine) -> list[str]:
+    """No TPM frontend is modelled."""
+    return []
+
+
+@table.query("query-tpm-types")
+def query_tpm_types(machine: Machine) -> list[str]:
+    """No TPM backend is modelled."""
+    return []
+
+
+@table.command("query-command-line-options")
+async def query_command_line_options(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """The option groups of the options the command line accepts (QEMU's QemuOptsList)."""
+    wanted: str | None = args.get("option")
+    if wanted is not None and wanted not in model.COMMAND_LINE_OPTIONS:
+        raise QMPError(f"invalid option name: {wanted}")
+    return [{"option": option,
+             "parameters": [{"name": name, "type": kind} for name, kind in parameters]}
+            for option, parameters in model.COMMAND_LINE_OPTIONS.items()
+            if wanted is None or option == wanted]
+
+
+@table.command("query-sev-capabilities")
+async def query_sev_capabilities(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+    """SEV needs KVM, which is never used here: QEMU 7.2's text under TCG."""
+    raise QMPError("KVM not enabled")
+
+
+@table.command("query-sgx-capabilities")
+async def query_sgx_capabilities(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+    """SGX needs KVM, which is never used here: QEMU 7.2's text under TCG."""
+    raise QMPError("SGX is not enabled in KVM")
 
 
 @table.query("query-jobs")
@@ -165,6 +223,9 @@ def _tree(machine: Machine) -> dict[str, tuple[str, dict[str, str]]]:
     }
     for label, _, kind in machine.config.chardevs:
         tree[f"/chardevs/{label}"] = (kind, {})
+    for obj in machine.objects:
+        tree["/objects"][1][obj.id] = obj.qom_type
+        tree[f"/objects/{obj.id}"] = (obj.qom_type, {})
     for device in machine.devices.devices:
         # A virtio transport holds its disk as a child object (virtio-backend).
         children = {} if device.qdev == device.path else {"virtio-backend": "virtio-blk-device"}
@@ -199,9 +260,19 @@ def _child_path(parent: str, name: str) -> str:
 async def qom_list(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, str]]:
     """The properties of the object at ``path``: its type and its children."""
     tree = _tree(ctx.machine)
-    _, children = tree[_resolve(tree, args["path"])]
+    path = _resolve(tree, args["path"])
+    _, children = tree[path]
+    user_object = _user_object(ctx.machine, path)
+    if user_object is not None:
+        return user_object.property_types()
     return [{"name": "type", "type": "string"},
             *({"name": name, "type": f"child<{kind}>"} for name, kind in children.items())]
+
+
+def _user_object(machine: Machine, path: str) -> UserObject | None:
+    """The -object/object-add object at canonical ``path``, if it is one."""
+    parent, _, name = path.rpartition("/")
+    return machine.objects.find(name) if parent == "/objects" else None
 
 
 @table.command("qom-get")
@@ -215,6 +286,10 @@ async def qom_get(ctx: CommandContext, args: dict[str, Any]) -> Any:
         return kind
     if name in children:
         return _child_path(path, name)
+    user_object = _user_object(ctx.machine, path)
+    if user_object is not None:
+        with contextlib.suppress(KeyError):
+            return user_object.get(name)
     raise QMPError(f"Property '{kind}.{name}' not found")
 
 
@@ -246,8 +321,6 @@ async def system_powerdown(ctx: CommandContext, args: dict[str, Any]) -> None:
     machine.events.emit("POWERDOWN")
     if machine.vm.state is not RunState.RUNNING:
         return
-    machine.events.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
-    if machine.config.no_shutdown:
-        await machine.vm.vm_stop(RunState.SHUTDOWN)
-    else:
-        ctx.after_reply.append(lambda: machine.request_exit(0))
+    vm = machine.vm
+    if await vm.shutdown("guest-shutdown", guest=True):
+        ctx.after_reply.append(lambda: vm.request_exit(0))

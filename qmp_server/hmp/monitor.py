@@ -8,13 +8,13 @@ read what the "guest" saw.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .. import QEMU_VERSION, __version__
+from ..blockservice import BlockService
+from ..devices import Devices
 from ..errors import QMPError
-
-if TYPE_CHECKING:
-    from ..machine import Machine
+from ..runstate import VM
+from ..version import PACKAGE, version_string
 
 HmpHandler = Callable[[str], Awaitable[str]]
 
@@ -26,8 +26,11 @@ def _crlf(text: str) -> str:
 class HumanMonitor:
     """Dispatches HMP command lines."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
+    def __init__(self, vm: VM, block: BlockService, devices: Devices, name: str | None) -> None:
+        self.vm = vm
+        self.block = block
+        self.devices = devices
+        self.name = name
         self.commands: dict[str, tuple[HmpHandler, str]] = {
             "help": (self._help, "help|? [cmd] -- show the help"),
             "?": (self._help, ""),
@@ -65,19 +68,19 @@ class HumanMonitor:
     async def _cont(self, args: str) -> str:
         # hmp_cont: the QMP command, its error printed as hmp_handle_error does.
         try:
-            await self.machine.vm.cont()
+            await self.vm.cont()
         except QMPError as err:
             return f"Error: {err.desc}\n"
         return ""
 
     async def _stop(self, args: str) -> str:
-        await self.machine.vm.stop()
+        await self.vm.stop()
         return ""
 
     async def _quit(self, args: str) -> str:
         # hmp_quit: as QMP quit (monitor_suspend, then qmp_quit's SHUTDOWN and exit).
-        self.machine.events.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-        self.machine.request_exit(0)
+        if await self.vm.shutdown("host-qmp-quit"):
+            self.vm.request_exit(0)
         return ""
 
     async def _help(self, args: str) -> str:
@@ -95,32 +98,31 @@ class HumanMonitor:
         return await entry[0](words[1:])
 
     async def _info_status(self, args: list[str]) -> str:
-        vm = self.machine.vm
+        vm = self.vm
         text = "VM status: " + ("running" if vm.running else "paused")
         if not vm.running and vm.state.value != "paused":
             text += f" ({vm.state.value})"
         return text + "\n"
 
     async def _info_name(self, args: list[str]) -> str:
-        name = self.machine.name
+        name = self.name
         return "" if name is None else f"{name}\n"
 
     async def _info_version(self, args: list[str]) -> str:
-        major, minor, micro = QEMU_VERSION
-        return f"{major}.{minor}.{micro} (qmp-server {__version__})\n"
+        return f"{version_string()} ({PACKAGE})\n"
 
     async def _info_block(self, args: list[str]) -> str:
         # hmp_info_block: without -n the BlockBackends (query-block), with -n the nodes.
         wanted = [a for a in args if not a.startswith("-")]
         if "-n" in args:
             try:
-                nodes = await self.machine.block.query_named_block_nodes(True)
+                nodes = await self.block.query_named_block_nodes(True)
             except QMPError:
                 return ""  # hmp_info_block ignores the error (an ejected node): no lines
             return "\n".join(_block_text(info, info["node-name"], "") for info in nodes
                              if not wanted or info["node-name"] in wanted)
         blocks = []
-        for backend in await self.machine.block.run_light(self.machine.devices.query_block):
+        for backend in await self.block.run_light(self.devices.query_block):
             name = backend["device"]
             if wanted and name not in wanted:
                 continue
@@ -138,13 +140,25 @@ class HumanMonitor:
         return "\n".join(blocks)
 
     async def _qemu_io(self, args: str) -> str:
-        from .qemu_io import HmpArgumentError, split_hmp_qemu_io_args
+        # hmp_qemu_io: a temporary BlockBackend on the node that asks for nothing until
+        # a command needs to write; a write to an inactive or read-only node is refused
+        # before it starts.
+        # qemu-io is imported on first use: most servers never run it (start-up time).
+        from .nodetarget import NodeTarget
+        from .qemu_io import HmpArgumentError, run_qemu_io, split_hmp_qemu_io_args
 
         try:
             qdev, device, command = split_hmp_qemu_io_args(args)
         except HmpArgumentError as err:
             return err.monitor_text
-        return await self.machine.block.qemu_io(device, command, qdev)
+        if qdev:
+            return f"Error: Device '{device}' not found\n"
+        text = await self.block.lend_node(
+            device, "block device 'qemu-io'",
+            lambda graph, edge: run_qemu_io(NodeTarget(graph, edge), command))
+        if text is None:
+            return f"Error: Cannot find device='' nor node-name='{device}'\n"
+        return text
 
 
 def _block_text(info: dict[str, Any], prefix: str, extra: str) -> str:

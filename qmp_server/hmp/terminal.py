@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import trio
 
-from .. import QEMU_VERSION
+from ..version import version_string
 from .monitor import HumanMonitor
 
 PROMPT = b"(qemu) "
@@ -18,8 +18,7 @@ PROMPT = b"(qemu) "
 
 def banner() -> bytes:
     """QEMU's first line on an HMP monitor (monitor_qmp... ``QEMU X.Y.Z monitor``)."""
-    major, minor, micro = QEMU_VERSION
-    return f"QEMU {major}.{minor}.{micro} monitor - type 'help' for more information\r\n".encode()
+    return f"QEMU {version_string()} monitor - type 'help' for more information\r\n".encode()
 
 
 def echo(line: bytes) -> bytes:

@@ -11,14 +11,16 @@ that, then the acknowledgement goes back to the source.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 import trio.testing
 
+from ..errorreport import error_report
 from ..errors import QMPError
 from ..runstate import LIVE_STATES, InvalidTransition, RunState
 from .blockconfig import NodeDescription, compare, describe
+from .core import MigrationCore
 from .source import MigrationError
 from .state import MigrationStatus
 from .stream import (
@@ -34,11 +36,8 @@ from .stream import (
 )
 from .uri import Listening
 
-if TYPE_CHECKING:
-    from .service import MigrationService
 
-
-async def run_incoming(service: MigrationService, listening: Listening) -> None:
+async def run_incoming(service: MigrationCore, listening: Listening) -> None:
     """The background task behind ``-incoming URI`` / ``migrate-incoming``."""
     try:
         stream = await listening.listener.accept()
@@ -82,9 +81,8 @@ def _source_nodes(payload: dict[str, Any]) -> list[NodeDescription]:
         raise StreamError(f"Migration stream corrupt: bad 'C' frame ({err})") from None
 
 
-async def _receive(service: MigrationService, channel: Channel) -> None:
-    machine = service.machine
-    block = machine.block
+async def _receive(service: MigrationCore, channel: Channel) -> None:
+    block = service.block
     # Read first: whatever a foreign peer sent (and why it hung up) is the error to report.
     version = await channel.receive_header()
     await channel.send(encode_header())
@@ -111,17 +109,14 @@ async def _receive(service: MigrationService, channel: Channel) -> None:
         await service.delays.pause("incoming-ack")
         service.incoming.socket_addresses = []
         service.set_incoming_status(MigrationStatus.COMPLETED)
-        vm = machine.vm
+        vm = service.vm
         with trio.move_on_after(5), contextlib.suppress(StreamError):
             await channel.send(encode_frame(FrameKind.ACK, {"runstate": str(vm.state),
                                                             "running": vm.running}))
 
 
-async def _take_over(service: MigrationService, runstate: str, running: bool) -> None:
-    from .service import report
-
-    machine = service.machine
-    vm = machine.vm
+async def _take_over(service: MigrationCore, runstate: str, running: bool) -> None:
+    vm = service.vm
     try:
         source_state: RunState | None = RunState(runstate)
     except ValueError:
@@ -137,13 +132,13 @@ async def _take_over(service: MigrationService, runstate: str, running: bool) ->
         vm.set_state(RunState.PAUSED)
         return
     try:
-        await machine.block.activate_all()
+        await service.block.activate_all()
     except QMPError as err:
         # Not started, nodes left inactive (QEMU: error on stderr, VM paused).
-        report(err.desc)
+        error_report(err.desc)
         service.incoming.error = err.desc
         with contextlib.suppress(QMPError):
-            await machine.block.inactivate_all()
+            await service.block.inactivate_all()
         vm.set_state(RunState.PAUSED)
         return
     if vm.autostart:
@@ -153,9 +148,7 @@ async def _take_over(service: MigrationService, runstate: str, running: bool) ->
         vm.set_state(RunState.PAUSED)
 
 
-async def _fail(service: MigrationService, error: str) -> None:
-    from .service import report
-
+async def _fail(service: MigrationCore, error: str) -> None:
     incoming = service.incoming
     incoming.error = error
     incoming.socket_addresses = []
@@ -163,10 +156,10 @@ async def _fail(service: MigrationService, error: str) -> None:
     if incoming.exit_on_error:
         # QEMU reports the error and exits with status 1; let the clients read the
         # MIGRATION event first.
-        report(f"load of migration failed: {error}")
+        error_report(f"load of migration failed: {error}")
         with trio.CancelScope(shield=True), trio.move_on_after(0.2):
             await trio.testing.wait_all_tasks_blocked()
-        service.machine.request_exit(1)
+        service.vm.request_exit(1)
     else:
         # Stay in inmigrate with the nodes inactive; a new migrate-incoming may try again.
         incoming.started = False

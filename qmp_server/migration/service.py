@@ -7,32 +7,25 @@ long-running halves live in :mod:`.source` (outgoing) and :mod:`.destination`
 
 from __future__ import annotations
 
-import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from ..blockservice import BlockService
 from ..errors import QMPError
-from ..runstate import RunState
-from . import testhook
+from ..runstate import VM, RunState
+from ..schema import Schema
+from .core import MigrationCore
 from .options import CAPABILITIES, MIGRATION_ACTIVE, PARAMETER_DEFAULTS, MigrationOptions
 from .state import RUNNING, Incoming, MigrationStatus, Outgoing
 from .uri import Listening, listen, parse_uri
 
-if TYPE_CHECKING:
-    from ..machine import Machine
 
-
-def report(message: str) -> None:
-    """Print an error on stderr, as QEMU's error_report does."""
-    print(f"qmp-server: {message}", file=sys.stderr, flush=True)
-
-
-def _schema_names(machine: Machine) -> tuple[list[str], list[str]]:
+def schema_names(schema: Schema) -> tuple[list[str], list[str]]:
     """Capability and parameter names from the schema, so introspection and replies agree."""
     try:
-        defs = machine.schema.types_document["$defs"]
+        defs = schema.types_document["$defs"]
         caps = list(defs["MigrationCapability"]["enum"])
         params = [name for name in defs["MigrationParameters"]["properties"] if name in PARAMETER_DEFAULTS]
     except (AttributeError, KeyError, TypeError):
@@ -40,39 +33,15 @@ def _schema_names(machine: Machine) -> tuple[list[str], list[str]]:
     return caps, params
 
 
-class MigrationService:
-    """Outgoing and incoming migration of one machine."""
+class MigrationService(MigrationCore):
+    """Outgoing and incoming migration of one machine: the QMP commands."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-        caps, params = _schema_names(machine)
-        self.options = MigrationOptions(caps, params)
-        self.outgoing = Outgoing()
-        self.incoming = Incoming()
+    def __init__(self, vm: VM, block: BlockService, schema: Schema, incoming_uri: str | None) -> None:
+        caps, params = schema_names(schema)
+        super().__init__(vm, block, MigrationOptions(caps, params))
+        self.incoming_uri = incoming_uri
         self._pending: Listening | None = None
-        try:
-            self.delays = testhook.Delays.from_environment()
-            self._delay_error: str | None = None
-        except ValueError as err:
-            self.delays = testhook.Delays()
-            self._delay_error = str(err)
-
-    # Status changes ----------------------------------------------------------------------
-
-    def _event(self, status: MigrationStatus) -> None:
-        # QEMU's migrate_generate_event: only with the 'events' capability.
-        if self.options.events:
-            self.machine.events.emit("MIGRATION", {"status": str(status)})
-
-    def set_outgoing_status(self, status: MigrationStatus) -> None:
-        """Move the outgoing migration to ``status`` (MIGRATION event if enabled)."""
-        self.outgoing.status = status
-        self._event(status)
-
-    def set_incoming_status(self, status: MigrationStatus) -> None:
-        """Move the incoming migration to ``status`` (MIGRATION event if enabled)."""
-        self.incoming.status = status
-        self._event(status)
+        self._nursery: trio.Nursery | None = None
 
     # Incoming ----------------------------------------------------------------------------
 
@@ -81,9 +50,9 @@ class MigrationService:
 
         Raises QMPError with the message to print (QEMU's ``-incoming URI: error``).
         """
-        if self._delay_error is not None:
-            raise QMPError(self._delay_error)
-        uri = self.machine.config.incoming
+        if self.delay_error is not None:
+            raise QMPError(self.delay_error)
+        uri = self.incoming_uri
         if uri is None or uri == "defer":
             return
         try:
@@ -93,8 +62,10 @@ class MigrationService:
         self._pending = listening
         self._begin_incoming(listening, exit_on_error=True)
 
-    async def start_incoming(self, nursery: trio.Nursery) -> None:
-        """Start listening when ``-incoming`` named a URI (not ``defer``)."""
+    def start(self, nursery: trio.Nursery) -> None:
+        """Serving begins: background work runs in ``nursery``; take the ``-incoming``
+        migration now if it named a URI (not ``defer``)."""
+        self._nursery = nursery
         if self._pending is not None:
             from .destination import run_incoming
 
@@ -108,18 +79,19 @@ class MigrationService:
 
     async def migrate_incoming(self, uri: str | None, exit_on_error: bool) -> None:
         """``migrate-incoming``: listen now, take the migration in the background."""
+        # The two halves are imported when a migration starts (start-up time).
         from .destination import run_incoming
 
         if self.incoming.started:
             raise QMPError("The incoming migration has already been started")
-        if self.machine.vm.state is not RunState.INMIGRATE:
+        if self.vm.state is not RunState.INMIGRATE:
             raise QMPError("'-incoming' was not specified on the command line")
         if uri is None:
             raise QMPError("need either 'uri' or 'channels' argument")
         listening = listen(parse_uri(uri))
         self._begin_incoming(listening, exit_on_error=exit_on_error)
-        nursery = self.machine.nursery
-        assert nursery is not None, "commands run inside the server's nursery"
+        nursery = self._nursery
+        assert nursery is not None, "commands run once serving has begun"
         nursery.start_soon(run_incoming, self, listening)
 
     # Outgoing ----------------------------------------------------------------------------
@@ -135,13 +107,13 @@ class MigrationService:
             raise QMPError("Cannot resume if there is no paused migration")
         if self.outgoing.status in RUNNING:
             raise QMPError(MIGRATION_ACTIVE)
-        state = self.machine.vm.state
+        state = self.vm.state
         if state is RunState.INMIGRATE:
             raise QMPError("Guest is waiting for an incoming migration")
         if state is RunState.POSTMIGRATE:
             raise QMPError("Can't migrate the vm that was paused due to previous migration")
-        nursery = self.machine.nursery
-        assert nursery is not None, "commands run inside the server's nursery"
+        nursery = self._nursery
+        assert nursery is not None, "commands run once serving has begun"
         # Created here so that a migrate_cancel arriving before the task starts still counts.
         scope = trio.CancelScope()
         self.outgoing = Outgoing(started=time.monotonic(), scope=scope)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
+from ..errorreport import error_report
 from ..errors import QMPError
 from ..runstate import InvalidTransition, RunState
 from .blockconfig import describe
+from .core import MigrationCore
 from .state import MigrationStatus, Outgoing
 from .stream import (
     SUPPORTED_VERSIONS,
@@ -33,9 +34,6 @@ from .stream import (
     encode_header,
 )
 from .uri import Address, ConnectError, connect
-
-if TYPE_CHECKING:
-    from .service import MigrationService
 
 
 class MigrationError(Exception):
@@ -52,7 +50,7 @@ class _Progress:
     end_sent: bool = False
 
 
-async def run_outgoing(service: MigrationService, out: Outgoing, address: Address) -> None:
+async def run_outgoing(service: MigrationCore, out: Outgoing, address: Address) -> None:
     """The background task behind ``migrate``; ends in completed, failed or cancelled."""
     progress = _Progress()
     channel: Channel | None = None
@@ -81,11 +79,10 @@ async def run_outgoing(service: MigrationService, out: Outgoing, address: Addres
         await _abort(service, out, channel, progress, error)
 
 
-async def _handover(service: MigrationService, out: Outgoing, channel: Channel,
+async def _handover(service: MigrationCore, out: Outgoing, channel: Channel,
                     progress: _Progress) -> None:
-    machine = service.machine
-    vm = machine.vm
-    block = machine.block
+    vm = service.vm
+    block = service.block
     nodes = await block.run(describe, block.graph)
     await channel.send(encode_header(),
                        encode_frame(FrameKind.CONFIG, {"nodes": [n.to_wire() for n in nodes]}))
@@ -109,7 +106,7 @@ async def _handover(service: MigrationService, out: Outgoing, channel: Channel,
     vm.set_state(RunState.FINISH_MIGRATE)
     progress.stopped = True
     if progress.was_live:
-        machine.events.emit("STOP")
+        service.vm.events.emit("STOP")
     try:
         await block.drain_and_flush_all()
     except QMPError as err:
@@ -121,9 +118,7 @@ async def _handover(service: MigrationService, out: Outgoing, channel: Channel,
     try:
         await block.inactivate_all()
     except QMPError as err:
-        from .service import report
-
-        report(f"migration_block_inactivate: {err.desc}")
+        error_report(f"migration_block_inactivate: {err.desc}")
         raise MigrationError("Block inactivate failed during switchover") from err
     await _pause(service, channel, "inactivated")
 
@@ -141,7 +136,7 @@ async def _handover(service: MigrationService, out: Outgoing, channel: Channel,
     service.set_outgoing_status(MigrationStatus.COMPLETED)
 
 
-async def _pause(service: MigrationService, channel: Channel, phase: str) -> None:
+async def _pause(service: MigrationCore, channel: Channel, phase: str) -> None:
     """The test hook's delay for ``phase``, failing early if the destination goes away."""
     if phase not in service.delays:
         return
@@ -163,12 +158,9 @@ async def _pause(service: MigrationService, channel: Channel, phase: str) -> Non
         raise error
 
 
-async def _abort(service: MigrationService, out: Outgoing, channel: Channel | None,
+async def _abort(service: MigrationCore, out: Outgoing, channel: Channel | None,
                  progress: _Progress, error: str | None) -> None:
-    from .service import report
-
-    machine = service.machine
-    vm = machine.vm
+    vm = service.vm
     cancelled = out.status is MigrationStatus.CANCELLING
     if channel is not None:
         out.bytes_sent = channel.bytes_sent
@@ -186,16 +178,16 @@ async def _abort(service: MigrationService, out: Outgoing, channel: Channel | No
         out.error = error
         service.set_outgoing_status(MigrationStatus.FAILED)
         if error is not None:
-            report(error)
+            error_report(error)
     if progress.stopped:
         try:
-            await machine.block.activate_all()
+            await service.block.activate_all()
         except QMPError as err:
             # The destination may already run on the images: stay stopped (QEMU keeps
             # finish-migrate, where cont is refused) and let the management tool decide.
             note = f"Could not re-activate the block devices: {err.desc}"
             out.error = f"{out.error}; {note}" if out.error else note
-            report(note)
+            error_report(note)
         else:
             if progress.was_live:
                 vm.vm_start()

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from ..errors import QMPError
-from ..server import ListenError, SocketFile, bind_unix_file
+from ..unixsocket import ListenError, SocketFile, bind_unix_file
 
 #: Transports QEMU knows but a process without a guest cannot offer.
 _UNSUPPORTED = ("exec:", "rdma:", "vsock:", "fd:", "file:")
