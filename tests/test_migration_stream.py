@@ -29,7 +29,7 @@ from qmp_server.migration.stream import (
     encode_frame,
     encode_header,
 )
-from qmp_server.migration.uri import InetAddress, UnixAddress, parse_uri
+from qmp_server.migration.uri import ExecAddress, FileAddress, InetAddress, UnixAddress, parse_uri
 from qmp_server.schema import Schema
 
 
@@ -138,6 +138,9 @@ async def test_channel_over_a_memory_stream() -> None:
     ("tcp:localhost:4444,ipv4", InetAddress("localhost", "4444")),
     ("tcp:[::1]:4444", InetAddress("::1", "4444")),
     ("tcp::4444", InetAddress("", "4444")),
+    ("exec:cat > x", ExecAddress("cat > x")),
+    ("file:/a,b", FileAddress("/a,b")),
+    ("file:/a,offset=2M", FileAddress("/a", 2 << 20)),
 ])
 def test_parse_uri(uri: str, address: object) -> None:
     assert parse_uri(uri) == address
@@ -150,7 +153,9 @@ def test_parse_uri(uri: str, address: object) -> None:
     ("tcp:[::1]", "error parsing IPv6 address '[::1]'"),
     ("tcp::", "error parsing port in address ':'"),
     ("bogus:x", "unknown migration protocol: bogus:x"),
-    ("exec:cat", "migration transport 'exec' is not supported by qmp-server (use 'unix:' or 'tcp:')"),
+    ("fd:mig", "migration transport 'fd' is not supported by qmp-server "
+               "(use 'unix:', 'tcp:', 'exec:' or 'file:')"),
+    ("file:x,offset=-1", "file URI has bad offset -1"),
 ])
 def test_parse_uri_errors(uri: str, error: str) -> None:
     with pytest.raises(QMPError) as info:

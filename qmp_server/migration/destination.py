@@ -21,6 +21,7 @@ from ..errors import QMPError
 from ..runstate import LIVE_STATES, InvalidTransition, RunState
 from .blockconfig import NodeDescription, compare, describe
 from .core import MigrationCore
+from .oneway import OneWayError, open_source
 from .source import MigrationError
 from .state import MigrationStatus
 from .stream import (
@@ -34,16 +35,28 @@ from .stream import (
     encode_frame,
     encode_header,
 )
-from .uri import Listening
+from .uri import Listening, OneWayAddress
 
 
-async def run_incoming(service: MigrationCore, listening: Listening) -> None:
-    """The background task behind ``-incoming URI`` / ``migrate-incoming``."""
-    try:
-        stream = await listening.listener.accept()
-    finally:
-        # QEMU takes exactly one connection.
-        listening.close()
+async def run_incoming(service: MigrationCore, origin: Listening | OneWayAddress) -> None:
+    """The background task behind ``-incoming URI`` / ``migrate-incoming``.
+
+    ``origin`` is a listening socket (a live source connects) or an exec:/file: stream
+    (read now; what we would answer goes nowhere, see :mod:`.oneway`).
+    """
+    stream: trio.abc.Stream
+    if isinstance(origin, Listening):
+        try:
+            stream = await origin.listener.accept()
+        finally:
+            # QEMU takes exactly one connection.
+            origin.close()
+    else:
+        try:
+            stream = await open_source(origin)
+        except OneWayError as err:
+            await _fail(service, str(err))
+            return
     service.set_incoming_status(MigrationStatus.ACTIVE)
     channel = Channel(stream)
     try:

@@ -7,6 +7,8 @@ long-running halves live in :mod:`.source` (outgoing) and :mod:`.destination`
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from typing import Any
 
@@ -17,9 +19,19 @@ from ..errors import QMPError
 from ..runstate import VM, RunState
 from ..schema import Schema
 from .core import MigrationCore
+from .oneway import OneWayError, OneWayStream, open_sink
 from .options import CAPABILITIES, MIGRATION_ACTIVE, PARAMETER_DEFAULTS, MigrationOptions
 from .state import RUNNING, Incoming, MigrationStatus, Outgoing
-from .uri import Listening, listen, parse_uri
+from .uri import (
+    Address,
+    ExecAddress,
+    FileAddress,
+    Listening,
+    OneWayAddress,
+    SocketAddress,
+    listen,
+    parse_uri,
+)
 
 
 def schema_names(schema: Schema) -> tuple[list[str], list[str]]:
@@ -40,7 +52,7 @@ class MigrationService(MigrationCore):
         caps, params = schema_names(schema)
         super().__init__(vm, block, MigrationOptions(caps, params))
         self.incoming_uri = incoming_uri
-        self._pending: Listening | None = None
+        self._pending: Listening | OneWayAddress | None = None
         self._nursery: trio.Nursery | None = None
 
     # Incoming ----------------------------------------------------------------------------
@@ -56,11 +68,11 @@ class MigrationService(MigrationCore):
         if uri is None or uri == "defer":
             return
         try:
-            listening = listen(parse_uri(uri))
+            origin = _prepare_incoming(parse_uri(uri))
         except QMPError as err:
             raise QMPError(f"-incoming {uri}: {err.desc}") from err
-        self._pending = listening
-        self._begin_incoming(listening, exit_on_error=True)
+        self._pending = origin
+        self._begin_incoming(origin, exit_on_error=True)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Serving begins: background work runs in ``nursery``; take the ``-incoming``
@@ -69,12 +81,13 @@ class MigrationService(MigrationCore):
         if self._pending is not None:
             from .destination import run_incoming
 
-            listening, self._pending = self._pending, None
-            nursery.start_soon(run_incoming, self, listening)
+            origin, self._pending = self._pending, None
+            nursery.start_soon(run_incoming, self, origin)
 
-    def _begin_incoming(self, listening: Listening, *, exit_on_error: bool) -> None:
+    def _begin_incoming(self, origin: Listening | OneWayAddress, *, exit_on_error: bool) -> None:
+        addresses = [origin.socket_address()] if isinstance(origin, Listening) else []
         self.incoming = Incoming(exit_on_error=exit_on_error, started=True,
-                                 socket_addresses=[listening.socket_address()])
+                                 socket_addresses=addresses)
         self.set_incoming_status(MigrationStatus.SETUP)
 
     async def migrate_incoming(self, uri: str | None, exit_on_error: bool) -> None:
@@ -88,11 +101,11 @@ class MigrationService(MigrationCore):
             raise QMPError("'-incoming' was not specified on the command line")
         if uri is None:
             raise QMPError("need either 'uri' or 'channels' argument")
-        listening = listen(parse_uri(uri))
-        self._begin_incoming(listening, exit_on_error=exit_on_error)
+        origin = _prepare_incoming(parse_uri(uri))
+        self._begin_incoming(origin, exit_on_error=exit_on_error)
         nursery = self._nursery
         assert nursery is not None, "commands run once serving has begun"
-        nursery.start_soon(run_incoming, self, listening)
+        nursery.start_soon(run_incoming, self, origin)
 
     # Outgoing ----------------------------------------------------------------------------
 
@@ -116,9 +129,22 @@ class MigrationService(MigrationCore):
         assert nursery is not None, "commands run once serving has begun"
         # Created here so that a migrate_cancel arriving before the task starts still counts.
         scope = trio.CancelScope()
-        self.outgoing = Outgoing(started=time.monotonic(), scope=scope)
+        self.outgoing = out = Outgoing(started=time.monotonic(), scope=scope)
         self.set_outgoing_status(MigrationStatus.SETUP)
-        nursery.start_soon(run_outgoing, self, self.outgoing, address)
+        target: SocketAddress | OneWayStream
+        if isinstance(address, ExecAddress | FileAddress):
+            # QEMU opens these in qmp_migrate itself: a failure fails the command too
+            # (migrate_fd_error: status failed, the error in query-migrate).
+            try:
+                target = await open_sink(address)
+            except OneWayError as err:
+                out.error = str(err)
+                out.finished_at = time.monotonic()
+                self.set_outgoing_status(MigrationStatus.FAILED)
+                raise QMPError(str(err)) from err
+        else:
+            target = address
+        nursery.start_soon(run_outgoing, self, out, target)
 
     def cancel(self) -> None:
         """``migrate_cancel``: succeeds even when no migration is running."""
@@ -153,3 +179,17 @@ class MigrationService(MigrationCore):
     def query_parameters(self) -> dict[str, Any]:
         """``query-migrate-parameters``."""
         return self.options.query_parameters()
+
+
+def _prepare_incoming(address: Address) -> Listening | OneWayAddress:
+    """Listen on a socket address now; check a file can be read now. Errors reach the
+    command (or the command line) as QEMU's qemu_start_incoming_migration reports them."""
+    if isinstance(address, ExecAddress):
+        return address  # the command starts with the incoming task
+    if isinstance(address, FileAddress):
+        try:
+            os.close(os.open(address.path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as err:
+            raise QMPError(f"Unable to open {address.path}: {os.strerror(err.errno or errno.EIO)}") from err
+        return address
+    return listen(address)

@@ -22,6 +22,7 @@ from ..errors import QMPError
 from ..runstate import InvalidTransition, RunState
 from .blockconfig import describe
 from .core import MigrationCore
+from .oneway import OneWayStream
 from .state import MigrationStatus, Outgoing
 from .stream import (
     SUPPORTED_VERSIONS,
@@ -33,7 +34,7 @@ from .stream import (
     encode_frame,
     encode_header,
 )
-from .uri import Address, ConnectError, connect
+from .uri import ConnectError, SocketAddress, connect
 
 
 class MigrationError(Exception):
@@ -50,7 +51,8 @@ class _Progress:
     end_sent: bool = False
 
 
-async def run_outgoing(service: MigrationCore, out: Outgoing, address: Address) -> None:
+async def run_outgoing(service: MigrationCore, out: Outgoing,
+                       target: SocketAddress | OneWayStream) -> None:
     """The background task behind ``migrate``; ends in completed, failed or cancelled."""
     progress = _Progress()
     channel: Channel | None = None
@@ -59,8 +61,12 @@ async def run_outgoing(service: MigrationCore, out: Outgoing, address: Address) 
     with out.scope:
         try:
             await service.delays.pause("connect")
-            channel = Channel(await connect(address))
-            await _handover(service, out, channel, progress)
+            if isinstance(target, OneWayStream):  # exec:/file:, opened by `migrate`
+                channel = Channel(target)
+                await _handover(service, out, channel, progress, target)
+            else:
+                channel = Channel(await connect(target))
+                await _handover(service, out, channel, progress, None)
         except (ConnectError, MigrationError) as err:
             error = str(err)
         except QMPError as err:
@@ -80,7 +86,9 @@ async def run_outgoing(service: MigrationCore, out: Outgoing, address: Address) 
 
 
 async def _handover(service: MigrationCore, out: Outgoing, channel: Channel,
-                    progress: _Progress) -> None:
+                    progress: _Progress, one_way: OneWayStream | None) -> None:
+    """The whole migration; ``one_way`` is the sink of an exec:/file: stream, on which
+    nobody answers (no header, acceptance or acknowledgement to wait for)."""
     vm = service.vm
     block = service.block
     nodes = await block.run(describe, block.graph)
@@ -90,11 +98,12 @@ async def _handover(service: MigrationCore, out: Outgoing, channel: Channel,
     out.active_at = time.monotonic()
     service.set_outgoing_status(MigrationStatus.ACTIVE)
 
-    version = await channel.receive_header()
-    if version not in SUPPORTED_VERSIONS:
-        raise MigrationError(f"The destination speaks migration stream version {version}, "
-                             f"this server speaks version {VERSION}")
-    await channel.receive(FrameKind.ACCEPT)
+    if one_way is None:
+        version = await channel.receive_header()
+        if version not in SUPPORTED_VERSIONS:
+            raise MigrationError(f"The destination speaks migration stream version {version}, "
+                                 f"this server speaks version {VERSION}")
+        await channel.receive(FrameKind.ACCEPT)
     await _pause(service, channel, "active")
 
     # Switchover: from here on the guest is down (downtime starts).
@@ -128,7 +137,11 @@ async def _handover(service: MigrationCore, out: Outgoing, channel: Channel,
     )
     progress.end_sent = True
     out.bytes_sent = channel.bytes_sent
-    await channel.receive(FrameKind.ACK)
+    if one_way is None:
+        await channel.receive(FrameKind.ACK)
+    else:
+        # QEMU's semantics for a stream nobody answers: complete once it is written.
+        await one_way.finish()
 
     # No checkpoint from here on: once acknowledged, a migrate_cancel cannot undo it.
     out.finished_at = time.monotonic()

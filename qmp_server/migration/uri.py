@@ -1,4 +1,8 @@
-"""Migration URIs (``unix:PATH``, ``tcp:HOST:PORT``): parsing, connecting, listening.
+"""Migration URIs: parsing, connecting, listening.
+
+``unix:PATH`` and ``tcp:HOST:PORT`` carry the two-way stream between a running source
+and a running destination; ``exec:CMD`` and ``file:PATH[,offset=N]`` carry a one-way
+stream that needs no live peer (see :mod:`.oneway`).
 
 Error texts are QEMU's (``migration/migration.c: migrate_uri_parse``,
 ``util/qemu-sockets.c``), so a management tool that matches on them keeps working.
@@ -18,7 +22,7 @@ from ..errors import QMPError
 from ..unixsocket import ListenError, SocketFile, bind_unix_file
 
 #: Transports QEMU knows but a process without a guest cannot offer.
-_UNSUPPORTED = ("exec:", "rdma:", "vsock:", "fd:", "file:")
+_UNSUPPORTED = ("rdma:", "vsock:", "fd:")
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,53 @@ class InetAddress:
         return {"port": self.port, family: True, "host": self.host, "type": "inet"}
 
 
-Address = UnixAddress | InetAddress
+@dataclass(frozen=True)
+class ExecAddress:
+    """``exec:CMD``: the stream goes to the command's stdin (outgoing) or comes from its
+    stdout (incoming); the command runs under ``/bin/sh -c`` as QEMU runs it."""
+
+    command: str
+
+    def __str__(self) -> str:
+        return self.command
+
+
+@dataclass(frozen=True)
+class FileAddress:
+    """``file:PATH[,offset=N]`` (QEMU 8.2+): the stream is written at, or read from,
+    byte ``offset`` of a regular file."""
+
+    path: str
+    offset: int = 0
+
+    def __str__(self) -> str:
+        return self.path
+
+
+Address = UnixAddress | InetAddress | ExecAddress | FileAddress
+SocketAddress = UnixAddress | InetAddress
+OneWayAddress = ExecAddress | FileAddress
+
+
+def _parse_file(spec: str) -> FileAddress:
+    # QEMU's file_parse_offset: the last ",offset=" suffix is a size (k/M/G suffixes too).
+    path, sep, option = spec.rpartition(",offset=")
+    if not sep:
+        return FileAddress(spec)
+    offset = _size(option)
+    if offset is None:
+        raise QMPError(f"file URI has bad offset {option}")
+    return FileAddress(path, offset)
+
+
+def _size(text: str) -> int | None:
+    # qemu_strtosz's common forms: a decimal number with an optional binary suffix.
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    digits = text.rstrip("bBkKmMgGtT")
+    suffix = text[len(digits):].lower()
+    if not digits.isdigit() or suffix not in units:
+        return None
+    return int(digits) * units[suffix]
 
 
 class ConnectError(Exception):
@@ -86,14 +136,18 @@ def parse_uri(uri: str) -> Address:
         return UnixAddress(path)
     if uri.startswith("tcp:"):
         return _parse_inet(uri[len("tcp:"):])
+    if uri.startswith("exec:"):
+        return ExecAddress(uri[len("exec:"):])
+    if uri.startswith("file:"):
+        return _parse_file(uri[len("file:"):])
     for prefix in _UNSUPPORTED:
         if uri.startswith(prefix):
             raise QMPError(f"migration transport '{prefix[:-1]}' is not supported by qmp-server "
-                           "(use 'unix:' or 'tcp:')")
+                           "(use 'unix:', 'tcp:', 'exec:' or 'file:')")
     raise QMPError(f"unknown migration protocol: {uri}")
 
 
-async def connect(address: Address) -> trio.SocketStream:
+async def connect(address: SocketAddress) -> trio.SocketStream:
     """Connect to a listening destination; raise ConnectError with QEMU's text."""
     if isinstance(address, UnixAddress):
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,7 +184,7 @@ class Listening:
     """A bound listening socket for an incoming migration."""
 
     listener: trio.SocketListener
-    address: Address
+    address: SocketAddress
     #: The UNIX socket file we created (removed again once we stop listening, and only if
     #: it is still the one we bound: someone may have put another socket in its place).
     socket_file: SocketFile | None = None
@@ -150,7 +204,7 @@ class Listening:
             self.socket_file = None
 
 
-def listen(address: Address) -> Listening:
+def listen(address: SocketAddress) -> Listening:
     """Bind and listen now, so that errors reach the command (or the command line)."""
     if isinstance(address, UnixAddress):
         try:

@@ -1,0 +1,184 @@
+"""One-way migration streams: ``exec:CMD`` and ``file:PATH[,offset=N]``.
+
+QEMU migrates into a command or a file as well as to a listening destination, and the
+destination may load such a stream much later (QEMU's iotests migrate to
+``exec:cat > FIFO`` or a file and start the destination afterwards). Nobody answers on
+such a stream. The same frames travel (see :mod:`.stream`), but the source does not wait
+for the destination's header, acceptance and acknowledgement: it completes once the
+stream is written and its sink closed. The destination reads the stream whenever it
+starts; what it would send back goes nowhere.
+
+:class:`OneWayStream` adapts one direction to the two-way ``trio.abc.Stream`` that
+:class:`.stream.Channel` speaks over, so the two halves keep one code path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import trio
+
+from .uri import ExecAddress, FileAddress, OneWayAddress
+
+#: How long a command that took the outgoing stream may take to exit once its stdin is
+#: closed (``cat > FILE`` writing its last bytes); then it gets QEMU's SIGTERM and
+#: SIGKILL (qio_channel_command_abort).
+EXEC_EXIT_WAIT = 2.0
+_CHUNK = 65536
+
+
+class OneWayError(Exception):
+    """Opening a one-way stream failed; the message is QEMU's error-desc for it."""
+
+
+class _FileSink(trio.abc.SendStream):
+    """Writes to a regular file in a worker thread (regular files never block in poll)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.to_thread.run_sync(_write_all, self.fd, bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+        await trio.lowlevel.checkpoint()
+
+
+class _FileSource(trio.abc.ReceiveStream):
+    """Reads a regular file in a worker thread."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await trio.to_thread.run_sync(os.read, self.fd, max_bytes or _CHUNK)
+
+    async def aclose(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+        await trio.lowlevel.checkpoint()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class OneWayStream(trio.abc.Stream):
+    """One direction of a migration stream, seen as a two-way stream.
+
+    With a ``sink`` (the source's side) nothing ever arrives: receiving waits forever.
+    With a ``source`` (the destination's side) sending discards the bytes.
+    """
+
+    def __init__(self, *, sink: trio.abc.SendStream | None = None,
+                 source: trio.abc.ReceiveStream | None = None,
+                 process: trio.Process | None = None) -> None:
+        self.sink = sink
+        self.source = source
+        self.process = process
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write to the sink; without one, the bytes go nowhere."""
+        if self.sink is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.sink.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """As the sink says."""
+        if self.sink is not None:
+            await self.sink.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Read from the source; without one, wait forever (no peer ever answers)."""
+        if self.source is None:
+            await trio.sleep_forever()
+        assert self.source is not None
+        return bytes(await self.source.receive_some(max_bytes))
+
+    async def finish(self) -> None:
+        """The source's end of the stream: close the sink so that the reader sees the
+        end, and let a command write out what it has (bounded)."""
+        if self.sink is not None:
+            await self.sink.aclose()
+        if self.process is not None:
+            with trio.move_on_after(EXEC_EXIT_WAIT):
+                await self.process.wait()
+
+    async def aclose(self) -> None:
+        """Close both directions; a command still running gets SIGTERM, then SIGKILL."""
+        for half in (self.sink, self.source):
+            if half is not None:
+                await trio.aclose_forcefully(half)
+        process = self.process
+        if process is not None and process.returncode is None:
+            with trio.CancelScope(shield=True):
+                for signal_sent in (process.terminate, process.kill):
+                    if process.returncode is not None:
+                        break
+                    signal_sent()
+                    with trio.move_on_after(0.01):
+                        await process.wait()
+
+
+async def _spawn(command: str, *, outgoing: bool) -> trio.Process:
+    # QEMU's exec_start_outgoing/incoming_migration: argv {"/bin/sh", "-c", command}; the
+    # stream goes to its stdin (outgoing) or comes from its stdout (incoming).
+    argv = ["/bin/sh", "-c", command]
+    try:
+        if outgoing:
+            return await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE)
+        return await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
+    except OSError as err:
+        raise OneWayError(f"Failed to execute child process: {_strerror(err)}") from err
+
+
+def _open_at(address: FileAddress, flags: int, truncate: bool) -> int:
+    # qio_channel_file_new_path's text for any failure; the stream starts at the offset
+    # (file_start_outgoing_migration also cuts off what the file held past it).
+    try:
+        fd = os.open(address.path, flags | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise OneWayError(f"Unable to open {address.path}: {_strerror(err)}") from err
+    try:
+        if truncate:
+            os.ftruncate(fd, address.offset)
+        os.lseek(fd, address.offset, os.SEEK_SET)
+    except OSError as err:
+        os.close(fd)
+        raise OneWayError(f"Unable to open {address.path}: {_strerror(err)}") from err
+    return fd
+
+
+def _strerror(err: OSError) -> str:
+    return os.strerror(err.errno or errno.EIO)
+
+
+async def open_sink(address: OneWayAddress) -> OneWayStream:
+    """The outgoing stream into a command's stdin or a file (QEMU's error texts)."""
+    if isinstance(address, ExecAddress):
+        process = await _spawn(address.command, outgoing=True)
+        assert process.stdin is not None
+        return OneWayStream(sink=process.stdin, process=process)
+    return OneWayStream(sink=_FileSink(_open_at(address, os.O_CREAT | os.O_WRONLY, True)))
+
+
+async def open_source(address: OneWayAddress) -> OneWayStream:
+    """The incoming stream from a command's stdout or a file (QEMU's error texts)."""
+    if isinstance(address, ExecAddress):
+        process = await _spawn(address.command, outgoing=False)
+        assert process.stdout is not None
+        return OneWayStream(source=process.stdout, process=process)
+    return OneWayStream(source=_FileSource(_open_at(address, os.O_RDONLY, False)))
