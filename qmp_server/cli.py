@@ -99,6 +99,8 @@ class Options:
     #: ``-device`` and ``-drive`` arguments as typed (keyval, or JSON for -device), in order.
     devices: list[str] = field(default_factory=list)
     drives: list[str] = field(default_factory=list)
+    #: ``-smp`` as typed (resolved against the machine type: machinemodel.cpu_topology).
+    smp: str | None = None
     #: ``-object`` arguments as typed.
     objects: list[str] = field(default_factory=list)
     daemonize: bool = False
@@ -333,6 +335,8 @@ def _apply(options: Options, chardevs: Chardevs, name: str, option: str, value: 
         options.devices.append(value)
     elif name == "drive":
         options.drives.append(value)
+    elif name == "smp":
+        options.smp = value
     elif name == "object":
         options.objects.append(value)
     elif name == "qtest":

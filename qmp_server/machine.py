@@ -31,6 +31,8 @@ class MachineConfig:
     #: ``-no-shutdown``: a guest power-off stops the VM (run state ``shutdown``) instead
     #: of ending the process.
     no_shutdown: bool = False
+    #: ``-smp`` as typed: the vCPUs query-cpus-fast lists (machinemodel.cpu_topology).
+    smp: str | None = None
     #: The character devices (-chardev, and one per -qmp/-monitor), in command-line order:
     #: (label, query-chardev filename while connected, QOM type).
     chardevs: list[tuple[str, str, str]] = field(default_factory=list)

@@ -418,7 +418,13 @@ OBJECT_PROPERTIES: dict[str, list[dict[str, Any]]] = {
     {"name": "file", "type": "string"},
     {"name": "data", "type": "string"},
 ],
-    "throttle-group": [{"name": "type", "type": "string"}, {"name": "limits", "type": "ThrottleLimits"}],
+    "throttle-group": [{"name": "type", "type": "string"}, *(
+        {"name": name, "type": "ThrottleLimits" if name == "limits" else "int"} for name in (
+            "x-bps-write-max-length", "x-iops-total-max-length", "x-iops-size", "limits", "x-bps-total",
+            "x-iops-read-max-length", "x-bps-write", "x-iops-write-max-length", "x-bps-read-max",
+            "x-iops-read-max", "x-bps-total-max", "x-bps-read-max-length", "x-iops-read", "x-bps-read",
+            "x-bps-write-max", "x-iops-total-max", "x-iops-total", "x-iops-write", "x-bps-total-max-length",
+            "x-iops-write-max"))],
 }
 
 #: ``-machine help`` descriptions (QEMU's MachineClass desc).
@@ -443,3 +449,143 @@ DEVICE_HELP: dict[str, str] = {
 
 #: The block drivers (``-drive format=help``), as blocklayer's graph registers them.
 FORMATS: tuple[str, ...] = ("file", "null-co", "qcow2", "raw")
+
+
+# query-command-line-options: QEMU 7.2's option groups (QemuOptsList) for the options the
+# command line accepts, in QEMU's order, with their parameters' names and types (QEMU's
+# help texts left out). -machine lists only the properties it accepts here. Options we
+# refuse (-spice, -vnc, -netdev, -fsdev, ...) are absent, so a client does not plan to use them.
+COMMAND_LINE_OPTIONS: dict[str, list[tuple[str, str]]] = {
+    "machine": [("suppress-vmdesc", "boolean"), ("usb", "boolean"), ("mem-merge", "boolean"),
+                ("dump-guest-core", "boolean"), ("accel", "string"), ("type", "string")],
+    "sandbox": [("resourcecontrol", "string"), ("spawn", "string"), ("elevateprivileges", "string"),
+        ("obsolete", "string"), ("enable", "boolean")],
+    "name": [("debug-threads", "boolean"), ("process", "string"), ("guest", "string")],
+    "msg": [("guest-name", "boolean"), ("timestamp", "boolean")],
+    "overcommit": [("cpu-pm", "boolean"), ("mem-lock", "boolean")],
+    "object": [],
+    "boot-opts": [("strict", "boolean"), ("reboot-timeout", "number"), ("splash-time", "number"),
+        ("splash", "string"), ("menu", "boolean"), ("once", "string"), ("order", "string")],
+    "smp-opts": [("maxcpus", "number"), ("threads", "number"), ("cores", "number"), ("clusters", "number"),
+        ("dies", "number"), ("sockets", "number"), ("cpus", "number")],
+    "memory": [("maxmem", "size"), ("slots", "number"), ("size", "size")],
+    "accel": [],
+    "mon": [("pretty", "boolean"), ("chardev", "string"), ("mode", "string")],
+    "global": [("value", "string"), ("property", "string"), ("driver", "string")],
+    "rtc": [("driftfix", "string"), ("clock", "string"), ("base", "string")],
+    "device": [],
+    "chardev": [("abstract", "boolean"), ("tight", "boolean"), ("clipboard", "boolean"),
+        ("mouse", "boolean"), ("logappend", "boolean"), ("logfile", "string"), ("append", "boolean"),
+        ("chardev", "string"), ("size", "size"), ("debug", "number"), ("name", "string"),
+        ("signal", "boolean"), ("mux", "boolean"), ("rows", "number"), ("cols", "number"),
+        ("height", "number"), ("width", "number"), ("websocket", "boolean"), ("tls-authz", "string"),
+        ("tls-creds", "string"), ("tn3270", "boolean"), ("telnet", "boolean"), ("reconnect", "number"),
+        ("nodelay", "boolean"), ("delay", "boolean"), ("server", "boolean"), ("wait", "boolean"),
+        ("ipv6", "boolean"), ("ipv4", "boolean"), ("to", "number"), ("localport", "string"),
+        ("localaddr", "string"), ("fd", "string"), ("port", "string"), ("host", "string"),
+        ("path", "string"), ("backend", "string")],
+    "drive": [("copy-on-read", "boolean"), ("werror", "string"), ("rerror", "string"),
+        ("read-only", "boolean"), ("file", "string"), ("if", "string"), ("media", "string"),
+        ("index", "number"), ("unit", "number"), ("bus", "number"), ("stats-account-failed", "boolean"),
+        ("stats-account-invalid", "boolean"), ("detect-zeroes", "string"), ("throttling.group", "string"),
+        ("throttling.iops-size", "number"), ("throttling.bps-write-max-length", "number"),
+        ("throttling.bps-read-max-length", "number"), ("throttling.bps-total-max-length", "number"),
+        ("throttling.iops-write-max-length", "number"), ("throttling.iops-read-max-length", "number"),
+        ("throttling.iops-total-max-length", "number"), ("throttling.bps-write-max", "number"),
+        ("throttling.bps-read-max", "number"), ("throttling.bps-total-max", "number"),
+        ("throttling.iops-write-max", "number"), ("throttling.iops-read-max", "number"),
+        ("throttling.iops-total-max", "number"), ("throttling.bps-write", "number"),
+        ("throttling.bps-read", "number"), ("throttling.bps-total", "number"),
+        ("throttling.iops-write", "number"), ("throttling.iops-read", "number"),
+        ("throttling.iops-total", "number"), ("werror", "string"), ("format", "string"),
+        ("cache.writeback", "boolean"), ("aio", "string"), ("snapshot", "boolean"),
+        ("force-share", "boolean"), ("discard", "string"), ("auto-read-only", "boolean"),
+        ("cache.no-flush", "boolean"), ("cache.direct", "boolean"), ("driver", "string"),
+        ("node-name", "string")],
+}
+
+
+# ---------------------------------------------------------------- vCPUs
+# No vCPU runs, but a machine has them: libvirt checks that query-cpus-fast lists as many
+# as the domain has (it refuses to start the domain otherwise) and matches them with
+# query-hotpluggable-cpus by QOM path.
+
+#: The QOM type of the vCPUs of the PC machines (their default CPU model).
+VCPU_TYPE = "qemu64-x86_64-cpu"
+
+_SMP_KEYS = ("cpus", "sockets", "dies", "clusters", "cores", "threads", "maxcpus")
+
+
+@dataclass(frozen=True)
+class CpuTopology:
+    """``-smp`` as QEMU 7.2's machine_parse_smp_config resolves it."""
+
+    cpus: int = 1
+    max_cpus: int = 1
+    sockets: int = 1
+    dies: int = 1
+    cores: int = 1
+    threads: int = 1
+
+    def props(self, index: int) -> dict[str, int]:
+        """CpuInstanceProperties of vCPU ``index`` (x86's topology IDs), in QEMU's order."""
+        props = {"core-id": index // self.threads % self.cores, "thread-id": index % self.threads}
+        if self.dies > 1:
+            props["die-id"] = index // (self.threads * self.cores) % self.dies
+        props["socket-id"] = index // (self.threads * self.cores * self.dies)
+        return props
+
+    @staticmethod
+    def qom_path(index: int) -> str:
+        """Where vCPU ``index`` lives: QEMU creates one object between the first two."""
+        return f"/machine/unattached/device[{index if index == 0 else index + 1}]"
+
+
+def cpu_topology(smp: str | None, machine: MachineType) -> CpuTopology:
+    """Resolve ``-smp`` for ``machine``; ValueError with QEMU's text when it is invalid.
+
+    Missing counts are derived as QEMU 7.2 derives them: machine types from 6.2 on prefer
+    cores over sockets. The machine ``none`` has no vCPU at all.
+    """
+    if machine.name == NONE_MACHINE:
+        return CpuTopology(cpus=0, max_cpus=0)
+    given = dict.fromkeys(_SMP_KEYS, 0)
+    for index, item in enumerate(filter(None, (smp or "").split(","))):
+        key, has_value, text = item.partition("=")
+        if not has_value:
+            if index > 0:
+                raise ValueError(f"Parameter 'smp.{item}' is unexpected")
+            key, text = "cpus", item
+        if key not in given:
+            raise ValueError(f"Parameter 'smp.{key}' is unexpected")
+        try:
+            given[key] = int(text, 0)
+        except ValueError:
+            raise ValueError(f"Parameter 'smp.{key}' expects integer") from None
+    cpus, max_cpus = given["cpus"], given["maxcpus"]
+    sockets, dies, clusters, cores, threads = (given[key] for key in _SMP_KEYS[1:6])
+    dies, clusters, threads = dies or 1, clusters or 1, threads or 1
+    if cpus == 0 and max_cpus == 0:
+        sockets, cores = sockets or 1, cores or 1
+    else:
+        max_cpus = max_cpus or cpus
+        if _version_key(machine.name.rpartition("-")[2]) < (6, 2):
+            cores = cores or 1
+            sockets = sockets or max_cpus // (dies * clusters * cores * threads)
+        else:
+            sockets = sockets or 1
+            cores = cores or max_cpus // (sockets * dies * clusters * threads)
+    total = sockets * dies * clusters * cores * threads
+    max_cpus = max_cpus or total
+    cpus = cpus or max_cpus
+    shape = f"sockets ({sockets}) * dies ({dies}) * cores ({cores}) * threads ({threads})"
+    if total != max_cpus:
+        raise ValueError(f"Invalid CPU topology: product of the hierarchy must match maxcpus: "
+                         f"{shape} != maxcpus ({max_cpus})")
+    if max_cpus < cpus:
+        raise ValueError(f"Invalid CPU topology: maxcpus must be equal to or greater than smp: "
+                         f"{shape} == maxcpus ({max_cpus}) < smp_cpus ({cpus})")
+    if cpus > machine.cpu_max:
+        raise ValueError(f"Invalid SMP CPUs {cpus}. The max CPUs supported by machine "
+                         f"'{machine.name}' is {machine.cpu_max}")
+    return CpuTopology(cpus, max_cpus, sockets, dies, cores, threads)

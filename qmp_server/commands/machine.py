@@ -7,6 +7,7 @@ type chosen, the UUID, the monitors) come from the MachineConfig.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from .. import machinemodel as model
@@ -60,19 +61,37 @@ def query_machines(machine: Machine) -> list[dict[str, Any]]:
     return [entry.info() for entry in model.MACHINE_TYPES.values()]
 
 
+def _topology(machine: Machine) -> model.CpuTopology:
+    # Checked at start-up (app.py), so it resolves here.
+    return model.cpu_topology(machine.config.smp, _machine_type(machine))
+
+
 @table.query("query-cpus-fast")
 def query_cpus_fast(machine: Machine) -> list[dict[str, Any]]:
-    """No guest, no vCPUs: the empty list QEMU gives for ``-machine none``."""
-    return []
+    """The vCPUs ``-smp`` gives the machine (none on ``-machine none``).
+
+    No guest code runs: each vCPU's thread is the main thread (the process id).
+    """
+    topology = _topology(machine)
+    return [{"thread-id": os.getpid(), "props": topology.props(index), "qom-path": topology.qom_path(index),
+             "cpu-index": index, "target": model.TARGET_ARCH} for index in range(topology.cpus)]
 
 
 @table.command("query-hotpluggable-cpus")
 async def query_hotpluggable_cpus(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
-    """The CPU slots of the machine: none exist, since no vCPU is modelled."""
+    """The CPU slots up to ``maxcpus``, newest first as QEMU lists them; present ones have a path."""
     if not _machine_type(ctx.machine).hotpluggable_cpus:
         # qmp_query_hotpluggable_cpus for a machine without possible_cpu_arch_ids.
         raise QMPError("The feature 'query-hotpluggable-cpus' is not enabled")
-    return []
+    topology = _topology(ctx.machine)
+    slots: list[dict[str, Any]] = []
+    for index in reversed(range(topology.max_cpus)):
+        slot: dict[str, Any] = {"props": topology.props(index), "vcpus-count": 1}
+        if index < topology.cpus:
+            slot["qom-path"] = topology.qom_path(index)
+        slot["type"] = model.VCPU_TYPE
+        slots.append(slot)
+    return slots
 
 
 @table.query("query-iothreads")
@@ -223,6 +242,11 @@ def _tree(machine: Machine) -> dict[str, tuple[str, dict[str, str]]]:
     }
     for label, _, kind in machine.config.chardevs:
         tree[f"/chardevs/{label}"] = (kind, {})
+    topology = _topology(machine)
+    for index in range(topology.cpus):
+        path = topology.qom_path(index)
+        tree["/machine/unattached"][1][path.rpartition("/")[2]] = model.VCPU_TYPE
+        tree[path] = (model.VCPU_TYPE, {})
     for obj in machine.objects:
         tree["/objects"][1][obj.id] = obj.qom_type
         tree[f"/objects/{obj.id}"] = (obj.qom_type, {})
