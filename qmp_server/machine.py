@@ -56,7 +56,7 @@ class Machine:
         self.objects = Objects()
         self.vm.state_listeners.append(self.devices.vm_state_changed)
         self.migration = MigrationService(self.vm, self.block, self.schema, config.incoming)
-        self.hmp = HumanMonitor(self.vm, self.block, self.devices, config.name)
+        self.hmp = HumanMonitor(self.vm, self.block, self.devices, self.migration, config.name)
         self.nursery: trio.Nursery | None = None
 
     @property

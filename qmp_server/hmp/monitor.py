@@ -13,8 +13,10 @@ from typing import Any
 from ..blockservice import BlockService
 from ..devices import Devices
 from ..errors import QMPError
+from ..migration.service import MigrationService
 from ..runstate import VM
 from ..version import PACKAGE, version_string
+from .migration import MigrationCommands
 
 HmpHandler = Callable[[str], Awaitable[str]]
 
@@ -26,11 +28,13 @@ def _crlf(text: str) -> str:
 class HumanMonitor:
     """Dispatches HMP command lines."""
 
-    def __init__(self, vm: VM, block: BlockService, devices: Devices, name: str | None) -> None:
+    def __init__(self, vm: VM, block: BlockService, devices: Devices, migration: MigrationService,
+                 name: str | None) -> None:
         self.vm = vm
         self.block = block
         self.devices = devices
         self.name = name
+        mig = MigrationCommands(migration)
         self.commands: dict[str, tuple[HmpHandler, str]] = {
             "help": (self._help, "help|? [cmd] -- show the help"),
             "?": (self._help, ""),
@@ -44,6 +48,17 @@ class HumanMonitor:
             "s": (self._stop, ""),
             "quit": (self._quit, "quit|q  -- quit the emulator"),
             "q": (self._quit, ""),
+            "migrate": (mig.migrate, "migrate [-d] uri -- migrate to URI (using -d to not wait "
+                                     "for completion)"),
+            "migrate_cancel": (mig.migrate_cancel, "migrate_cancel  -- cancel the current VM "
+                                                   "migration"),
+            "migrate_incoming": (mig.migrate_incoming, "migrate_incoming uri -- Continue an incoming "
+                                                       "migration from an -incoming defer"),
+            "migrate_set_capability": (mig.set_capability, "migrate_set_capability capability state "
+                                                           "-- Enable/Disable the usage of a capability "
+                                                           "for migration"),
+            "migrate_set_parameter": (mig.set_parameter, "migrate_set_parameter parameter value -- "
+                                                         "Set the parameter for migration"),
         }
         self.info_commands: dict[str, tuple[Callable[[list[str]], Awaitable[str]], str]] = {
             "status": (self._info_status, "info status  -- show the current VM status (running|paused)"),
@@ -52,6 +67,10 @@ class HumanMonitor:
             "block": (self._info_block,
                       "info block [-n] [-v] [device] -- show info of one block device or all "
                       "block devices (-n: show named nodes; -v: show details)"),
+            "migrate": (mig.info_migrate, "info migrate [-a] -- show migration status (-a: all "
+                                          "details)"),
+            "migrate_capabilities": (mig.info_capabilities, "info migrate_capabilities  -- show "
+                                                            "current migration capabilities"),
         }
 
     async def execute(self, line: str) -> str:

@@ -31,6 +31,7 @@ from typing import Protocol
 
 from blocklayer.errors import BlockError
 
+from .args import HmpArgumentError, hmp_string, skip_space
 from .sizes import C_SPACE, SizeError, c_float, cvtnum, cvtnum_error_message, format_size
 
 __all__ = [
@@ -773,78 +774,6 @@ def run_qemu_io(
     return execute_qemu_io(target, command_line, clock).text
 
 
-# ---------------------------------------------------------------------------------------
-# HMP argument parsing
-
-_HMP_STRING_LIMIT = 1023  # HMP parses each argument into a 1024-byte C buffer
-_TRY_HELP = 'Try "help qemu-io" for more information\n'
-_HMP_ESCAPES = {"n": "\n", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
-
-
-class HmpArgumentError(ValueError):
-    """HMP rejected the arguments of ``qemu-io``.
-
-    ``str(error)`` is QEMU's first monitor line, e.g. "qemu-io: string expected".
-    :attr:`monitor_text` is the complete HMP response text (QEMU adds a "Try help" line),
-    :attr:`stdout` what QEMU 7.2 printed to its own stdout while parsing (e.g.
-    "unterminated string").
-    """
-
-    def __init__(self, message: str, stdout: str = "", *, newline: bool = True) -> None:
-        super().__init__(message)
-        self.message = message
-        self.stdout = stdout
-        self._newline = newline
-
-    @property
-    def monitor_text(self) -> str:
-        """The HMP response text, with "\\n" line ends."""
-        return self.message + ("\n" if self._newline else "") + _TRY_HELP
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in C_SPACE:
-        pos += 1
-    return pos
-
-
-def _hmp_string(text: str, pos: int, stdout: list[str]) -> tuple[str, int] | None:
-    """HMP's ``get_str``: one word or "quoted string"; None if there is none."""
-    pos = _skip_space(text, pos)
-    if pos >= len(text):
-        return None
-    chars: list[str] = []
-    if text[pos] == '"':
-        pos += 1
-        while pos < len(text) and text[pos] != '"':
-            if text[pos] == "\\":
-                # A backslash at the very end escapes the C string's terminating NUL.
-                escaped = text[pos + 1] if pos + 1 < len(text) else "\0"
-                pos += 2
-                if escaped in _HMP_ESCAPES:
-                    chars.append(_HMP_ESCAPES[escaped])
-                else:
-                    stdout.append(f"unsupported escape code: '\\{escaped}'\n")
-                    return None
-            else:
-                chars.append(text[pos])
-                pos += 1
-        if pos >= len(text):
-            stdout.append("unterminated string\n")
-            return None
-        pos += 1
-    else:
-        while pos < len(text) and text[pos] not in C_SPACE:
-            chars.append(text[pos])
-            pos += 1
-    value = "".join(chars)
-    encoded = value.encode("utf-8", "surrogatepass")
-    if len(encoded) > _HMP_STRING_LIMIT:
-        # The C buffer keeps whole bytes; a character cut in half is dropped.
-        value = encoded[:_HMP_STRING_LIMIT].decode("utf-8", "ignore")
-    return value, pos
-
-
 def split_hmp_qemu_io_args(args: str) -> tuple[bool, str, str]:
     """Parse the arguments of HMP ``qemu-io`` (``[-d] device "command"``) as QEMU does.
 
@@ -857,23 +786,24 @@ def split_hmp_qemu_io_args(args: str) -> tuple[bool, str, str]:
     args = args.split("\0", 1)[0]
     stdout: list[str] = []
     qdev = False
-    pos = _skip_space(args, 0)
+    pos = skip_space(args, 0)
     if pos < len(args) and args[pos] == "-":
         letter = args[pos + 1 : pos + 2]
         if letter != "d":
             # QEMU prints the letter with %c; at the end of the line that is the NUL, which
             # also ends the monitor's C string, newline included.
-            raise HmpArgumentError(f"qemu-io: unsupported option -{letter}", newline=bool(letter))
+            raise HmpArgumentError(f"qemu-io: unsupported option -{letter}", "qemu-io",
+                                   newline=bool(letter))
         qdev = True
         pos += 2
-    parsed = _hmp_string(args, pos, stdout)
+    parsed = hmp_string(args, pos, stdout)
     if parsed is None:
-        raise HmpArgumentError("qemu-io: block device name expected", "".join(stdout))
+        raise HmpArgumentError("qemu-io: block device name expected", "qemu-io", "".join(stdout))
     device, pos = parsed
-    parsed = _hmp_string(args, pos, stdout)
+    parsed = hmp_string(args, pos, stdout)
     if parsed is None:
-        raise HmpArgumentError("qemu-io: string expected", "".join(stdout))
+        raise HmpArgumentError("qemu-io: string expected", "qemu-io", "".join(stdout))
     command, pos = parsed
-    if _skip_space(args, pos) < len(args):
-        raise HmpArgumentError("qemu-io: extraneous characters at the end of line")
+    if skip_space(args, pos) < len(args):
+        raise HmpArgumentError("qemu-io: extraneous characters at the end of line", "qemu-io")
     return qdev, device, command

@@ -1,0 +1,136 @@
+"""HMP's migration commands (issue 11 §4), against QEMU where its text did not change.
+
+QEMU 7.2 answers the argument and error texts as 10.1 does; ``info migrate`` was
+rewritten in 10.1 (``Status:``/``Time (ms):`` lines), which we follow, so its text is
+checked against 10.1's layout and its content against QMP's ``query-migrate``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from migration_support import Server, blockdev, qemu_img_create, start_server
+from qemu_tools import require
+
+from qmp_server.hmp.migration import size_to_str
+
+SAME_AS_QEMU = [
+    "migrate_set_capability bogus on",
+    "migrate_set_capability events maybe",
+    "migrate_set_capability events",
+    "migrate_set_capability events on",
+    "migrate_set_parameter bogus 1",
+    "migrate_set_parameter downtime-limit abc",
+    "migrate_set_parameter downtime-limit 300",
+    "migrate_set_parameter max-bandwidth 4k",
+    "migrate_set_parameter max_bandwidth 4k",
+    "migrate_set_parameter multifd-channels 0",
+    "migrate_incoming unix:/nonexistent/x",
+    "migrate",
+    "migrate -x unix:/x",
+    "migrate unix:/x extra",
+    "migrate_cancel",
+]
+
+
+def test_argument_and_error_texts_match_qemu(tmp_path: Path) -> None:
+    require("qemu-system-x86_64")
+    ours = start_server([], tmp_path, "ours")
+    qemu = start_server([], tmp_path, "qemu", qemu=True)
+    try:
+        for line in SAME_AS_QEMU:
+            assert ours.hmp(line) == qemu.hmp(line), line
+        for name in ("downtime-limit", "max-bandwidth"):
+            assert (ours.cmd("query-migrate-parameters")[name]
+                    == qemu.cmd("query-migrate-parameters")[name] == {"downtime-limit": 300,
+                                                                      "max-bandwidth": 4096}[name])
+        events = {c["capability"]: c["state"] for c in ours.cmd("query-migrate-capabilities")}
+        assert events["events"] is True
+    finally:
+        ours.close()
+        qemu.close()
+
+
+def _poll(server: Server, line: str, wanted: str, timeout: float = 20.0) -> str:
+    # iotests' _send_qemu_cmd with qemu_cmd_repeat: ask again until the text shows up.
+    deadline = time.monotonic() + timeout
+    while wanted not in (text := server.hmp(line)):
+        assert time.monotonic() < deadline, f"{line!r} never showed {wanted!r}: {text!r}"
+        time.sleep(0.05)
+    return text
+
+
+def test_iotest_091_flow_over_hmp(tmp_path: Path) -> None:
+    # 091: the destination reads a FIFO from its start; the source migrates into it over
+    # HMP and polls `info migrate` for "completed"; the destination then runs.
+    image = tmp_path / "disk.qcow2"
+    qemu_img_create(image)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    src = start_server(blockdev(image), tmp_path, "src")
+    dst = start_server([*blockdev(image), "-incoming", f"exec: cat '{fifo}'"], tmp_path, "dst")
+    try:
+        assert src.hmp('qemu-io disk0 "write -P 0x42 0 64k"').startswith("wrote 65536/65536")
+        assert src.hmp(f'migrate "exec: cat > \'{fifo}\'"') == ""
+        text = _poll(src, "info migrate", "completed")
+        info = src.cmd("query-migrate")
+        assert text.startswith("Status: \t\tcompleted\r\nTime (ms): \t\t"
+                               f"total={info['total-time']}, setup={info['setup-time']}, "
+                               f"down={info['downtime']}\r\nRAM info:\r\n")
+        assert "  Sizes: \t\tpagesize=4 KiB, total=0 B\r\n" in text
+        assert _poll(dst, "info status", "running") == "VM status: running\r\n"
+        assert "read 65536/65536" in dst.hmp('qemu-io disk0 "read -P 0x42 0 64k"')
+        assert src.hmp("info status") == "VM status: paused (postmigrate)\r\n"
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_migrate_without_d_returns_when_it_is_over(tmp_path: Path) -> None:
+    src = start_server([], tmp_path, "src")
+    try:
+        assert src.hmp(f"migrate exec:cat>{shlex.quote(str(tmp_path / 's'))}") == ""
+        assert src.cmd("query-migrate")["status"] == "completed"
+        assert src.hmp("migrate exec:true") == (
+            "Error: Can't migrate the vm that was paused due to previous migration\r\n")
+        failed = start_server([], tmp_path, "other")
+        try:
+            target = tmp_path / "no" / "dir"
+            assert failed.hmp(f"migrate -d file:{target}") == (
+                f"Error: Unable to open {target}: No such file or directory\r\n")
+            assert failed.hmp("info migrate") == (
+                f"Status: \t\tfailed (Unable to open {target}: No such file or directory)\r\n")
+        finally:
+            failed.close()
+    finally:
+        src.close()
+
+
+def test_incoming_deferred_over_hmp_shows_its_socket(tmp_path: Path) -> None:
+    dst = start_server(["-incoming", "defer"], tmp_path, "dst")
+    try:
+        sock = tmp_path / "mig.sock"
+        assert dst.hmp(f"migrate_incoming unix:{sock}") == ""
+        assert dst.hmp("info migrate") == f"Status: \t\tsetup\r\nSockets: [\r\n\tunix:{sock}\r\n]\r\n"
+        assert dst.hmp(f"migrate_incoming unix:{sock}") == (
+            "Error: The incoming migration has already been started\r\n")
+    finally:
+        dst.close()
+
+
+@pytest.mark.parametrize("value", [0, 512, 4096, 1_023_488, 1_024_000, 1_048_064, 1 << 20,
+                                   1_500_000_000 // 512 * 512, 4_316_000_256])
+def test_size_to_str_as_qemu(tmp_path: Path, value: int) -> None:
+    # qemu-img info prints a virtual size with QEMU's size_to_str: the oracle.
+    require("qemu-img")
+    image = tmp_path / "sized.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), str(value)], check=True)
+    info = subprocess.run(["qemu-img", "info", str(image)], capture_output=True, text=True,
+                          check=True).stdout
+    line = next(line for line in info.splitlines() if line.startswith("virtual size: "))
+    assert line == f"virtual size: {size_to_str(value)} ({value} bytes)"
