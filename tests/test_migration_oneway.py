@@ -183,3 +183,16 @@ def test_a_destination_given_garbage_fails_and_exits(tmp_path: Path) -> None:
         assert "load of migration failed" in dst.log()
     finally:
         dst.close()
+
+
+def test_mapped_ram_is_refused_clearly(tmp_path: Path) -> None:
+    src = start_server([], tmp_path, "src")
+    try:
+        src.cmd("migrate-set-capabilities", capabilities=[{"capability": "mapped-ram", "state": True}])
+        refusal = ("qmp-server does not implement the 'mapped-ram' migration stream format; "
+                   "turn the capability off")
+        assert src.error("migrate", uri=f"file:{tmp_path / 'stream'}") == refusal
+        assert src.cmd("query-migrate") == {}  # nothing started
+        assert src.status() == "running"
+    finally:
+        src.close()

@@ -101,6 +101,7 @@ class MigrationService(MigrationCore):
             raise QMPError("'-incoming' was not specified on the command line")
         if uri is None:
             raise QMPError("need either 'uri' or 'channels' argument")
+        self._refuse_unsupported_capabilities()
         origin = _prepare_incoming(parse_uri(uri))
         self._begin_incoming(origin, exit_on_error=exit_on_error)
         nursery = self._nursery
@@ -118,6 +119,7 @@ class MigrationService(MigrationCore):
         address = parse_uri(uri)
         if resume:
             raise QMPError("Cannot resume if there is no paused migration")
+        self._refuse_unsupported_capabilities()
         if self.outgoing.status in RUNNING:
             raise QMPError(MIGRATION_ACTIVE)
         state = self.vm.state
@@ -145,6 +147,15 @@ class MigrationService(MigrationCore):
         else:
             target = address
         nursery.start_soon(run_outgoing, self, out, target)
+
+    def _refuse_unsupported_capabilities(self) -> None:
+        # mapped-ram changes the stream into QEMU's fixed-offset RAM file format, which a
+        # server without guest RAM does not write; saying so beats a stream that only
+        # looks like one (QEMU accepts the capability and fails later on a socket URI).
+        on = {cap["capability"] for cap in self.query_capabilities() if cap["state"]}
+        if "mapped-ram" in on:
+            raise QMPError("qmp-server does not implement the 'mapped-ram' migration stream "
+                           "format; turn the capability off")
 
     def cancel(self) -> None:
         """``migrate_cancel``: succeeds even when no migration is running."""
