@@ -65,7 +65,8 @@ Machine:
   -accel tcg|qtest      the accelerator (there is no guest to accelerate; kvm is refused)
   -uuid UUID            the VM UUID (query-uuid)
   -no-shutdown          a guest power-off leaves the VM in 'shutdown' instead of exiting
-  -m, -smp, -cpu, -rtc, -boot, -audiodev, -msg, -overcommit, -sandbox, -vga, -serial,
+  -smp N[,maxcpus=M,sockets=S,cores=C,threads=T]   the vCPUs (query-cpus-fast)
+  -m, -cpu, -rtc, -boot, -audiodev, -msg, -overcommit, -sandbox, -vga, -serial,
   -no-acpi, -nodefaults, -no-user-config, -display, -nographic   accepted (no guest)
   -object qom-type=TYPE,id=ID,...   secret, memory-backend-*, iothread, throttle-group
 Block devices and migration:
