@@ -548,11 +548,13 @@ def test_commands_and_flags(schema: Schema) -> None:
         "query-target", "query-kvm", "query-uuid", "query-machines", "query-cpus-fast",
         "query-hotpluggable-cpus", "query-iothreads", "query-jobs", "query-chardev",
         "qom-list-types", "qom-list-properties", "device-list-properties", "qom-list", "qom-get",
-        "system_reset", "system_powerdown", "object-add", "object-del", "query-cpu-definitions",
-        "query-tpm-models", "query-tpm-types", "query-command-line-options", "query-sev-capabilities",
-        "query-sgx-capabilities",
+        "system_reset", "system_powerdown",
         # qmp_server/commands/devices.py
         "device_add", "device_del",
+        # qmp_server/commands/bitmaps.py
+        "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+        "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
+        "x-debug-block-dirty-bitmap-sha256",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
