@@ -8,6 +8,7 @@ from functools import partial
 
 import trio
 
+from . import machinemodel
 from .chardev import ChardevError, Endpoint, open_chardev
 from .cli import Options
 from .commands import bitmaps, block, control, devices
@@ -55,12 +56,21 @@ class App:
         config = MachineConfig(name=options.name, start_paused=options.start_paused,
                                incoming=options.incoming, machine_type=options.machine_type,
                                uuid=options.uuid or MachineConfig.uuid, no_shutdown=options.no_shutdown,
+                               smp=options.smp,
                                chardevs=[(device.id, device.filename(connected=True),
                                           f"chardev-{device.backend}")
                                          for device in options.chardevs.devices.values()])
+        try:
+            machinemodel.cpu_topology(options.smp, machinemodel.MACHINE_TYPES[options.machine_type])
+        except ValueError as err:
+            raise SetupError(str(err)) from None
         machine = Machine(config, schema)
         self.machine = machine
         self.dispatcher = Dispatcher(machine, command_tables())
+        try:
+            machine.objects.add_from_cli(schema, options.objects)
+        except QMPError as err:
+            raise SetupError(err.desc) from err
         for text in options.blockdevs:
             try:
                 spec = blockdev_options_from_cli(schema, text)

@@ -548,7 +548,9 @@ def test_commands_and_flags(schema: Schema) -> None:
         "query-target", "query-kvm", "query-uuid", "query-machines", "query-cpus-fast",
         "query-hotpluggable-cpus", "query-iothreads", "query-jobs", "query-chardev",
         "qom-list-types", "qom-list-properties", "device-list-properties", "qom-list", "qom-get",
-        "system_reset", "system_powerdown",
+        "system_reset", "system_powerdown", "object-add", "object-del", "query-cpu-definitions",
+        "query-tpm-models", "query-tpm-types", "query-command-line-options", "query-sev-capabilities",
+        "query-sgx-capabilities",
         # qmp_server/commands/devices.py
         "device_add", "device_del",
         # qmp_server/commands/bitmaps.py
