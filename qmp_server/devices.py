@@ -34,6 +34,10 @@ from .runstate import VM, RunState
 
 T = TypeVar("T")
 
+#: QEMU's BlockInterfaceType numbers, as "Can't hot-add drive to type N" prints them.
+_IF_NUMBER = {"none": 0, "ide": 1, "scsi": 2, "floppy": 3, "pflash": 4, "mtd": 5, "sd": 6,
+              "virtio": 7, "xen": 8}
+
 #: The bus each modelled device plugs into (its DeviceClass bus_type), as QEMU names it
 #: in "No 'X' bus found".
 _BUS_TYPE = {"virtio-blk-pci": "PCI", "virtio-blk-device": "virtio-bus", "scsi-hd": "SCSI",
@@ -148,7 +152,7 @@ class Devices:
 
     def drive_new(self, opts: dict[str, Any]) -> None:
         """``-drive``: a named BlockBackend over a new node tree (drive_new, blockdev_init)."""
-        interface = opts.pop("if", "ide")
+        interface = opts.pop("if", self._default_interface())
         if interface not in ("none", "virtio"):
             raise QMPError(f"Drive interface '{interface}' is not supported by qmp-server")
         name = opts.pop("id", None)
@@ -192,6 +196,37 @@ class Devices:
         self.named[name] = blk
         if interface == "virtio":
             self.device_add({"driver": "virtio-blk-pci", "drive": name}, hotplug=False)
+
+    def _default_interface(self) -> str:
+        # The machine class's block_default_type: IDE on the PC boards, none without a board.
+        found = model.machine_type(self.machine_type)
+        return "none" if found is None or found.name == "none" else "ide"
+
+    def drive_add(self, text: str) -> None:
+        """HMP ``drive_add``: a ``-drive`` at run time; only ``if=none`` can be hot-added
+        (hmp_drive_add). The caller holds the graph lock."""
+        opts = parse_keyval(text)
+        interface = opts.get("if", self._default_interface())
+        if interface != "none":
+            # QEMU creates the drive, then refuses its type (BlockInterfaceType's number).
+            raise QMPError(f"Can't hot-add drive to type {_IF_NUMBER.get(interface, 1)}")
+        self.drive_new(opts)
+
+    def drive_del(self, name: str) -> None:
+        """HMP ``drive_del`` (hmp_drive_del): the medium goes at once; a backend still
+        attached to a device loses its name and stays, empty, until the device goes.
+        The caller holds the graph lock."""
+        blk = self.named.get(name)
+        if blk is None:
+            raise QMPError(f"Device '{name}' not found")
+        node = blk.node
+        if node is not None:
+            _call(blk.remove)
+            if not node.parents:
+                self._close_tree(node.name)
+        del self.named[name]
+        if blk.dev is not None:
+            blk.name = ""  # monitor_remove_blk: the device keeps an anonymous backend
 
     @staticmethod
     def _probe(filename: str) -> str:

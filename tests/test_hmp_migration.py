@@ -8,13 +8,14 @@ checked against 10.1's layout and its content against QMP's ``query-migrate``.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from migration_support import Server, blockdev, qemu_img_create, start_server
+from migration_support import Server, blockdev, is_writer, qemu_img_create, start_server
 from qemu_tools import require
 
 from qmp_server.hmp.migration import size_to_str
@@ -134,3 +135,36 @@ def test_size_to_str_as_qemu(tmp_path: Path, value: int) -> None:
                           check=True).stdout
     line = next(line for line in info.splitlines() if line.startswith("virtual size: "))
     assert line == f"virtual size: {size_to_str(value)} ({value} bytes)"
+
+
+def test_drive_add_and_drive_del_as_qemu(tmp_path: Path) -> None:
+    # Not migration, but the other block commands iotests type over HMP. Each program
+    # gets its own images (they lock them); paths and implicit node names are normalized.
+    require("qemu-system-x86_64")
+    lines = [
+        "drive_add", "drive_add 0",
+        "drive_add 0 if=none,id=drive0,file=DIR/a.qcow2",
+        "drive_add 0 if=none,id=drive0,file=DIR/a.qcow2",
+        "drive_add 0 if=none,id=drive2,file=/nonexistent",
+        "drive_add -n 0 if=none,id=drive4,file=DIR/b.qcow2",
+        "drive_add 0 id=drive5,file=DIR/b.qcow2",
+        "info block",
+        "drive_del", "drive_del drive0", "drive_del drive0", "drive_del nosuch",
+        "info block",
+    ]
+    answers: dict[bool, list[str]] = {}
+    for qemu in (False, True):
+        folder = tmp_path / ("qemu" if qemu else "ours")
+        folder.mkdir()
+        for name in ("a.qcow2", "b.qcow2"):
+            qemu_img_create(folder / name)
+        server = start_server([], folder, "vm", qemu=qemu)
+        try:
+            answers[qemu] = [re.sub(r"#block\d+", "#blockN", server.hmp(line.replace("DIR", str(folder))))
+                             .replace(str(folder), "DIR") for line in lines]
+            # The image was closed with the drive: nobody holds it any more.
+            assert not is_writer(server.proc.pid, folder / "a.qcow2")
+        finally:
+            server.close()
+    for line, mine, theirs in zip(lines, answers[False], answers[True], strict=True):
+        assert mine == theirs, line

@@ -79,7 +79,8 @@ def hmp_string(text: str, pos: int, stdout: list[str]) -> tuple[str, int] | None
 def parse_arguments(command: str, spec: str, text: str) -> dict[str, str | bool]:
     """The arguments of ``command`` per its args_type ``spec`` (``"detach:-d,uri:s"``).
 
-    Flags come first and are True when given; strings and booleans are required.
+    Flags come first and are True when given; strings (``s``, block device names ``B``)
+    and booleans (``b``) are required.
     Raises :class:`HmpArgumentError` with QEMU's text.
     """
     text = text.split("\0", 1)[0]
@@ -110,7 +111,9 @@ def parse_arguments(command: str, spec: str, text: str) -> dict[str, str | bool]
             result[name] = parsed[0] == "on"
         else:
             if parsed is None:
-                raise HmpArgumentError(f"{command}: string expected", command, "".join(stdout))
+                # A block device name ("B" in args_type) has its own "expected" text.
+                what = "block device name" if kind == "B" else "string"
+                raise HmpArgumentError(f"{command}: {what} expected", command, "".join(stdout))
             result[name] = parsed[0]
         pos = parsed[1]
     if skip_space(text, pos) < len(text):

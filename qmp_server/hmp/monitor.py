@@ -13,9 +13,11 @@ from typing import Any
 from ..blockservice import BlockService
 from ..devices import Devices
 from ..errors import QMPError
+from ..keyval import parse_keyval
 from ..migration.service import MigrationService
 from ..runstate import VM
 from ..version import PACKAGE, version_string
+from .args import HmpArgumentError, parse_arguments
 from .migration import MigrationCommands
 
 HmpHandler = Callable[[str], Awaitable[str]]
@@ -48,6 +50,13 @@ class HumanMonitor:
             "s": (self._stop, ""),
             "quit": (self._quit, "quit|q  -- quit the emulator"),
             "q": (self._quit, ""),
+            "drive_add": (self._drive_add, "drive_add [-n] [[<domain>:]<bus>:]<slot>\n"
+                                           "[file=file][,if=type][,bus=n]\n"
+                                           "[,unit=m][,media=d][,index=i]\n"
+                                           "[,snapshot=on|off][,cache=on|off]\n"
+                                           "[,readonly=on|off][,copy-on-read=on|off] -- add drive "
+                                           "to PCI storage controller"),
+            "drive_del": (self._drive_del, "drive_del device -- remove host block device"),
             "migrate": (mig.migrate, "migrate [-d] uri -- migrate to URI (using -d to not wait "
                                      "for completion)"),
             "migrate_cancel": (mig.migrate_cancel, "migrate_cancel  -- cancel the current VM "
@@ -157,6 +166,37 @@ class HumanMonitor:
                 extra += "    Removable device: not locked, tray closed\n"
             blocks.append(_block_text(inserted, prefix, extra))
         return "\n".join(blocks)
+
+    async def _drive_add(self, args: str) -> str:
+        # hmp_drive_add: errors printed as error_report_err does (no "Error: " prefix).
+        try:
+            parsed = parse_arguments("drive_add", "node:-n,pci_addr:s,opts:s", args)
+        except HmpArgumentError as err:
+            return err.monitor_text
+        opts = str(parsed["opts"])
+        try:
+            if parsed["node"]:
+                # hmp_drive_add_node: a blockdev-add from keyval options.
+                options = parse_keyval(opts)
+                if "node-name" not in options:
+                    raise QMPError("'node-name' needs to be specified")
+                await self.block.blockdev_add(options)
+            else:
+                await self.block.run_light(self.devices.drive_add, opts)
+        except QMPError as err:
+            return f"{err.desc}\n"
+        return "OK\n"
+
+    async def _drive_del(self, args: str) -> str:
+        try:
+            parsed = parse_arguments("drive_del", "id:B", args)
+        except HmpArgumentError as err:
+            return err.monitor_text
+        try:
+            await self.block.run_light(self.devices.drive_del, str(parsed["id"]))
+        except QMPError as err:
+            return f"{err.desc}\n"
+        return ""
 
     async def _qemu_io(self, args: str) -> str:
         # hmp_qemu_io: a temporary BlockBackend on the node that asks for nothing until
