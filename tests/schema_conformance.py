@@ -9,6 +9,10 @@ matches them. It is a test dependency only: serving never imports it.
 from __future__ import annotations
 
 import importlib
+import os
+import socket
+import struct
+from pathlib import Path
 from typing import Any
 
 from referencing import Registry
@@ -93,3 +97,49 @@ class Conformance:
         error = _jsonschema.exceptions.best_match(validator.iter_errors(data))
         if error is not None:
             raise ValueError(f"{event} data {_where(error.absolute_path)}: {error.message}")
+
+
+# ------------------------------------------------------------------------ the tests' clients
+
+_shared: Conformance | None = None
+
+
+def shared() -> Conformance:
+    """One :class:`Conformance` for the default schema, built on first use."""
+    global _shared
+    if _shared is None:
+        _shared = Conformance(Schema.load())
+    return _shared
+
+
+def is_qmp_server(sock: socket.socket) -> bool:
+    """Whether the process at the other end of a UNIX socket is this project's server.
+
+    Tests talk to QEMU with the same client; QEMU's replies follow QEMU's own schema, not
+    ours, so only our server's replies are checked. Its command line tells them apart.
+    """
+    if sock.family != socket.AF_UNIX:
+        return False
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", raw)[0]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    program = os.path.basename(argv[0])
+    return program == b"qmp-server" or (program.startswith(b"python") and b"qmp_server" in argv[1:3])
+
+
+def check_reply(command: str, reply: dict[str, Any]) -> None:
+    """Raise ValueError unless a successful reply's ``return`` matches ``command``'s schema.
+
+    Error replies and commands outside the default schema (a test's own schema copy) pass.
+    """
+    conformance = shared()
+    if "return" in reply and command in conformance.schema.commands:
+        conformance.check_return(command, reply["return"])
+
+
+def check_event(message: dict[str, Any]) -> None:
+    """Raise ValueError unless an event message's ``data`` matches the event's schema."""
+    shared().check_event(message["event"], message.get("data"))

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import schema_conformance
+
 SERVER = [sys.executable, "-m", "qmp_server"]
 QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
 
@@ -41,11 +43,15 @@ class Client:
         # file for good, and tests wait for events with deadlines.
         self._buffer = b""
         self.events: list[dict[str, Any]] = []
+        #: Replies and events of our server (not QEMU's) are checked against schema/.
+        self.conforms = schema_conformance.is_qmp_server(self.sock)
         self.greeting = self.read()
 
     def read(self, timeout: float | None = None) -> dict[str, Any]:
         """The next message (reply, event or greeting)."""
         message: dict[str, Any] = json.loads(self.read_line(timeout))
+        if self.conforms and "event" in message:
+            schema_conformance.check_event(message)
         return message
 
     def read_line(self, timeout: float | None = None) -> bytes:
@@ -92,7 +98,10 @@ class Client:
             request["arguments"] = arguments
         request.update(extra)
         self.send_raw(json.dumps(request))
-        return self.reply()
+        reply = self.reply()
+        if self.conforms:
+            schema_conformance.check_reply(command, reply)
+        return reply
 
     def cmd(self, command: str, **arguments: Any) -> Any:
         """Execute and return ``return``; raise AssertionError on an error reply."""
