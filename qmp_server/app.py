@@ -20,6 +20,7 @@ from .machine import Machine, MachineConfig
 from .qtest import serve_qtest
 from .runstate import RunState
 from .schema import Schema, blockdev_options_from_cli
+from .schema_facts import check_all as check_schema_facts
 from .server import Connection, SocketFile, serve
 
 
@@ -67,6 +68,7 @@ class App:
         machine = Machine(config, schema)
         self.machine = machine
         self.dispatcher = Dispatcher(machine, command_tables())
+        check_schema_facts(schema, machine.block.graph.drivers)
         try:
             machine.objects.add_from_cli(schema, options.objects)
         except QMPError as err:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import qemu_tools
 from schema_conformance import Conformance, check_schema
 from server_support import Client
 
+from blocklayer.graph import BlockGraph
+from qmp_server import schema_facts
 from qmp_server.errors import CommandNotFound, QMPError
 from qmp_server.schema import DEFAULT_DIRECTORY, Schema
 from qmp_server.schema_validate import SchemaError
@@ -573,6 +576,98 @@ def test_enums_follow_qemu(schema: Schema) -> None:
     assert len(defs["RunState"]["enum"]) == 16
     assert "late-block-activate" in defs["MigrationCapability"]["enum"]
     assert "postcopy-recover-setup" in defs["MigrationStatus"]["enum"]
+
+
+# ------------------------------------------------------------------------------ facts in code
+
+
+def _schema_copy(tmp_path: Path, change: Any) -> Schema:
+    """A copy of the schema with ``change(defs)`` applied to types.json's $defs."""
+    copy = tmp_path / "schema"
+    shutil.copytree(DEFAULT_DIRECTORY, copy)
+    document = json.loads((copy / "types.json").read_text())
+    change(document["$defs"])
+    (copy / "types.json").write_text(json.dumps(document))
+    return Schema.load(copy)
+
+
+def test_code_tables_match_the_schema(schema: Schema) -> None:
+    schema_facts.check_all(schema, BlockGraph().drivers)
+
+
+def _drop(type_name: str, value: str) -> Any:
+    def change(defs: dict[str, Any]) -> None:
+        defs[type_name]["enum"].remove(value)
+    return change
+
+
+def _add(type_name: str, value: str) -> Any:
+    def change(defs: dict[str, Any]) -> None:
+        defs[type_name]["enum"].append(value)
+    return change
+
+
+def _drop_driver(defs: dict[str, Any]) -> None:
+    defs["BlockdevDriver"]["enum"].remove("raw")
+    options = defs["BlockdevOptions"]
+    options["allOf"] = [c for c in options["allOf"] if c["if"]["properties"]["driver"]["const"] != "raw"]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (_drop("RunState", "colo"), r"RunState \(qmp_server/runstate.py\).*not in the schema: \['colo'\]"),
+        (_add("RunState", "sleeping"), r"RunState .*missing from the code: \['sleeping'\]"),
+        (_drop("MigrationStatus", "device"), r"MigrationStatus .*not in the schema: \['device'\]"),
+        (_drop("MigrationCapability", "mapped-ram"), r"CAPABILITIES .*MigrationCapability"),
+        (_add("BlockdevDriver", "nbd"), r"drivers .*BlockdevDriver: missing from the code: \['nbd'\]"),
+        (_drop_driver, r"drivers .*not in the schema: \['raw'\]"),
+        (lambda defs: defs["MigrationParameters"]["properties"].pop("direct-io"),
+         r"PARAMETER_DEFAULTS .*not in the schema: \['direct-io'\]"),
+        (lambda defs: defs["MigrationParameters"]["properties"].update(x={"$ref": "#/$defs/int"}),
+         r"PARAMETER_DEFAULTS .*missing from the code: \['x'\]"),
+        (lambda defs: defs["MigrationParameters"]["properties"].update(
+            {"multifd-channels": {"$ref": "#/$defs/str"}}),
+         r"PARAMETER_DEFAULTS .*no valid MigrationParameters: .*'multifd-channels', expected: string"),
+        (lambda defs: defs["BlockdevOptions"]["properties"].pop("active"),
+         r"common options .*BlockdevOptions: not in the schema: \['active'\]"),
+    ],
+)
+def test_code_tables_disagreeing_with_the_schema_are_refused(
+    tmp_path: Path, change: Any, problem: str
+) -> None:
+    changed = _schema_copy(tmp_path, change)
+    with pytest.raises(schema_facts.SchemaMismatch, match=problem):
+        schema_facts.check_all(changed, BlockGraph().drivers)
+
+
+def test_code_tables_changed_in_code_are_refused(schema: Schema, monkeypatch: pytest.MonkeyPatch) -> None:
+    drivers = BlockGraph().drivers
+    with pytest.raises(schema_facts.SchemaMismatch, match=r"missing from the code: \['raw'\]"):
+        schema_facts.check_all(schema, {k: v for k, v in drivers.items() if k != "raw"})
+    defaults = dict(schema_facts.PARAMETER_DEFAULTS, **{"max-cpu-throttle": 256})
+    monkeypatch.setattr(schema_facts, "PARAMETER_DEFAULTS", defaults)
+    with pytest.raises(schema_facts.SchemaMismatch, match=r"'max-cpu-throttle' expects uint8_t"):
+        schema_facts.check_all(schema, drivers)
+    monkeypatch.undo()
+    capabilities = schema_facts.CAPABILITIES
+    monkeypatch.setattr(schema_facts, "CAPABILITIES", capabilities[1:] + capabilities[:1])
+    with pytest.raises(schema_facts.SchemaMismatch, match=r"CAPABILITIES .*order differs"):
+        schema_facts.check_all(schema, drivers)
+    monkeypatch.setattr(schema_facts, "GRAPH_OPTIONS", schema_facts.GRAPH_OPTIONS - {"file"})
+    monkeypatch.setattr(schema_facts, "CAPABILITIES", capabilities)
+    schema_facts.check_all(schema, drivers)  # the child links are the graph's own business
+
+
+def test_server_refuses_to_start_with_a_disagreeing_schema(tmp_path: Path) -> None:
+    _schema_copy(tmp_path, _drop("RunState", "colo"))
+    result = subprocess.run(
+        [sys.executable, "-m", "qmp_server", "-qmp", f"unix:{tmp_path / 's'},server=on,wait=off"],
+        env={**os.environ, "QMP_SERVER_SCHEMA_DIR": str(tmp_path / "schema")},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "RunState (qmp_server/runstate.py) disagrees with schema/types.json RunState" in result.stderr
 
 
 def _tiny_schema(tmp_path: Path, argument_schema: dict[str, Any], defs: dict[str, Any]) -> Path:

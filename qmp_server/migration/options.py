@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import QMPError
 
-#: QEMU 10.x's MigrationCapability enum, in its order (used if the schema lacks it).
+#: QEMU 10.x's MigrationCapability enum, in its order. This table and PARAMETER_DEFAULTS are
+#: checked against the schema at start-up (:mod:`qmp_server.schema_facts`).
 CAPABILITIES: tuple[str, ...] = (
     "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram", "x-colo",
     "release-ram", "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps",
