@@ -233,3 +233,26 @@ def test_migration_moves_the_frontends_write_permission(tmp_path: Path, images: 
         assert _writer(qemu_io, raw, "raw")[0] == 1
         assert "[inactive]" in src.hmp("info block")
         assert src.execute("cont")["error"]["desc"].startswith("Failed to get \"write\" lock")
+
+
+def test_hmp_qemu_io_on_a_device_and_a_named_drive(tmp_path: Path, images: tuple[Path, Path]) -> None:
+    # hmp_qemu_io: -d names a device, a plain name a -drive backend before a node. QEMU
+    # prints qemu-io's results on its stdout, so the bytes on the images are compared.
+    args = ["-drive", "if=none,id=drive0,file={dir}/d.qcow2",
+            "-device", "virtio-blk-pci,drive=drive0,id=virtio-disk0"]
+    with both(args, tmp_path) as (qemu, ours):
+        for client in (qemu, ours):
+            client.hmp('qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x33 0 4k"')
+            client.hmp('qemu-io drive0 "write -P 0x34 4k 4k"')
+            client.hmp('qemu-io drive0 "flush"')
+        for line in ('qemu-io -d nosuch "read 0 4k"', 'qemu-io nosuch "read 0 4k"',
+                     'qemu-io -d virtio-disk0 "read 0 4k"'):
+            assert ours.hmp(line) == qemu.hmp(line), line
+        assert "read 4096/4096" in ours.hmp(
+            'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "read -P 0x34 4k 4k"')
+    for name in ("qemu", "ours"):
+        image = tmp_path / name / "d.qcow2"
+        for offset, pattern in ((0, 0x33), (4096, 0x34)):
+            result = subprocess.run(["qemu-io", "-r", "-U", "-c", f"read -P {pattern:#x} {offset} 4k",
+                                     str(image)], capture_output=True, text=True)
+            assert "Pattern verification failed" not in result.stdout, (name, result.stdout)

@@ -199,19 +199,37 @@ class HumanMonitor:
         return ""
 
     async def _qemu_io(self, args: str) -> str:
-        # hmp_qemu_io: a temporary BlockBackend on the node that asks for nothing until
-        # a command needs to write; a write to an inactive or read-only node is refused
-        # before it starts.
+        # hmp_qemu_io: on a device's backend (-d), else on a named backend (-drive id=),
+        # both with their own permissions, which qemu-io extends as a command needs; else
+        # on a node, through a temporary BlockBackend that asks for nothing until a
+        # command needs to write.
         # qemu-io is imported on first use: most servers never run it (start-up time).
-        from .nodetarget import NodeTarget
+        from .nodetarget import BackendTarget, NodeTarget
         from .qemu_io import HmpArgumentError, run_qemu_io, split_hmp_qemu_io_args
 
         try:
             qdev, device, command = split_hmp_qemu_io_args(args)
         except HmpArgumentError as err:
             return err.monitor_text
+        backend = None
         if qdev:
-            return f"Error: Device '{device}' not found\n"
+            # blk_by_qdev_id: the device that holds the backend. For virtio-blk-pci that is
+            # its virtio-backend child, named by QOM path; the proxy itself has none.
+            frontend = self.devices.find(device) or next(
+                (d for d in self.devices.devices if d.qdev == device), None)
+            if frontend is None:
+                return f"Error: Device '{device}' not found\n"
+            if device != frontend.qdev and frontend.qdev != frontend.path:
+                return "Error: Device does not have a block device backend\n"
+            backend = frontend.backend
+        else:
+            backend = self.devices.named.get(device)
+        if backend is not None:
+            chosen = backend
+            try:
+                return await self.block.run(lambda: run_qemu_io(BackendTarget(chosen), command))
+            except QMPError as err:
+                return f"Error: {err.desc}\n"
         text = await self.block.lend_node(
             device, "block device 'qemu-io'",
             lambda graph, edge: run_qemu_io(NodeTarget(graph, edge), command))

@@ -1,24 +1,25 @@
-"""The block node HMP ``qemu-io`` works on, through the user the block service lends it."""
+"""What HMP ``qemu-io`` works on: a node through a user the block service lends it, or a
+device's or ``-drive``'s BlockBackend itself (hmp_qemu_io)."""
 
 from __future__ import annotations
 
+from blocklayer.backend import BlockBackend
+from blocklayer.errors import BlockError
 from blocklayer.graph import BlockGraph
-from blocklayer.node import Edge
+from blocklayer.node import BlockNode, Edge
 from blocklayer.perm import WRITE
 
 
-class NodeTarget:
-    """A node as qemu-io sees it (hmp.qemu_io.QemuIoTarget) through a temporary user."""
+class _Target:
+    """A node as qemu-io sees it (hmp.qemu_io.QemuIoTarget); subclasses say how write
+    permission is taken."""
 
-    def __init__(self, graph: BlockGraph, edge: Edge) -> None:
-        self.graph = graph
-        self.edge = edge
-        self.node = edge.child
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
 
     def require_write(self) -> None:
         """Take the write permission once, as QEMU's qemu-io does on its first write."""
-        if not self.edge.perm & WRITE:
-            self.graph.set_user_perm(self.edge, self.edge.perm | WRITE, self.edge.shared)
+        raise NotImplementedError
 
     def read(self, offset: int, length: int) -> bytes:
         """Guest read."""
@@ -43,3 +44,33 @@ class NodeTarget:
     def getlength(self) -> int:
         """The node's length in bytes."""
         return self.node.getlength()
+
+
+class NodeTarget(_Target):
+    """A node through the temporary user the block service lent."""
+
+    def __init__(self, graph: BlockGraph, edge: Edge) -> None:
+        super().__init__(edge.child)
+        self.graph = graph
+        self.edge = edge
+
+    def require_write(self) -> None:
+        """Take the write permission once, as QEMU's qemu-io does on its first write."""
+        if not self.edge.perm & WRITE:
+            self.graph.set_user_perm(self.edge, self.edge.perm | WRITE, self.edge.shared)
+
+
+class BackendTarget(_Target):
+    """A BlockBackend's node, with the backend's own permissions, which qemu-io extends
+    and leaves extended (QEMU's qemuio_command; hmp_qemu_io explains why)."""
+
+    def __init__(self, backend: BlockBackend) -> None:
+        if backend.node is None:
+            raise BlockError("Device has no medium")
+        super().__init__(backend.node)
+        self.backend = backend
+
+    def require_write(self) -> None:
+        """blk_set_perm with write added, sharing as before."""
+        if not self.backend.perm & WRITE:
+            self.backend.set_perm(self.backend.perm | WRITE, self.backend.shared)
