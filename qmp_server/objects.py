@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,27 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+class IdleThread:
+    """A thread that exists only to have an id: it waits until stopped.
+
+    QEMU runs each vCPU and each iothread in a thread of its own, and management tools use
+    those ids: libvirt pins them and reads their CPU time, and ignores a vCPU whose id is
+    the process's own ("cpu affinity is not supported"). Nothing runs in these threads
+    here, so pinning them changes nothing for the server's own work.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._stop.wait, name=name, daemon=True)
+        self._thread.start()
+        assert self._thread.native_id is not None  # set once the thread has started
+        self.native_id: int = self._thread.native_id
+
+    def stop(self) -> None:
+        """Let the thread end."""
+        self._stop.set()
+
+
 class CreationError(QMPError):
     """A failure while completing an object: QEMU prints it without the option's location."""
 
@@ -57,6 +79,8 @@ class UserObject:
     qom_type: str
     id: str
     properties: dict[str, Any] = field(default_factory=dict)
+    #: An iothread's thread (idle: block I/O runs in the main loop).
+    thread: IdleThread | None = None
 
     def property_types(self) -> list[dict[str, str]]:
         """``qom-list``'s entries: QEMU's properties of the class, without descriptions."""
@@ -87,13 +111,10 @@ class UserObject:
         return _DEFAULTS[self.qom_type][name]
 
     def iothread_info(self) -> dict[str, Any]:
-        """query-iothreads' IOThreadInfo for an iothread.
-
-        There is no thread of its own: block I/O runs in the main loop, so the thread id
-        is the main thread's (the process id), the one a management tool would pin.
-        """
+        """query-iothreads' IOThreadInfo for an iothread; its thread is idle (see IdleThread)."""
         polling = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")
-        return {"id": self.id, "thread-id": os.getpid(), **{key: self.get(key) for key in polling}}
+        thread_id = self.thread.native_id if self.thread is not None else os.getpid()
+        return {"id": self.id, "thread-id": thread_id, **{key: self.get(key) for key in polling}}
 
 
 class Objects:
@@ -148,13 +169,18 @@ class Objects:
         properties = {key: value for key, value in options.items() if key not in ("qom-type", "id")}
         obj = UserObject(options["qom-type"], options["id"], properties)
         _complete(obj)
+        if obj.qom_type == "iothread":
+            obj.thread = IdleThread(f"IO {obj.id}")
         self._objects[obj.id] = obj
         return obj
 
     def delete(self, object_id: str) -> None:
         """object-del: remove the object (nothing here holds one in use)."""
-        if self._objects.pop(object_id, None) is None:
+        obj = self._objects.pop(object_id, None)
+        if obj is None:
             raise QMPError(f"object '{object_id}' not found")
+        if obj.thread is not None:
+            obj.thread.stop()
 
 
 def _check_identifier(object_id: str, *, hint: bool) -> None:

@@ -167,6 +167,16 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
         seen["qmp-status"] = _normalize(json.dumps(status["return"], sort_keys=True), replacements)
         names = json.loads(run("qmp-name", "qemu-monitor-command", name, '{"execute":"query-name"}'))
         seen["qmp-name"] = _normalize(json.dumps(names["return"]), replacements)
+        # An iothread hot-plugged (object-add) and removed (object-del), and the vCPU threads.
+        run("iothreadadd", "iothreadadd", name, "1", "--live")
+        run("iothreadinfo", "iothreadinfo", name)
+        run("iothreaddel", "iothreaddel", name, "1", "--live")
+        run("iothreadinfo-deleted", "iothreadinfo", name)
+        vcpus = run("vcpuinfo", "vcpuinfo", name).splitlines()
+        # Which host CPU a thread last ran on and its CPU time vary from run to run.
+        seen["vcpuinfo"] = _normalize("\n".join(line for line in vcpus
+                                                if line.startswith(("VCPU:", "State:", "CPU Affinity:"))),
+                                      replacements)
         run("attach", "attach-disk", name, str(extra), "vdb", "--driver", "qemu",
             "--subdriver", "qcow2", "--live")
         run("domblklist-attached", "domblklist", name)
@@ -210,6 +220,9 @@ def test_domain_flow(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None
     assert ours["hmp"] == "VM status: running"
     assert json.loads(ours["qmp-status"]) == {"running": True, "status": "running"}
     assert json.loads(ours["qmp-name"]) == {"name": "DOMAIN"}
+    assert ours["iothreadinfo"].splitlines()[-1].split()[0] == "1"
+    assert ours["iothreadinfo-deleted"] == "No IOThreads found for the domain"
+    assert ours["vcpuinfo"].splitlines()[:2] == ["VCPU: 0", "State: running"]
     assert ours["detach"] == "Disk detached successfully"
     assert ours["shutdown"] == "Domain 'DOMAIN' is being shutdown"
     assert ours["domstate-destroyed"] == "shut off"

@@ -7,13 +7,13 @@ type chosen, the UUID, the monitors) come from the MachineConfig.
 from __future__ import annotations
 
 import contextlib
-import os
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from .. import machinemodel as model
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
-from ..objects import UserObject
+from ..objects import IdleThread, UserObject
 from ..runstate import RunState
 
 if TYPE_CHECKING:
@@ -66,15 +66,31 @@ def _topology(machine: Machine) -> model.CpuTopology:
     return model.cpu_topology(machine.config.smp, _machine_type(machine))
 
 
+#: Each machine's vCPU threads, made on first use: idle, but with ids of their own.
+_vcpu_threads: weakref.WeakKeyDictionary[Machine, list[IdleThread]] = weakref.WeakKeyDictionary()
+
+
+def _vcpu_thread_ids(machine: Machine) -> list[int]:
+    threads = _vcpu_threads.get(machine)
+    if threads is None:
+        threads = _vcpu_threads[machine] = [IdleThread(f"CPU {index}/TCG")
+                                            for index in range(_topology(machine).cpus)]
+    return [thread.native_id for thread in threads]
+
+
 @table.query("query-cpus-fast")
 def query_cpus_fast(machine: Machine) -> list[dict[str, Any]]:
     """The vCPUs ``-smp`` gives the machine (none on ``-machine none``).
 
-    No guest code runs: each vCPU's thread is the main thread (the process id).
+    No guest code runs: each vCPU's thread is an idle one (objects.IdleThread), so that a
+    management tool can pin it and read its CPU time (libvirt ignores a vCPU whose thread
+    id is the process's own).
     """
     topology = _topology(machine)
-    return [{"thread-id": os.getpid(), "props": topology.props(index), "qom-path": topology.qom_path(index),
-             "cpu-index": index, "target": model.TARGET_ARCH} for index in range(topology.cpus)]
+    thread_ids = _vcpu_thread_ids(machine)
+    return [{"thread-id": thread_ids[index], "props": topology.props(index),
+             "qom-path": topology.qom_path(index), "cpu-index": index, "target": model.TARGET_ARCH}
+            for index in range(topology.cpus)]
 
 
 @table.command("query-hotpluggable-cpus")
