@@ -11,7 +11,7 @@ decides, so the server refuses to start when a copy and the schema disagree, as
 * ``CAPABILITIES`` (``migration/options.py``) is ``MigrationCapability``, in its order;
 * ``PARAMETER_DEFAULTS`` names the members of ``MigrationParameters`` in their order (all
   but ``block-bitmap-mapping``, which QEMU reports only once set) and each default is a
-  valid value of its member;
+  value ``migrate-set-parameters`` accepts for its member;
 * the block graph's drivers are exactly ``BlockdevDriver`` (a driver the schema lacks
   could never be reached; a name the schema offers without a driver would fail late);
 * the options the block graph keeps for itself (``_COMMON`` in ``blocklayer/graph.py``) are
@@ -108,11 +108,13 @@ def check_migration(schema: Schema) -> None:
                if name not in UNREPORTED_PARAMETERS]
     check_values("PARAMETER_DEFAULTS (qmp_server/migration/options.py)", "MigrationParameters",
                  PARAMETER_DEFAULTS, members, ordered=True)
+    # The argument type of migrate-set-parameters (compiled at load, unlike the return type)
+    # has the same members; only its tls-* members also take null.
     try:
-        schema.return_node("query-migrate-parameters").check(dict(PARAMETER_DEFAULTS))
+        schema.argument_node("migrate-set-parameters").check(dict(PARAMETER_DEFAULTS))
     except Failure as failure:
-        raise SchemaMismatch(f"PARAMETER_DEFAULTS (qmp_server/migration/options.py) is no valid "
-                             f"MigrationParameters: {failure.message()}") from None
+        raise SchemaMismatch(f"PARAMETER_DEFAULTS (qmp_server/migration/options.py) holds a value "
+                             f"migrate-set-parameters refuses: {failure.message()}") from None
 
 
 def check_block(schema: Schema, drivers: Iterable[str], graph_options: Iterable[str]) -> None:

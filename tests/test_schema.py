@@ -626,9 +626,9 @@ def _drop_driver(defs: dict[str, Any]) -> None:
          r"PARAMETER_DEFAULTS .*not in the schema: \['direct-io'\]"),
         (lambda defs: defs["MigrationParameters"]["properties"].update(x={"$ref": "#/$defs/int"}),
          r"PARAMETER_DEFAULTS .*missing from the code: \['x'\]"),
-        (lambda defs: defs["MigrationParameters"]["properties"].update(
+        (lambda defs: defs["MigrateSetParameters"]["properties"].update(
             {"multifd-channels": {"$ref": "#/$defs/str"}}),
-         r"PARAMETER_DEFAULTS .*no valid MigrationParameters: .*'multifd-channels', expected: string"),
+         r"PARAMETER_DEFAULTS .*migrate-set-parameters refuses: .*'multifd-channels', expected: string"),
         (lambda defs: defs["BlockdevOptions"]["properties"].pop("active"),
          r"common options .*BlockdevOptions: not in the schema: \['active'\]"),
     ],
