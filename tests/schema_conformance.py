@@ -127,7 +127,11 @@ def is_qmp_server(sock: socket.socket) -> bool:
     except OSError:
         return False
     program = os.path.basename(argv[0])
-    return program == b"qmp-server" or (program.startswith(b"python") and b"qmp_server" in argv[1:3])
+    if program == b"qmp-server":
+        return True
+    # python -m qmp_server, or the qmp-server script run by its interpreter (#! line)
+    return program.startswith(b"python") and len(argv) > 2 and (
+        b"qmp_server" in argv[1:3] or os.path.basename(argv[1]) == b"qmp-server")
 
 
 def check_reply(command: str, reply: dict[str, Any]) -> None:
