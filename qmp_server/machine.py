@@ -10,6 +10,7 @@ from .blockservice import BlockService
 from .devices import Devices
 from .events import EventBus
 from .hmp.monitor import HumanMonitor
+from .jobs import JobService
 from .migration.service import MigrationService
 from .objects import Objects
 from .runstate import VM
@@ -52,6 +53,8 @@ class Machine:
         self.block = BlockService(self.vm)
         self.vm.block = self.block
         self.devices = Devices(self.vm, self.block, config.machine_type)
+        #: Jobs (blockdev-create, ...): they only announce their states as events.
+        self.jobs = JobService(self.events)
         #: -object / object-add objects (/objects in QOM).
         self.objects = Objects()
         self.vm.state_listeners.append(self.devices.vm_state_changed)

@@ -549,7 +549,7 @@ def test_commands_and_flags(schema: Schema) -> None:
         "query-migrate-parameters",
         # qmp_server/commands/machine.py
         "query-target", "query-kvm", "query-uuid", "query-machines", "query-cpus-fast",
-        "query-hotpluggable-cpus", "query-iothreads", "query-jobs", "query-chardev",
+        "query-hotpluggable-cpus", "query-iothreads", "query-chardev",
         "qom-list-types", "qom-list-properties", "device-list-properties", "qom-list", "qom-get",
         "system_reset", "system_powerdown", "object-add", "object-del", "query-cpu-definitions",
         "query-tpm-models", "query-tpm-types", "query-command-line-options", "query-sev-capabilities",
@@ -560,11 +560,14 @@ def test_commands_and_flags(schema: Schema) -> None:
         "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
         "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
         "x-debug-block-dirty-bitmap-sha256",
+        # qmp_server/commands/jobs.py
+        "query-jobs", "job-dismiss", "job-finalize", "job-cancel", "job-pause", "job-resume",
+        "job-complete", "blockdev-create",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
                                   "BLOCK_IMAGE_CORRUPTED", "POWERDOWN", "RESET",
-                                  "DEVICE_DELETED"}
+                                  "DEVICE_DELETED", "JOB_STATUS_CHANGE"}
     assert not any(info.allow_oob for info in schema.commands.values())
     preconfig = {name for name, info in schema.commands.items() if info.allow_preconfig}
     assert {"qmp_capabilities", "blockdev-add", "blockdev-set-active", "query-status"} <= preconfig

@@ -172,12 +172,6 @@ async def query_sgx_capabilities(ctx: CommandContext, args: dict[str, Any]) -> d
     raise QMPError("SGX is not enabled in KVM")
 
 
-@table.query("query-jobs")
-def query_jobs(machine: Machine) -> list[dict[str, Any]]:
-    """Background jobs: no job kind (mirror, commit, create, ...) is implemented yet."""
-    return []
-
-
 @table.query("query-chardev")
 def query_chardev(machine: Machine) -> list[dict[str, Any]]:
     """The character devices: each -chardev, and one per -qmp/-monitor (compat_monitor<n>).

@@ -1,0 +1,98 @@
+"""Job commands (job-*, query-jobs) and the commands that start jobs (blockdev-create)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from blocklayer.create import Creation, check_driver, prepare_creation
+from blocklayer.errors import BlockError
+
+from ..dispatcher import CommandContext, CommandTable
+from ..errors import QMPError
+from ..jobs import Job
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+table = CommandTable()
+
+
+@table.query("query-jobs")
+def query_jobs(machine: Machine) -> list[dict[str, Any]]:
+    """Every job not yet dismissed, newest first (qmp_query_jobs)."""
+    return machine.jobs.query()
+
+
+@table.command("job-dismiss")
+async def job_dismiss(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """A concluded job leaves query-jobs."""
+    ctx.machine.jobs.dismiss(args["id"])
+
+
+@table.command("job-finalize")
+async def job_finalize(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """A pending job concludes."""
+    ctx.machine.jobs.finalize(args["id"])
+
+
+@table.command("job-cancel")
+async def job_cancel(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """The job aborts (at once, or when its running work returns)."""
+    ctx.machine.jobs.cancel(args["id"])
+
+
+@table.command("job-pause")
+async def job_pause(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Record a pause request (no job kind here has a pause point)."""
+    ctx.machine.jobs.pause(args["id"])
+
+
+@table.command("job-resume")
+async def job_resume(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Withdraw a pause request."""
+    ctx.machine.jobs.resume(args["id"])
+
+
+@table.command("job-complete")
+async def job_complete(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Complete a ready job (none ever is here)."""
+    ctx.machine.jobs.complete(args["id"])
+
+
+@table.command("blockdev-create")
+async def blockdev_create(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """qmp_blockdev_create: a ``create`` job that concludes and waits for job-dismiss.
+
+    The options are checked (and the file opened and locked, or the node's user added)
+    before the job starts, as QEMU's create functions do before their first I/O: a job
+    that fails there concludes before the reply, as in QEMU. The I/O runs in a worker
+    thread.
+    """
+    options: dict[str, Any] = args["options"]
+    job_id: str = args["job-id"]
+    try:
+        check_driver(options["driver"])
+    except BlockError as err:
+        raise QMPError(err.message) from err
+    jobs = ctx.machine.jobs
+    jobs.check_id(job_id)
+    block = ctx.machine.block
+    creation: Creation | None = None
+    early_error: str | None = None
+    try:
+        creation = await block.run_light(prepare_creation, block.graph, options)
+    except QMPError as err:
+        early_error = err.desc
+
+    async def run(job: Job) -> None:
+        # blockdev_create_run: progress 0/1, the driver's create, then 1/1.
+        job.total_progress = 1
+        assert creation is not None
+        try:
+            await block.run(creation.run)
+        finally:
+            job.current_progress = 1
+
+    # JOB_DEFAULT | JOB_MANUAL_DISMISS
+    jobs.create(job_id, "create", run, auto_finalize=True, auto_dismiss=False,
+                early_error=early_error, progress=(1, 1))

@@ -1,0 +1,291 @@
+"""Jobs as QEMU runs them (job.c, job-qmp.c): the state machine, its events and verbs.
+
+A job is created in ``created``, goes ``running`` as soon as it starts, and when its work
+ends either ``waiting`` -> ``pending`` -> (finalized) ``concluded`` or, on failure or
+cancellation, ``aborting`` -> ``concluded``; ``job-dismiss`` (or auto-dismiss) takes it to
+``null`` and out of ``query-jobs``. Every change is a ``JOB_STATUS_CHANGE`` event. The
+work itself (file I/O) runs in a worker thread (the caller's ``run`` coroutine decides
+how, see ``BlockService.run``), so the event loop keeps serving while a job runs.
+
+Not modelled: transactions of several jobs (each job is its own transaction), pause
+points (no job kind here has any, so ``job-pause`` only records the request, as
+QEMU does for a job that never reaches one), speed limits, ``ready``/``standby``
+(no job kind here reaches them).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .errors import QMPError
+from .events import EventBus
+
+
+class JobStatus(enum.Enum):
+    """QAPI JobStatus, in QEMU's order (the order of JobSTT's rows)."""
+
+    UNDEFINED = "undefined"
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    READY = "ready"
+    STANDBY = "standby"
+    WAITING = "waiting"
+    PENDING = "pending"
+    ABORTING = "aborting"
+    CONCLUDED = "concluded"
+    NULL = "null"
+
+
+S = JobStatus
+
+# job.c's JobSTT: the transitions a job may make (anything else is a bug here).
+_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    S.UNDEFINED: frozenset({S.CREATED}),
+    S.CREATED: frozenset({S.RUNNING, S.ABORTING, S.NULL}),
+    S.RUNNING: frozenset({S.PAUSED, S.READY, S.WAITING, S.ABORTING}),
+    S.PAUSED: frozenset({S.RUNNING}),
+    S.READY: frozenset({S.STANDBY, S.WAITING, S.ABORTING}),
+    S.STANDBY: frozenset({S.READY}),
+    S.WAITING: frozenset({S.PENDING, S.ABORTING}),
+    S.PENDING: frozenset({S.ABORTING, S.CONCLUDED}),
+    S.ABORTING: frozenset({S.ABORTING, S.CONCLUDED}),
+    S.CONCLUDED: frozenset({S.NULL}),
+    S.NULL: frozenset(),
+}
+
+# job.c's JobVerbTable: the states in which each QMP verb is accepted.
+_EARLY = frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY})
+VERBS: dict[str, frozenset[JobStatus]] = {
+    "cancel": _EARLY | {S.WAITING, S.PENDING},
+    "pause": _EARLY,
+    "resume": _EARLY,
+    "set-speed": _EARLY,
+    "complete": frozenset({S.READY, S.STANDBY}),
+    "finalize": frozenset({S.PENDING}),
+    "dismiss": frozenset({S.CONCLUDED}),
+}
+
+
+def id_wellformed(name: str) -> bool:
+    """QEMU's id_wellformed: an ASCII letter, then letters, digits, '-', '.', '_'."""
+    if not name or not (name[0].isascii() and name[0].isalpha()):
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "-._") for c in name)
+
+
+#: A job's work: returns normally on success, raises QMPError (its ``desc`` becomes the
+#: job's error) on failure.
+JobRun = Callable[["Job"], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class Job:
+    """One job (QEMU's Job), as query-jobs reports it."""
+
+    id: str
+    type: str
+    auto_finalize: bool = True
+    auto_dismiss: bool = True
+    status: JobStatus = S.UNDEFINED
+    current_progress: int = 0
+    total_progress: int = 0
+    #: job->err: why the job failed (also "Operation canceled" after a cancel).
+    error: str | None = None
+    #: job->ret != 0
+    failed: bool = False
+    cancelled: bool = False
+    #: The work has returned (job->deferred_to_main_loop).
+    finished: bool = False
+    user_paused: bool = False
+
+    def info(self) -> dict[str, Any]:
+        """JobInfo, members in the order QEMU 7.2 writes them (checked live)."""
+        info: dict[str, Any] = {"current-progress": self.current_progress, "status": self.status.value,
+                                "total-progress": self.total_progress, "type": self.type, "id": self.id}
+        if self.error is not None:
+            info["error"] = self.error
+        return info
+
+
+class JobService:
+    """The machine's jobs, newest first (QEMU inserts new jobs at the list head)."""
+
+    def __init__(self, events: EventBus) -> None:
+        self._events = events
+        self.jobs: list[Job] = []
+
+    # Lookup and queries ---------------------------------------------------------------
+
+    def find(self, job_id: str) -> Job:
+        """The job ``job_id``, or QEMU's find_job_locked error."""
+        for job in self.jobs:
+            if job.id == job_id:
+                return job
+        raise QMPError("Job not found")
+
+    def query(self) -> list[dict[str, Any]]:
+        """query-jobs."""
+        return [job.info() for job in self.jobs]
+
+    # The state machine ------------------------------------------------------------------
+
+    def _transition(self, job: Job, status: JobStatus) -> None:
+        # job_state_transition_locked: only changes are announced.
+        assert status in _TRANSITIONS[job.status], (job.status, status)
+        old, job.status = job.status, status
+        if old is not status:
+            self._events.emit("JOB_STATUS_CHANGE", {"status": status.value, "id": job.id})
+
+    @staticmethod
+    def _apply_verb(job: Job, verb: str) -> None:
+        # job_apply_verb_locked
+        if job.status not in VERBS[verb]:
+            raise QMPError(f"Job '{job.id}' in state '{job.status.value}' cannot accept "
+                           f"command verb '{verb}'")
+
+    def check_id(self, job_id: str) -> None:
+        """job_create's checks of a new job's id, with QEMU's texts."""
+        if not id_wellformed(job_id):
+            raise QMPError(f"Invalid job ID '{job_id}'")
+        if any(job.id == job_id for job in self.jobs):
+            raise QMPError(f"Job ID '{job_id}' already in use")
+
+    def create(self, job_id: str, job_type: str, run: JobRun, *, auto_finalize: bool = True,
+               auto_dismiss: bool = True, early_error: str | None = None,
+               progress: tuple[int, int] = (0, 0)) -> Job:
+        """job_create + job_start: the job is ``running`` when this returns.
+
+        ``run`` is started as a system task; call this from the event loop's thread.
+        ``early_error``: the work already failed before its first I/O (the caller checked
+        its options inline). QEMU's job coroutine then returns without ever yielding and
+        the job concludes before the command's reply, which is what happens here: ``run``
+        is not started. ``progress`` is (current, total) the work had reached.
+        """
+        self.check_id(job_id)
+        job = Job(id=job_id, type=job_type, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        self.jobs.insert(0, job)
+        self._transition(job, S.CREATED)
+        self._transition(job, S.RUNNING)
+        if early_error is not None:
+            job.current_progress, job.total_progress = progress
+            job.finished = job.failed = True
+            job.error = early_error
+            self._completed(job)
+            return job
+        trio.lowlevel.spawn_system_task(self._run, job, run, name=f"job {job_id}")
+        return job
+
+    async def _run(self, job: Job, run: JobRun) -> None:
+        # job_co_entry: the work, then job_exit -> job_completed in the main loop.
+        error: str | None = None
+        try:
+            await run(job)
+        except QMPError as err:
+            error = err.desc
+        except Exception as err:  # a job's failure is reported, never raised
+            error = str(err) or type(err).__name__
+        job.finished = True
+        if error is not None:
+            job.failed = True
+            job.error = error
+        self._completed(job)
+
+    def _update_rc(self, job: Job) -> None:
+        # job_update_rc_locked: a cancelled job that succeeded fails with ECANCELED.
+        if not job.failed and job.cancelled:
+            job.failed = True
+        if job.failed:
+            if job.error is None:
+                job.error = os.strerror(errno.ECANCELED)
+            self._transition(job, S.ABORTING)
+
+    def _completed(self, job: Job) -> None:
+        # job_completed_locked
+        self._update_rc(job)
+        if job.failed:
+            self._abort(job)
+            return
+        self._transition(job, S.WAITING)
+        self._transition(job, S.PENDING)
+        if job.auto_finalize:
+            self._finalize(job)
+
+    def _finalize(self, job: Job) -> None:
+        # job_do_finalize_locked -> job_finalize_single_locked (a job's own transaction)
+        self._update_rc(job)
+        self._conclude(job)
+
+    def _abort(self, job: Job) -> None:
+        # job_completed_txn_abort_locked, for a transaction of one job
+        self._finalize(job)
+
+    def _conclude(self, job: Job) -> None:
+        # job_conclude_locked
+        self._transition(job, S.CONCLUDED)
+        if job.auto_dismiss:
+            self._dismiss(job)
+
+    def _dismiss(self, job: Job) -> None:
+        # job_do_dismiss_locked
+        self._transition(job, S.NULL)
+        self.jobs.remove(job)
+
+    # QMP verbs --------------------------------------------------------------------------
+
+    def dismiss(self, job_id: str) -> None:
+        """job-dismiss: a concluded job leaves query-jobs."""
+        job = self.find(job_id)
+        self._apply_verb(job, "dismiss")
+        self._dismiss(job)
+
+    def finalize(self, job_id: str) -> None:
+        """job-finalize: a pending job (auto-finalize off) commits and concludes."""
+        job = self.find(job_id)
+        self._apply_verb(job, "finalize")
+        self._finalize(job)
+
+    def cancel(self, job_id: str, force: bool = False) -> None:
+        """job-cancel (job_user_cancel_locked -> job_cancel_locked).
+
+        No job kind here has a soft cancel, so every cancel is forced (as QEMU treats a
+        job driver without ``.cancel``). A running job's work cannot be interrupted in its
+        worker thread: its result is dropped when it returns, and the job aborts.
+        """
+        job = self.find(job_id)
+        self._apply_verb(job, "cancel")
+        job.cancelled = True
+        job.user_paused = False
+        if job.finished:
+            # Deferred to the main loop already (waiting/pending): abort right away.
+            self._abort(job)
+
+    def pause(self, job_id: str) -> None:
+        """job-pause: recorded; a job without pause points keeps running (job_user_pause)."""
+        job = self.find(job_id)
+        self._apply_verb(job, "pause")
+        if job.user_paused:
+            raise QMPError("Job is already paused")
+        job.user_paused = True
+
+    def resume(self, job_id: str) -> None:
+        """job-resume (job_user_resume_locked)."""
+        job = self.find(job_id)
+        # QEMU checks the pause before the verb.
+        if not job.user_paused:
+            raise QMPError("Can't resume a job that was not paused")
+        self._apply_verb(job, "resume")
+        job.user_paused = False
+
+    def complete(self, job_id: str) -> None:
+        """job-complete: only ready jobs accept it, and no job kind here gets ready."""
+        job = self.find(job_id)
+        self._apply_verb(job, "complete")
+        raise QMPError(f"The active block job '{job.id}' cannot be completed")
