@@ -45,7 +45,7 @@ QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "no
 # As management tools write it: every request carries a fresh id.
 REQUEST = b'{"execute": "query-status", "id": %d}\n'
 # The same query with an (empty) arguments object: the server's general request path,
-# which its fast path for plain queries (qmp_server/fastpath.py) leaves this to.
+# which its fast path for plain queries (qmp_server/protocol/fastpath.py) leaves this to.
 GENERAL_REQUEST = b'{"execute": "query-status", "arguments": {}, "id": %d}\n'
 ECHO_GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 10}, "package": ""}, '
                  b'"capabilities": ["oob"]}}\r\n')

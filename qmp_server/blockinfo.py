@@ -18,7 +18,7 @@ from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode
 
 from .errors import QMPError
-from .wire import PreEncoded, encode_text
+from .protocol.encoding import PreEncoded, encode_text
 
 
 class _Collector:

@@ -1,16 +1,23 @@
-"""Command registry and dispatch: schema validation, negotiation rules, error mapping."""
+"""Command registry and dispatch: schema validation, handler lookup, error mapping.
+
+What the protocol decides before a command runs (QEMU's request checks, negotiation,
+the OOB policy) is the session's (:mod:`qmp_server.protocol.session`); the dispatcher
+runs what the session lets through.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from blocklayer.errors import BlockError
 
 from .errors import CommandNotFound, QMPError
-from .session import Mode, QMPSession, Request
+from .protocol.requests import Request
+from .protocol.session import QMPSession
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -54,8 +61,8 @@ class CommandTable:
     def query(self, name: str) -> Callable[[Query], Query]:
         """Decorator registering a plain query for command ``name``.
 
-        It must take no arguments, change nothing and never fail, so that the server may
-        answer it without the general request path (see :mod:`qmp_server.fastpath`);
+        It must take no arguments, change nothing and never fail, so that the session may
+        answer it without the general request path (see :mod:`qmp_server.protocol.fastpath`);
         the general path runs the same function.
         """
 
@@ -69,9 +76,6 @@ class CommandTable:
             return query
 
         return register
-
-
-NEGOTIATION_HINT = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
 
 class Dispatcher:
@@ -98,26 +102,29 @@ class Dispatcher:
         if missing:
             raise ValueError(f"schema commands without a handler: {sorted(missing)}")
 
-    async def dispatch(self, session: QMPSession, request: Request) -> tuple[dict[str, Any], CommandContext]:
-        """Execute ``request``; return the reply and the context (for after-reply work)."""
+    def plain_queries(self) -> dict[str, Callable[[], Any]]:
+        """The plain queries, bound to the machine, for a session's fast path."""
+        machine = self.machine
+        return {name: partial(query, machine) for name, query in self.queries.items()}
+
+    async def dispatch(self, session: QMPSession,
+                       request: Request) -> tuple[Any, QMPError | None, CommandContext]:
+        """Execute ``request`` (one the session let through, see ``QMPSession.begin``).
+
+        Returns the result, or the error to answer with, and the context (for after-reply
+        work).
+        """
         context = CommandContext(self.machine, session)
         try:
-            if request.error is not None:
-                raise request.error
             result = await self._execute(context, request)
         except QMPError as err:
-            if session.mode is Mode.NEGOTIATION and err.error_class == "CommandNotFound":
-                err = CommandNotFound(NEGOTIATION_HINT)
-            return request.response(error=err), context
+            return None, err, context
         except BlockError as err:
-            return request.response(error=QMPError(err.message)), context
-        return request.response(result), context
+            return None, QMPError(err.message), context
+        return result, None, context
 
     async def _execute(self, context: CommandContext, request: Request) -> Any:
         name = request.command
-        session = context.session
-        if session.mode is Mode.NEGOTIATION and name != "qmp_capabilities":
-            raise CommandNotFound(f"The command {name} has not been found")
         handler = self.handlers.get(name)
         if handler is None:
             raise CommandNotFound(f"The command {name} has not been found")

@@ -30,6 +30,8 @@ from fractions import Fraction
 from typing import Any, ClassVar, Final
 from urllib.parse import urldefrag, urljoin
 
+from .protocol.qdict import key_bytes, qdict_order
+
 I64_MIN: Final = -(2**63)
 I64_MAX: Final = 2**63 - 1
 U64_MAX: Final = 2**64 - 1
@@ -119,27 +121,6 @@ def qtype(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- QEMU's orders
 
-_QDICT_BUCKETS: Final = 512
-
-
-def _qdict_hash(key: str) -> int:
-    """QEMU's ``tdb_hash`` (qobject/qdict.c)."""
-    data = key.encode("utf-8", "surrogateescape")
-    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
-    for index, byte in enumerate(data):
-        value = (value + (byte << (index * 5 % 24))) & 0xFFFFFFFF
-    return (1103515243 * value + 12345) & 0xFFFFFFFF
-
-
-def qdict_order(keys: list[str]) -> list[str]:
-    """``keys`` (in insertion order) in the order QEMU iterates a QDict holding them.
-
-    A QDict has 512 hash buckets, visited in order; each bucket lists its newest entry first.
-    """
-    position = {key: index for index, key in enumerate(keys)}
-    return sorted(keys, key=lambda k: (_qdict_hash(k) % _QDICT_BUCKETS, -position[k]))
-
-
 # GLib's prime_mod[]: for a table of 2^n slots, the largest prime below 2^n.
 _PRIME_MOD: Final = (
     1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071,
@@ -151,7 +132,7 @@ _PRIME_MOD: Final = (
 def _g_str_hash(key: str) -> int:
     """GLib's ``g_str_hash`` (djb2 over *signed* chars)."""
     value = 5381
-    for byte in key.encode("utf-8", "surrogateescape"):
+    for byte in key_bytes(key):
         value = (value * 33 + (byte - 256 if byte >= 128 else byte)) & 0xFFFFFFFF
     return value if value > 1 else 2
 

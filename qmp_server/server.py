@@ -1,4 +1,11 @@
-"""The Trio socket server: listeners, one task group per connection, orderly exit."""
+"""The Trio socket server: listeners, one task group per connection, orderly exit.
+
+It only moves bytes: what a client sent goes to its
+:class:`~qmp_server.protocol.session.QMPSession`, the requests the session yields go to
+the dispatcher, and what the session produces (greeting, replies, events) goes back to
+the client, under the server's own rules for many clients (fairness, backpressure,
+output bounds). Every protocol decision is the session's.
+"""
 
 from __future__ import annotations
 
@@ -18,17 +25,14 @@ import trio
 
 from .dispatcher import Dispatcher
 from .errors import QMPError
-from .fastpath import FastPath
-from .session import Mode, QMPSession, Request
-from .wire import encode
+from .protocol.requests import Request
+from .protocol.session import INBAND_QUEUE_MAX, QMPSession
 
 if TYPE_CHECKING:
     from .machine import Machine
 
 log = logging.getLogger(__name__)
 
-# QEMU's per-monitor in-band queue length (QMP_REQ_QUEUE_LEN_MAX).
-INBAND_QUEUE = 8
 # How long to poll a client's socket for its next request (QEMU's IOThread default).
 DEFAULT_POLL_MAX_NS = 32768
 # Output bytes queued for one client (replies and events it has not read yet) above which
@@ -154,13 +158,13 @@ def raise_fd_limit() -> None:
 
 
 class Connection:
-    """One client: a reader, an in-band worker, a writer.
+    """One client: a reader, an in-band worker, a writer, around the client's session.
 
-    The reader runs out-of-band requests itself, and in-band ones too until OOB is
-    enabled (QEMU then reads no further input while a command runs either); after that
-    in-band requests go through a queue of 8 to the worker, so that OOB ones can overtake
-    them. Output is written at once by whoever produced it when nothing is queued ahead
-    of it; otherwise the writer task sends it, in order.
+    The reader feeds input to the session and runs the requests the session says run at
+    once (out-of-band ones, and every one while OOB is off); the others go through a
+    queue of :data:`~qmp_server.protocol.session.INBAND_QUEUE_MAX` to the worker, so that
+    OOB ones can overtake them. The session's output is written at once by whoever made
+    it when nothing is queued ahead of it; otherwise the writer task sends it, in order.
 
     Output not yet taken by the client is bounded (:data:`OUTPUT_LIMIT`): above it the
     reader stops reading and parsing input until the client has read some; events that
@@ -174,10 +178,10 @@ class Connection:
         self.machine = machine
         self.dispatcher = dispatcher
         self.stream = stream
-        self.session = QMPSession()
+        self.session = QMPSession(dispatcher.plain_queries())
         # Output is bytes to write, or an action to run once everything before it is written.
         self._out_send, self._out_recv = trio.open_memory_channel[bytes | Callable[[], None]](math.inf)
-        self._in_send, self._in_recv = trio.open_memory_channel[Request](INBAND_QUEUE)
+        self._in_send, self._in_recv = trio.open_memory_channel[Request](INBAND_QUEUE_MAX)
         # For direct writes: the socket's descriptor (non-blocking under Trio), and whether
         # the writer is waiting with nothing queued, so that a direct write keeps the order.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
@@ -185,9 +189,6 @@ class Connection:
         self._broken = False
         # Actions taken from the queue but not run yet (run even if the client is gone).
         self._actions: list[Callable[[], None]] = []
-        self._fast = FastPath(machine, dispatcher.queries)
-        # In-band requests queued for the worker or running there (OOB enabled only).
-        self._inband_pending = 0
         self._poll_window = poll_max_ns / 1e9 if self._fd >= 0 else 0.0
         self._poll_misses = 0  # polls in a row that found nothing (capped)
         self._poll_skip = 0  # requests to wait for without polling, after misses
@@ -232,10 +233,9 @@ class Connection:
         self._out_send.send_nowait(action)
 
     def _deliver_event(self, message: dict[str, Any]) -> None:
-        # QEMU sends no events to a monitor still in negotiation mode.
-        if self.session.mode is not Mode.COMMAND or self._broken:
+        if self._broken or not self.session.event(message):
             return
-        data = encode(message)
+        data = self.session.data_to_send()
         if self._queued > OUTPUT_LIMIT:
             self._overflow += len(data)
             if self._overflow > EVENT_SLACK:
@@ -274,7 +274,7 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the connection until the client goes away."""
-        self._enqueue(encode(self.session.greeting()))
+        self._enqueue(self.session.data_to_send())  # the greeting
         self.machine.events.subscribe(self._deliver_event)
         try:
             async with trio.open_nursery() as nursery:
@@ -359,34 +359,29 @@ class Connection:
                 return
             if not data:
                 return
-            if (self._inband_pending == 0 and self.session.mode is Mode.COMMAND
-                    and self.session.between_messages()):
-                # Nothing is ahead of this input, so answering it now is answering it in
-                # order; the fast path takes only what the general path would run at once.
-                try:
-                    reply = self._fast.answer(data)
-                except Exception:
-                    # A failing query: the general path runs it again and reports the
-                    # failure as it does for any command.
-                    reply = None
-                if reply is not None:
-                    self._output(reply)
-                    continue
             if not await self._handle_input(data):
                 return
 
     async def _handle_input(self, data: bytes | bytearray) -> bool:
         """Parse and run what ``data`` holds; False once the connection is being dropped."""
+        session = self.session
         for start in range(0, len(data), INPUT_SLICE):
             if start and not await self._pace():
                 return False
             try:
-                requests = self.session.receive(bytes(data[start:start + INPUT_SLICE]))
+                requests = session.receive(data if len(data) <= INPUT_SLICE and type(data) is bytes
+                                           else bytes(data[start:start + INPUT_SLICE]))
             except Exception:
                 # A bug in the input path: this connection's state is unknown, so drop it,
                 # but never let it take the server (and every other session) down.
                 log.exception("internal error reading QMP input; closing the connection")
                 return False
+            if not requests:
+                # A plain query the session answered itself (or a message not complete yet).
+                out = session.data_to_send()
+                if out:
+                    self._output(out)
+                continue
             # Taken off the list as they run: a request that was answered (an error's
             # traceback included) is garbage at once, not when the whole slice is done.
             requests.reverse()
@@ -396,24 +391,15 @@ class Connection:
                     return False
                 first = False
                 request = requests.pop()
-                if request.oob or not self.session.oob_enabled:
-                    # QEMU dispatches an out-of-band request at once, in its I/O thread,
-                    # before it parses further input: its reply precedes the reply to
-                    # anything sent after it, and it overtakes the queued in-band ones.
-                    # Without OOB, QEMU suspends input while an in-band command runs, so
-                    # running it here, before reading more, is the same as queueing it.
+                if session.runs_at_once(request):
                     await self._execute(request)
                 else:
-                    self._inband_pending += 1
                     await self._in_send.send(request)
         return True
 
     async def _inband_worker(self) -> None:
         async for request in self._in_recv:
-            try:
-                await self._execute(request)
-            finally:
-                self._inband_pending -= 1
+            await self._execute(request)
 
     async def _execute(self, request: Request) -> None:
         # A client that vanishes mid-command must not leave a half-done change behind: the
@@ -429,22 +415,21 @@ class Connection:
             await self._run_command(request)
 
     async def _run_command(self, request: Request) -> None:
+        session = self.session
+        if not session.begin(request):
+            # Answered by the session (a request QEMU's checks refused, or negotiation).
+            self._output(session.data_to_send())
+            return
         try:
-            reply, context = await self.dispatcher.dispatch(self.session, request)
-            data = encode(reply)
+            result, error, context = await self.dispatcher.dispatch(session, request)
+            session.reply(request, result, error)
         except Exception as err:
             # A bug in a command (or an unencodable reply) fails that command only.
             log.exception("internal error executing %r", request.command)
-            error = QMPError(f"Internal error: {type(err).__name__}")
-            self._output(encode(request.response(error=error)))
+            session.reply(request, error=QMPError(f"Internal error: {type(err).__name__}"))
+            self._output(session.data_to_send())
             return
-        finally:
-            # The dispatcher raised the error a request carried; its traceback holds the
-            # frames that hold the request: a cycle only the cyclic GC frees, late, once
-            # thousands of error requests have come in.
-            if request.error is not None:
-                request.error.__traceback__ = None
-        self._output(data)
+        self._output(session.data_to_send())
         for action in context.after_reply:
             self._after_output(action)
 

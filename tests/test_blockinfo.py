@@ -9,7 +9,7 @@ from typing import Any
 
 from blocklayer.graph import BlockGraph
 from qmp_server.blockinfo import block_infos, block_infos_json
-from qmp_server.wire import encode
+from qmp_server.protocol.encoding import encode
 
 
 def fresh(graph: BlockGraph) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qmp_server.jsonstream import (
+from qmp_server.protocol.framing import (
     MAX_NESTING,
     MAX_TOKEN_COUNT,
     MAX_TOKEN_SIZE,

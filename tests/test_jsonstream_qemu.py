@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import qemu_tools
 
-from qmp_server.jsonstream import JSONParseError, JSONStreamer
+from qmp_server.protocol.framing import JSONParseError, JSONStreamer
 
 pytestmark = pytest.mark.qemu
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..dispatcher import CommandContext, CommandTable
-from ..wire import PreEncoded
+from ..protocol.encoding import PreEncoded
 
 table = CommandTable()
 

@@ -1,4 +1,4 @@
-"""Answering the commonest requests without the general request path.
+"""The session's shortcut: answering the commonest requests straight from their bytes.
 
 Management tools poll: most of what they send is ``{"execute": "query-status", "id":
 "tool-42"}`` and its like. For those the general path (QEMU-exact lexer and parser,
@@ -8,8 +8,8 @@ reply takes makes the client's own wake-up dearer. So a read that holds exactly 
 request of a strict shape is answered here, with the bytes the general path would
 write:
 
-- the object has ``execute`` naming a registered plain query (no arguments, no side
-  effects: :meth:`~qmp_server.dispatcher.CommandTable.query`), and optionally ``id``, in
+- the object has ``execute`` naming a plain query the session was given (no arguments,
+  no side effects: :meth:`~qmp_server.dispatcher.CommandTable.query`), and optionally ``id``, in
   either order, nothing else, with JSON whitespace anywhere between tokens;
 - ``id`` is a string of printable ASCII without ``"`` or backslash, an integer of at
   most 18 digits, or ``true``/``false``/``null``: values that QEMU (and the general path)
@@ -17,21 +17,18 @@ write:
 
 Anything else (other members, escapes, floats, single quotes, a request split over two
 reads or two requests in one read) returns None and takes the general path. The
-caller must also only ask when the general path would run the request at once and
-nothing is pending before it (see ``Connection._reader``). The test suite checks that
-both paths give the same bytes for generated requests.
+session asks only when the general path would run the request at once and nothing is
+pending before it (:meth:`~qmp_server.protocol.session.QMPSession.receive`). The test
+suite checks that both paths give the same bytes for generated requests.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from .dispatcher import Query
-from .wire import encode_text
-
-if TYPE_CHECKING:
-    from .machine import Machine
+from .encoding import encode_text
 
 _WS = rb"[ \t\r\n]*"
 _NAME = rb'"([a-z][a-z0-9-]{0,63})"'
@@ -51,12 +48,15 @@ _REQUEST = re.compile(
 class FastPath:
     """Replies to plain queries straight from the bytes a client sent."""
 
-    def __init__(self, machine: Machine, queries: dict[str, Query]) -> None:
-        self._machine = machine
+    def __init__(self, queries: Mapping[str, Callable[[], Any]]) -> None:
         self._queries = {name.encode("ascii"): query for name, query in queries.items()}
 
     def answer(self, data: bytes | bytearray) -> bytes | None:
-        """The reply line if ``data`` is exactly one plain query of the strict shape, else None."""
+        """The reply line if ``data`` is exactly one plain query of the strict shape, else None.
+
+        A query that raises raises here; the session then leaves the request to the general
+        path, which runs it again and reports the failure as it does for any command.
+        """
         match = _REQUEST.match(data)
         if match is None:
             return None
@@ -66,7 +66,7 @@ class FastPath:
         query = self._queries.get(name)
         if query is None:
             return None
-        result = query(self._machine)
+        result = query()
         body = b"{}" if result is None else encode_text(result).encode("ascii")
         if ident is None:
             return b'{"return": ' + body + b"}\r\n"

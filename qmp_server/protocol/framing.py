@@ -244,8 +244,8 @@ def _string_errors(exc: UnicodeError) -> tuple[str, int]:
     return chr(cp), end
 
 
-_WRITER_ERRORS: Final = "qmp_server.jsonstream.writer"
-_STRING_ERRORS: Final = "qmp_server.jsonstream.string"
+_WRITER_ERRORS: Final = "qmp_server.protocol.framing.writer"
+_STRING_ERRORS: Final = "qmp_server.protocol.framing.string"
 codecs.register_error(_WRITER_ERRORS, _writer_errors)
 codecs.register_error(_STRING_ERRORS, _string_errors)
 
