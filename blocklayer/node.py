@@ -178,6 +178,7 @@ class BlockNode:
         else:
             self.driver.write(offset, data)
         if self.dirty_bitmaps:
+            self._grow_bitmaps(offset + len(data))
             set_dirty(self.dirty_bitmaps, offset, len(data))
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
@@ -188,7 +189,17 @@ class BlockNode:
         self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
         self.driver.write_zeroes(offset, length, may_unmap and self.options.discard_unmap)
         if self.dirty_bitmaps:
+            self._grow_bitmaps(offset + length)
             set_dirty(self.dirty_bitmaps, offset, length)
+
+    def _grow_bitmaps(self, end: int) -> None:
+        # bdrv_co_write_req_finish: a write past the end (a format driver growing its
+        # file) grows the node, and its bitmaps with it, in whole sectors, before the
+        # new range is marked.
+        size = (end + 511) // 512 * 512
+        for bitmap in self.dirty_bitmaps:
+            if bitmap.size < size:
+                bitmap.truncate(size)
 
     def pdiscard(self, offset: int, length: int) -> None:
         """Discard; dropped unless the node was opened with ``discard=unmap``."""

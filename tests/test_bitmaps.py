@@ -512,3 +512,23 @@ def test_device_names_and_query_block(tmp_path: Path, image: Path) -> None:
             results.append(replies)
     assert results[1] == results[0]
     assert [b["name"] for b in results[1][-1]] == ["via-drive", "off", "b1", "b0"]
+
+
+def test_bitmap_on_the_file_node_follows_its_growth(tmp_path: Path, qemu_utils: None) -> None:
+    """A bitmap on a qcow2 node's file: the format's writes, metadata included, mark it,
+    and it grows with the file (bdrv_co_write_req_finish), as in QEMU."""
+    path = tmp_path / "grow.qcow2"
+    _img("create", "-q", "-f", "qcow2", str(path), "16M")
+    results = []
+    with both(tmp_path, path) as pairs:
+        for client, copy in pairs:
+            client.cmd("blockdev-add", driver="file", **{"node-name": "f0"},
+                       filename=str(copy))
+            client.cmd("block-dirty-bitmap-add", node="f0", name="f", granularity=4096)
+            client.cmd("blockdev-add", driver="qcow2", **{"node-name": "d"}, file="f0")
+            _hmp_io(client, "d", "write 0 64k")
+            _hmp_io(client, "d", "write 8M 128k")
+            results.append((_dirty(client, "f0"), _sha(client, "f", "f0")))
+            client.cmd("blockdev-del", **{"node-name": "d"})
+    assert results[1] == results[0]
+    assert results[1][0][0]["count"] > 0
