@@ -56,6 +56,11 @@ DOMAIN_XML = """\
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{ide_disk}'/>
+      <target dev='hda' bus='ide'/>
+    </disk>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
@@ -138,10 +143,13 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
     """The flow a libvirt user runs on a domain; virsh's answers, normalized."""
     folder.mkdir()
     disk = _disk(folder / "disk.qcow2")
+    ide_disk = folder / "ide.raw"
+    ide_disk.write_bytes(bytes(1 << 20))
     extra = _disk(folder / "extra.qcow2")
     xml = folder / "domain.xml"
     uuid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427" if "qmp" in name else "1b4e28ba-2fa1-11d2-883f-0016d3cca428"
-    xml.write_text(DOMAIN_XML.format(name=name, uuid=uuid, emulator=emulator, disk=disk))
+    xml.write_text(DOMAIN_XML.format(name=name, uuid=uuid, emulator=emulator, disk=disk,
+                                      ide_disk=ide_disk))
     replacements = {str(folder): "DIR", name: "DOMAIN", uuid: "UUID"}
     seen: dict[str, str] = {}
 
@@ -213,8 +221,9 @@ def test_domain_flow(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None
     assert ours["domstate-running"] == "running"
     assert ours["domstate-paused"] == "paused"
     assert ours["domstate-resumed"] == "running"
-    assert ours["domblklist"].split("\n")[-1] == "vda DIR/disk.qcow2"
-    assert ours["domblklist-attached"].split("\n")[-2:] == ["vda DIR/disk.qcow2", "vdb DIR/extra.qcow2"]
+    assert ours["domblklist"].split("\n")[-2:] == ["vda DIR/disk.qcow2", "hda DIR/ide.raw"]
+    assert ours["domblklist-attached"].split("\n")[-3:] == ["vda DIR/disk.qcow2", "vdb DIR/extra.qcow2",
+                                                              "hda DIR/ide.raw"]
     assert ours["domstate-after-restart"] == "running"
     assert ours["domblklist-after-restart"] == ours["domblklist-attached"]
     assert ours["hmp"] == "VM status: running"
