@@ -70,11 +70,18 @@ def _topology(machine: Machine) -> model.CpuTopology:
 _vcpu_threads: weakref.WeakKeyDictionary[Machine, list[IdleThread]] = weakref.WeakKeyDictionary()
 
 
+def _stop_all(threads: list[IdleThread]) -> None:
+    for thread in threads:
+        thread.stop()
+
+
 def _vcpu_thread_ids(machine: Machine) -> list[int]:
     threads = _vcpu_threads.get(machine)
     if threads is None:
         threads = _vcpu_threads[machine] = [IdleThread(f"CPU {index}/TCG")
                                             for index in range(_topology(machine).cpus)]
+        # Machines made and dropped in one process (tests) do not leave threads behind.
+        weakref.finalize(machine, _stop_all, threads)
     return [thread.native_id for thread in threads]
 
 
