@@ -70,7 +70,9 @@ class App:
         self.dispatcher = Dispatcher(machine, command_tables())
         check_schema_facts(schema, machine.block.graph.drivers)
         try:
-            machine.objects.add_from_cli(schema, options.objects)
+            machine.objects.add_from_cli(schema, options.objects,
+                                         machinemodel.MACHINE_TYPES[options.machine_type],
+                                         options.ram_size, options.memory_backend)
         except QMPError as err:
             raise SetupError(err.desc) from err
         for text in options.blockdevs:

@@ -100,6 +100,9 @@ class Options:
     #: ``-device`` and ``-drive`` arguments as typed (keyval, or JSON for -device), in order.
     devices: list[str] = field(default_factory=list)
     drives: list[str] = field(default_factory=list)
+    #: ``-m`` in bytes, and ``-machine memory-backend=``: the guest RAM's backend object.
+    ram_size: int | None = None
+    memory_backend: str | None = None
     #: ``-smp`` as typed (resolved against the machine type: machinemodel.cpu_topology).
     smp: str | None = None
     #: ``-object`` arguments as typed.
@@ -176,6 +179,8 @@ def _machine(options: Options, option: str, value: str) -> None:
             first = setting
         elif key == "accel":
             options.accel = _accelerator(option, setting)
+        elif key == "memory-backend":
+            options.memory_backend = setting
         elif key not in _MACHINE_PROPERTIES:
             raise UsageError(f"{option}: Invalid parameter '{key}'")
     if first:
@@ -204,12 +209,14 @@ def _uuid(option: str, value: str) -> str:
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
-def _size(option: str, value: str) -> None:
-    # -m: QEMU's qemu_strtosz (an optional k/M/G/T/P/E suffix; MiB without one).
+def _size(option: str, value: str) -> int:
+    # -m: QEMU's qemu_strtosz (an optional k/M/G/T/P/E suffix; MiB without one), in bytes.
     number = value.split(",")[0].removeprefix("size=")
-    body = number[:-1] if number[-1:].upper() in ("K", "M", "G", "T", "P", "E") else number
+    suffix = number[-1:].upper()
+    shift = 10 * ("KMGTPE".index(suffix) + 1) if suffix and suffix in "KMGTPE" else 20
+    body = number[:-1] if suffix and suffix in "KMGTPE" else number
     try:
-        float(body)
+        return int(float(body) * (1 << shift))
     except ValueError:
         raise UsageError(f"{option}: Parameter 'size' expects a non-negative number below 2^64\n"
                          "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
@@ -329,7 +336,7 @@ def _apply(options: Options, chardevs: Chardevs, name: str, option: str, value: 
     elif name == "uuid":
         options.uuid = _uuid(option, value)
     elif name == "m":
-        _size(option, value)
+        options.ram_size = _size(option, value) or None  # -m 0: the default size
     elif name == "blockdev":
         options.blockdevs.append(value)
     elif name == "device":

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import QMPError
 from .keyval import parse_json_option, parse_keyval
-from .machinemodel import OBJECT_PROPERTIES
+from .machinemodel import NONE_MACHINE, OBJECT_PROPERTIES, MachineType
 
 if TYPE_CHECKING:
     from .schema import Schema
@@ -122,6 +122,8 @@ class Objects:
 
     def __init__(self) -> None:
         self._objects: dict[str, UserObject] = {}
+        #: Objects the machine uses (its RAM backend): object-del refuses them.
+        self._in_use: set[str] = set()
 
     def __iter__(self) -> Any:
         return iter(list(self._objects.values()))
@@ -145,8 +147,10 @@ class Objects:
             raise QMPError(f"attempt to add duplicate property '{object_id}' to object (type 'container')")
         return self._create(options)
 
-    def add_from_cli(self, schema: Schema, texts: list[str]) -> None:
-        """Create the objects the ``-object`` arguments describe (keyval or JSON).
+    def add_from_cli(self, schema: Schema, texts: list[str], machine: MachineType | None = None,
+                     ram_size: int | None = None, memory_backend: str | None = None) -> None:
+        """Create the objects the ``-object`` arguments describe (keyval or JSON), then the
+        guest RAM's backend of ``machine`` (``-m ram_size``, ``-machine memory-backend=``).
 
         As QEMU: every argument is parsed (and its id checked) first, with the option's
         location in the text, ``-object TEXT: message``; then the objects are created, and
@@ -164,6 +168,34 @@ class Objects:
             parsed.append(options)
         for options in parsed:
             self._create(options)
+        if machine is not None:
+            self._machine_ram(machine, ram_size, memory_backend)
+
+    def _machine_ram(self, machine: MachineType, ram_size: int | None, memory_backend: str | None) -> None:
+        """The RAM backend a machine uses, as QEMU 7.2's machine_run_board_init finds or makes it.
+
+        ``memory-backend=`` names a memory backend object (its size must be ``-m``'s when
+        both are given); otherwise the machine makes its own, ``/objects/<default-ram-id>``,
+        of ``-m``'s size (128 MiB for the PC machines; ``none`` has no RAM unless ``-m``),
+        and no object may take that id.
+        """
+        if memory_backend is not None:
+            backend = self._objects.get(memory_backend)
+            if backend is None or not backend.qom_type.startswith("memory-backend-"):
+                raise QMPError(f"Memory backend '{memory_backend}' not found")
+            if ram_size is not None and backend.properties["size"] != ram_size:
+                raise QMPError("Machine memory size does not match the size of the memory backend")
+            self._in_use.add(memory_backend)
+            return
+        size = ram_size if ram_size is not None else (0 if machine.name == NONE_MACHINE else 128 << 20)
+        if size == 0:
+            return
+        if machine.default_ram_id in self._objects:
+            raise QMPError(f"object name '{machine.default_ram_id}' is reserved for the default RAM "
+                           "backend, it can't be used for any other purposes. Change the object's "
+                           "'id' to something else")
+        self._create({"qom-type": "memory-backend-ram", "id": machine.default_ram_id, "size": size})
+        self._in_use.add(machine.default_ram_id)
 
     def _create(self, options: dict[str, Any]) -> UserObject:
         properties = {key: value for key, value in options.items() if key not in ("qom-type", "id")}
@@ -175,7 +207,9 @@ class Objects:
         return obj
 
     def delete(self, object_id: str) -> None:
-        """object-del: remove the object (nothing here holds one in use)."""
+        """object-del: remove the object, unless the machine uses it (its RAM backend)."""
+        if object_id in self._in_use:
+            raise QMPError(f"object '{object_id}' is in use, can not be deleted")
         obj = self._objects.pop(object_id, None)
         if obj is None:
             raise QMPError(f"object '{object_id}' not found")

@@ -149,6 +149,17 @@ def test_vcpus(pc_pair: tuple[Client, Client]) -> None:
                 {"return": "qemu64-x86_64-cpu"}
 
 
+def test_default_ram_backend(pc_pair: tuple[Client, Client]) -> None:
+    """A pc machine without memory-backend= makes its own, /objects/pc.ram, in use."""
+    theirs, ours = both(pc_pair, "qom-list", {"path": "/objects"})
+    assert ours == theirs == {"return": [{"name": "type", "type": "string"},
+                                         {"name": "pc.ram", "type": "child<memory-backend-ram>"}]}
+    for request in (("qom-get", {"path": "/objects/pc.ram", "property": "size"}),
+                    ("object-del", {"id": "pc.ram"})):
+        theirs, ours = both(pc_pair, *request)
+        assert ours == theirs
+
+
 @pytest.mark.parametrize("command", ["query-sev-capabilities", "query-sgx-capabilities"])
 def test_kvm_only_queries_fail_as_qemu_under_tcg(pair: tuple[Client, Client], command: str) -> None:
     theirs, ours = both(pair, command)
@@ -208,6 +219,11 @@ _PROGRAM = re.compile(r"^(qemu-system-x86_64|qmp-server): ", re.M)
     ["-object", "iothread,id=i,poll-max-ns=-1"],
     ["-object", "throttle-group,id=t,x-iops-total=-1"],
     ["-object", "secret,id=s,file=/nonexistent/key"],
+    ["-machine", "pc,memory-backend=nope"],
+    ["-machine", "pc,memory-backend=m0", "-object", "iothread,id=m0"],
+    ["-machine", "pc,memory-backend=m0", "-object", "memory-backend-ram,id=m0,size=64M", "-m", "128"],
+    ["-machine", "pc", "-object", "memory-backend-ram,id=pc.ram,size=64M"],
+    ["-machine", "none", "-m", "64", "-object", "memory-backend-ram,id=ram,size=64M"],
     ["-machine", "pc", "-smp", "4,sockets=1,cores=1,threads=1"],
     ["-machine", "pc", "-smp", "4,maxcpus=2"],
     ["-machine", "pc", "-smp", "300"],
