@@ -24,8 +24,8 @@ import enum
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from .. import QEMU_VERSION, __version__
 from ..errors import CommandNotFound, QMPError
+from ..version import version_info
 from .encoding import encode
 from .fastpath import FastPath
 from .framing import JSONParseError, JSONStreamer
@@ -52,16 +52,7 @@ class Mode(enum.Enum):
 
 def greeting() -> dict[str, Any]:
     """The greeting QEMU sends when a connection opens."""
-    major, minor, micro = QEMU_VERSION
-    return {
-        "QMP": {
-            "version": {
-                "qemu": {"micro": micro, "minor": minor, "major": major},
-                "package": f"qmp-server {__version__}",
-            },
-            "capabilities": list(CAPABILITIES),
-        }
-    }
+    return {"QMP": {"version": version_info(), "capabilities": list(CAPABILITIES)}}
 
 
 class QMPSession:
