@@ -60,7 +60,6 @@ class Machine:
         self.vm.state_listeners.append(self.devices.vm_state_changed)
         self.migration = MigrationService(self.vm, self.block, self.schema, config.incoming)
         self.hmp = HumanMonitor(self.vm, self.block, self.devices, self.migration, config.name)
-        self.nursery: trio.Nursery | None = None
 
     @property
     def exit_requested(self) -> trio.Event:

@@ -1,22 +1,19 @@
 """The Trio socket server: listeners, one task group per connection, orderly exit.
 
-It only moves bytes: what a client sent goes to its
-:class:`~qmp_server.protocol.session.QMPSession`, the requests the session yields go to
-the dispatcher, and what the session produces (greeting, replies, events) goes back to
-the client, under the server's own rules for many clients (fairness, backpressure,
-output bounds). Every protocol decision is the session's.
+It only moves bytes: what a client sent goes to its :class:`~qmp_server.protocol.QMPSession`,
+the requests the session yields go to the dispatcher, and what the session produces
+(greeting, replies, events) goes back to the client, under the server's own rules for
+many clients (fairness, backpressure, output bounds). Every protocol decision is the
+session's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import os
-import resource
 import socket
-import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,6 +24,7 @@ from .dispatcher import Dispatcher
 from .errors import QMPError
 from .protocol.requests import Request
 from .protocol.session import INBAND_QUEUE_MAX, QMPSession
+from .unixsocket import raise_fd_limit
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -53,9 +51,6 @@ INPUT_SLICE = 4096
 QUANTUM = 0.0005
 # Coalesce at most this much queued output into one write.
 WRITE_CHUNK = 64 << 10
-# The listen() backlog: 1,000 clients connecting at once all get in (the kernel caps it
-# at net.core.somaxconn, 4096 by default).
-LISTEN_BACKLOG = 4096
 # How long to wait before accepting again after running out of descriptors.
 ACCEPT_RETRY = 0.1
 # Accept failures this long after the previous one start a new spell, logged again.
@@ -64,97 +59,8 @@ ACCEPT_QUIET = 10.0
 
 #: How long output still queued when a client's input ends may take to go out (seconds).
 OUTPUT_DRAIN_AT_EOF = 5.0
-
-
-class ListenError(Exception):
-    """A monitor socket could not be set up; the message is for the user."""
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Make room for our socket without ever deleting something that is not ours to delete."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ListenError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # left behind by a process that died
-        return
-    except OSError as err:
-        if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-        raise ListenError(f"{path}: {os.strerror(err.errno or 0)}") from err
-    finally:
-        probe.close()
-    raise ListenError(f"{path} is in use by a running server")
-
-
-class SocketFile:
-    """The file a UNIX socket was bound to, remembered so that only that file is removed."""
-
-    def __init__(self, path: str) -> None:
-        # Absolute: -daemonize changes to / before we exit.
-        self.path = os.path.abspath(path)
-        st = os.lstat(self.path)
-        self._identity = (st.st_dev, st.st_ino)
-
-    def remove(self) -> None:
-        """Unlink the socket file if it is still the one we created.
-
-        Someone may have removed it while we ran and put a file or another server's
-        socket in its place; that is not ours to delete.
-        """
-        try:
-            st = os.lstat(self.path)
-        except OSError:
-            return
-        if (st.st_dev, st.st_ino) == self._identity and stat.S_ISSOCK(st.st_mode):
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-
-
-def bind_unix(path: str) -> trio.SocketListener:
-    """A listening UNIX socket at ``path``, mode 0600, replacing only a stale socket."""
-    return bind_unix_file(path)[0]
-
-
-def bind_unix_file(path: str) -> tuple[trio.SocketListener, SocketFile]:
-    """:func:`bind_unix`, and the socket file, to remove it (and only it) on exit."""
-    _remove_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # bind creates the file 0600 itself: no window where it is open
-    try:
-        sock.bind(path)
-    except OSError as err:
-        sock.close()
-        raise ListenError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}") from err
-    finally:
-        os.umask(old_umask)
-    try:
-        socket_file = SocketFile(path)
-    except OSError as err:
-        sock.close()
-        raise ListenError(f"{path}: {os.strerror(err.errno or 0)}") from err
-    sock.listen(LISTEN_BACKLOG)
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock)), socket_file
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft limit on open descriptors to the hard limit.
-
-    Each client costs a descriptor and the usual soft limit (1024) is below what a
-    server of many clients needs. QEMU does the same since 9.0 (os_setup_limits()).
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+#: How long the clients' queued output may take to go out when the server exits.
+OUTPUT_DRAIN_AT_EXIT = 1.0
 
 
 class Connection:
@@ -272,6 +178,11 @@ class Connection:
             self._resumed = time.perf_counter()
         return not self._dropped
 
+    async def drained(self) -> None:
+        """Return once everything queued for the client went out (or it went away)."""
+        while not (self._broken or self._writer_idle):
+            await trio.sleep(0.001)
+
     async def run(self) -> None:
         """Serve the connection until the client goes away."""
         self._enqueue(self.session.data_to_send())  # the greeting
@@ -284,8 +195,7 @@ class Connection:
                 # The end of the input need not be the end of the output (stdio, a
                 # half-closed socket): let what is queued go out first, within a bound.
                 with trio.move_on_after(OUTPUT_DRAIN_AT_EOF):
-                    while not (self._broken or self._writer_idle):
-                        await trio.sleep(0.001)
+                    await self.drained()
                 nursery.cancel_scope.cancel()
         finally:
             self.machine.events.unsubscribe(self._deliver_event)
@@ -515,14 +425,26 @@ async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.S
     answering it (0: never poll).
     """
 
+    connections: set[Connection] = set()
+
     async def handle(stream: trio.SocketStream) -> None:
-        await Connection(machine, dispatcher, stream, poll_max_ns).run()
+        connection = Connection(machine, dispatcher, stream, poll_max_ns)
+        connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            connections.discard(connection)
 
     raise_fd_limit()
     async with trio.open_nursery() as nursery:
-        machine.nursery = nursery
         for listener in listeners:
             nursery.start_soon(_accept_loop, listener, nursery, handle)
         task_status.started()
         await machine.exit_requested.wait()
+        # What was said before the exit (quit's SHUTDOWN, a failed incoming migration's
+        # MIGRATION event) reaches the clients first, within a bound: QEMU flushes its
+        # monitors' output on the way out (monitor_cleanup).
+        with trio.move_on_after(OUTPUT_DRAIN_AT_EXIT):
+            for connection in list(connections):
+                await connection.drained()
         nursery.cancel_scope.cancel()

@@ -417,6 +417,8 @@ def test_mismatching_block_configuration_fails_cleanly(tmp_path: Path, image: Pa
         # Default exit-on-error: the destination exits like QEMU, status 1, error on stderr.
         assert dst.wait_exit() == 1
         assert f"qmp-server: load of migration failed: {expected}\n" in dst.log()
+        # Its clients were told before it went (QEMU flushes its monitors on exit).
+        assert dst.settle()[-1] == "MIGRATION:failed"
 
 
 def test_failed_incoming_without_exit_can_be_retried(tmp_path: Path, image: Path) -> None:
