@@ -147,3 +147,79 @@ class _Qcow2Creation(Creation):
             self._create(self.node, self.spec)
         finally:
             self.graph.remove_user(self.edge)
+
+
+class _FdChild:
+    """A ChildIO over a plain file descriptor: the file node ``qcow2_co_create_opts``
+    opens on the file it just created, without a node in the graph."""
+
+    def __init__(self, fd: int, filename: str) -> None:
+        self.fd = fd
+        self._filename = filename
+
+    @property
+    def node_name(self) -> str:
+        return ""
+
+    @property
+    def filename(self) -> str:
+        return self._filename
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        return data + bytes(length - len(data))
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # each pass writes at least one byte or raises
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.pwrite(offset, bytes(length))
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def getlength(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+
+
+def create_overlay_image(filename: str, size: int, backing_file: str, backing_format: str) -> None:
+    """bdrv_img_create for a qcow2 overlay (``qemu-img create -f qcow2 -b F -F FMT``).
+
+    The file is created (or emptied) as blockdev-create's file driver does, then the qcow2
+    image is written with QEMU's defaults, the virtual size of the backing node and its
+    filename and format as backing file.
+    """
+    from .qcow2 import create as qcow2_create  # qcow2 is loaded on first use
+
+    # qemu-img's size option is rounded up to whole sectors.
+    size = -(-size // 512) * 512
+    _FileCreation({"filename": filename, "size": 0}).run()
+    spec = qcow2_create.validate({"size": size, "backing-file": backing_file,
+                                  "backing-fmt": backing_format})
+    try:
+        fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        code = err.errno or errno.EIO
+        raise BlockError(f"Could not open '{filename}': {os.strerror(code)}", code) from err
+    locks = LockState(fd)
+    try:
+        locks.apply(WRITE | RESIZE, ALL & ~(WRITE | RESIZE), unlock=False)
+        locks.check(WRITE | RESIZE, ALL & ~(WRITE | RESIZE))
+        try:
+            qcow2_create.create(_FdChild(fd, filename), spec)
+        except OSError as err:
+            code = err.errno or errno.EIO
+            raise BlockError(os.strerror(code), code) from err
+    finally:
+        locks.release_all()
+        os.close(fd)

@@ -7,6 +7,7 @@ operations); none of them is safe to call concurrently.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
@@ -78,6 +79,9 @@ class BlockGraph:
         # query-named-block-nodes reports newest first, as QEMU does.
         self.nodes: dict[str, BlockNode] = {}
         self._generated = 0
+        #: The driver options each node was opened with, for reopening it (QEMU keeps
+        #: them as bs->options).
+        self._driver_options: dict[BlockNode, dict[str, Any]] = {}
 
     # Lookup -------------------------------------------------------------------------
 
@@ -164,6 +168,7 @@ class BlockGraph:
         except BaseException:
             self._detach_all(node)
             raise
+        self._driver_options[node] = driver_options
         self.nodes[name] = node
         BlockNode.changes += 1
         created.append(node)
@@ -229,11 +234,56 @@ class BlockGraph:
             request = node.driver.backing_request()
             if request is None:
                 return
-            fmt = request.format or self._probe_format(request.path)
-            spec = {"driver": fmt, "file": {"driver": "file", "filename": request.path}}
-            child = self._child_node(spec, node.options, inactive, created, backing=True)
+            if request.filename.startswith("json:"):
+                spec = self._json_backing(request.filename, request.format)
+            else:
+                fmt = request.format or self._probe_format(request.path)
+                spec = {"driver": fmt, "file": {"driver": "file", "filename": request.path}}
+            try:
+                child = self._child_node(spec, node.options, inactive, created, backing=True)
+            except BlockError as err:
+                # bdrv_open_backing_file prefixes what opening the backing chain said.
+                if err.message.startswith("Could not open backing file: "):
+                    raise
+                raise BlockError(f"Could not open backing file: {err.message}", err.errno) from err
         self._attach(node, child, "backing", ChildRole.COW)
         node.driver.backing = child
+
+    def _json_backing(self, filename: str, fmt: str | None) -> dict[str, Any]:
+        """Blockdev options from a ``json:{...}`` backing file name (parse_json_filename).
+
+        Only plain trees are taken: a format node (``driver`` one of ours, else the
+        header's backing format, else probed) over a ``file`` node, given nested or with
+        dotted keys (``file.filename``), or a bare ``filename`` for the file node.
+        """
+        try:
+            tree = json.loads(filename[len("json:"):])
+        except ValueError as err:
+            raise BlockError(f"Could not open backing file: Could not parse the JSON options: {err}",
+                             errno.EINVAL) from err
+        if not isinstance(tree, dict):
+            raise BlockError("Could not open backing file: Invalid JSON object given", errno.EINVAL)
+        options: dict[str, Any] = {}
+        for key, value in tree.items():  # dotted keys to nested dicts (qdict_crumple)
+            parts = str(key).split(".")
+            target = options
+            for part in parts[:-1]:
+                nested = target.setdefault(part, {})
+                if not isinstance(nested, dict):
+                    raise BlockError(f"Could not open backing file: Invalid option '{key}'", errno.EINVAL)
+                target = nested
+            target[parts[-1]] = value
+        if "filename" in options and "file" not in options and options.get("driver") != "file":
+            options["file"] = {"driver": "file", "filename": options.pop("filename")}
+        if options.get("driver") == "file":
+            options = {"file": options}
+        file_ref = options.get("file")
+        if isinstance(file_ref, dict):
+            file_ref.setdefault("driver", "file")
+        if "driver" not in options:
+            path = file_ref.get("filename") if isinstance(file_ref, dict) else None
+            options["driver"] = fmt or (self._probe_format(path) if isinstance(path, str) else "raw")
+        return options
 
     @staticmethod
     def _probe_format(path: str) -> str:
@@ -386,9 +436,14 @@ class BlockGraph:
             raise BlockError(f"Node {name} is in use")
         if not node.monitor_owned:
             raise BlockError(f"Node {name} is not owned by the monitor")
+        self.check_not_backing(node)
         if node.parents:
             raise BlockError(f"Block device {name} is in use")
         node.monitor_owned = False
+        self._release(node)
+
+    def release(self, node: BlockNode) -> None:
+        """Close ``node`` (and its orphaned children) if nothing holds it any more."""
         self._release(node)
 
     def _release(self, node: BlockNode) -> None:
@@ -407,6 +462,7 @@ class BlockGraph:
             except BlockError as err:
                 log.warning("flushing %s on close failed: %s", node.name, err)
         node.driver.close()
+        self._driver_options.pop(node, None)
         children = [edge.child for edge in node.children]
         self._detach_all(node)
         if self.nodes.get(node.name) is node:
@@ -426,6 +482,82 @@ class BlockGraph:
         for node in reversed(list(self.nodes.values())):
             if self.nodes.get(node.name) is node:
                 self._destroy(node, flush=True)
+
+    # Overlays (external snapshots) ----------------------------------------------------
+
+    @staticmethod
+    def check_not_backing(node: BlockNode) -> None:
+        """QEMU's op blocker on backing nodes (bdrv_set_backing_hd blocks most operations
+        on the new backing node, deletion and external snapshots among them)."""
+        for edge in node.parents:
+            if edge.parent is not None and edge.name == "backing":
+                raise BlockError(f"Node '{node.name}' is busy: node is used as backing hd of "
+                                 f"'{edge.parent.name}'")
+
+    def append_overlay(self, overlay: BlockNode, old: BlockNode) -> None:
+        """QEMU's bdrv_append: ``old`` becomes the backing child of ``overlay``, and every
+        other user of ``old`` (parent nodes and outside users alike) uses ``overlay``.
+
+        One permission transaction: on a conflict (QEMU's text) the graph is as before.
+        The caller made QEMU's checks on the overlay (external_snapshot_prepare).
+        """
+        if old.inactive and not overlay.inactive:
+            raise BlockError(f"Inactive '{old.name}' can't be a backing child of active '{overlay.name}'")
+        if self._reaches(old, overlay):
+            raise BlockError(f"Making '{old.name}' a backing child of '{overlay.name}' would create a cycle")
+        moved = list(old.parents)
+        edge = Edge(child=old, name="backing", role=ChildRole.COW, parent=overlay)
+        overlay.children.append(edge)
+        old.parents = [edge]
+        for parent_edge in moved:
+            parent_edge.child = overlay
+            if parent_edge.parent is not None:
+                parent_edge.parent.touch()
+        overlay.parents = moved + overlay.parents
+        overlay.driver.backing = old
+        overlay.touch()
+        old.touch()
+        try:
+            self.refresh_perms([overlay])
+        except BlockError:
+            overlay.driver.backing = None
+            overlay.children.remove(edge)
+            overlay.parents = overlay.parents[len(moved):]
+            for parent_edge in moved:
+                parent_edge.child = old
+            old.parents = moved
+            self._loosen([old, overlay])
+            raise
+
+    def set_read_only(self, node: BlockNode) -> None:
+        """QEMU's bdrv_reopen_set_read_only(bs, true), as external_snapshot_commit uses it.
+
+        Children created with the node inherit the flag (named ones keep their own, as in
+        QEMU's reopen queue). A writable format node first stores its persistent bitmaps
+        and marks its image clean (qcow2_reopen_prepare), then reopens read-only. Errors
+        are the caller's to ignore, as QEMU does.
+        """
+        if node.options.read_only or node.driver.ejected:
+            return
+        members = [node]
+        for member in members:  # bounded by the subtree: each node is added once
+            for edge in member.children:
+                if edge.name == "file" and edge.child.implicit and edge.child not in members:
+                    members.append(edge.child)
+        for member in members:
+            member.flush()
+        for member in members:
+            if member.options.read_only:
+                continue
+            if not member.driver.protocol and member.writable:
+                member.driver.inactivate()
+                member.driver.close()
+                member.options.read_only = True
+                member.driver.open(self._driver_options.get(member, {}), read_only=True,
+                                   inactive=member.inactive)
+            member.options.read_only = True
+            member.touch()
+        self._loosen(members)
 
     # Activation -----------------------------------------------------------------------
 

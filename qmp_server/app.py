@@ -11,7 +11,7 @@ import trio
 from . import machinemodel
 from .chardev import ChardevError, Endpoint, open_chardev
 from .cli import Options
-from .commands import bitmaps, block, control, devices, jobs
+from .commands import bitmaps, block, control, devices, jobs, snapshots
 from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
 from .errors import QMPError
@@ -33,7 +33,7 @@ def command_tables() -> list[CommandTable]:
     from .migration import commands as migration_commands
 
     return [control.table, block.table, migration_commands.table, machine_commands.table,
-            devices.table, bitmaps.table, jobs.table]
+            devices.table, bitmaps.table, jobs.table, snapshots.table]
 
 
 class App:

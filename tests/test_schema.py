@@ -563,6 +563,8 @@ def test_commands_and_flags(schema: Schema) -> None:
         # qmp_server/commands/jobs.py
         "query-jobs", "job-dismiss", "job-finalize", "job-cancel", "job-pause", "job-resume",
         "job-complete", "blockdev-create",
+        # qmp_server/commands/snapshots.py
+        "blockdev-snapshot", "blockdev-snapshot-sync",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
