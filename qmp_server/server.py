@@ -1,10 +1,10 @@
 """The Trio socket server: listeners, one task group per connection, orderly exit.
 
-It only moves bytes: what a client sent goes to its :class:`~qmp_server.protocol.QMPSession`,
-the requests the session yields go to the dispatcher, and what the session produces
-(greeting, replies, events) goes back to the client, under the server's own rules for
-many clients (fairness, backpressure, output bounds). Every protocol decision is the
-session's.
+It only moves bytes: what a client sent goes to its
+:class:`~qmp_server.protocol.session.QMPSession`, the requests the session yields go to
+the dispatcher, and what the session produces (greeting, replies, events) goes back to
+the client, under the server's own rules for many clients (fairness, backpressure,
+output bounds). Every protocol decision is the session's.
 """
 
 from __future__ import annotations

@@ -280,3 +280,34 @@ def test_nul_keys_are_ordered_as_qemu_does(qemu_system: str, tmp_path: Path) -> 
             theirs = qemu.read_line().replace(b'"singlestep": false, ', b"")
             assert theirs == expected, data
             assert ours.read_line() == expected, data
+
+
+# --------------------------------------------------------------------------------------
+# The layer
+
+
+def test_the_protocol_package_does_no_io() -> None:
+    """No sockets, no tasks, nothing above it: only the errors and version facts of qmp_server."""
+    import ast
+
+    import qmp_server.protocol
+
+    allowed_own = {"qmp_server.errors", "qmp_server.version", "qmp_server"}
+    for path in Path(qmp_server.protocol.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    names = [node.module or ""]
+                elif node.level == 1:
+                    continue  # a sibling in the package
+                else:
+                    names = ["qmp_server." + node.module if node.module else "qmp_server"]
+            else:
+                continue
+            for name in names:
+                root = name.split(".")[0]
+                assert root not in {"trio", "socket", "selectors", "asyncio", "threading"}, (path.name, name)
+                if root == "qmp_server":
+                    assert name in allowed_own, (path.name, name)
