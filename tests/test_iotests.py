@@ -1,0 +1,72 @@
+"""QEMU's own iotests against the server, with no wrapper (docs/conformance.md).
+
+tests/iotests_runner.py runs each test through QEMU's ``check`` with ``QEMU_PROG`` set to
+our console script and the real QEMU tools. The tests come from QEMU's source at run time:
+``$QMP_SERVER_QEMU_IOTESTS`` names its tests/qemu-iotests folder (.ci/run fetches it with
+``apt-get source qemu``). Without it these tests skip, except under
+``QMP_SERVER_REQUIRE_QEMU=1`` where a missing source must fail the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import iotests_runner
+import pytest
+import qemu_tools
+
+SOURCE = iotests_runner.iotests_dir()
+
+#: Tests whose output is their .out file exactly.
+PASSING = ["backing-file-invalidation"]
+
+#: Tests that miss their 7.2.0 .out file only where QEMU 7.2 itself (Debian's build, the
+#: one in CI) misses it too: the runner runs QEMU in our place and the outputs are equal.
+SAME_AS_QEMU = ["176"]
+
+#: Near misses, each failing for the gaps named (docs/conformance.md lists more, such as
+#: 196 and migration-permissions, left out here because a server that fails to start
+#: costs them QEMUMachine's 15 s connection timeout). Strict: when one passes, move it
+#: to PASSING.
+NEAR = {
+    "091": "-drive without if= (if=ide) refused; -drive aio= refused",
+    "181": "-drive without if= (if=ide) refused; -drive aio= refused; HMP prints a prompt after quit",
+}
+
+pytestmark = pytest.mark.skipif(
+    SOURCE is None and os.environ.get("QMP_SERVER_REQUIRE_QEMU") != "1",
+    reason=f"QEMU's tests/qemu-iotests (apt-get source qemu) not given in ${iotests_runner.ENV_VAR}")
+
+
+def _run(test: str, baseline: str | None = None) -> iotests_runner.Result:
+    assert SOURCE is not None, f"${iotests_runner.ENV_VAR} must name QEMU's tests/qemu-iotests"
+    for tool in ("qemu-img", "qemu-io", "qemu-nbd"):
+        qemu_tools.require(tool)
+    # Our console script, as installed beside this Python (no wrapper).
+    launcher = Path(sys.executable).parent / "qmp-server"
+    if not launcher.exists():
+        pytest.fail(f"{launcher} is not installed (pip install -e .)")
+    [result] = iotests_runner.run([test], SOURCE, timeout=90, qemu_prog=str(launcher), baseline=baseline)
+    return result
+
+
+def _explain(result: iotests_runner.Result) -> str:
+    return "\n".join([f"{result.test}: {result.status} {result.reason}", *result.first_difference])
+
+
+@pytest.mark.parametrize("test", [
+    *PASSING,
+    *(pytest.param(test, marks=pytest.mark.xfail(strict=True, reason=gap)) for test, gap in NEAR.items()),
+])
+def test_iotest_passes(test: str) -> None:
+    result = _run(test)
+    assert result.status == "pass", _explain(result)
+
+
+@pytest.mark.parametrize("test", SAME_AS_QEMU)
+def test_iotest_prints_what_qemu_prints(test: str) -> None:
+    result = _run(test, baseline=qemu_tools.require("qemu-system-x86_64"))
+    assert result.status == "pass" or result.same_as_qemu, (
+        _explain(result) + f"\nQEMU itself: {result.qemu_status}")
