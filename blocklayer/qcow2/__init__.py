@@ -10,8 +10,9 @@ Modules, one job each:
 * ``tables``    -- host-order arrays for on-disk tables; refcount block codecs (all widths)
 * ``header``    -- cluster 0: parsing, validation (QEMU's messages), rewriting
 * ``l2``        -- L1/L2 entry bits, cluster types, compressed descriptors
-* ``compress``  -- decompression of compressed clusters
+* ``compress``  -- decompression of compressed clusters (zlib; zstd via ``zstandard``)
 * ``repair``    -- dirty-image repair: refcount rebuild from the L1/L2 walk
+* ``bitmaps``   -- persistent dirty bitmaps: the bitmap directory, tables, load and store
 * ``snapshot``  -- the internal snapshot table (as far as refcounting needs it)
 * ``options``   -- node options and cache sizing
 * ``tracked``   -- ChildIO wrapper that tracks the file length

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..dirtybitmap import DirtyBitmap, create, find
+from ..dirtybitmap import BitmapError, DirtyBitmap, create, find
 from ..errors import BlockError
 from . import header as H
 from . import overlap as OL
@@ -74,6 +74,7 @@ class DirEntry:
     bitmap: DirtyBitmap | None = field(default=None, repr=False)
 
     def encoded_name(self) -> bytes:
+        """The name as stored in the directory."""
         return self.name.encode("utf-8", "surrogateescape")
 
 
@@ -297,7 +298,7 @@ def _load_bitmap(img: Qcow2Image, entry: DirEntry, bitmaps: list[DirtyBitmap]) -
     """load_bitmap: create the bitmap, then read its data unless it is in_use."""
     try:
         bitmap = create(bitmaps, entry.name, 1 << entry.granularity_bits, bitmap_length(img))
-    except Exception as exc:
+    except BitmapError as exc:  # a name the node already has, or one too long
         raise BlockError(str(exc), errno.EINVAL) from exc
     if entry.flags & FLAG_IN_USE:
         return bitmap  # its data cannot be trusted: not even read
