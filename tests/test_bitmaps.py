@@ -573,3 +573,24 @@ def test_power_loss_while_bitmaps_are_stored(tmp_path: Path, image: Path) -> Non
         # QEMU loads whatever bitmaps the header vouches for, with readable tables.
         with running([], tmp_path, f"p{n}", qemu=True) as (_, qemu):
             assert _add(qemu, crashed, **{"read-only": True}) == {"return": {}}, n
+
+
+def test_persistent_bitmap_on_read_only_node_is_lost_with_qemus_message(
+        tmp_path: Path, qemu_utils: None) -> None:
+    """QEMU accepts a persistent bitmap on a read-only node and reports it lost when the
+    node closes (qcow2_close's store: No write access); the image stays untouched."""
+    qemu_tools.require("qemu-system-x86_64")
+    message = "Lost persistent bitmaps during inactivation of node 'd': No write access"
+    for name in ("qemu", "ours"):
+        path = tmp_path / f"{name}.qcow2"
+        _img("create", "-q", "-f", "qcow2", str(path), "4M")
+        before = path.read_bytes()
+        with running([], tmp_path, name, qemu=name == "qemu") as (proc, client):
+            assert _add(client, path, **{"read-only": True}) == {"return": {}}
+            client.cmd("block-dirty-bitmap-add", node="d", name="p", persistent=True)
+            client.cmd("blockdev-del", **{"node-name": "d"})
+            client.cmd("quit")
+            assert proc.stdout is not None
+            output = proc.stdout.read().decode()
+        assert message in output, (name, output)
+        assert path.read_bytes() == before

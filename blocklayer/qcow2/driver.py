@@ -78,9 +78,21 @@ class Qcow2Driver(BlockDriver):
                                      inactive=inactive, bitmaps=self._bitmaps)
 
     def close(self) -> None:
-        """Drop all state; never writes."""
-        if self._img is not None:
-            self._img.drop()
+        """Drop all state; never writes.
+
+        The graph inactivates writable nodes first (which stores their bitmaps); QEMU's
+        qcow2_close tries the store on any active node, so a persistent bitmap added to a
+        read-only node is reported lost here, as QEMU reports it.
+        """
+        img = self._img
+        if img is not None and not self._inactive and not self.ejected and not img.writable:
+            try:
+                BM.store_bitmaps(img, self._bitmaps)  # writes nothing: the image is read-only
+            except BlockError as exc:
+                log.error("Lost persistent bitmaps during inactivation of node '%s': %s",
+                          self._node_name, exc)
+        if img is not None:
+            img.drop()
         self._img = None
 
     def _image(self) -> Qcow2Image:
