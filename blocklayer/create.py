@@ -129,24 +129,32 @@ class _Qcow2Creation(Creation):
         from .qcow2 import create as qcow2_create  # qcow2 is loaded on first use
 
         self._create = qcow2_create.create
-        ref = options["file"]
-        if not isinstance(ref, str):
-            raise BlockError("Inline 'file' nodes are not supported by blockdev-create here; "
-                             "add the node with blockdev-add and name it", errno.ENOTSUP)
-        node = graph.find(ref)
-        if node is None:
-            raise BlockError(f"Cannot find device='{ref}' nor node-name='{ref}'", errno.ENODEV)
-        self.spec = qcow2_create.validate(options)
-        # blk_new_with_bs(bs, WRITE | RESIZE, ALL): an anonymous BlockBackend writes it.
         self.graph = graph
-        self.node = node
-        self.edge = graph.add_user(node, "an unnamed block device", WRITE | RESIZE, ALL)
+        ref = options["file"]
+        # bdrv_open_blockdev_ref: a node by name, or a node tree opened for the job alone
+        # (closed again when the job lets go of it).
+        if isinstance(ref, str):
+            found = graph.find(ref)
+            if found is None:
+                raise BlockError(f"Cannot find device='{ref}' nor node-name='{ref}'", errno.ENODEV)
+            self.node = found
+        else:
+            self.node = graph.open(ref)
+            self.node.monitor_owned = False
+        try:
+            self.spec = qcow2_create.validate(options)
+            # blk_new_with_bs(bs, WRITE | RESIZE, ALL): an anonymous BlockBackend writes it.
+            self.edge = graph.add_user(self.node, "an unnamed block device", WRITE | RESIZE, ALL)
+        except BaseException:
+            graph.release(self.node)
+            raise
 
     def run(self) -> None:
         try:
             self._create(self.node, self.spec)
         finally:
             self.graph.remove_user(self.edge)
+            self.graph.release(self.node)
 
 
 class _FdChild:

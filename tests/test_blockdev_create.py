@@ -168,3 +168,19 @@ def test_typical_flow(tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
                           capture_output=True, text=True)
     assert read.returncode == 0, read.stdout + read.stderr
     assert "Pattern verification failed" not in read.stdout
+
+
+def test_inline_file_node(tmp_path: Path, qemu_system: str, qemu_img: str) -> None:
+    """A qcow2 created on a file node given inline: the node exists only for the job."""
+    results = []
+    for qemu in (True, False):
+        work = tmp_path / ("qemu" if qemu else "ours")
+        work.mkdir()
+        path = work / "inline.qcow2"
+        with running([], work, qemu=qemu) as (_, client):
+            _create(client, "f", {"driver": "file", "filename": str(path), "size": 0})
+            info = _create(client, "q", {"driver": "qcow2", "size": 4 * MiB,
+                                         "file": {"driver": "file", "filename": str(path)}})
+            results.append((info, client.cmd("query-named-block-nodes"), path.read_bytes()))
+    assert results[0] == results[1]
+    assert results[1][1] == []
