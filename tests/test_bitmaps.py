@@ -505,8 +505,7 @@ def test_device_names_and_query_block(tmp_path: Path, image: Path) -> None:
             _, client = stack.enter_context(running(drive, tmp_path, name, qemu=name == "qemu"))
             replies: list[Any] = [client.execute("block-dirty-bitmap-add",
                                                  {"node": "drive0", "name": "via-drive"})]
-            # (HMP qemu-io by backend name is not ours yet: the node behind it.)
-            _hmp_io(client, "n0", "write 64k 64k")
+            _hmp_io(client, "drive0", "write 64k 64k")  # through the backend
             replies.append(client.execute("x-debug-block-dirty-bitmap-sha256",
                                           {"node": "drive0", "name": "via-drive"}))
             replies.append(client.execute("block-dirty-bitmap-clear",
