@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from functools import partial
 
 import trio
 
@@ -14,14 +13,16 @@ from .cli import Options
 from .commands import bitmaps, block, control, devices, jobs, snapshots
 from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
-from .errors import QMPError
+from .errors import QMPError, with_hints
 from .hmp.terminal import serve_terminal
+from .keyval import blockdev_options_from_cli
 from .machine import Machine, MachineConfig
+from .migration import commands as migration_commands
 from .qtest import serve_qtest
-from .runstate import RunState
-from .schema import Schema, blockdev_options_from_cli
+from .schema import Schema
 from .schema_facts import check_all as check_schema_facts
-from .server import Connection, SocketFile, serve
+from .server import Connection, serve
+from .unixsocket import SocketFile
 
 
 class SetupError(Exception):
@@ -30,8 +31,6 @@ class SetupError(Exception):
 
 def command_tables() -> list[CommandTable]:
     """Every command module's table."""
-    from .migration import commands as migration_commands
-
     return [control.table, block.table, migration_commands.table, machine_commands.table,
             devices.table, bitmaps.table, jobs.table, snapshots.table]
 
@@ -77,13 +76,9 @@ class App:
             raise SetupError(err.desc) from err
         for text in options.blockdevs:
             try:
-                spec = blockdev_options_from_cli(schema, text)
-                if "node-name" not in spec:
-                    raise QMPError("'node-name' must be specified for the root node")
-                inactive = machine.vm.state is RunState.INMIGRATE
-                machine.block.locked(partial(machine.block.graph.open, spec, inactive=inactive))
+                machine.block.blockdev_add_at_startup(blockdev_options_from_cli(schema, text))
             except QMPError as err:
-                raise SetupError(f"-blockdev {text}: {err.desc}") from err
+                raise SetupError(f"-blockdev {text}: {with_hints(err)}") from err
         # QEMU's order: -blockdev and -drive (configure_blockdev), then -device.
         for flag, texts, make in (("-drive", options.drives, machine.devices.cli_drive),
                                   ("-device", options.devices, machine.devices.cli_device)):
@@ -91,7 +86,7 @@ class App:
                 try:
                     machine.block.locked(make, text)
                 except QMPError as err:
-                    raise SetupError(f"{flag} {text}: {err.desc}") from err
+                    raise SetupError(f"{flag} {text}: {with_hints(err)}") from err
         machine.migration.check_incoming_uri()
         # QEMU creates the chardevs (in order), then the monitors on them.
         opened: dict[str, Endpoint] = {}
@@ -119,7 +114,7 @@ class App:
         machine.vm.start_after_launch()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals, machine)
-            await machine.migration.start_incoming(nursery)
+            machine.migration.start(nursery)
             for stream, control in self.streams:
                 if control:
                     connection = Connection(machine, self.dispatcher, stream, self.options.poll_max_ns)
@@ -138,8 +133,8 @@ class App:
     async def _signals(machine: Machine) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for _ in signals:
-                machine.events.emit("SHUTDOWN", {"guest": False, "reason": "host-signal"})
-                machine.request_exit(0)
+                if await machine.vm.shutdown("host-signal"):
+                    machine.vm.request_exit(0)
                 return
 
     def cleanup(self) -> None:

@@ -11,10 +11,10 @@ from blocklayer.lockbytes import lock_byte
 from .chardev import Chardev, ChardevError, Chardevs, parse_bool, split_options
 from .errorreport import program_name
 from .machinemodel import (
+    DEFAULT_MACHINE,
     DEVICE_HELP,
     FORMATS,
     MACHINE_TYPES,
-    NONE_MACHINE,
     MachineType,
     machine_description,
     machine_type,
@@ -111,7 +111,8 @@ class Options:
     pidfile: str | None = None
     default_socket: bool = False
     poll_max_ns: int = DEFAULT_POLL_MAX_NS
-    machine_type: str = NONE_MACHINE
+    #: QEMU's default machine when -machine names none: the i440fx PC of our version.
+    machine_type: str = field(default_factory=lambda: DEFAULT_MACHINE)
     accel: str = "tcg"
     uuid: str | None = None
     no_shutdown: bool = False

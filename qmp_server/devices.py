@@ -14,6 +14,7 @@ without a guest would wait forever.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +28,16 @@ from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 from . import machinemodel as model
 from .blockinfo import backend_info
 from .blockservice import BlockService
+from .driveopts import CACHE_MODES, nest, parse_qemu_opts
 from .errorreport import error_report
 from .errors import QMPError
 from .keyval import parse_json_option, parse_keyval
 from .runstate import VM, RunState
 
 T = TypeVar("T")
+
+#: qdev's aliases (qdev_alias_table) for the devices we model, on a PCI machine.
+_DEVICE_ALIASES = {"virtio-blk": "virtio-blk-pci"}
 
 #: QEMU's BlockInterfaceType numbers, as "Can't hot-add drive to type N" prints them.
 _IF_NUMBER = {"none": 0, "ide": 1, "scsi": 2, "floppy": 3, "pflash": 4, "mtd": 5, "sd": 6,
@@ -108,10 +113,16 @@ class Device:
 class Devices:
     """The machine's disk frontends and named (``-drive``) BlockBackends."""
 
-    def __init__(self, vm: VM, block: BlockService, machine_type: str) -> None:
+    def __init__(self, vm: VM, block: BlockService, machine_type: str,
+                 blockdev_options: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         self.vm = vm
         self.block = block
         self.machine_type = machine_type
+        #: A keyval tree of strings -> typed blockdev-add options (the schema's keyval
+        #: visitor), for what -drive leaves to the block layer.
+        self._blockdev_options = blockdev_options
+        #: Where each -drive sits: name -> (interface, bus, unit).
+        self._drive_units: dict[str, tuple[str, int, int]] = {}
         #: Named BlockBackends (``-drive id=``), in creation order.
         self.named: dict[str, BlockBackend] = {}
         #: Devices in creation order (QEMU lists backends in that order too).
@@ -150,52 +161,144 @@ class Devices:
     def _inmigrate(self) -> bool:
         return self.vm.state is RunState.INMIGRATE
 
-    def drive_new(self, opts: dict[str, Any]) -> None:
-        """``-drive``: a named BlockBackend over a new node tree (drive_new, blockdev_init)."""
+    def drive_new(self, opts: dict[str, str]) -> None:
+        """``-drive`` (QemuOpts, flat): a named BlockBackend over a new node tree, plus the
+        device ``if=`` asks for (drive_new, blockdev_init). The caller holds the lock."""
+        opts = dict(opts)
         interface = opts.pop("if", self._default_interface())
-        if interface not in ("none", "virtio"):
+        if interface not in _IF_NUMBER:
+            raise QMPError(f"unsupported bus type '{interface}'")
+        if interface not in ("none", "virtio", "ide"):
             raise QMPError(f"Drive interface '{interface}' is not supported by qmp-server")
+        media = opts.pop("media", "disk")
+        if media not in ("disk", "cdrom"):
+            raise QMPError(f"'{media}' invalid media")
+        if media == "cdrom":
+            raise QMPError("media=cdrom is not supported by qmp-server")
+        bus_id, unit_id = self._drive_address(interface, opts)
         name = opts.pop("id", None)
         if name is None:
-            index = sum(1 for n in self.named if n.startswith(interface))
-            name = f"{interface}{index}"
+            # drive_new's generated id: "ide0-hd1", "virtio0", "none0".
+            name = (f"ide{bus_id}-hd{unit_id}" if interface == "ide"
+                    else f"{interface}{unit_id}")
         elif not _id_wellformed(name):
             raise QMPError("Parameter 'id' expects an identifier\n"
                            "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
         if name in self.named:
             raise QMPError(f"Duplicate ID '{name}' for drive")
-        read_only = _bool_property(opts.pop("readonly", "off"), "read-only")
-        filename = opts.pop("file", None)
-        fmt = opts.pop("format", None)
-        if filename is None:
-            raise QMPError('A block device must be specified for "file"')
-        if fmt is None:
-            fmt = self._probe(filename)
-        spec: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": filename},
-                                "read-only": read_only}
-        cache = opts.pop("cache", None)
-        if isinstance(cache, dict):
-            spec["cache"] = {key: _bool_property(value, f"cache.{key}") for key, value in cache.items()}
-        for key in ("node-name", "discard", "detect-zeroes"):
-            if key in opts:
-                spec[key] = opts.pop(key)
-        if opts:
-            raise QMPError(f"Block format '{fmt}' does not support the option '{next(iter(opts))}'")
+        tree = self._drive_block_options(opts)
         graph = self.block.graph
-        node = _call(graph.open, spec, inactive=self._inmigrate())
-        # drive_new's tree belongs to its BlockBackend, not to the monitor.
-        node.monitor_owned = False
         blk = BlockBackend(graph, name, inmigrate=self._inmigrate)
         # blk_new_open: the backend reads consistently and lets everyone else do anything.
         blk.perm, blk.shared = CONSISTENT_READ, ALL
-        try:
-            _call(blk.insert, node)
-        except QMPError:
-            self._close_tree(node.name)
-            raise
+        if tree is not None:
+            node = _call(graph.open, self._typed(tree), inactive=self._inmigrate())
+            # drive_new's tree belongs to its BlockBackend, not to the monitor.
+            node.monitor_owned = False
+            try:
+                _call(blk.insert, node)
+            except QMPError:
+                self._close_tree(node.name)
+                raise
         self.named[name] = blk
+        self._drive_units[name] = (interface, bus_id, unit_id)
         if interface == "virtio":
             self.device_add({"driver": "virtio-blk-pci", "drive": name}, hotplug=False)
+        elif interface == "ide":
+            self.device_add({"driver": "ide-hd", "drive": name, "bus": f"ide.{bus_id}",
+                             "unit": str(unit_id)}, hotplug=False)
+
+    def _typed(self, tree: dict[str, Any]) -> dict[str, Any]:
+        # blockdev_init hands the rest to bdrv_open, which names what no driver took.
+        try:
+            return self._blockdev_options(tree)
+        except QMPError as err:
+            unexpected = re.fullmatch(r"Parameter '(.+)' is unexpected", err.desc)
+            if unexpected is None:
+                raise
+            key = unexpected.group(1)
+            if key.startswith("file."):
+                raise QMPError(f"Block protocol 'file' doesn't support the option "
+                               f"'{key[len('file.'):]}'") from None
+            raise QMPError(f"Block format '{tree['driver']}' does not support the option "
+                           f"'{key}'") from None
+
+    def _drive_address(self, interface: str, opts: dict[str, str]) -> tuple[int, int]:
+        # drive_new: bus/unit or index, else the first free unit; IDE has two units per
+        # bus on i440fx, one per AHCI port on q35 (units_per_default_bus).
+        max_devs = 0
+        if interface == "ide":
+            found = model.machine_type(self.machine_type)
+            max_devs = 1 if found is not None and "q35" in found.name else 2
+        try:
+            bus_id = int(opts.pop("bus", "0"))
+            unit_id = int(opts.pop("unit", "-1"))
+            index = int(opts.pop("index", "-1"))
+        except ValueError as err:
+            raise QMPError("Parameter 'index' expects a number") from err
+        if index != -1:
+            if bus_id != 0 or unit_id != -1:
+                raise QMPError("index cannot be used with bus and unit")
+            bus_id, unit_id = (index // max_devs, index % max_devs) if max_devs else (0, index)
+        taken = {(bus, unit) for kind, bus, unit in self._drive_units.values() if kind == interface}
+        if unit_id == -1:
+            unit_id = 0
+            while (bus_id, unit_id) in taken:
+                unit_id += 1
+                if max_devs and unit_id >= max_devs:
+                    unit_id -= max_devs
+                    bus_id += 1
+        if max_devs and unit_id >= max_devs:
+            raise QMPError(f"unit {unit_id} too big (max is {max_devs - 1})")
+        if (bus_id, unit_id) in taken:
+            raise QMPError(f"drive with bus={bus_id}, unit={unit_id} (index={index}) exists")
+        return bus_id, unit_id
+
+    def _drive_block_options(self, opts: dict[str, str]) -> dict[str, Any] | None:
+        """blockdev_init's block options (a keyval tree of strings) from what is left of a
+        -drive; None for a drive without a medium."""
+        read_only = _bool_property(opts.pop("read-only", opts.pop("readonly", "off")), "read-only")
+        for action, is_read in (("werror", False), ("rerror", True)):
+            value = opts.pop(action, None)
+            # parse_block_error_action; the policy itself has no I/O errors to act on here.
+            if value is not None and value not in (("ignore", "stop", "report") if is_read
+                                                    else ("ignore", "enospc", "stop", "report")):
+                raise QMPError(f"'{value}' invalid {'read' if is_read else 'write'} error action")
+        for unsupported in ("copy-on-read", "snapshot"):
+            if _bool_property(opts.pop(unsupported, "off"), unsupported):
+                raise QMPError(f"{unsupported}=on is not supported by qmp-server")
+        cache = opts.pop("cache", None)
+        aio = opts.pop("aio", None)
+        filename = opts.pop("file", None)
+        fmt = opts.pop("format", None) or opts.pop("driver", None)
+        tree = nest(opts)
+        file_options = tree.pop("file", {})
+        if filename is None and not file_options:
+            if fmt is not None:
+                # blockdev_init opens a format without its file: the driver wants one.
+                raise QMPError('A block device must be specified for "file"')
+            if tree:
+                raise QMPError("Must specify either driver or file")
+            return None  # an empty drive, as QEMU's [not inserted]
+        if filename is not None:
+            file_options = {"driver": "file", "filename": filename, **file_options}
+        if aio is not None:
+            file_options["aio"] = aio
+        if fmt is None:
+            if filename is None:
+                raise QMPError("Must specify either driver or file")
+            fmt = self._probe(filename)
+        if cache is not None:
+            if cache not in CACHE_MODES:
+                raise QMPError("invalid cache option")
+            writeback, direct, no_flush = CACHE_MODES[cache]
+            specific = tree.setdefault("cache", {})
+            # Specific cache.* options take precedence over the mode (drive_new).
+            specific.setdefault("writeback", "on" if writeback else "off")
+            specific.setdefault("direct", "on" if direct else "off")
+            specific.setdefault("no-flush", "on" if no_flush else "off")
+        return {"driver": fmt, "file": file_options, "read-only": "on" if read_only else "off",
+                **tree}
 
     def _default_interface(self) -> str:
         # The machine class's block_default_type: IDE on the PC boards, none without a board.
@@ -205,7 +308,7 @@ class Devices:
     def drive_add(self, text: str) -> None:
         """HMP ``drive_add``: a ``-drive`` at run time; only ``if=none`` can be hot-added
         (hmp_drive_add). The caller holds the graph lock."""
-        opts = parse_keyval(text)
+        opts = parse_qemu_opts(text)
         interface = opts.get("if", self._default_interface())
         if interface != "none":
             # QEMU creates the drive, then refuses its type (BlockInterfaceType's number).
@@ -225,6 +328,7 @@ class Devices:
             if not node.parents:
                 self._close_tree(node.name)
         del self.named[name]
+        self._drive_units.pop(name, None)
         if blk.dev is not None:
             blk.name = ""  # monitor_remove_blk: the device keeps an anonymous backend
 
@@ -260,6 +364,8 @@ class Devices:
         driver = props.get("driver")
         if not isinstance(driver, str):
             raise QMPError("Parameter 'driver' is missing")
+        # qdev_alias_table: the short names of the PCI variants.
+        driver = _DEVICE_ALIASES.get(driver, driver)
         entry = model.QOM_TYPES.get(driver)
         if entry is None or not model.is_device(driver):
             raise QMPError(f"'{driver}' is not a valid device model name")
@@ -362,6 +468,7 @@ class Devices:
         if device.legacy_drive:
             # blockdev_auto_del: a -drive's backend (and its nodes) go with the device.
             del self.named[blk.name]
+            self._drive_units.pop(blk.name, None)
             node = blk.node
             _call(blk.remove)
             if node is not None and not node.parents:
@@ -391,7 +498,7 @@ class Devices:
 
     def cli_drive(self, text: str) -> None:
         """One ``-drive`` argument (QemuOpts syntax); the caller holds the graph lock."""
-        self.drive_new(parse_keyval(text))
+        self.drive_new(parse_qemu_opts(text))
 
     def cli_device(self, text: str) -> None:
         """One ``-device`` argument: JSON as libvirt sends it, or ``driver,key=value,...``."""

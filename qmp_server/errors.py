@@ -27,3 +27,17 @@ class CommandNotFound(QMPError):
 
     def __init__(self, desc: str) -> None:
         super().__init__(desc, "CommandNotFound")
+
+
+def with_hints(error: QMPError) -> str:
+    """``desc`` and the hint lines QEMU prints after it on the command line and in HMP
+    (error_append_hint: "Is another process using the image [PATH]?"), which QMP replies
+    leave out. Hints travel as exception notes on the error or on what caused it."""
+    lines = [error.desc]
+    cause: BaseException | None = error
+    seen = 0
+    while cause is not None and seen < 8:  # a cause chain is short; bound it anyway
+        lines.extend(getattr(cause, "__notes__", []))
+        cause = cause.__cause__
+        seen += 1
+    return "\n".join(lines)

@@ -52,7 +52,9 @@ class Machine:
                      incoming=config.incoming is not None, no_shutdown=config.no_shutdown)
         self.block = BlockService(self.vm)
         self.vm.block = self.block
-        self.devices = Devices(self.vm, self.block, config.machine_type)
+        schema = self.schema
+        self.devices = Devices(self.vm, self.block, config.machine_type,
+                               lambda tree: schema.keyval_arguments("blockdev-add", tree))
         #: Jobs (blockdev-create, ...): they only announce their states as events.
         self.jobs = JobService(self.events)
         #: -object / object-add objects (/objects in QOM).

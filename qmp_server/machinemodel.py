@@ -99,6 +99,9 @@ MACHINE_TYPES: dict[str, MachineType] = {
     ]
 }
 
+#: The machine type QEMU picks without -machine (the one flagged is-default).
+DEFAULT_MACHINE = next(m.name for m in MACHINE_TYPES.values() if m.is_default)
+
 
 def machine_type(name: str) -> MachineType | None:
     """The machine type called ``name`` or aliased so (``pc``, ``q35``); None if unknown."""

@@ -15,7 +15,9 @@ from typing import Any
 
 import schema_conformance
 
-SERVER = [sys.executable, "-m", "qmp_server"]
+#: Our server as the tests start it: with QEMU's guest-less machine, like the QEMU command
+#: beside it (a later -machine in a test's own arguments wins, as in QEMU).
+SERVER = [sys.executable, "-m", "qmp_server", "-machine", "none"]
 QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
 
 

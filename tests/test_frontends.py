@@ -203,7 +203,8 @@ def test_no_pci_bus_with_machine_none(tmp_path: Path, images: tuple[Path, Path])
     add = {"driver": "virtio-blk-pci", "drive": "d0", "id": "vd0"}
     with running(["-S", *_blockdevs(tmp_path / "qemu/d.qcow2", "qcow2")], tmp_path, "qemu",
                  qemu=True) as (_, qemu), \
-            running(["-S", *_blockdevs(tmp_path / "ours/d.qcow2", "qcow2")], tmp_path, "ours") as (_, ours):
+            running(["-machine", "none", "-S", *_blockdevs(tmp_path / "ours/d.qcow2", "qcow2")],
+                    tmp_path, "ours") as (_, ours):
         theirs = qemu.execute("device_add", add)
         assert theirs["error"]["desc"] == "No 'PCI' bus found for device 'virtio-blk-pci'"
         assert ours.execute("device_add", add) == theirs

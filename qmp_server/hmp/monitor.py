@@ -12,7 +12,7 @@ from typing import Any
 
 from ..blockservice import BlockService
 from ..devices import Devices
-from ..errors import QMPError
+from ..errors import QMPError, with_hints
 from ..keyval import parse_keyval
 from ..migration.service import MigrationService
 from ..runstate import VM
@@ -184,7 +184,7 @@ class HumanMonitor:
             else:
                 await self.block.run_light(self.devices.drive_add, opts)
         except QMPError as err:
-            return f"{err.desc}\n"
+            return f"{with_hints(err)}\n"
         return "OK\n"
 
     async def _drive_del(self, args: str) -> str:
