@@ -494,12 +494,13 @@ class BlockGraph:
                 raise BlockError(f"Node '{node.name}' is busy: node is used as backing hd of "
                                  f"'{edge.parent.name}'")
 
-    def append_overlay(self, overlay: BlockNode, old: BlockNode) -> None:
+    def append_overlay(self, overlay: BlockNode, old: BlockNode) -> list[Edge]:
         """QEMU's bdrv_append: ``old`` becomes the backing child of ``overlay``, and every
         other user of ``old`` (parent nodes and outside users alike) uses ``overlay``.
 
         One permission transaction: on a conflict (QEMU's text) the graph is as before.
-        The caller made QEMU's checks on the overlay (external_snapshot_prepare).
+        The caller made QEMU's checks on the overlay (external_snapshot_prepare). Returns
+        the edges that moved, for :meth:`remove_overlay`.
         """
         if old.inactive and not overlay.inactive:
             raise BlockError(f"Inactive '{old.name}' can't be a backing child of active '{overlay.name}'")
@@ -528,6 +529,27 @@ class BlockGraph:
             old.parents = moved
             self._loosen([old, overlay])
             raise
+        return moved
+
+    def remove_overlay(self, overlay: BlockNode, old: BlockNode, moved: list[Edge]) -> None:
+        """Undo :meth:`append_overlay` (external_snapshot_abort): the moved users go back
+        to ``old`` and the overlay loses its backing child. Only loosens permissions."""
+        edge = overlay.child("backing")
+        if edge is not None:
+            overlay.children.remove(edge)
+            if edge in old.parents:
+                old.parents.remove(edge)
+        overlay.driver.backing = None
+        for parent_edge in moved:
+            if parent_edge in overlay.parents:
+                overlay.parents.remove(parent_edge)
+            parent_edge.child = old
+            old.parents.append(parent_edge)
+            if parent_edge.parent is not None:
+                parent_edge.parent.touch()
+        overlay.touch()
+        old.touch()
+        self._loosen([old, overlay])
 
     def set_read_only(self, node: BlockNode) -> None:
         """QEMU's bdrv_reopen_set_read_only(bs, true), as external_snapshot_commit uses it.

@@ -564,7 +564,7 @@ def test_commands_and_flags(schema: Schema) -> None:
         "query-jobs", "job-dismiss", "job-finalize", "job-cancel", "job-pause", "job-resume",
         "job-complete", "blockdev-create",
         # qmp_server/commands/snapshots.py
-        "blockdev-snapshot", "blockdev-snapshot-sync",
+        "blockdev-snapshot", "blockdev-snapshot-sync", "transaction",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",

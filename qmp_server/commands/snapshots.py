@@ -35,34 +35,74 @@ def _lookup(machine: Machine, device: str | None, node_name: str | None) -> Bloc
     raise QMPError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
 
 
+def _snapshot(machine: Machine, data: dict[str, Any]) -> overlays.Prepare:
+    """A blockdev-snapshot action: the lookups happen in its prepare, as in QEMU."""
+
+    def prepare(action: overlays.SnapshotAction) -> None:
+        old = _lookup(machine, data["node"], data["node"])
+        action.prepare_snapshot(old, lambda: _lookup(machine, data["overlay"], data["overlay"]))
+
+    return prepare
+
+
+def _snapshot_sync(machine: Machine, data: dict[str, Any]) -> overlays.Prepare:
+    """A blockdev-snapshot-sync action."""
+    node_name: str | None = data.get("node-name")
+    request = overlays.SyncRequest(snapshot_file=data["snapshot-file"],
+                                   node_name=data.get("snapshot-node-name"),
+                                   format=data.get("format", "qcow2"),
+                                   existing=data.get("mode", "absolute-paths") == "existing",
+                                   by_node_name=node_name is not None)
+
+    def prepare(action: overlays.SnapshotAction) -> None:
+        old = _lookup(machine, data.get("device"), node_name)
+        action.prepare_sync(old, request)
+
+    return prepare
+
+
 @table.command("blockdev-snapshot")
 async def blockdev_snapshot(ctx: CommandContext, args: dict[str, Any]) -> None:
     """The overlay (added with blockdev-add, backing null) goes on top of ``node``."""
     machine = ctx.machine
-
-    def apply() -> None:
-        old = _lookup(machine, args["node"], args["node"])
-        overlays.prepare_old_top(machine.block.graph, old)
-        new = _lookup(machine, args["overlay"], args["overlay"])
-        overlays.check_overlay(new)
-        overlays.attach(machine.block.graph, new, old)
-
-    await machine.block.run(apply)
+    await machine.block.run(overlays.run_actions, [_snapshot(machine, args)], machine.block.graph)
 
 
 @table.command("blockdev-snapshot-sync")
 async def blockdev_snapshot_sync(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Create the overlay image (unless mode=existing), open it, put it on top."""
     machine = ctx.machine
-    node_name: str | None = args.get("node-name")
-    request = overlays.SyncRequest(snapshot_file=args["snapshot-file"],
-                                   node_name=args.get("snapshot-node-name"),
-                                   format=args.get("format", "qcow2"),
-                                   existing=args.get("mode", "absolute-paths") == "existing",
-                                   by_node_name=node_name is not None)
+    await machine.block.run(overlays.run_actions, [_snapshot_sync(machine, args)], machine.block.graph)
 
-    def apply() -> None:
-        old = _lookup(machine, args.get("device"), node_name)
-        overlays.blockdev_snapshot_sync(machine.block.graph, old, request)
 
-    await machine.block.run(apply)
+def _abort(action: overlays.SnapshotAction) -> None:
+    # abort_prepare: this action never succeeds.
+    raise QMPError("Transaction aborted using Abort action")
+
+
+@table.command("transaction")
+async def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """qmp_transaction with the actions we have: every action prepares in order, then all
+    commit, or, at the first failure, the prepared ones abort in reverse order."""
+    machine = ctx.machine
+    mode = args.get("properties", {}).get("completion-mode", "individual")
+    prepares: list[overlays.Prepare] = []
+    for action in args["actions"]:
+        kind: str = action["type"]
+        if kind == "abort":
+            prepares.append(_abort)
+            continue
+        make = _snapshot if kind == "blockdev-snapshot" else _snapshot_sync
+        prepare = make(machine, action["data"])
+        if mode != "individual":
+            prepare = _refuse_mode(kind, mode)
+        prepares.append(prepare)
+    await machine.block.run(overlays.run_actions, prepares, machine.block.graph)
+
+
+def _refuse_mode(kind: str, mode: str) -> overlays.Prepare:
+    # action_check_completion_mode: the first thing the snapshot actions' prepare does.
+    def prepare(action: overlays.SnapshotAction) -> None:
+        raise QMPError(f"Action '{kind}' does not support Transaction property completion-mode = {mode}")
+
+    return prepare
