@@ -24,6 +24,7 @@ import re
 from typing import Any, Final
 
 from .errors import QMPError
+from .protocol.framing import JSONParseError, JSONStreamer
 from .protocol.qdict import qdict_order
 from .schema import Schema
 
@@ -171,278 +172,23 @@ def parse_keyval(text: str, implied_key: str | None = None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- JSON
 
 
-class _JSONError(Exception):
-    pass
-
-
-_STRAY: Final = object()
-_MAX_NESTING: Final = 1024
-_WS: Final = " \t\r\n"
-
-
-def _lex(text: str) -> list[tuple[str, str]]:
-    """QEMU's JSON lexer (qobject/json-lexer.c): tokens as (kind, text); errors as ('error', text)."""
-    tokens: list[tuple[str, str]] = []
-    i = 0
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c in _WS:
-            i += 1
-        elif c in "{}[]:,":
-            tokens.append((c, c))
-            i += 1
-        elif c in "\"'":
-            j = i + 1
-            while j < n and text[j] != c:
-                if ord(text[j]) < 0x20:
-                    tokens.append(("error", text[i : j + 1]))
-                    return tokens
-                j += 2 if text[j] == "\\" else 1
-            if j >= n:
-                tokens.append(("error", text[i:]))
-                return tokens
-            tokens.append(("string", text[i : j + 1]))
-            i = j + 1
-        elif "a" <= c <= "z":
-            j = i
-            while j < n and "a" <= text[j] <= "z":
-                j += 1
-            tokens.append(("keyword", text[i:j]))
-            i = j
-        elif c == "-" or (c.isdigit() and c.isascii()):
-            token, i = _lex_number(text, i)
-            tokens.append(token)
-            if token[0] == "error":
-                return tokens
-        else:
-            tokens.append(("error", c))
-            return tokens
-    return tokens
-
-
-def _lex_number(text: str, i: int) -> tuple[tuple[str, str], int]:
-    n = len(text)
-    j = i
-    if text[j] == "-":
-        j += 1
-    if j >= n or not ("0" <= text[j] <= "9"):
-        return ("error", text[i : j + 1]), j + 1
-    if text[j] == "0":
-        j += 1
-        if j < n and "0" <= text[j] <= "9":
-            return ("error", text[i : j + 1]), j + 1
-    else:
-        while j < n and "0" <= text[j] <= "9":
-            j += 1
-    kind = "integer"
-    if j < n and text[j] == ".":
-        j += 1
-        if j >= n or not ("0" <= text[j] <= "9"):
-            return ("error", text[i : j + 1]), j + 1
-        while j < n and "0" <= text[j] <= "9":
-            j += 1
-        kind = "float"
-    if j < n and text[j] in "eE":
-        j += 1
-        if j < n and text[j] in "+-":
-            j += 1
-        if j >= n or not ("0" <= text[j] <= "9"):
-            return ("error", text[i : j + 1]), j + 1
-        while j < n and "0" <= text[j] <= "9":
-            j += 1
-        kind = "float"
-    return (kind, text[i:j]), j
-
-
-_ESCAPES: Final = {
-    '"': '"',
-    "'": "'",
-    "\\": "\\",
-    "/": "/",
-    "b": "\b",
-    "f": "\f",
-    "n": "\n",
-    "r": "\r",
-    "t": "\t",
-}
-
-
-def _string_value(token: str) -> str:
-    out: list[str] = []
-    body = token[1:-1]
-    i = 0
-    while i < len(body):
-        c = body[i]
-        if c != "\\":
-            if 0xDC80 <= ord(c) <= 0xDCFF:  # undecodable byte from the command line
-                raise _JSONError("invalid UTF-8 sequence in string")
-            out.append(c)
-            i += 1
-            continue
-        escape = body[i + 1] if i + 1 < len(body) else ""
-        if escape in _ESCAPES:
-            out.append(_ESCAPES[escape])
-            i += 2
-            continue
-        if escape != "u":
-            raise _JSONError("invalid escape sequence in string")
-        start = i
-        code, i = _hex4(body, i + 2)
-        if 0xD800 <= code <= 0xDBFF and body[i : i + 2] == "\\u":
-            low, after = _hex4(body, i + 2)
-            if 0xDC00 <= low <= 0xDFFF:
-                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
-                i = after
-        if 0xD800 <= code <= 0xDFFF:
-            raise _JSONError(f"{body[start:i]} is not a valid Unicode character")
-        out.append(chr(code))
-    return "".join(out)
-
-
-def _hex4(body: str, i: int) -> tuple[int, int]:
-    digits = body[i : i + 4]
-    if len(digits) < 4 or any(d not in "0123456789abcdefABCDEF" for d in digits):
-        raise _JSONError("invalid hex escape sequence in string")
-    return int(digits, 16), i + 4
-
-
-class _Parser:
-    """QEMU's recursive-descent JSON parser (qobject/json-parser.c) over one message's tokens."""
-
-    def __init__(self, tokens: list[tuple[str, str]]) -> None:
-        self.tokens = tokens
-        self.pos = 0
-
-    def _pop(self) -> tuple[str, str] | None:
-        if self.pos >= len(self.tokens):
-            return None
-        token = self.tokens[self.pos]
-        self.pos += 1
-        return token
-
-    def _peek(self) -> tuple[str, str] | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def value(self) -> Any:
-        token = self._pop()
-        if token is None:
-            raise _JSONError("premature EOI")
-        kind, text = token
-        if kind == "{":
-            return self._object()
-        if kind == "[":
-            return self._array()
-        if kind == "string":
-            return _string_value(text)
-        if kind == "integer":
-            number = int(text)
-            # Beyond uint64 QEMU falls back to a double.
-            return number if -(2**63) <= number <= 2**64 - 1 else float(text)
-        if kind == "float":
-            return float(text)
-        if kind == "keyword":
-            if text in ("true", "false", "null"):
-                return {"true": True, "false": False, "null": None}[text]
-            raise _JSONError(f"invalid keyword '{text}'")
-        raise _JSONError("expecting value")
-
-    def _object(self) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        token = self._peek()
-        if token is None:
-            raise _JSONError("premature EOI")
-        if token[0] == "}":
-            self._pop()
-            return result
-        while True:
-            key = self.value()
-            if not isinstance(key, str):
-                raise _JSONError("key is not a string in object")
-            colon = self._pop()
-            if colon is None:
-                raise _JSONError("premature EOI")
-            if colon[0] != ":":
-                raise _JSONError("missing : in object pair")
-            item = self.value()
-            if key in result:
-                raise _JSONError("duplicate key")
-            result[key] = item
-            token = self._pop()
-            if token is None:
-                raise _JSONError("premature EOI")
-            if token[0] == "}":
-                return result
-            if token[0] != ",":
-                raise _JSONError("expected separator in dict")
-
-    def _array(self) -> list[Any]:
-        result: list[Any] = []
-        token = self._peek()
-        if token is None:
-            raise _JSONError("premature EOI")
-        if token[0] == "]":
-            self._pop()
-            return result
-        while True:
-            result.append(self.value())
-            token = self._pop()
-            if token is None:
-                raise _JSONError("premature EOI")
-            if token[0] == "]":
-                return result
-            if token[0] != ",":
-                raise _JSONError("expected separator in list")
-
-
 def parse_json_option(text: str) -> Any:
     """Parse an option argument as QEMU's ``qobject_from_json`` does, with its error texts.
 
-    QEMU's parser also takes single-quoted strings. Exactly one JSON value is allowed.
+    The same JSON stream parser as the monitor's (single-quoted strings included), fed the
+    argument's bytes and flushed; exactly one JSON value is allowed (consume_json: the
+    first outcome counts, any further value is an error).
     """
-    result: Any = _STRAY
-    error: str | None = None
-
-    def emit(value: Any, problem: str | None) -> None:
-        # Like QEMU's consume_json(): the first outcome counts, anything after a value is an error.
-        nonlocal result, error
-        if error is not None:
-            return
-        if result is not _STRAY:
-            error = "Expecting at most one JSON value"
-            return
-        result, error = value, problem
-
-    def parse(batch: list[tuple[str, str]]) -> None:
-        try:
-            emit(_Parser(batch).value(), None)
-        except _JSONError as problem:
-            emit(None, f"JSON parse error, {problem}")
-
-    # The streamer (qobject/json-streamer.c) cuts the token stream into messages.
-    braces = brackets = 0
-    message: list[tuple[str, str]] = []
-    for kind, token_text in _lex(text):
-        if kind == "error":
-            emit(None, f"JSON parse error, stray '{token_text}'")
-            break
-        braces += {"{": 1, "}": -1}.get(kind, 0)
-        brackets += {"[": 1, "]": -1}.get(kind, 0)
-        if braces + brackets > _MAX_NESTING:
-            emit(None, "JSON nesting depth limit exceeded")
-            message, braces, brackets = [], 0, 0
-            continue
-        message.append((kind, token_text))
-        if (braces > 0 or brackets > 0) and braces >= 0 and brackets >= 0:
-            continue
-        parse(message)
-        message, braces, brackets = [], 0, 0
-    else:
-        if message:
-            parse(message)
-    if error is not None:
-        raise QMPError(error)
-    return result
+    streamer = JSONStreamer()
+    outcomes = streamer.feed(text.encode("utf-8", "surrogateescape")) + streamer.flush()
+    if not outcomes:
+        raise QMPError("Expecting a JSON value")
+    first = outcomes[0]
+    if isinstance(first, JSONParseError):
+        raise QMPError(first.desc)
+    if len(outcomes) > 1:
+        raise QMPError("Expecting at most one JSON value")
+    return first
 
 
 # ----------------------------------------------------------------------------- -blockdev

@@ -253,3 +253,22 @@ def test_blockdev_errors_against_real_qemu() -> None:
         prefix = f"qemu-system-x86_64: -blockdev {text}: "
         lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
         assert lines and lines[0][len(prefix) :] == expected, (text, result.stderr)
+
+
+@pytest.mark.parametrize(("text", "outcome"), [
+    # Only the end of the input ends these tokens (json_lexer_flush feeds a NUL).
+    ("123", 123), ("-1.5", -1.5), ("true", True), ("'x'", "x"),
+    ("tru", "JSON parse error, invalid keyword 'tru'"),
+    ('"abc', "JSON parse error, stray '\"abc'"),
+    ("[1, 2", "JSON parse error, premature EOI"),
+    ("[1 2", "JSON parse error, expected separator in list"),
+    ("", "Expecting a JSON value"),
+    ("1 2", "Expecting at most one JSON value"),
+])
+def test_json_option_at_end_of_input(text: str, outcome: object) -> None:
+    if isinstance(outcome, str) and (outcome.startswith(("JSON", "Expecting"))):
+        with pytest.raises(QMPError) as info:
+            parse_json_option(text)
+        assert info.value.desc == outcome
+    else:
+        assert parse_json_option(text) == outcome

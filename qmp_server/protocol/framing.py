@@ -504,6 +504,49 @@ class JSONStreamer:
         self._out = []
         return out
 
+    def flush(self) -> list[JSONValue | JSONParseError]:
+        """End of input, as json_lexer_flush: finish or refuse the pending token, then
+        parse what the current message has (QEMU's qobject_from_json does this; a QMP
+        connection never flushes).
+
+        Like QEMU the lexer is fed NULs it does not consume until it is idle: a number or
+        keyword ends there, an unfinished string is stray text.
+        """
+        out: list[JSONValue | JSONParseError] = []
+        self._out = out
+        tok = self._tok
+        # Each step leaves a state that reaches _START in at most two more (error ->
+        # recovery -> start); the bound only guards against a table mistake.
+        for _ in range(4):
+            if self._state == _START:
+                break
+            action = _TABLE[self._state][0]
+            kind = action & _KIND_MASK
+            if kind in (_EMIT_LA, _EMIT):
+                text = bytes(tok)
+                tok.clear()
+                self._state = _START
+                self._token(action & _ARG_MASK, len(text), text)
+            elif kind == _ERROR:
+                text = bytes(tok)
+                tok.clear()
+                self._state = _RECOVERY
+                self._stray(text)
+            elif kind == _RESYNC:
+                self._state = _START
+            else:  # _GOTO: the NUL is not consumed, only the state moves
+                self._state = action & _ARG_MASK
+        if self._ntok:
+            # JSON_END_OF_INPUT with tokens queued: json_parser_parse sees them end early.
+            if self._perr is not None:
+                message = self._perr[:_PARSE_MESSAGE_MAX]
+                out.append(JSONParseError("JSON parse error, " + _c_text(message)))
+            else:
+                out.append(JSONParseError("JSON parse error, premature EOI"))
+            self._reset_message()
+        self._out = []
+        return out
+
     # ---------------------------------------------------------------- fast path
 
     def _fast_messages(
