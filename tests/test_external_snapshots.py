@@ -11,12 +11,16 @@ qemu-io reads on the images afterwards.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from libvirt_support import Libvirtd, installed_entry_point, libvirt_installed, user_namespaces_work
 from lock_probe import locked
 from server_support import Client, running
 
@@ -386,3 +390,73 @@ def test_transaction_actions_not_implemented(tmp_path: Path) -> None:
                                                             "data": {"node": "x", "name": "b"}}]})
         # QEMU's text for an unknown union tag names the member without its path.
         assert reply["error"]["desc"] == "Parameter 'type' does not accept value 'block-dirty-bitmap-add'"
+
+
+LIBVIRT_DOMAIN = """\
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def test_libvirt_disk_only_snapshot(tmp_path: Path, qemu_system: str, qemu_img: str) -> None:
+    """virsh snapshot-create-as --disk-only: libvirt adds the overlay's file node, creates
+    the qcow2 with a blockdev-create job (query-jobs, job-dismiss), adds it with backing
+    null and sends a transaction of blockdev-snapshot; the same on QEMU."""
+    if not libvirt_installed() or (os.geteuid() == 0 and not user_namespaces_work()):
+        pytest.skip("needs libvirtd and virsh (and user namespaces as root)")
+    entry = installed_entry_point()
+    if entry is None:
+        pytest.skip("the qmp-server console script is not installed (pip install -e .)")
+    emulators = tmp_path / "emulators"
+    emulators.mkdir()
+    (emulators / "qemu-system-x86_64").symlink_to(entry)
+    # A short root: libvirt's monitor socket paths under it must stay below 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="lv"))
+    daemon = Libvirtd(root, emulators)
+    daemon.start()
+    results = []
+    try:
+        for name, emulator in (("qemu", qemu_system), ("ours", str(emulators / "qemu-system-x86_64"))):
+            work = tmp_path / name
+            work.mkdir()
+            disk = work / "disk.qcow2"
+            subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+            xml = work / "domain.xml"
+            xml.write_text(LIBVIRT_DOMAIN.format(name=name, emulator=emulator, disk=disk))
+            daemon.virsh("define", str(xml))
+            daemon.virsh("start", name)
+            seen = [daemon.virsh("snapshot-create-as", name, "s1", "--disk-only", "--diskspec",
+                                 f"vda,file={work / 's1.qcow2'}").stdout,
+                    daemon.virsh("domblklist", name).stdout,
+                    daemon.virsh("snapshot-list", name, "--name").stdout]
+            daemon.virsh("destroy", name)
+            daemon.virsh("undefine", name, "--snapshots-metadata")
+            info = subprocess.run([qemu_img, "info", "--backing-chain", "--output=json",
+                                   str(work / "s1.qcow2")], capture_output=True, text=True, check=True)
+            chain = json.loads(info.stdout)
+            for image in chain:
+                image.pop("actual-size", None)
+            seen.append(chain)
+            results.append(_norm(seen, work))
+    finally:
+        daemon.destroy_all()
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    theirs, ours = results
+    assert ours == theirs
+    assert "@TMP@/s1.qcow2" in ours[1]
+    assert ours[3][0]["backing-filename"] == "@TMP@/disk.qcow2"
