@@ -36,6 +36,10 @@ class Creation(ABC):
     is :func:`prepare_creation`. Everything after is :meth:`run`, in a worker thread.
     """
 
+    #: Whether :meth:`run` touches the graph (and so needs its lock). A file creation
+    #: works on its own file descriptor only: other block commands need not wait for it.
+    needs_graph = True
+
     @abstractmethod
     def run(self) -> None:
         """Write the image; always releases what ``prepare_creation`` took."""
@@ -83,6 +87,8 @@ def _resize(fd: int, size: int, prealloc: str) -> None:
 
 class _FileCreation(Creation):
     """file-posix's raw_co_create: create (or empty) the file, lock it, give it its size."""
+
+    needs_graph = False
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         filename: str = options["filename"]

@@ -122,18 +122,28 @@ def test_created_and_running_come_before_the_reply(tmp_path: Path) -> None:
 
 
 def test_query_jobs_while_a_job_runs(tmp_path: Path) -> None:
-    """The work runs in a worker thread: the monitor answers while it is under way."""
+    """The work runs in a worker thread: the monitor answers while it is under way.
+
+    (Writing 1 GiB of zeroes and syncing takes a few seconds here, so the job is still
+    running when the next commands arrive; if it was not, there is nothing to check.)
+    """
+    SIZE = 1 << 30
     with running([], tmp_path) as (_, client):
         client.cmd("blockdev-create", job_id="big", options={
-            "driver": "file", "filename": str(tmp_path / "big"), "size": 256 << 20, "preallocation": "full"})
+            "driver": "file", "filename": str(tmp_path / "big"), "size": SIZE, "preallocation": "full"})
         jobs = client.cmd("query-jobs")
         assert jobs[0]["id"] == "big"
         assert jobs[0]["status"] in ("running", "concluded")
         if jobs[0]["status"] == "running":
             assert (jobs[0]["current-progress"], jobs[0]["total-progress"]) == (0, 1)
+        # A file creation holds no graph lock: block commands are served meanwhile.
+        client.cmd("blockdev-add", driver="null-co", node_name="n0")
+        after = client.cmd("query-jobs")[0]["status"]
         while client.wait_event("JOB_STATUS_CHANGE")["data"]["status"] != "concluded":
             pass
-        assert (tmp_path / "big").stat().st_size == 256 << 20
+        assert (tmp_path / "big").stat().st_size == SIZE
+        if jobs[0]["status"] == "running":
+            assert after == "running"
 
 
 # The service itself ------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from blocklayer.create import Creation, check_driver, prepare_creation
 from blocklayer.errors import BlockError
 
@@ -59,6 +61,14 @@ async def job_complete(ctx: CommandContext, args: dict[str, Any]) -> None:
     ctx.machine.jobs.complete(args["id"])
 
 
+def _unlocked(creation: Creation) -> None:
+    # A creation that works on its own file only, outside the graph lock.
+    try:
+        creation.run()
+    except BlockError as err:
+        raise QMPError(err.message) from err
+
+
 @table.command("blockdev-create")
 async def blockdev_create(ctx: CommandContext, args: dict[str, Any]) -> None:
     """qmp_blockdev_create: a ``create`` job that concludes and waits for job-dismiss.
@@ -89,7 +99,10 @@ async def blockdev_create(ctx: CommandContext, args: dict[str, Any]) -> None:
         job.total_progress = 1
         assert creation is not None
         try:
-            await block.run(creation.run)
+            if creation.needs_graph:
+                await block.run(creation.run)
+            else:
+                await trio.to_thread.run_sync(_unlocked, creation)
         finally:
             job.current_progress = 1
 
