@@ -14,11 +14,13 @@ from ..errors import BlockError
 from ..perm import ChildRole
 from . import bitmaps as BM
 from . import datapath
+from . import snapshotops as SN
 from .errors import CorruptionReport, Qcow2Corruption
 from .header import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT
 from .image import HEADER_READ, Qcow2Image, open_image
 from .options import Qcow2Options
 from .repair import repair_image
+from .snapshot import Snapshot
 
 #: Default for new drivers' ``skip_invalidate_for_tests``. Only tests set this, to show
 #: what goes wrong when stale metadata survives activation.
@@ -259,6 +261,31 @@ class Qcow2Driver(BlockDriver):
         """qcow2_co_remove_persistent_dirty_bitmap: drop it from the image now."""
         img = self._image()
         self._guard(img, lambda: BM.remove_persistent(img, name))
+
+    # -- internal snapshots (QEMU's bdrv_snapshot_* callbacks) ---------------------
+
+    def snapshot_list(self) -> list[Snapshot]:
+        """qcow2_snapshot_list: every entry of the image's snapshot table."""
+        img = self._image()
+        return list(self._guard(img, lambda: SN.load(img)))
+
+    def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int,
+                        icount: int) -> Snapshot:
+        """qcow2_snapshot_create (no VM state: vm_state_size 0)."""
+        img = self._writable_image(0, 0)
+        return self._guard(img, lambda: SN.create(img, name, date_sec=date_sec,
+                                                  date_nsec=date_nsec,
+                                                  vm_clock_nsec=vm_clock_nsec, icount=icount))
+
+    def snapshot_goto(self, id_or_name: str) -> None:
+        """qcow2_snapshot_goto: the guest sees the snapshot's data from now on."""
+        img = self._writable_image(0, 0)
+        self._guard(img, lambda: SN.goto(img, id_or_name))
+
+    def snapshot_delete(self, snapshot_id: str | None, name: str | None) -> None:
+        """qcow2_snapshot_delete: the entry goes, its clusters are freed."""
+        img = self._writable_image(0, 0)
+        self._guard(img, lambda: SN.delete(img, snapshot_id, name))
 
     # -- information ---------------------------------------------------------------
 

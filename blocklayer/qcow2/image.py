@@ -29,7 +29,7 @@ from .errors import Qcow2Corruption, c_hex
 from .l2 import L1E_OFFSET_MASK, OFLAG_COPIED, CompressedLayout
 from .options import Qcow2Options, cache_sizes, parse_options
 from .refcount import REFT_OFFSET_MASK, RefcountManager
-from .snapshot import SnapshotTable, read_snapshot_table
+from .snapshot import Snapshot, SnapshotTable, read_snapshot_table
 from .tables import U64, RefBlockCodec, be_array, be_array_trimmed, be_bytes
 from .tracked import TrackedFile
 
@@ -126,6 +126,8 @@ class Qcow2Image:
         self.l2_cache.pre_write = lambda off, n: self.check_overlap(off, n, OL.ACTIVE_L2)
         self.refcounts.cache.pre_write = lambda off, n: self.check_overlap(off, n, OL.REFCOUNT_BLOCK)
         self.snapshots = SnapshotTable(hdr.snapshots_offset, 0, ())
+        #: The snapshot entries, read on first use (snapshotops.load).
+        self.snapshot_list: list[Snapshot] | None = None
         self._metadata: OL.MetadataMap | None = None
         self.clean_timer = CleanTimer(opts.cache_clean_interval)
         self.last_compressed: tuple[int, bytes] | None = None
