@@ -10,12 +10,74 @@ moves between the two processes together with the node.
 
 from __future__ import annotations
 
+import enum
+import time
 from collections.abc import Callable
 
 from .errors import BlockError
 from .graph import BlockGraph
 from .node import BlockNode, Edge
 from .perm import ALL
+
+
+class AcctType(enum.IntEnum):
+    """QEMU's BlockAcctType: what a guest request was."""
+
+    READ = 0
+    WRITE = 1
+    FLUSH = 2
+    UNMAP = 3
+
+
+class BlockAcctStats:
+    """QEMU's BlockAcctStats (block/accounting.c): what the guest asked of a backend.
+
+    Only requests the caller accounts are counted (QEMU's device models and qemu-io's
+    ``aio_*`` commands do; plain reads and writes of qemu-io do not). Times are
+    CLOCK_MONOTONIC nanoseconds, as QEMU's realtime clock.
+    """
+
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.clock = clock
+        kinds = len(AcctType)
+        self.nr_bytes = [0] * kinds
+        self.nr_ops = [0] * kinds
+        self.failed_ops = [0] * kinds
+        self.invalid_ops = [0] * kinds
+        self.merged = [0] * kinds
+        self.total_time_ns = [0] * kinds
+        #: 0 until the first accounted request (then idle_time_ns is reported).
+        self.last_access_time_ns = 0
+        self.account_invalid = True
+        self.account_failed = True
+
+    def start(self) -> int:
+        """block_acct_start: the request's start time, for :meth:`done`."""
+        return self.clock()
+
+    def done(self, kind: AcctType, nbytes: int, started: int, *, failed: bool = False) -> None:
+        """block_acct_done / block_acct_failed: one request completed."""
+        now = self.clock()
+        if failed:
+            self.failed_ops[kind] += 1
+        else:
+            self.nr_bytes[kind] += nbytes
+            self.nr_ops[kind] += 1
+        if not failed or self.account_failed:
+            self.total_time_ns[kind] += now - started
+            self.last_access_time_ns = now
+
+    def invalid(self, kind: AcctType) -> None:
+        """block_acct_invalid: a request refused before it was submitted."""
+        self.invalid_ops[kind] += 1
+        if self.account_invalid:
+            self.last_access_time_ns = self.clock()
+
+    def idle_time_ns(self) -> int | None:
+        """Nanoseconds since the last accounted request, None before the first."""
+        if self.last_access_time_ns <= 0:
+            return None
+        return self.clock() - self.last_access_time_ns
 
 
 class BlockBackend:
@@ -41,6 +103,8 @@ class BlockBackend:
         self.dev_id: str | None = None
         self.edge: Edge | None = None
         self._inmigrate = inmigrate
+        #: blk->stats: the I/O accounting query-blockstats reports.
+        self.stats = BlockAcctStats()
 
     @property
     def node(self) -> BlockNode | None:

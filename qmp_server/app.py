@@ -68,6 +68,7 @@ class App:
         self.machine = machine
         self.dispatcher = Dispatcher(machine, command_tables())
         check_schema_facts(schema, machine.block.graph.drivers)
+        machine.hmp.queries = self.dispatcher.plain_queries()
         try:
             machine.objects.add_from_cli(schema, options.objects,
                                          machinemodel.MACHINE_TYPES[options.machine_type],

@@ -540,6 +540,7 @@ def test_commands_and_flags(schema: Schema) -> None:
         "x-blockdev-invalidate-cache",
         "x-blockdev-inactivate",
         "migrate-incoming",
+        "query-blockstats",
         "migrate",
         "migrate_cancel",
         "query-migrate",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import blockstats
 from ..dispatcher import CommandContext, CommandTable
 from ..protocol.encoding import PreEncoded
 
@@ -45,3 +46,13 @@ async def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> 
     """Every node, newest first (sent as cached, pre-encoded JSON)."""
     return await ctx.machine.block.query_named_block_nodes_json(args.get("flat", False))
 
+
+
+@table.command("query-blockstats")
+async def query_blockstats(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """I/O statistics per BlockBackend, or per node with ``query-nodes``."""
+    machine = ctx.machine
+    return await machine.block.run_light(lambda: blockstats.query_blockstats(
+        machine.block.graph, [(blk, dev.qdev if dev is not None else None)
+                              for blk, dev in machine.devices.backends()],
+        args.get("query-nodes", False)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .. import blockstats
 from ..blockservice import BlockService
 from ..devices import Devices
 from ..errors import QMPError, with_hints
@@ -36,6 +37,9 @@ class HumanMonitor:
         self.block = block
         self.devices = devices
         self.name = name
+        #: QMP's plain queries bound to the machine (app.py wires them in), for the info
+        #: commands QEMU builds on them (``info cpus``, ``info iothreads``).
+        self.queries: dict[str, Callable[[], Any]] = {}
         mig = MigrationCommands(migration)
         self.commands: dict[str, tuple[HmpHandler, str]] = {
             "help": (self._help, "help|? [cmd] -- show the help"),
@@ -76,6 +80,9 @@ class HumanMonitor:
             "block": (self._info_block,
                       "info block [-n] [-v] [device] -- show info of one block device or all "
                       "block devices (-n: show named nodes; -v: show details)"),
+            "blockstats": (self._info_blockstats, "info blockstats  -- show block device statistics"),
+            "cpus": (self._info_cpus, "info cpus  -- show infos for each CPU"),
+            "iothreads": (self._info_iothreads, "info iothreads  -- show iothreads"),
             "migrate": (mig.info_migrate, "info migrate [-a] -- show migration status (-a: all "
                                           "details)"),
             "migrate_capabilities": (mig.info_capabilities, "info migrate_capabilities  -- show "
@@ -166,6 +173,30 @@ class HumanMonitor:
                 extra += "    Removable device: not locked, tray closed\n"
             blocks.append(_block_text(inserted, prefix, extra))
         return "\n".join(blocks)
+
+    async def _info_blockstats(self, args: list[str]) -> str:
+        # hmp_info_blockstats: query-blockstats' backends, one line each.
+        devices = self.devices
+        stats = await self.block.run_light(lambda: blockstats.query_blockstats(
+            self.block.graph, [(blk, dev.qdev if dev is not None else None)
+                               for blk, dev in devices.backends()], False))
+        return blockstats.hmp_info_blockstats(stats)
+
+    async def _info_cpus(self, args: list[str]) -> str:
+        # hmp_info_cpus: query-cpus-fast; '*' marks the monitor's current CPU, the first
+        # one until ``cpu N`` (not modelled) picks another.
+        cpus = self.queries.get("query-cpus-fast", list)()
+        return "".join(f"{'*' if position == 0 else ' '} CPU #{cpu['cpu-index']}: "
+                       f"thread_id={cpu['thread-id']}\n" for position, cpu in enumerate(cpus))
+
+    async def _info_iothreads(self, args: list[str]) -> str:
+        # hmp_info_iothreads: query-iothreads, each with its thread and polling settings.
+        text = ""
+        for info in self.queries.get("query-iothreads", list)():
+            text += (f"{info['id']}:\n  thread_id={info['thread-id']}\n"
+                     f"  poll-max-ns={info['poll-max-ns']}\n  poll-grow={info['poll-grow']}\n"
+                     f"  poll-shrink={info['poll-shrink']}\n  aio-max-batch={info['aio-max-batch']}\n")
+        return text
 
     async def _drive_add(self, args: str) -> str:
         # hmp_drive_add: errors printed as error_report_err does (no "Error: " prefix).

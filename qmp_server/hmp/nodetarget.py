@@ -3,7 +3,7 @@ device's or ``-drive``'s BlockBackend itself (hmp_qemu_io)."""
 
 from __future__ import annotations
 
-from blocklayer.backend import BlockBackend
+from blocklayer.backend import BlockAcctStats, BlockBackend
 from blocklayer.errors import BlockError
 from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode, Edge
@@ -45,6 +45,10 @@ class _Target:
         """The node's length in bytes."""
         return self.node.getlength()
 
+    def acct_stats(self) -> BlockAcctStats | None:
+        """No BlockBackend of a device or -drive here: nobody reads the accounting."""
+        return None
+
 
 class NodeTarget(_Target):
     """A node through the temporary user the block service lent."""
@@ -69,6 +73,10 @@ class BackendTarget(_Target):
             raise BlockError("Device has no medium")
         super().__init__(backend.node)
         self.backend = backend
+
+    def acct_stats(self) -> BlockAcctStats | None:
+        """The backend's own accounting (blk_get_stats)."""
+        return self.backend.stats
 
     def require_write(self) -> None:
         """blk_set_perm with write added, sharing as before."""

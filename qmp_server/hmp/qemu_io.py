@@ -1,8 +1,9 @@
 """QEMU 7.2's qemu-io command interpreter, as HMP ``qemu-io [-d] NODE "CMD"`` runs it.
 
 Supported commands (with qemu-io's aliases): ``read``/``r``, ``write``/``w``, ``readv``,
-``writev``, ``discard``/``d``, ``flush``/``f``, ``length``/``l``. Every other name gets
-qemu-io's 'command "NAME" not found'.
+``writev``, ``discard``/``d``, ``flush``/``f``, ``length``/``l``, ``aio_read``,
+``aio_write``, ``aio_flush`` (completed at once; the only ones a BlockBackend accounts).
+Every other name gets qemu-io's 'command "NAME" not found'.
 
 Where QEMU 7.2 puts the text matters, so :func:`execute_qemu_io` keeps three channels:
 
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from blocklayer.backend import AcctType, BlockAcctStats
 from blocklayer.errors import BlockError
 
 from .args import HmpArgumentError, hmp_string, skip_space
@@ -72,6 +74,10 @@ class QemuIoTarget(Protocol):
     def flush(self) -> None: ...
 
     def getlength(self) -> int: ...
+
+    def acct_stats(self) -> BlockAcctStats | None:
+        """The BlockBackend's accounting that ``aio_*`` commands update, if any."""
+        ...
 
     def require_write(self) -> None:
         """Take the write permission that ``write``/``writev``/``discard`` need.
@@ -681,6 +687,130 @@ def _sleep_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
         time.sleep(nanoseconds / 1e9)  # qemu-io runs in a worker thread, off the event loop
 
 
+class _NoStats(BlockAcctStats):
+    """Accounting nobody reads (qemu-io on a node: QEMU's temporary BlockBackend)."""
+
+
+def _stats(session: _Session) -> BlockAcctStats:
+    getter = getattr(session.target, "acct_stats", None)
+    stats = getter() if getter is not None else None
+    return stats if isinstance(stats, BlockAcctStats) else _NoStats()
+
+
+def _aio_read_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
+    # aio_read_f: the request completes before the command returns here; its report
+    # (aio_read_done) follows at once. Only the aio commands are accounted.
+    stats = _stats(session)
+    machine = quiet = verbose = pflag = False
+    pattern = 0
+    options, operands = _options(session, command, argv, "CP:iqv")
+    for option in options:
+        match option.letter:
+            case "C":
+                machine = True
+            case "P":
+                pflag = True
+                pattern = _pattern(session, option.value or "")
+            case "i":
+                session.out("injecting invalid read request\n")
+                stats.invalid(AcctType.READ)
+                return
+            case "q":
+                quiet = True
+            case "v":
+                verbose = True
+    if len(operands) < 2:
+        raise _usage(session, command)
+    offset = session.number(operands[0])
+    try:
+        count = _iovec_size(session, operands[1:])
+    except _Abort:
+        stats.invalid(AcctType.READ)
+        raise
+    started = stats.start()
+    data, failure, elapsed = session.timed(lambda: _read_data(session, offset, count))
+    if failure is not None or data is None:
+        stats.done(AcctType.READ, count, started, failed=True)
+        raise session.fail(f"readv failed: {failure}")
+    if pflag and data.count(pattern) != count:
+        session.out(f"Pattern verification failed at offset {offset}, {count} bytes\n")
+    stats.done(AcctType.READ, count, started)
+    if quiet:
+        return
+    if verbose:
+        session.out(dump_buffer(data, offset))
+    session.out(format_report("read", offset, count, count, elapsed, machine=machine))
+
+
+def _aio_write_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
+    # aio_write_f; with -z QEMU starts no accounting, so nothing is counted.
+    stats = _stats(session)
+    machine = quiet = may_unmap = zflag = False
+    pattern = 0xCD
+    options, operands = _options(session, command, argv, "CfiqP:uz")
+    for option in options:
+        match option.letter:
+            case "C":
+                machine = True
+            case "P":
+                pattern = _pattern(session, option.value or "")
+            case "i":
+                session.out("injecting invalid write request\n")
+                stats.invalid(AcctType.WRITE)
+                return
+            case "q":
+                quiet = True
+            case "u":
+                may_unmap = True
+            case "z":
+                zflag = True
+            # "-f" (FUA) does not change the outcome.
+    if len(operands) < 2:
+        raise _usage(session, command)
+    if zflag and len(operands) != 2:
+        raise session.fail("-z supports only a single length parameter")
+    if may_unmap and not zflag:
+        raise session.fail("-u requires -z to be specified")
+    offset = session.number(operands[0])
+    started = 0
+    if zflag:
+        count = session.number(operands[1])
+
+        def operation() -> None:
+            session.check_range(offset, count)
+            if count:
+                session.target.write_zeroes(offset, count, may_unmap)
+    else:
+        try:
+            count = _iovec_size(session, operands[1:])
+        except _Abort:
+            stats.invalid(AcctType.WRITE)
+            raise
+        started = stats.start()
+
+        def operation() -> None:
+            session.check_range(offset, count)
+            if count:
+                session.target.write(offset, bytes([pattern]) * count)
+
+    _, failure, elapsed = session.timed(operation)
+    if failure is not None:
+        if not zflag:
+            stats.done(AcctType.WRITE, count, started, failed=True)
+        raise session.fail(f"aio_write failed: {failure}")
+    if not zflag:
+        stats.done(AcctType.WRITE, count, started)
+    if not quiet:
+        session.out(format_report("wrote", offset, count, count, elapsed, machine=machine))
+
+
+def _aio_flush_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
+    # aio_flush_f: waits for the outstanding requests (there are none left here) and is
+    # accounted as a flush of 0 bytes; it does not flush the image.
+    stats = _stats(session)
+    stats.done(AcctType.FLUSH, 0, stats.start())
+
+
 _COMMANDS: tuple[_Command, ...] = (
     _Command(
         "read", "r", 2, -1, False,
@@ -707,6 +837,17 @@ _COMMANDS: tuple[_Command, ...] = (
         "[-Cq] off len -- discards a number of bytes at a specified offset",
         _discard_f,
     ),
+    _Command(
+        "aio_read", None, 2, -1, False,
+        "[-Ciqv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
+        _aio_read_f,
+    ),
+    _Command(
+        "aio_write", None, 2, -1, True,
+        "[-Cfiquz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
+        _aio_write_f,
+    ),
+    _Command("aio_flush", None, 0, 0, False, "", _aio_flush_f),
     _Command("flush", "f", 0, 0, False, "", _flush_f),
     _Command("length", "l", 0, 0, False, "", _length_f),
     _Command("sleep", None, 1, 1, False, "", _sleep_f),
