@@ -69,6 +69,8 @@ class App:
         self.dispatcher = Dispatcher(machine, command_tables())
         check_schema_facts(schema, machine.block.graph.drivers)
         machine.hmp.queries = self.dispatcher.plain_queries()
+        machine.devices.objects = machine.objects
+        machine.devices.acpi = options.acpi
         try:
             machine.objects.add_from_cli(schema, options.objects,
                                          machinemodel.MACHINE_TYPES[options.machine_type],

@@ -116,6 +116,9 @@ class Options:
     accel: str = "tcg"
     uuid: str | None = None
     no_shutdown: bool = False
+    #: ``-no-acpi`` / ``-machine acpi=off`` (the last one wins): an i440fx machine without
+    #: ACPI has no PCI hot-plug.
+    acpi: bool = True
     #: ``-qtest``: the chardev the qtest protocol is served on.
     qtest: Chardev | None = None
     nodefaults: bool = False
@@ -182,6 +185,8 @@ def _machine(options: Options, option: str, value: str) -> None:
             options.accel = _accelerator(option, setting)
         elif key == "memory-backend":
             options.memory_backend = setting
+        elif key == "acpi":
+            options.acpi = setting != "off"
         elif key not in _MACHINE_PROPERTIES:
             raise UsageError(f"{option}: Invalid parameter '{key}'")
     if first:
@@ -263,6 +268,9 @@ def parse_args(argv: list[str]) -> Options:
                 raise SystemExit(0)
             if name in _FLAG_FIELDS:
                 setattr(options, _FLAG_FIELDS[name], True)
+            elif name == "no-acpi":
+                # QEMU 7.2 turns it into the machine property acpi=off.
+                options.acpi = False
             elif name == "enable-kvm":
                 raise UsageError("-enable-kvm: failed to initialize kvm: No such file or directory")
             continue

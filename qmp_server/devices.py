@@ -32,6 +32,7 @@ from .driveopts import CACHE_MODES, nest, parse_qemu_opts
 from .errorreport import error_report
 from .errors import QMPError
 from .keyval import parse_json_option, parse_keyval
+from .objects import Objects
 from .runstate import VM, RunState
 
 T = TypeVar("T")
@@ -128,6 +129,11 @@ class Devices:
         #: Devices in creation order (QEMU lists backends in that order too).
         self.devices: list[Device] = []
         self._anon = 0
+        #: The machine's -object/object-add objects, which iothread= links resolve in
+        #: (the wiring, app.py, hands them over).
+        self.objects: Objects | None = None
+        #: -no-acpi / -machine acpi=off: an i440fx pci.0 without ACPI has no hot-plug.
+        self.acpi = True
 
     # Queries ----------------------------------------------------------------------------
 
@@ -384,7 +390,7 @@ class Devices:
         else:
             # qbus_find_recursive picks the last IDE bus with a free unit for hotplug.
             bus_name = buses[-1] if hotplug else buses[0]
-        hotpluggable = driver != "ide-hd"
+        hotpluggable = driver != "ide-hd" and self._bus_hotpluggable(bus_name)
         if hotplug and not hotpluggable:
             raise QMPError(f"Bus '{bus_name}' does not support hotplugging")
         dev_id = props.get("id")
@@ -397,6 +403,9 @@ class Devices:
         for key in props:
             if key not in _GENERIC and key not in known:
                 raise QMPError(f"Property '{driver}.{key}' not found")
+        if "iothread" in props:
+            # Set before drive and share-rw: the first in QEMU's QDict order of properties.
+            self._check_iothread(props["iothread"])
         share_rw = _bool_property(props.get("share-rw", False), "share-rw")
         if dev_id is not None:
             path = f"/machine/peripheral/{dev_id}"
@@ -416,6 +425,40 @@ class Devices:
             self._anon += 1
         self.devices.append(device)
         return device
+
+    def _bus_hotpluggable(self, bus: str) -> bool:
+        """qbus_is_hotpluggable: q35's PCIe root bus never is (devices go behind root
+        ports, not modelled); i440fx's pci.0 is through ACPI's hot-plug only."""
+        if bus == "pcie.0":
+            return False
+        if bus == "pci.0":
+            return self.acpi
+        return True
+
+    def _check_iothread(self, value: Any) -> None:
+        """The ``iothread`` link: object_resolve_link's checks and texts. A (partial) QOM
+        path: ``ID``, ``objects/ID`` or ``/objects/ID`` of an iothread object; "" is none."""
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        path = str(value)
+        if not path:
+            return
+        object_id = path
+        for prefix in ("/objects/", "objects/"):
+            if path.startswith(prefix):
+                object_id = path[len(prefix):]
+        found = (self.objects.find(object_id)
+                 if self.objects is not None and object_id and "/" not in object_id else None)
+        if found is not None and found.qom_type == "iothread":
+            return
+        # Anything else the QOM tree holds under that path is of the wrong type.
+        containers = {"machine", "objects", "peripheral", "peripheral-anon", "unattached",
+                      "/machine", "/objects", "/machine/peripheral", "/machine/peripheral-anon",
+                      "/machine/unattached"}
+        name = path.removeprefix("/machine/peripheral/")
+        if found is not None or path in containers or self.find(name) is not None:
+            raise QMPError("Invalid parameter type for 'iothread', expected: iothread")
+        raise QMPError(f"Device '{path}' not found", "DeviceNotFound")
 
     def _set_drive(self, drive: Any, backend_type: str) -> tuple[BlockBackend, bool]:
         """set_drive_helper: a -drive's backend by name, else a new one over a node."""
