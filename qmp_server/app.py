@@ -10,7 +10,7 @@ import trio
 from . import machinemodel
 from .chardev import ChardevError, Endpoint, open_chardev
 from .cli import Options
-from .commands import bitmaps, block, control, devices, jobs, snapshots
+from .commands import bitmaps, block, control, devices, internal_snapshots, jobs, snapshots
 from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
 from .errors import QMPError, with_hints
@@ -32,7 +32,7 @@ class SetupError(Exception):
 def command_tables() -> list[CommandTable]:
     """Every command module's table."""
     return [control.table, block.table, migration_commands.table, machine_commands.table,
-            devices.table, bitmaps.table, jobs.table, snapshots.table]
+            devices.table, bitmaps.table, jobs.table, snapshots.table, internal_snapshots.table]
 
 
 class App:
@@ -90,6 +90,13 @@ class App:
                     machine.block.locked(make, text)
                 except QMPError as err:
                     raise SetupError(f"{flag} {text}: {with_hints(err)}") from err
+        if options.loadvm is not None:
+            # qmp_x_exit_preconfig: load_snapshot(loadvm, ..., &error_fatal) after the
+            # devices, before the incoming migration and the start.
+            try:
+                machine.internal_snapshots.load_at_startup(options.loadvm)
+            except QMPError as err:
+                raise SetupError(err.desc) from err
         machine.migration.check_incoming_uri()
         # QEMU creates the chardevs (in order), then the monitors on them.
         opened: dict[str, Endpoint] = {}

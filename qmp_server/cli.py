@@ -29,7 +29,7 @@ _WITH_ARG = {
     "qmp", "qmp-pretty", "monitor", "mon", "chardev", "serial", "parallel", "name", "incoming", "pidfile",
     "machine", "M", "accel", "blockdev", "device", "drive", "display", "vga", "m", "smp", "cpu",
     "uuid", "rtc", "boot", "audiodev", "msg", "overcommit", "sandbox", "object", "qtest", "global",
-    "poll-max-ns",
+    "poll-max-ns", "loadvm",
 }
 _FLAGS = {
     "S", "nodefaults", "nographic", "daemonize", "version", "help", "h", "no-user-config",
@@ -74,6 +74,7 @@ Block devices and migration:
   -drive OPTIONS        a block backend with its nodes (legacy)
   -device DRIVER,...    a disk frontend (virtio-blk-pci, scsi-hd, ide-hd; -device help)
   -incoming defer|unix:PATH|tcp:HOST:PORT  wait for an incoming migration
+  -loadvm TAG           start from internal snapshot TAG (as HMP loadvm)
 Process:
   -daemonize            detach once the monitors are ready (then cwd is /)
   -pidfile PATH         write the process id to PATH, locked: a second server refuses it
@@ -96,6 +97,8 @@ class Options:
     start_paused: bool = False
     name: str | None = None
     incoming: str | None = None
+    #: ``-loadvm TAG``: load this internal snapshot before the machine starts.
+    loadvm: str | None = None
     blockdevs: list[str] = field(default_factory=list)
     #: ``-device`` and ``-drive`` arguments as typed (keyval, or JSON for -device), in order.
     devices: list[str] = field(default_factory=list)
@@ -336,6 +339,8 @@ def _apply(options: Options, chardevs: Chardevs, name: str, option: str, value: 
                 options.name = setting
     elif name == "incoming":
         options.incoming = value
+    elif name == "loadvm":
+        options.loadvm = value
     elif name == "pidfile":
         options.pidfile = value
     elif name in ("machine", "M"):

@@ -15,6 +15,7 @@ from .migration.service import MigrationService
 from .objects import Objects
 from .runstate import VM
 from .schema import Schema
+from .vmsnapshots import InternalSnapshots
 
 
 @dataclass
@@ -61,7 +62,10 @@ class Machine:
         self.objects = Objects()
         self.vm.state_listeners.append(self.devices.vm_state_changed)
         self.migration = MigrationService(self.vm, self.block, self.schema, config.incoming)
-        self.hmp = HumanMonitor(self.vm, self.block, self.devices, self.migration, config.name)
+        #: Internal snapshots (savevm/loadvm/delvm, snapshot-* jobs, -loadvm).
+        self.internal_snapshots = InternalSnapshots(self.vm, self.block, self.devices.backends)
+        self.hmp = HumanMonitor(self.vm, self.block, self.devices, self.migration, config.name,
+                                self.internal_snapshots)
 
     @property
     def exit_requested(self) -> trio.Event:

@@ -10,14 +10,17 @@ QMP replies and events with QEMU 7.2 run with the same command line.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from qcow2_support import close_qcow2, open_qcow2
 from qemu_tools import require
+from server_support import SERVER, running
 
 from blocklayer.qcow2 import Qcow2Driver
 from blocklayer.qcow2.snapshot import NO_ICOUNT, read_snapshots
@@ -161,3 +164,176 @@ def test_qemu_img_snapshots_are_listed_applied_and_deleted(tmp_path: Path, tools
     assert "No errors were found on the image." in sh("qemu-img", "check", str(o))
     listing = sh("qemu-img", "snapshot", "-l", str(o))
     assert "theirs" in listing and "second" not in listing
+
+
+# ---------------------------------------------------------------- HMP and QMP against QEMU
+
+_ROW = re.compile(r"^(\S+)\s+(\S+)\s+[\d.]+ \S?B \d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+                  r"\d\d:\d\d:\d\d\.\d{3}( +\S+)? *$")
+
+
+def _normal_text(text: str) -> str:
+    """HMP text with what cannot match masked: VM SIZE (QEMU saves 765 bytes of device
+    state, we none), dates, clocks and automatic tags (vm-DATE)."""
+    lines = []
+    for line in text.split("\r\n"):
+        match = _ROW.match(line)
+        if match:
+            line = f"{match.group(1)} {match.group(2)} <size date clock>{match.group(3) or ''}"
+        lines.append(re.sub(r"vm-\d{14}", "vm-DATE", line))
+    return "\r\n".join(lines)
+
+
+def _normal(value: object) -> object:
+    """_normal_text on every string of a JSON-like value (tuples become lists)."""
+    if isinstance(value, str):
+        return _normal_text(value)
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    return value
+
+
+def _hmp_session(tmp: Path, qemu: bool, args: list[str], lines: list[str]) -> list[object]:
+    seen: list[object] = []
+    with running(args, tmp, qemu=qemu) as (_proc, client):
+        for line in lines:
+            text = client.hmp(line)
+            seen.append((line, _normal_text(text), [e["event"] for e in client.events]))
+            client.events.clear()
+    return seen
+
+
+def _both(tmp_path: Path, make: Callable[[Path], list[str]]) -> tuple[Path, list[str], Path, list[str]]:
+    theirs, ours = tmp_path / "qemu", tmp_path / "ours"
+    theirs.mkdir()
+    ours.mkdir()
+    return theirs, make(theirs), ours, make(ours)
+
+
+HMP_LINES = ["info snapshots", "savevm", "info snapshots", "savevm foo", "savevm foo",
+             "info snapshots", "loadvm foo", "info status", "loadvm 1", "info status",
+             "loadvm zz", "delvm zz", "delvm foo", "info snapshots", "loadvm", "delvm",
+             "savevm a b", "info snapshots x", "cont", "info status"]
+
+
+def test_hmp_savevm_loadvm_delvm_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    def make(work: Path) -> list[str]:
+        sh("qemu-img", "create", "-q", "-f", "qcow2", str(work / "d.qcow2"), "64M")
+        return ["-drive", f"file={work / 'd.qcow2'},format=qcow2,if=none,id=d0"]
+    theirs, t_args, ours, o_args = _both(tmp_path, make)
+    expected = _hmp_session(theirs, True, t_args, HMP_LINES)
+    assert _hmp_session(ours, False, o_args, HMP_LINES) == expected
+    assert "No errors were found on the image." in sh("qemu-img", "check", str(ours / "d.qcow2"))
+    listed = sh("qemu-img", "snapshot", "-l", str(ours / "d.qcow2"))
+    assert re.search(r"^1 +vm-\d{14} +0 B ", listed, re.M), listed
+
+
+@pytest.mark.parametrize("setup", ["none", "raw", "two-qcow2"])
+def test_hmp_errors_and_listings_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None,
+                                         setup: str) -> None:
+    """No capable node, a writable node without snapshots, and partial snapshots (a
+    tag on one node only, listed under the device name)."""
+    def make(work: Path) -> list[str]:
+        if setup == "none":
+            return []
+        if setup == "raw":
+            sh("qemu-img", "create", "-q", "-f", "raw", str(work / "r.raw"), "1M")
+            return ["-drive", f"file={work / 'r.raw'},format=raw,if=none,id=d0"]
+        for name in ("a", "b"):
+            sh("qemu-img", "create", "-q", "-f", "qcow2", str(work / f"{name}.qcow2"), "8M")
+        sh("qemu-img", "snapshot", "-c", "only-a", str(work / "a.qcow2"))
+        return ["-drive", f"file={work / 'a.qcow2'},format=qcow2,if=none,id=da",
+                "-blockdev", f"driver=file,filename={work / 'b.qcow2'},node-name=fb",
+                "-blockdev", "driver=qcow2,file=fb,node-name=qb"]
+    lines = ["info snapshots", "savevm s", "info snapshots", "loadvm s", "info status",
+             "loadvm only-a", "delvm s", "info snapshots"]
+    theirs, t_args, ours, o_args = _both(tmp_path, make)
+    expected = _hmp_session(theirs, True, t_args, lines)
+    assert _hmp_session(ours, False, o_args, lines) == expected
+
+
+def _qmp_session(tmp: Path, qemu: bool, args: list[str],
+                 steps: list[tuple[str, dict[str, object]]]) -> list[object]:
+    seen: list[object] = []
+    with running(args, tmp, qemu=qemu) as (_proc, client):
+        for name, arguments in steps:
+            reply = client.execute(name, arguments)
+            if name.startswith("snapshot-"):
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    jobs = client.cmd("query-jobs")
+                    if all(job["status"] == "concluded" for job in jobs):
+                        break
+                    time.sleep(0.02)
+            seen.append((name, reply, [(e["event"], e.get("data")) for e in client.events]))
+            client.events.clear()
+    return seen
+
+
+def test_qmp_snapshot_jobs_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """Replies, JOB_STATUS_CHANGE/STOP/RESUME in order, query-jobs (errors, progress)."""
+    def make(work: Path) -> list[str]:
+        for name in ("a", "b"):
+            sh("qemu-img", "create", "-q", "-f", "qcow2", str(work / f"{name}.qcow2"), "8M")
+        return ["-blockdev", f"driver=file,filename={work / 'a.qcow2'},node-name=fa",
+                "-blockdev", "driver=qcow2,file=fa,node-name=qa",
+                "-drive", f"file={work / 'b.qcow2'},format=qcow2,if=none,id=d1,node-name=qb"]
+
+    def job(kind: str, job_id: str, tag: str, devices: list[str], vmstate: str | None = "qa"
+            ) -> tuple[str, dict[str, object]]:
+        arguments: dict[str, object] = {"job-id": job_id, "tag": tag, "devices": devices}
+        if kind != "snapshot-delete":
+            arguments["vmstate"] = vmstate
+        return kind, arguments
+
+    steps = [job("snapshot-save", "j1", "t1", ["qa", "d1"]),
+             job("snapshot-save", "j2", "t2", ["qa", "qb"]),
+             job("snapshot-save", "j3", "t2", ["qa"]),
+             ("query-jobs", {}), ("job-dismiss", {"id": "j1"}),
+             ("human-monitor-command", {"command-line": "info snapshots"}),
+             job("snapshot-load", "j4", "t2", ["qa", "qb"]),
+             job("snapshot-delete", "j5", "t2", ["qb"]),
+             job("snapshot-delete", "j6", "nope", ["qa"]),
+             job("snapshot-load", "j7", "t2", ["qa", "qb"]),
+             ("human-monitor-command", {"command-line": "info status"}),
+             job("snapshot-save", "j8", "t9", ["qa"], "fa"),
+             job("snapshot-save", "j9", "t9", []),
+             job("snapshot-save", "j10", "t9", ["zz"]),
+             job("snapshot-save", "j11", "t9", ["fa"]),
+             job("snapshot-save", "j11", "t9", ["qa"]),
+             ("query-jobs", {})]
+    theirs, t_args, ours, o_args = _both(tmp_path, make)
+    expected = _normal(_qmp_session(theirs, True, t_args, steps))
+    actual = _normal(_qmp_session(ours, False, o_args, steps))
+    assert actual == expected
+    for name in ("a", "b"):
+        assert "No errors were found on the image." in sh("qemu-img", "check", str(ours / f"{name}.qcow2"))
+
+
+def test_loadvm_restores_the_data_and_minus_loadvm(tmp_path: Path, qemu_utils: None) -> None:
+    """savevm, guest writes, loadvm: the guest reads the saved data (HMP qemu-io);
+    -loadvm at start-up does the same; an unknown tag ends start-up with QEMU's text."""
+    disk = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8M")
+    sh("qemu-io", "-c", "write -P 0x11 0 128k", str(disk))
+    args = ["-drive", f"file={disk},format=qcow2,if=none,id=d0"]
+    with running(args, tmp_path) as (proc, client):
+        assert client.hmp("savevm keep") == ""
+        client.hmp('qemu-io d0 "write -P 0x22 0 64k"')
+        assert client.hmp("loadvm keep") == ""
+        assert "Pattern verification failed" not in client.hmp('qemu-io d0 "read -P 0x11 0 128k"')
+        client.hmp('qemu-io d0 "write -P 0x33 64k 64k"')
+        assert client.cmd("query-status")["status"] == "running"
+        client.execute("quit")
+        proc.wait(timeout=20)
+    sh("qemu-io", "-r", "-c", "read -P 0x33 64k 64k", str(disk))
+    with running([*args, "-loadvm", "keep"], tmp_path) as (_proc, client):
+        assert "Pattern verification failed" not in client.hmp('qemu-io d0 "read -P 0x11 0 128k"')
+        assert client.cmd("query-status")["status"] == "running"
+    assert "No errors were found on the image." in sh("qemu-img", "check", str(disk))
+    result = subprocess.run([*SERVER, *args, "-loadvm", "nope"], capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 1
+    assert result.stderr.endswith(": Snapshot 'nope' does not exist in one or more devices\n")

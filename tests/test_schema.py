@@ -566,6 +566,8 @@ def test_commands_and_flags(schema: Schema) -> None:
         "job-complete", "blockdev-create",
         # qmp_server/commands/snapshots.py
         "blockdev-snapshot", "blockdev-snapshot-sync", "transaction",
+        # qmp_server/commands/internal_snapshots.py
+        "snapshot-save", "snapshot-load", "snapshot-delete",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",

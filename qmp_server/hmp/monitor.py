@@ -18,8 +18,12 @@ from ..keyval import parse_keyval
 from ..migration.service import MigrationService
 from ..runstate import VM
 from ..version import PACKAGE, version_string
+from ..vmsnapshots import InternalSnapshots
 from .args import HmpArgumentError, parse_arguments
 from .migration import MigrationCommands
+from .snapshots import HELP as SNAPSHOT_HELP
+from .snapshots import INFO_HELP as SNAPSHOT_INFO_HELP
+from .snapshots import SnapshotCommands
 
 HmpHandler = Callable[[str], Awaitable[str]]
 
@@ -32,7 +36,7 @@ class HumanMonitor:
     """Dispatches HMP command lines."""
 
     def __init__(self, vm: VM, block: BlockService, devices: Devices, migration: MigrationService,
-                 name: str | None) -> None:
+                 name: str | None, snapshots: InternalSnapshots | None = None) -> None:
         self.vm = vm
         self.block = block
         self.devices = devices
@@ -73,6 +77,11 @@ class HumanMonitor:
             "migrate_set_parameter": (mig.set_parameter, "migrate_set_parameter parameter value -- "
                                                          "Set the parameter for migration"),
         }
+        snap = SnapshotCommands(vm, snapshots) if snapshots is not None else None
+        if snap is not None:
+            self.commands.update({"savevm": (snap.savevm, SNAPSHOT_HELP["savevm"]),
+                                  "loadvm": (snap.loadvm, SNAPSHOT_HELP["loadvm"]),
+                                  "delvm": (snap.delvm, SNAPSHOT_HELP["delvm"])})
         self.info_commands: dict[str, tuple[Callable[[list[str]], Awaitable[str]], str]] = {
             "status": (self._info_status, "info status  -- show the current VM status (running|paused)"),
             "name": (self._info_name, "info name  -- show the current VM name"),
@@ -88,6 +97,8 @@ class HumanMonitor:
             "migrate_capabilities": (mig.info_capabilities, "info migrate_capabilities  -- show "
                                                             "current migration capabilities"),
         }
+        if snap is not None:
+            self.info_commands["snapshots"] = (snap.info_snapshots, SNAPSHOT_INFO_HELP)
 
     async def execute(self, line: str) -> str:
         """Run one command line; returns the text the monitor printed (CRLF line ends)."""
