@@ -249,6 +249,7 @@ class InternalSnapshots:
                 if target is None:
                     raise BlockError("Block driver does not support snapshots", errno.ENOTSUP)
                 target[1].snapshot_delete(sn.id_str, sn.name)
+                target[0].touch()  # query answers list the snapshots
             except BlockError as err:
                 raise QMPError(f"Could not delete snapshot '{name}' on "
                                f"'{member.device_or_node}': {err.message}") from err

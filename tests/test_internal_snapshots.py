@@ -10,6 +10,7 @@ QMP replies and events with QEMU 7.2 run with the same command line.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -337,3 +338,24 @@ def test_loadvm_restores_the_data_and_minus_loadvm(tmp_path: Path, qemu_utils: N
                             timeout=30, check=False)
     assert result.returncode == 1
     assert result.stderr.endswith(": Snapshot 'nope' does not exist in one or more devices\n")
+
+
+def test_image_info_lists_snapshots_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """query-named-block-nodes: ImageInfo's ``snapshots`` (members in QEMU's order)."""
+    base = tmp_path / "base.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "8M")
+    sh("qemu-img", "snapshot", "-c", "one", str(base))
+    sh("qemu-img", "snapshot", "-c", "two", str(base))
+    lists = []
+    for qemu in (True, False):
+        work = tmp_path / ("qemu" if qemu else "ours")
+        work.mkdir()
+        shutil.copy(base, work / "d.qcow2")
+        args = ["-blockdev", f"driver=file,filename={work / 'd.qcow2'},node-name=f0",
+                "-blockdev", "driver=qcow2,file=f0,node-name=q0"]
+        with running(args, work, qemu=qemu) as (_proc, client):
+            nodes = client.cmd("query-named-block-nodes", flat=True)
+            image = next(n["image"] for n in nodes if n["node-name"] == "q0")
+            lists.append(json.dumps(image["snapshots"]))
+            assert "snapshots" not in next(n["image"] for n in nodes if n["node-name"] == "f0")
+    assert lists[1] == lists[0]
