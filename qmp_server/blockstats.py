@@ -117,19 +117,21 @@ def _ordered(entry: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def query_blockstats(graph: BlockGraph, backends: Sequence[tuple[BlockBackend, str | None]],
+def query_blockstats(graph: BlockGraph, backends: Sequence[BlockBackend],
                      query_nodes: bool) -> list[dict[str, Any]]:
-    """qmp_query_blockstats. ``backends`` are (backend, the attached device's QOM path)
-    in QEMU's order; backends without a name or a device are left out."""
+    """qmp_query_blockstats. ``backends`` in QEMU's order; those without a name or a
+    device are left out."""
     if query_nodes:
         return [_ordered(_node_stats(node, False)) for node in list(graph.nodes.values())]
     result = []
-    for blk, qdev in backends:
+    for blk in backends:
         if not blk.name and blk.dev is None:
             continue
         node = blk.node
         entry = _node_stats(node, True)
         entry["device"] = blk.name
+        # blk_get_attached_dev_id: the device's id, else its QOM path.
+        qdev = blk.dev_id or blk.dev
         if qdev:
             entry["qdev"] = qdev
         entry["stats"] = _device_stats(node, blk.stats)

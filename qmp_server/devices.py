@@ -147,8 +147,9 @@ class Devices:
 
     def query_block(self) -> list[dict[str, Any]]:
         """query-block's BlockInfo list (the caller holds the graph lock)."""
-        return [backend_info(blk, device.qdev if device is not None else None)
-                for blk, device in self.backends()]
+        # blk_get_attached_dev_id: the device's own id, else its QOM path (a virtio-blk-pci's
+        # backend device has no id: its path).
+        return [backend_info(blk, blk.dev_id or blk.dev) for blk, _ in self.backends()]
 
     def find(self, ident: str) -> Device | None:
         """A device by id or QOM path (find_device_state)."""

@@ -135,7 +135,13 @@ def test_blockdev_and_device_add(tmp_path: Path) -> None:
         _same(qemu, ours, "no device yet")
         for client in (qemu, ours):
             client.cmd("device_add", driver="virtio-blk-pci", drive="d0", id="vd0")
-        _run_steps(qemu, ours, "-d vd0")
+        # -d takes the id of the device that holds the backend: for virtio-blk-pci that
+        # is its virtio-backend child, which has no id; its QOM path then.
+        assert ours.hmp('qemu-io -d vd0 "aio_read 0 512"') == \
+            qemu.hmp('qemu-io -d vd0 "aio_read 0 512"') == \
+            "Error: Device does not have a block device backend\r\n"
+        _run_steps(qemu, ours, "-d /machine/peripheral/vd0/virtio-backend")
+        assert ours.cmd("query-blockstats")[-1]["stats"]["rd_operations"] == 2
         for client in (qemu, ours):
             client.cmd("device_del", id="vd0")
         # QEMU's guest never acknowledges the unplug; ours does at once. Compare only the
@@ -177,3 +183,25 @@ def test_no_backends(tmp_path: Path) -> None:
 def test_bad_arguments(tmp_path: Path, arguments: dict[str, Any]) -> None:
     with both([], tmp_path) as (qemu, ours):
         assert ours.execute("query-blockstats", arguments) == qemu.execute("query-blockstats", arguments)
+
+
+def test_qdev_is_the_device_id_when_it_has_one(tmp_path: Path) -> None:
+    """blk_get_attached_dev_id: an ide-hd with an id is named by it (query-blockstats and
+    query-block alike); without one, or behind a virtio proxy, by QOM path."""
+    args = ["-drive", "file={dir}/r.img,format=raw,if=none,id=drive0",
+            "-device", "ide-hd,drive=drive0,id=ide0",
+            "-blockdev", "driver=file,node-name=f1,filename={dir}/base.qcow2",
+            "-device", "ide-hd,drive=f1",
+            "-blockdev", "driver=file,node-name=f2,filename={dir}/top.qcow2",
+            "-device", "virtio-blk-pci,drive=f2,id=vv"]
+    with both(args, tmp_path) as (qemu, ours):
+        _same(qemu, ours, "start")
+        for command in ("query-block", "query-blockstats"):
+            qdevs = [entry.get("qdev") for entry in ours.cmd(command)]
+            assert qdevs == [entry.get("qdev") for entry in qemu.cmd(command)]
+            assert qdevs == ["ide0", "/machine/peripheral-anon/device[0]",
+                             "/machine/peripheral/vv/virtio-backend"]
+        line = 'qemu-io -d ide0 "aio_read 0 512"'
+        for client in (qemu, ours):
+            client.hmp(line)
+        _same(qemu, ours, line)

@@ -53,6 +53,5 @@ async def query_blockstats(ctx: CommandContext, args: dict[str, Any]) -> list[di
     """I/O statistics per BlockBackend, or per node with ``query-nodes``."""
     machine = ctx.machine
     return await machine.block.run_light(lambda: blockstats.query_blockstats(
-        machine.block.graph, [(blk, dev.qdev if dev is not None else None)
-                              for blk, dev in machine.devices.backends()],
+        machine.block.graph, [blk for blk, _ in machine.devices.backends()],
         args.get("query-nodes", False)))

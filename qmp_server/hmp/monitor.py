@@ -189,8 +189,7 @@ class HumanMonitor:
         # hmp_info_blockstats: query-blockstats' backends, one line each.
         devices = self.devices
         stats = await self.block.run_light(lambda: blockstats.query_blockstats(
-            self.block.graph, [(blk, dev.qdev if dev is not None else None)
-                               for blk, dev in devices.backends()], False))
+            self.block.graph, [blk for blk, _ in devices.backends()], False))
         return blockstats.hmp_info_blockstats(stats)
 
     async def _info_cpus(self, args: list[str]) -> str:
