@@ -63,7 +63,8 @@ class Machine:
         self.vm.state_listeners.append(self.devices.vm_state_changed)
         self.migration = MigrationService(self.vm, self.block, self.schema, config.incoming)
         #: Internal snapshots (savevm/loadvm/delvm, snapshot-* jobs, -loadvm).
-        self.internal_snapshots = InternalSnapshots(self.vm, self.block, self.devices.backends)
+        self.internal_snapshots = InternalSnapshots(self.vm, self.block, self.devices.backends,
+                                                    config.machine_type)
         self.hmp = HumanMonitor(self.vm, self.block, self.devices, self.migration, config.name,
                                 self.internal_snapshots)
 

@@ -5,14 +5,16 @@ block/snapshot.c's bdrv_all_* functions: every node that takes part (the root of
 BlockBackend and each monitor-owned node nobody uses, writable and inserted; or the
 nodes named in ``devices``) gets the snapshot, and a node that cannot take one fails
 the whole operation. The VM state we have is the run state and the virtual clock; there
-is no guest RAM or device state, so the snapshots we write carry no VM state
-(vm_state_size 0). See docs/internal-snapshots.md for what differs from QEMU.
+is no guest RAM or device state, so the VM state written is what QEMU 7.2 saves for a
+guest-less machine (vm_state_stream), which QEMU loads back. See
+docs/internal-snapshots.md for what differs from QEMU.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +47,9 @@ class SnapshotDriver(Protocol):
     def snapshot_list(self) -> list[Any]: ...
 
     def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int,
-                        icount: int) -> Any: ...
+                        icount: int, vm_state_size: int = 0) -> Any: ...
+
+    def save_vmstate(self, data: bytes) -> None: ...
 
     def snapshot_goto(self, id_or_name: str) -> None: ...
 
@@ -54,6 +58,55 @@ class SnapshotDriver(Protocol):
 
 #: -1ULL: no record/replay, hence no instruction count.
 NO_ICOUNT = (1 << 64) - 1
+
+#: What QEMU 7.2 appends after the stream's end (QEMU_VM_VMDESCRIPTION): the JSON
+#: description of the device sections below, as it writes it for these two.
+_VMDESC = (b'{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "vmsd_name": '
+           b'"timer", "version": 2, "fields": [{"name": "cpu_ticks_offset", "type": "int64", '
+           b'"size": 8}, {"name": "unused", "type": "unused_buffer", "size": 8}, {"name": '
+           b'"cpu_clock_offset", "type": "int64", "size": 8}]}, {"name": "globalstate", '
+           b'"instance_id": 0, "vmsd_name": "globalstate", "version": 1, "fields": [{"name": '
+           b'"size", "type": "uint32", "size": 4}, {"name": "runstate", "type": "buffer", '
+           b'"size": 100}]}]}')
+
+
+def _section_header(kind: int, section_id: int, idstr: bytes = b"", version: int = 0) -> bytes:
+    # QEMU_VM_SECTION_START/FULL carry the id string, instance 0 and version; PART/END
+    # only the section id.
+    head = bytes([kind]) + struct.pack(">I", section_id)
+    if idstr:
+        head += bytes([len(idstr)]) + idstr + struct.pack(">II", 0, version)
+    return head
+
+
+def _footer(section_id: int) -> bytes:
+    return b"~" + struct.pack(">I", section_id)  # QEMU_VM_SECTION_FOOTER
+
+
+def vm_state_stream(machine: str, runstate: str, clock_ns: int) -> bytes:
+    """The VM state QEMU 7.2 saves for a guest-less machine (qemu_savevm_state).
+
+    File magic and version 3, the configuration section (machine type), the ``ram``
+    section's setup/iteration/completion with no RAM blocks, ``timer`` (the virtual
+    clock: cpu_clock_offset holds it while the VM is stopped; cpu_ticks_offset, a host
+    tick count, gets the same value here), ``globalstate`` (the run state when the save
+    began), QEMU_VM_EOF and the JSON description. QEMU loads it back (``loadvm``).
+    """
+    eos = struct.pack(">Q", 0x10)  # RAM_SAVE_FLAG_EOS
+    name = machine.encode()
+    state = runstate.encode()[:99]
+    out = [b"QEVM", struct.pack(">I", 3),
+           bytes([7]) + struct.pack(">I", len(name)) + name,  # QEMU_VM_CONFIGURATION
+           _section_header(1, 2, b"ram", 4), struct.pack(">Q", 0x4), eos, _footer(2),
+           _section_header(2, 2), eos, _footer(2),
+           _section_header(3, 2), eos, _footer(2),
+           _section_header(4, 0, b"timer", 2), struct.pack(">qQq", clock_ns, 0, clock_ns),
+           _footer(0),
+           _section_header(4, 4, b"globalstate", 1), struct.pack(">I", len(state) + 1),
+           state + bytes(100 - len(state)), _footer(4),
+           b"\x00",  # QEMU_VM_EOF
+           bytes([6]) + struct.pack(">I", len(_VMDESC)) + _VMDESC]
+    return b"".join(out)
 
 
 class VirtualClock:
@@ -141,10 +194,13 @@ class InternalSnapshots:
     """savevm/loadvm/delvm for HMP, the snapshot-* jobs and -loadvm."""
 
     def __init__(self, vm: VM, block: BlockService,
-                 backends: Callable[[], list[tuple[BlockBackend, Any]]]) -> None:
+                 backends: Callable[[], list[tuple[BlockBackend, Any]]],
+                 machine_type: str = "none") -> None:
         self.vm = vm
         self.block = block
         self._backends = backends
+        #: The configuration section's machine name (QEMU checks it on load).
+        self.machine_type = machine_type
         self.clock = VirtualClock(vm)
 
     # bdrv_first / bdrv_all_* (the caller holds the graph lock) ---------------------
@@ -283,15 +339,26 @@ class InternalSnapshots:
         raise QMPError("Block driver does not support snapshots")
 
     def create_all(self, name: str, date_sec: int, date_nsec: int, clock: int,
-                   devices: list[str] | None) -> None:
-        """bdrv_all_create_snapshot (each node's own id; vm_state_size 0 everywhere)."""
+                   vm_node: BlockNode, vm_state: bytes, devices: list[str] | None) -> None:
+        """save_snapshot's block part: the VM state into ``vm_node`` first, then
+        bdrv_all_create_snapshot (each node's own id; the VM state size on ``vm_node``
+        only, 0 on the others)."""
+        vm_target = _snapshot_driver(vm_node)
+        if vm_target is None:
+            raise QMPError("Could not open VM state file")
+        try:
+            vm_target[1].save_vmstate(vm_state)
+        except BlockError as err:
+            raise QMPError(err.message) from err
         for member in self._selected(devices):
             target = _snapshot_driver(member.node)
+            size = len(vm_state) if member.node is vm_node else 0
             try:
                 if target is None:
                     raise BlockError("not supported", errno.ENOTSUP)
                 target[1].snapshot_create(name, date_sec=date_sec, date_nsec=date_nsec,
-                                          vm_clock_nsec=clock, icount=NO_ICOUNT)
+                                          vm_clock_nsec=clock, icount=NO_ICOUNT,
+                                          vm_state_size=size)
                 target[0].touch()
             except BlockError as err:
                 raise QMPError(f"Could not create snapshot '{name}' on "
@@ -310,8 +377,10 @@ class InternalSnapshots:
                 await run(self.delete_all, name, devices)
             elif await run(self.has_snapshot, name, devices):
                 raise QMPError(f"Snapshot '{name}' already exists in one or more devices")
-        await run(self.find_vmstate_node, vmstate, devices)
+        vm_member = await run(self.find_vmstate_node, vmstate, devices)
         was_running = self.vm.running
+        # global_state_store: the run state as it was before the stop.
+        runstate = self.vm.state.value
         await self.vm.vm_stop(RunState.SAVE_VM)
         try:
             now = time.time()
@@ -319,8 +388,11 @@ class InternalSnapshots:
             date_nsec = int((now - date_sec) * 1_000_000) * 1000
             tag = name if name is not None else time.strftime("vm-%Y%m%d%H%M%S",
                                                              time.localtime(date_sec))
+            clock = self.clock.now_ns()
+            stream = vm_state_stream(self.machine_type, runstate, clock)
             try:
-                await run(self.create_all, tag, date_sec, date_nsec, self.clock.now_ns(), devices)
+                await run(self.create_all, tag, date_sec, date_nsec, clock, vm_member.node,
+                          stream, devices)
             except QMPError:
                 try:
                     await run(self.delete_all, tag, devices)
@@ -340,9 +412,12 @@ class InternalSnapshots:
         sn = self._find(member.node, name)
         if sn is None:
             return False
-        # QEMU refuses a snapshot without VM state here ("This is a disk-only snapshot");
-        # ours never have any, so the run state and clock are what is restored.
+        if sn.vm_state_size == 0:
+            # Don't even try to load empty VM states (QEMU's text, two spaces included).
+            raise QMPError("This is a disk-only snapshot. Revert to it  offline using qemu-img")
         self.goto_all(name, devices)
+        # The VM state itself is not read: its device state is nobody's here; the timer
+        # section's clock is the snapshot's vm_clock_nsec.
         self.clock.set_ns(sn.vm_clock_nsec)
         return True
 
@@ -386,4 +461,4 @@ class InternalSnapshots:
         return everywhere, images
 
 
-__all__ = ["NO_ICOUNT", "InternalSnapshots", "SnapshotInfo", "VirtualClock"]
+__all__ = ["NO_ICOUNT", "InternalSnapshots", "SnapshotInfo", "VirtualClock", "vm_state_stream"]

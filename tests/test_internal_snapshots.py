@@ -25,6 +25,7 @@ from server_support import SERVER, running
 
 from blocklayer.qcow2 import Qcow2Driver
 from blocklayer.qcow2.snapshot import NO_ICOUNT, read_snapshots
+from qmp_server.vmsnapshots import vm_state_stream
 
 KiB = 1024
 MiB = 1 << 20
@@ -169,18 +170,19 @@ def test_qemu_img_snapshots_are_listed_applied_and_deleted(tmp_path: Path, tools
 
 # ---------------------------------------------------------------- HMP and QMP against QEMU
 
-_ROW = re.compile(r"^(\S+)\s+(\S+)\s+[\d.]+ \S?B \d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+_ROW = re.compile(r"^(\S+)\s+(\S+)\s+([\d.]+ \S?B) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
                   r"\d\d:\d\d:\d\d\.\d{3}( +\S+)? *$")
 
 
 def _normal_text(text: str) -> str:
-    """HMP text with what cannot match masked: VM SIZE (QEMU saves 765 bytes of device
-    state, we none), dates, clocks and automatic tags (vm-DATE)."""
+    """HMP text with what cannot match masked: dates, clocks and automatic tags
+    (vm-DATE); the VM SIZE is kept (765 B from both)."""
     lines = []
     for line in text.split("\r\n"):
         match = _ROW.match(line)
         if match:
-            line = f"{match.group(1)} {match.group(2)} <size date clock>{match.group(3) or ''}"
+            line = (f"{match.group(1)} {match.group(2)} {match.group(3)} <date clock>"
+                    f"{match.group(4) or ''}")
         lines.append(re.sub(r"vm-\d{14}", "vm-DATE", line))
     return "\r\n".join(lines)
 
@@ -228,7 +230,7 @@ def test_hmp_savevm_loadvm_delvm_as_qemu(tmp_path: Path, qemu_system: str, qemu_
     assert _hmp_session(ours, False, o_args, HMP_LINES) == expected
     assert "No errors were found on the image." in sh("qemu-img", "check", str(ours / "d.qcow2"))
     listed = sh("qemu-img", "snapshot", "-l", str(ours / "d.qcow2"))
-    assert re.search(r"^1 +vm-\d{14} +0 B ", listed, re.M), listed
+    assert re.search(r"^1 +vm-\d{14} +765 B ", listed, re.M), listed
 
 
 @pytest.mark.parametrize("setup", ["none", "raw", "two-qcow2"])
@@ -244,12 +246,14 @@ def test_hmp_errors_and_listings_as_qemu(tmp_path: Path, qemu_system: str, qemu_
             return ["-drive", f"file={work / 'r.raw'},format=raw,if=none,id=d0"]
         for name in ("a", "b"):
             sh("qemu-img", "create", "-q", "-f", "qcow2", str(work / f"{name}.qcow2"), "8M")
+            sh("qemu-img", "snapshot", "-c", "disk-only", str(work / f"{name}.qcow2"))
         sh("qemu-img", "snapshot", "-c", "only-a", str(work / "a.qcow2"))
         return ["-drive", f"file={work / 'a.qcow2'},format=qcow2,if=none,id=da",
                 "-blockdev", f"driver=file,filename={work / 'b.qcow2'},node-name=fb",
                 "-blockdev", "driver=qcow2,file=fb,node-name=qb"]
     lines = ["info snapshots", "savevm s", "info snapshots", "loadvm s", "info status",
-             "loadvm only-a", "delvm s", "info snapshots"]
+             "loadvm only-a", "cont", "loadvm disk-only", "info status", "delvm s",
+             "info snapshots"]
     theirs, t_args, ours, o_args = _both(tmp_path, make)
     expected = _hmp_session(theirs, True, t_args, lines)
     assert _hmp_session(ours, False, o_args, lines) == expected
@@ -359,3 +363,61 @@ def test_image_info_lists_snapshots_as_qemu(tmp_path: Path, qemu_system: str, qe
             lists.append(json.dumps(image["snapshots"]))
             assert "snapshots" not in next(n["image"] for n in nodes if n["node-name"] == "f0")
     assert lists[1] == lists[0]
+
+
+def _savevm_image(work: Path, qemu: bool, base: Path) -> Path:
+    work.mkdir()
+    disk = work / "d.qcow2"
+    shutil.copy(base, disk)
+    with running(["-drive", f"file={disk},format=qcow2,if=none,id=d0"], work, qemu=qemu) as (
+            proc, client):
+        assert client.hmp("savevm x") == ""
+        client.execute("quit")
+        proc.wait(timeout=20)
+    return disk
+
+
+def test_savevm_image_matches_qemu_and_qemu_loads_ours(tmp_path: Path, qemu_system: str,
+                                                       qemu_utils: None) -> None:
+    """The image after savevm is QEMU's byte for byte (the VM state written past the disk,
+    the L1 table grown for it, the snapshot, the active tree's VM state discarded) but
+    for the clocks and dates; QEMU then loads our snapshot (HMP loadvm and -loadvm)."""
+    base = tmp_path / "base.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M")
+    sh("qemu-io", "-c", "write -P 0x11 0 128k", str(base))
+    theirs = _savevm_image(tmp_path / "qemu", True, base).read_bytes()
+    ours_path = _savevm_image(tmp_path / "ours", False, base)
+    ours = ours_path.read_bytes()
+    assert len(ours) == len(theirs)
+    table = int.from_bytes(theirs[64:72], "big")
+    timer = theirs.index(b"\x05timer") + 14  # the section's 24 bytes of values
+    allowed = set(range(table + 16, table + 32)) | set(range(timer, timer + 24))
+    assert [hex(i) for i in range(len(ours)) if ours[i] != theirs[i] and i not in allowed] == []
+    assert "No errors were found on the image." in sh("qemu-img", "check", str(ours_path))
+
+    sh("qemu-io", "-c", "write -P 0x22 0 64k", str(ours_path))
+    args = ["-drive", f"file={ours_path},format=qcow2,if=none,id=d0"]
+    with running(args, tmp_path / "ours", "qemu", qemu=True) as (_proc, client):
+        assert client.hmp("loadvm x") == ""
+        assert client.hmp("info status") == "VM status: running\r\n"
+        assert "Pattern verification failed" not in client.hmp('qemu-io d0 "read -P 0x11 0 128k"')
+    with running([*args, "-loadvm", "x"], tmp_path / "ours", "qemu2", qemu=True) as (_proc, client):
+        assert client.hmp("info status") == "VM status: running\r\n"
+
+
+def test_vm_state_is_qemus_stream(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """What QEMU 7.2 saves for -machine none, read back from its snapshot, is our
+    stream but for the host tick count (cpu_ticks_offset)."""
+    base = tmp_path / "base.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M")
+    disk = _savevm_image(tmp_path / "qemu", True, base)
+    drv = open_qcow2(disk)
+    try:
+        sn = drv.snapshot_list()[0]
+        drv.snapshot_goto("x")
+        data = drv.read_vmstate(sn.vm_state_size)
+    finally:
+        close_qcow2(drv)
+    ticks = data.index(b"\x05timer") + 14
+    ours = vm_state_stream("none", "running", sn.vm_clock_nsec)
+    assert ours[:ticks] + ours[ticks + 8:] == data[:ticks] + data[ticks + 8:]

@@ -270,12 +270,28 @@ class Qcow2Driver(BlockDriver):
         return list(self._guard(img, lambda: SN.load(img)))
 
     def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int,
-                        icount: int) -> Snapshot:
-        """qcow2_snapshot_create (no VM state: vm_state_size 0)."""
+                        icount: int, vm_state_size: int = 0) -> Snapshot:
+        """qcow2_snapshot_create: ``vm_state_size`` bytes of VM state were saved first
+        (save_vmstate); the active tree lets go of them once the snapshot holds them."""
         img = self._writable_image(0, 0)
-        return self._guard(img, lambda: SN.create(img, name, date_sec=date_sec,
-                                                  date_nsec=date_nsec,
-                                                  vm_clock_nsec=vm_clock_nsec, icount=icount))
+
+        def create() -> Snapshot:
+            sn = SN.create(img, name, date_sec=date_sec, date_nsec=date_nsec,
+                           vm_clock_nsec=vm_clock_nsec, icount=icount,
+                           vm_state_size=vm_state_size)
+            SN.discard_vmstate(img, self.backing, vm_state_size)
+            return sn
+        return self._guard(img, create)
+
+    def save_vmstate(self, data: bytes) -> None:
+        """qcow2_save_vmstate: the VM state, past the guest disk in the active tree."""
+        img = self._writable_image(0, 0)
+        self._guard(img, lambda: SN.save_vmstate(img, self.backing, data))
+
+    def read_vmstate(self, size: int) -> bytes:
+        """qcow2_load_vmstate: the VM state of the active tree (a snapshot's after goto)."""
+        img = self._image()
+        return self._guard(img, lambda: SN.read_vmstate(img, size))
 
     def snapshot_goto(self, id_or_name: str) -> None:
         """qcow2_snapshot_goto: the guest sees the snapshot's data from now on."""

@@ -24,7 +24,9 @@ import os
 import struct
 from typing import Any
 
+from ..driver import ChildIO
 from ..errors import BlockError
+from . import datapath
 from . import overlap as OL
 from .cache import CacheEntry
 from .errors import Qcow2Corruption, c_hex
@@ -45,6 +47,8 @@ from .tables import be_array, be_bytes
 
 #: sizeof(QCowSnapshotExtraData) in QEMU 7.2: what a new entry carries.
 EXTRA_SIZE = 24
+#: The largest VM state read back here (ours are under a kilobyte).
+MAX_VMSTATE = 1 << 30
 
 def load(img: Qcow2Image) -> list[Snapshot]:
     """The image's snapshots (read once per open, as qcow2_do_open does)."""
@@ -260,15 +264,24 @@ def goto(img: Qcow2Image, id_or_name: str) -> None:
     update_snapshot_refcount(img, active, cur, 0)
 
 
-def grow_l1(img: Qcow2Image, min_size: int) -> None:
-    """qcow2_grow_l1_table (exact size): a bigger active L1 in new clusters, then the header.
+def grow_l1(img: Qcow2Image, min_size: int, exact: bool = True) -> None:
+    """qcow2_grow_l1_table: a bigger active L1 in new clusters, then the header.
 
-    The new table is durable before the 12-byte header write (l1_size, l1_table_offset)
-    switches to it; the old table is freed after.
+    Not ``exact``, the size grows by half again until it is enough (fewer growths as
+    the VM state is written cluster by cluster). The new table is durable before the
+    12-byte header write (l1_size, l1_table_offset) switches to it; the old table is
+    freed after.
     """
+    old_offset, old_size = img.hdr.l1_table_offset, img.hdr.l1_size
+    if min_size <= old_size:
+        return
+    if not exact:
+        size = max(old_size, 1)
+        while min_size > size:  # bounded: the size grows by half each pass
+            size = (size * 3 + 1) // 2
+        min_size = size
     if min_size > MAX_L1_BYTES // 8:
         raise BlockError(os.strerror(errno.EFBIG), errno.EFBIG)
-    old_offset, old_size = img.hdr.l1_table_offset, img.hdr.l1_size
     table = img.l1[:old_size]
     table.extend([0] * (min_size - old_size))
     new_offset = _alloc(img, min_size * 8)
@@ -284,6 +297,60 @@ def grow_l1(img: Qcow2Image, min_size: int) -> None:
     img.layout_changed()
     img.refcounts.free_clusters(old_offset, old_size * 8, discard=img.opts.pass_discard_other)
     img.refcounts.process_discards()
+
+
+def vm_state_offset(img: Qcow2Image) -> int:
+    """qcow2_vm_state_offset: the VM state lives in the first L1 entry past the disk."""
+    per_l1_entry = img.cluster_size << img.l2_bits
+    return -(-img.virtual_size // per_l1_entry) * per_l1_entry
+
+
+def save_vmstate(img: Qcow2Image, backing: ChildIO | None, data: bytes) -> None:
+    """qcow2_save_vmstate: guest-style writes at the VM state offset (past the disk),
+    the L1 table grown (not exactly) as get_cluster_table grows it."""
+    if not data:
+        return
+    offset = vm_state_offset(img)
+    last_l1 = (offset + len(data) - 1) >> (img.cluster_bits + img.l2_bits)
+    grow_l1(img, last_l1 + 1, exact=False)
+    datapath.write(img, backing, offset, data)
+
+
+def read_vmstate(img: Qcow2Image, size: int) -> bytes:
+    """qcow2_load_vmstate: ``size`` bytes at the VM state offset of the active tree
+    (after goto, the snapshot's). One lookup per cluster, bounded by ``size``."""
+    if size > MAX_VMSTATE:
+        raise BlockError(os.strerror(errno.EFBIG), errno.EFBIG)
+    offset = vm_state_offset(img)
+    cs = img.cluster_size
+    out = bytearray()
+    pos = offset
+    while pos < offset + size:
+        cluster = pos >> img.cluster_bits
+        l1_index = cluster >> img.l2_bits
+        l2_index = cluster & img.l2_mask
+        start = l2_index & ~img.slice_mask
+        table = img.l2_slice(l1_index, start)
+        count = min(cs - (pos & (cs - 1)), offset + size - pos)
+        entry = 0 if table is None else table[l2_index - start]
+        kind = cluster_type(entry)
+        if kind == ClusterType.NORMAL:
+            out += img.file.pread((entry & L2E_OFFSET_MASK) + (pos & (cs - 1)), count)
+        elif kind == ClusterType.COMPRESSED:
+            raise BlockError(os.strerror(errno.ENOTSUP), errno.ENOTSUP)
+        else:
+            out += bytes(count)
+        pos += count
+    return bytes(out)
+
+
+def discard_vmstate(img: Qcow2Image, backing: ChildIO | None, size: int) -> None:
+    """What qcow2_snapshot_create does last: the active tree drops its references to
+    the VM state (zero clusters on v3), so the next snapshot does not copy it."""
+    if size <= 0:
+        return
+    cs = img.cluster_size
+    datapath.discard(img, backing, vm_state_offset(img), -(-size // cs) * cs)
 
 
 def delete(img: Qcow2Image, snapshot_id: str | None, name: str | None) -> None:
@@ -323,5 +390,6 @@ def delete(img: Qcow2Image, snapshot_id: str | None, name: str | None) -> None:
                          code) from exc
 
 
-__all__ = ["create", "delete", "find", "goto", "grow_l1", "load", "update_snapshot_refcount",
+__all__ = ["create", "delete", "discard_vmstate", "find", "goto", "grow_l1", "load",
+           "read_vmstate", "save_vmstate", "update_snapshot_refcount", "vm_state_offset",
            "write_table"]
