@@ -167,15 +167,16 @@ class JobService:
         ``early_error``: the work already failed before its first I/O (the caller checked
         its options inline). QEMU's job coroutine then returns without ever yielding and
         the job concludes before the command's reply, which is what happens here: ``run``
-        is not started. ``progress`` is (current, total) the work had reached.
+        is not started. ``progress`` is (current, total) as the work sets it before its
+        first yield (QEMU enters the job's coroutine inside the command).
         """
         self.check_id(job_id)
         job = Job(id=job_id, type=job_type, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.jobs.insert(0, job)
         self._transition(job, S.CREATED)
         self._transition(job, S.RUNNING)
+        job.current_progress, job.total_progress = progress
         if early_error is not None:
-            job.current_progress, job.total_progress = progress
             job.finished = job.failed = True
             job.error = early_error
             self._completed(job)

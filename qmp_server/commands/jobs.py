@@ -95,8 +95,8 @@ async def blockdev_create(ctx: CommandContext, args: dict[str, Any]) -> None:
         early_error = err.desc
 
     async def run(job: Job) -> None:
-        # blockdev_create_run: progress 0/1, the driver's create, then 1/1.
-        job.total_progress = 1
+        # blockdev_create_run: progress 0/1 (set before the reply: see create()), the
+        # driver's create, then 1/1.
         assert creation is not None
         try:
             if creation.needs_graph:
@@ -108,4 +108,4 @@ async def blockdev_create(ctx: CommandContext, args: dict[str, Any]) -> None:
 
     # JOB_DEFAULT | JOB_MANUAL_DISMISS
     jobs.create(job_id, "create", run, auto_finalize=True, auto_dismiss=False,
-                early_error=early_error, progress=(1, 1))
+                early_error=early_error, progress=(0, 1) if early_error is None else (1, 1))
