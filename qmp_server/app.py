@@ -90,6 +90,7 @@ class App:
                     machine.block.locked(make, text)
                 except QMPError as err:
                     raise SetupError(f"{flag} {text}: {with_hints(err)}") from err
+        machine.internal_snapshots.clock.advances = options.accel != "qtest"
         if options.loadvm is not None:
             # qmp_x_exit_preconfig: load_snapshot(loadvm, ..., &error_fatal) after the
             # devices, before the incoming migration and the start.

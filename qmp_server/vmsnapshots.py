@@ -113,12 +113,16 @@ class VirtualClock:
     """QEMU_CLOCK_VIRTUAL: nanoseconds the VM has been running (stops while paused).
 
     loadvm sets it back to the snapshot's value, as loading the timer state does.
+    With ``-accel qtest`` it does not advance by itself (QEMU's qtest accelerator moves
+    the virtual clock only on the qtest protocol's clock_step/clock_set): ``advances``
+    is then False, as QEMU's iotests expect (VM CLOCK 00:00:00.000).
     """
 
     def __init__(self, vm: VM) -> None:
         self._vm = vm
         self._base = 0
         self._since: float | None = None
+        self.advances = True
         vm.state_listeners.append(self._changed)
         self._changed()
 
@@ -127,12 +131,13 @@ class VirtualClock:
         if running and self._since is None:
             self._since = time.monotonic()
         elif not running and self._since is not None:
-            self._base += int((time.monotonic() - self._since) * 1e9)
+            if self.advances:
+                self._base += int((time.monotonic() - self._since) * 1e9)
             self._since = None
 
     def now_ns(self) -> int:
         """The clock's value now."""
-        if self._since is None:
+        if self._since is None or not self.advances:
             return self._base
         return self._base + int((time.monotonic() - self._since) * 1e9)
 

@@ -421,3 +421,24 @@ def test_vm_state_is_qemus_stream(tmp_path: Path, qemu_system: str, qemu_utils: 
     ticks = data.index(b"\x05timer") + 14
     ours = vm_state_stream("none", "running", sn.vm_clock_nsec)
     assert ours[:ticks] + ours[ticks + 8:] == data[:ticks] + data[ticks + 8:]
+
+
+def test_vm_clock_stands_still_under_qtest(tmp_path: Path, qemu_utils: None) -> None:
+    """-accel qtest (QEMU's iotests): the virtual clock moves only on qtest's command, so
+    a snapshot's VM CLOCK is 00:00:00.000 (iotest 267's expected output; the QEMU 7.2 here
+    is built without the qtest accelerator, so this is not compared live). Under tcg it
+    runs while the VM runs."""
+    clocks = []
+    for accel in ("qtest", "tcg"):
+        work = tmp_path / accel
+        work.mkdir()
+        sh("qemu-img", "create", "-q", "-f", "qcow2", str(work / "d.qcow2"), "8M")
+        args = ["-accel", accel, "-drive", f"file={work / 'd.qcow2'},format=qcow2,if=none,id=d0"]
+        with running(args, work) as (_proc, client):
+            time.sleep(0.05)
+            client.hmp("savevm a")
+            match = re.search(r" (\d\d:\d\d:\d\d\.\d{3}) ", client.hmp("info snapshots"))
+            assert match is not None
+            clocks.append(match.group(1))
+    assert clocks[0] == "00:00:00.000"
+    assert clocks[1] >= "00:00:00.050"
