@@ -574,9 +574,14 @@ class BlockGraph:
             if not member.driver.protocol and member.writable:
                 member.driver.inactivate()
                 member.driver.close()
-                member.options.read_only = True
-                member.driver.open(self._driver_options.get(member, {}), read_only=True,
-                                   inactive=member.inactive)
+                driver_options = self._driver_options.get(member, {})
+                try:
+                    member.driver.open(driver_options, read_only=True, inactive=member.inactive)
+                except BlockError:
+                    # A failed reopen leaves the node as it was (QEMU's reopen is a
+                    # transaction): open it read-write again, then report the failure.
+                    member.driver.open(driver_options, read_only=False, inactive=member.inactive)
+                    raise
             member.options.read_only = True
             member.touch()
         self._loosen(members)
