@@ -400,10 +400,13 @@ def _discard_slice(img: Qcow2Image, backing: ChildIO | None, entry: L2Entry, fir
         if ctype != ClusterType.UNALLOCATED and keep_refs and ctype != ClusterType.COMPRESSED:
             table[i] = old | OFLAG_ZERO
             entry.dirty = True
-            try:
-                img.file.pdiscard(old & L2E_OFFSET_MASK, img.cluster_size)
-            except BlockError:
-                pass
+            if old & OFLAG_COPIED:
+                # Only a cluster this tree owns alone may lose its data: without COPIED
+                # an internal snapshot still reads it (refcount > 1).
+                try:
+                    img.file.pdiscard(old & L2E_OFFSET_MASK, img.cluster_size)
+                except BlockError:
+                    pass
             continue
         table[i] = zero
         entry.dirty = True

@@ -219,6 +219,11 @@ def create(img: Qcow2Image, name: str, *, date_sec: int, date_nsec: int, vm_cloc
     snaps = load(img)
     if len(snaps) >= MAX_SNAPSHOTS:
         raise BlockError(os.strerror(errno.EFBIG), errno.EFBIG)
+    if img.refcounts.codec.max_value < 2:
+        # refcount_bits=1 cannot count a second reference: QEMU's update_refcount fails
+        # with EINVAL on the first cluster; refused here before anything is allocated
+        # (QEMU leaks the L1 copy it allocated first).
+        raise BlockError(os.strerror(errno.EINVAL), errno.EINVAL)
     l1_size = img.hdr.l1_size
     l1_bytes = be_bytes(img.l1[:l1_size])
     l1_offset = _alloc(img, len(l1_bytes))
