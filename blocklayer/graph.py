@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DriverFactory = Callable[[], BlockDriver]
 
 # Options every driver shares (QEMU's BlockdevOptions base); the rest go to the driver.
-_COMMON = frozenset({
+COMMON_OPTIONS = frozenset({
     "driver", "node-name", "discard", "cache", "read-only", "auto-read-only", "force-share",
     "detect-zeroes", "active", "file", "backing",
 })
@@ -157,7 +157,7 @@ class BlockGraph:
             implicit = False
         node = BlockNode(name=name, driver=driver, options=generic, inactive=inactive, implicit=implicit)
         driver.set_inactive(inactive)
-        driver_options = {k: v for k, v in options.items() if k not in _COMMON}
+        driver_options = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
         if driver.protocol and "cache" in options:
             driver_options["cache"] = options["cache"]
         if file_edge_target is not None:

@@ -13,6 +13,7 @@ from .cli import Options
 from .commands import bitmaps, block, control, devices, internal_snapshots, jobs, snapshots
 from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
+from .errorreport import location
 from .errors import QMPError, with_hints
 from .hmp.terminal import serve_terminal
 from .keyval import blockdev_options_from_cli
@@ -67,10 +68,10 @@ class App:
         machine = Machine(config, schema)
         self.machine = machine
         self.dispatcher = Dispatcher(machine, command_tables())
-        check_schema_facts(schema, machine.block.graph.drivers)
         machine.hmp.queries = self.dispatcher.plain_queries()
         machine.devices.objects = machine.objects
         machine.devices.acpi = options.acpi
+        check_schema_facts(schema, machine.block.graph.drivers)
         try:
             machine.objects.add_from_cli(schema, options.objects,
                                          machinemodel.MACHINE_TYPES[options.machine_type],
@@ -79,7 +80,8 @@ class App:
             raise SetupError(err.desc) from err
         for text in options.blockdevs:
             try:
-                machine.block.blockdev_add_at_startup(blockdev_options_from_cli(schema, text))
+                with location(f"-blockdev {text}"):
+                    machine.block.blockdev_add_at_startup(blockdev_options_from_cli(schema, text))
             except QMPError as err:
                 raise SetupError(f"-blockdev {text}: {with_hints(err)}") from err
         # QEMU's order: -blockdev and -drive (configure_blockdev), then -device.
@@ -87,7 +89,8 @@ class App:
                                   ("-device", options.devices, machine.devices.cli_device)):
             for text in texts:
                 try:
-                    machine.block.locked(make, text)
+                    with location(f"{flag} {text}"):
+                        machine.block.locked(make, text)
                 except QMPError as err:
                     raise SetupError(f"{flag} {text}: {with_hints(err)}") from err
         machine.internal_snapshots.clock.advances = options.accel != "qtest"

@@ -61,7 +61,7 @@ class Machine:
         #: -object / object-add objects (/objects in QOM).
         self.objects = Objects()
         self.vm.state_listeners.append(self.devices.vm_state_changed)
-        self.migration = MigrationService(self.vm, self.block, self.schema, config.incoming)
+        self.migration = MigrationService(self.vm, self.block, config.incoming)
         #: Internal snapshots (savevm/loadvm/delvm, snapshot-* jobs, -loadvm).
         self.internal_snapshots = InternalSnapshots(self.vm, self.block, self.devices.backends,
                                                     config.machine_type)

@@ -19,7 +19,7 @@ import trio
 from .app import App, SetupError
 from .chardev import ChardevError
 from .cli import Options, PidFile, PidFileError, UsageError, parse_args
-from .errorreport import program_name
+from .errorreport import program_name, report_log_records
 from .errors import QMPError
 
 
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
         fail(str(err))
+    report_log_records()
     for warning in exposure_warnings(options):
         print(f"{program_name()}: {warning}", file=sys.stderr)
     report_fd = _daemonize() if options.daemonize else None

@@ -14,7 +14,7 @@ decides, so the server refuses to start when a copy and the schema disagree, as
   value ``migrate-set-parameters`` accepts for its member;
 * the block graph's drivers are exactly ``BlockdevDriver`` (a driver the schema lacks
   could never be reached; a name the schema offers without a driver would fail late);
-* the options the block graph keeps for itself (``_COMMON`` in ``blocklayer/graph.py``) are
+* the options the block graph keeps for itself (``COMMON_OPTIONS`` in ``blocklayer/graph.py``) are
   ``BlockdevOptions``' common members plus the child links some variants have.
 
 ``blocklayer`` knows nothing of the schema (the layers point one way), so its facts are
@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from blocklayer.graph import _COMMON as GRAPH_OPTIONS
+from blocklayer.graph import COMMON_OPTIONS as GRAPH_OPTIONS
 
 from .migration.options import CAPABILITIES, PARAMETER_DEFAULTS
 from .migration.state import MigrationStatus

@@ -254,3 +254,26 @@ print("exit", vm.exitcode())
     assert done.returncode == 0, done.stderr
     assert "'status': 'running'" in done.stdout
     assert done.stdout.rstrip().endswith("exit 0")
+
+
+def test_block_layer_warnings_in_qemus_format(tmp_path: Path) -> None:
+    # warn_report's "<program>: warning: <text>": here the warnings of a qcow2 image whose
+    # bitmaps a program without bitmap support left stale (autoclear bit cleared).
+    qemu = qemu_tools.require("qemu-system-x86_64")
+    stderr = {}
+    for name, argv in (("ours", SERVER), ("qemu", [qemu, "-nodefaults", "-display", "none"])):
+        image = tmp_path / f"{name}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+        subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b0"], check=True)
+        with open(image, "r+b") as f:
+            f.seek(88)  # autoclear_features
+            f.write(bytes(8))
+        run_args = [*argv, "-S", "-blockdev",
+                    f"driver=qcow2,node-name=d,file.driver=file,file.filename={image}",
+                    "-qmp", "stdio"]
+        done = subprocess.run(run_args, input=b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
+                              capture_output=True, timeout=30)
+        stderr[name] = _PROGRAM.sub("PROG: ", done.stderr.decode()).replace(str(image), "IMG")
+    assert stderr["ours"] == stderr["qemu"]
+    assert stderr["ours"].startswith("PROG: -blockdev driver=qcow2,node-name=d,file.driver=file,"
+                                     "file.filename=IMG: warning: a program lacking bitmap")

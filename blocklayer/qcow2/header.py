@@ -367,8 +367,10 @@ def bitmaps_extension(hdr: Header) -> BitmapsExtension | None:
         else:
             log.warning("a program lacking bitmap support modified this file, so all "
                         "bitmaps are now considered inconsistent")
+        # error_printf after the warning: a continuation, printed bare (see the handler
+        # the program installs; "qemu_hint" is its marker).
         log.warning("Some clusters may be leaked, run 'qemu-img check -r' on the image "
-                    "file to fix.")
+                    "file to fix.", extra={"qemu_hint": True})
         return None
     nb_bitmaps, reserved, dir_size, dir_offset = BITMAPS_EXT.unpack(data)
     if reserved:

@@ -17,10 +17,9 @@ import trio
 from ..blockservice import BlockService
 from ..errors import QMPError
 from ..runstate import VM, RunState
-from ..schema import Schema
 from .core import MigrationCore
 from .oneway import OneWayError, OneWayStream, open_sink
-from .options import CAPABILITIES, MIGRATION_ACTIVE, PARAMETER_DEFAULTS, MigrationOptions
+from .options import MIGRATION_ACTIVE, MigrationOptions
 from .state import RUNNING, Incoming, MigrationStatus, Outgoing
 from .uri import (
     Address,
@@ -34,23 +33,13 @@ from .uri import (
 )
 
 
-def schema_names(schema: Schema) -> tuple[list[str], list[str]]:
-    """Capability and parameter names from the schema, so introspection and replies agree."""
-    try:
-        defs = schema.types_document["$defs"]
-        caps = list(defs["MigrationCapability"]["enum"])
-        params = [name for name in defs["MigrationParameters"]["properties"] if name in PARAMETER_DEFAULTS]
-    except (AttributeError, KeyError, TypeError):
-        return list(CAPABILITIES), list(PARAMETER_DEFAULTS)
-    return caps, params
-
-
 class MigrationService(MigrationCore):
     """Outgoing and incoming migration of one machine: the QMP commands."""
 
-    def __init__(self, vm: VM, block: BlockService, schema: Schema, incoming_uri: str | None) -> None:
-        caps, params = schema_names(schema)
-        super().__init__(vm, block, MigrationOptions(caps, params))
+    def __init__(self, vm: VM, block: BlockService, incoming_uri: str | None) -> None:
+        # The capability and parameter tables are the schema's: schema_facts checks them
+        # against it at start-up, so introspection and replies agree.
+        super().__init__(vm, block, MigrationOptions())
         self.incoming_uri = incoming_uri
         self._pending: Listening | OneWayAddress | None = None
         self._nursery: trio.Nursery | None = None
