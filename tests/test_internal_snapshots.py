@@ -272,6 +272,9 @@ def _qmp_session(tmp: Path, qemu: bool, args: list[str],
     with running(args, tmp, qemu=qemu) as (_proc, client):
         for name, arguments in steps:
             reply = client.execute(name, arguments)
+            # What came before the reply, apart (QEMU does the work before replying).
+            before = [(e["event"], e.get("data")) for e in client.events]
+            client.events.clear()
             if name.startswith("snapshot-"):
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline:
@@ -279,7 +282,7 @@ def _qmp_session(tmp: Path, qemu: bool, args: list[str],
                     if all(job["status"] == "concluded" for job in jobs):
                         break
                     time.sleep(0.02)
-            seen.append((name, reply, [(e["event"], e.get("data")) for e in client.events]))
+            seen.append((name, before, reply, [(e["event"], e.get("data")) for e in client.events]))
             client.events.clear()
     return seen
 
