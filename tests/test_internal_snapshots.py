@@ -205,12 +205,17 @@ def _normal(value: object) -> object:
     return value
 
 
-def _hmp_session(tmp: Path, qemu: bool, args: list[str], lines: list[str]) -> list[object]:
+def _hmp_session(tmp: Path, qemu: bool, args: list[str],
+                 lines: list[str | tuple[str, dict[str, object]]]) -> list[object]:
+    """HMP lines (or QMP (command, arguments) steps): their text and the events' names."""
     seen: list[object] = []
     with running(args, tmp, qemu=qemu) as (_proc, client):
         for line in lines:
-            text = client.hmp(line)
-            seen.append((line, _normal_text(text), [e["event"] for e in client.events]))
+            if isinstance(line, tuple):
+                text = str(client.execute(*line))
+            else:
+                text = _normal_text(client.hmp(line))
+            seen.append((line, text, [e["event"] for e in client.events]))
             client.events.clear()
     return seen
 
@@ -477,3 +482,18 @@ def test_refcount_bits_1_refuses_snapshots_without_harm(tmp_path: Path, qemu_sys
                            capture_output=True, text=True, check=False)
     assert "corrupt" not in check.stdout + check.stderr
     assert check.returncode in (0, 3)  # at most leaks (the VM state written first, as QEMU)
+
+
+def test_prelaunch_and_dirty_bitmaps_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """-S: savevm/loadvm leave prelaunch alone (no STOP/RESUME); a node with a dirty
+    bitmap refuses loadvm (bdrv_snapshot_goto) and the VM stays paused (restore-vm)."""
+    def make(work: Path) -> list[str]:
+        sh("qemu-img", "create", "-q", "-f", "qcow2", str(work / "d.qcow2"), "8M")
+        return ["-S", "-drive", f"file={work / 'd.qcow2'},format=qcow2,if=none,id=d0,node-name=n0"]
+    lines: list[str | tuple[str, dict[str, object]]] = [
+        "savevm a", "info status", "loadvm a", "info status", "cont", "savevm b",
+        ("block-dirty-bitmap-add", {"node": "n0", "name": "bm"}), "loadvm a", "info status",
+        "delvm a", "info snapshots"]
+    theirs, t_args, ours, o_args = _both(tmp_path, make)
+    expected = _hmp_session(theirs, True, t_args, lines)
+    assert _hmp_session(ours, False, o_args, lines) == expected
