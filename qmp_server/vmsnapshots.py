@@ -177,6 +177,15 @@ def _snapshot_driver(node: BlockNode) -> tuple[BlockNode, SnapshotDriver] | None
     return None
 
 
+def _changed(node: BlockNode) -> None:
+    """The node's image changed outside a guest write: its query answers are stale and
+    its next flush must write back the driver's caches (BlockNode.flush skips a node
+    whose write generation did not move; QEMU's bdrv_co_flush writes qcow2's caches
+    back whatever the generation)."""
+    node.touch()
+    node.write_gen += 1
+
+
 def _inserted(node: BlockNode) -> bool:
     return not getattr(node.driver, "ejected", False)
 
@@ -309,8 +318,10 @@ class InternalSnapshots:
             try:
                 if target is None:
                     raise BlockError("Block driver does not support snapshots", errno.ENOTSUP)
-                target[1].snapshot_delete(sn.id_str, sn.name)
-                target[0].touch()  # query answers list the snapshots
+                try:
+                    target[1].snapshot_delete(sn.id_str, sn.name)
+                finally:
+                    _changed(target[0])
             except BlockError as err:
                 raise QMPError(f"Could not delete snapshot '{name}' on "
                                f"'{member.device_or_node}': {err.message}") from err
@@ -335,7 +346,8 @@ class InternalSnapshots:
                 except BlockError as err:
                     code = err.errno or errno.EIO
                     raise QMPError(f"Failed to load snapshot: {os.strerror(code)}") from err
-                node.touch()
+                finally:
+                    _changed(node)
                 return
             child = node.child("file")
             if child is None:
@@ -355,16 +367,20 @@ class InternalSnapshots:
             vm_target[1].save_vmstate(vm_state)
         except BlockError as err:
             raise QMPError(err.message) from err
+        finally:
+            _changed(vm_target[0])
         for member in self._selected(devices):
             target = _snapshot_driver(member.node)
             size = len(vm_state) if member.node is vm_node else 0
             try:
                 if target is None:
                     raise BlockError("not supported", errno.ENOTSUP)
-                target[1].snapshot_create(name, date_sec=date_sec, date_nsec=date_nsec,
-                                          vm_clock_nsec=clock, icount=NO_ICOUNT,
-                                          vm_state_size=size)
-                target[0].touch()
+                try:
+                    target[1].snapshot_create(name, date_sec=date_sec, date_nsec=date_nsec,
+                                              vm_clock_nsec=clock, icount=NO_ICOUNT,
+                                              vm_state_size=size)
+                finally:
+                    _changed(target[0])
             except BlockError as err:
                 raise QMPError(f"Could not create snapshot '{name}' on "
                                f"'{member.device_or_node}'") from err
@@ -393,6 +409,9 @@ class InternalSnapshots:
             date_nsec = int((now - date_sec) * 1_000_000) * 1000
             tag = name if name is not None else time.strftime("vm-%Y%m%d%H%M%S",
                                                              time.localtime(date_sec))
+            # QEMUSnapshotInfo.name is char[256]: pstrcpy keeps 255 bytes of the tag (the
+            # checks above used all of it, as in QEMU).
+            tag = tag.encode("utf-8", "surrogateescape")[:255].decode("utf-8", "surrogateescape")
             clock = self.clock.now_ns()
             stream = vm_state_stream(self.machine_type, runstate, clock)
             try:

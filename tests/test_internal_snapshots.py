@@ -230,7 +230,10 @@ def _both(tmp_path: Path, make: Callable[[Path], list[str]]) -> tuple[Path, list
 HMP_LINES = ["info snapshots", "savevm", "info snapshots", "savevm foo", "savevm foo",
              "info snapshots", "loadvm foo", "info status", "loadvm 1", "info status",
              "loadvm zz", "delvm zz", "delvm foo", "info snapshots", "loadvm", "delvm",
-             "savevm a b", "info snapshots x", "cont", "info status"]
+             "savevm a b", "info snapshots x", "cont", "info status",
+             # A tag is kept to 255 bytes (char name[256]); the checks use all of it.
+             "savevm " + "t" * 300, "savevm " + "t" * 300, "loadvm " + "t" * 300,
+             "info snapshots"]
 
 
 def test_hmp_savevm_loadvm_delvm_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
