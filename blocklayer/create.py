@@ -185,8 +185,10 @@ class _FdChild:
 
     def pwrite(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
-        while view:  # each pass writes at least one byte or raises
+        while view:  # bounded: each pass writes at least one byte, or raises
             written = os.pwrite(self.fd, view, offset)
+            if written <= 0:
+                raise BlockError(os.strerror(errno.EIO), errno.EIO)
             view = view[written:]
             offset += written
 
