@@ -19,6 +19,7 @@ from server_support import Client
 from blocklayer.graph import BlockGraph
 from qmp_server import schema_facts
 from qmp_server.errors import CommandNotFound, QMPError
+from qmp_server.introspect import schema_info
 from qmp_server.schema import DEFAULT_DIRECTORY, Schema
 from qmp_server.schema_validate import SchemaError
 
@@ -539,8 +540,8 @@ def test_commands_and_flags(schema: Schema) -> None:
         "query-block",
         "x-blockdev-invalidate-cache",
         "x-blockdev-inactivate",
-        "migrate-incoming",
         "query-blockstats",
+        "migrate-incoming",
         "migrate",
         "migrate_cancel",
         "query-migrate",
@@ -871,11 +872,11 @@ def _lookup(info: list[dict[str, Any]], query: str) -> bool:
     ],
 )
 def test_introspection_probing(schema: Schema, query: str, present: bool) -> None:
-    assert _lookup(schema.introspect(), query) is present
+    assert _lookup(schema_info(schema), query) is present
 
 
 def test_introspection_format(schema: Schema, conformance: Conformance) -> None:
-    info = schema.introspect()
+    info = schema_info(schema)
     conformance.check_return("query-qmp-schema", info)
     names = [entity["name"] for entity in info]
     assert len(names) == len(set(names))
@@ -911,7 +912,7 @@ def test_introspection_format(schema: Schema, conformance: Conformance) -> None:
         "cache",
         "active",
     ]
-    assert schema.introspect() is info  # computed once
+    assert schema_info(schema) is info  # computed once
 
 
 def test_introspection_reports_allow_oob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -937,7 +938,7 @@ def test_introspection_reports_allow_oob(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("QMP_SERVER_SCHEMA_DIR", str(copy))
     loaded = Schema.load()
     assert loaded.commands["x-oob-test"].allow_oob
-    entity = next(e for e in loaded.introspect() if e["name"] == "x-oob-test")
+    entity = next(e for e in schema_info(loaded) if e["name"] == "x-oob-test")
     assert entity["allow-oob"] is True
     with pytest.raises(QMPError, match=r"^Parameter 'lock' is missing$"):
         loaded.validate_arguments("x-oob-test", {})
