@@ -102,6 +102,9 @@ class BlockBackend:
         #: The device's id, when it has one (blk_get_attached_dev_id).
         self.dev_id: str | None = None
         self.edge: Edge | None = None
+        #: blk->enable_write_cache: what the guest is told about the disk's write cache
+        #: (-drive cache.writeback, a device's write-cache property).
+        self.enable_write_cache = True
         self._inmigrate = inmigrate
         #: blk->stats: the I/O accounting query-blockstats reports.
         self.stats = BlockAcctStats()

@@ -199,7 +199,9 @@ def backend_info(blk: BlockBackend, qdev: str | None) -> dict[str, Any]:
     info["removable"] = qdev is None
     node = blk.node
     if node is not None and not node.driver.ejected:  # bdrv_query_info: only with bs->drv
-        info["inserted"] = _Collector(False).device(node)
+        inserted = info["inserted"] = _Collector(False).device(node)
+        # bdrv_block_device_info: the cache mode's writeback is the backend's own setting.
+        inserted["cache"] = {**inserted["cache"], "writeback": blk.enable_write_cache}
     if qdev is not None:
         info["qdev"] = qdev
     info["type"] = "unknown"

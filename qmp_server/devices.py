@@ -196,6 +196,12 @@ class Devices:
         tree = self._drive_block_options(opts)
         graph = self.block.graph
         blk = BlockBackend(graph, name, inmigrate=self._inmigrate)
+        if tree is not None:
+            # cache.writeback belongs to the BlockBackend, not to the nodes (blockdev_init).
+            cache = tree.get("cache", {})
+            blk.enable_write_cache = _bool_property(cache.pop("writeback", "on"), "cache.writeback")
+            if not cache:
+                tree.pop("cache", None)
         # blk_new_open: the backend reads consistently and lets everyone else do anything.
         blk.perm, blk.shared = CONSISTENT_READ, ALL
         if tree is not None:

@@ -257,3 +257,22 @@ def test_hmp_qemu_io_on_a_device_and_a_named_drive(tmp_path: Path, images: tuple
             result = subprocess.run(["qemu-io", "-r", "-U", "-c", f"read -P {pattern:#x} {offset} 4k",
                                      str(image)], capture_output=True, text=True)
             assert "Pattern verification failed" not in result.stdout, (name, result.stdout)
+
+
+def test_drive_legacy_options_as_qemu(tmp_path: Path, images: tuple[Path, Path]) -> None:
+    # -drive is QemuOpts: cache=MODE (writeback is the BlockBackend's, the rest the
+    # node's), aio= for the file node, file.* beside file=, if=ide with its generated id.
+    for name in ("qemu", "ours"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / name / "w.qcow2"), "1M"],
+                       check=True)
+    args = ["-drive", "if=none,id=drive0,file={dir}/d.qcow2,cache=writethrough,aio=threads",
+            "-drive", "if=none,id=drive1,file={dir}/r.raw,format=raw,cache=directsync,file.locking=off",
+            "-drive", "file={dir}/w.qcow2,if=ide,index=1,cache=unsafe"]
+    with both(args, tmp_path) as (qemu, ours):
+        mine, theirs = _normal(ours.cmd("query-block")), _normal(qemu.cmd("query-block"))
+        # The IDE device QEMU's board creates lives under /machine/unattached; ours is an
+        # anonymous peripheral.
+        for block in mine + theirs:
+            block.pop("qdev", None)
+        assert mine == theirs
+        assert [b["device"] for b in mine] == ["drive0", "drive1", "ide0-hd1"]

@@ -43,6 +43,10 @@ async def serve_terminal(monitor: HumanMonitor, stream: trio.abc.Stream) -> None
                 line, _, pending = pending.partition(b"\n")
                 line = line.removesuffix(b"\r")
                 output = await monitor.execute(line.decode("utf-8", errors="replace"))
+                if monitor.vm.exit_requested.is_set():
+                    # quit: QEMU is gone before its monitor could show another prompt.
+                    await stream.send_all(echo(line) + b"\r\n" + output.encode())
+                    return
                 await stream.send_all(echo(line) + b"\r\n" + output.encode() + PROMPT)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         return
