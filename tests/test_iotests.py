@@ -20,20 +20,15 @@ import qemu_tools
 SOURCE = iotests_runner.iotests_dir()
 
 #: Tests whose output is their .out file exactly.
-PASSING = ["backing-file-invalidation"]
+PASSING = ["backing-file-invalidation", "091", "181", "196", "242", "migration-permissions"]
 
 #: Tests that miss their 7.2.0 .out file only where QEMU 7.2 itself (Debian's build, the
 #: one in CI) misses it too: the runner runs QEMU in our place and the outputs are equal.
 SAME_AS_QEMU = ["176"]
 
-#: Near misses, each failing for the gaps named (docs/conformance.md lists more, such as
-#: 196 and migration-permissions, left out here because a server that fails to start
-#: costs them QEMUMachine's 15 s connection timeout). Strict: when one passes, move it
-#: to PASSING.
-NEAR = {
-    "091": "-drive without if= (if=ide) refused; -drive aio= refused",
-    "181": "-drive without if= (if=ide) refused; -drive aio= refused; HMP prints a prompt after quit",
-}
+#: Near misses, each failing for the gaps named (docs/conformance.md lists more). Strict:
+#: when one passes, move it to PASSING.
+NEAR: dict[str, str] = {}
 
 pytestmark = pytest.mark.skipif(
     SOURCE is None and os.environ.get("QMP_SERVER_REQUIRE_QEMU") != "1",
