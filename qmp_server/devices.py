@@ -310,6 +310,12 @@ class Devices:
             specific.setdefault("writeback", "on" if writeback else "off")
             specific.setdefault("direct", "on" if direct else "off")
             specific.setdefault("no-flush", "on" if no_flush else "off")
+        if fmt == "file":
+            # A protocol driver named as the format: the file node is the drive's top
+            # (bdrv_open with driver=file and the filename), no format layer above it.
+            file_options.pop("driver", None)
+            return {"driver": "file", **file_options, "read-only": "on" if read_only else "off",
+                    **tree}
         return {"driver": fmt, "file": file_options, "read-only": "on" if read_only else "off",
                 **tree}
 

@@ -276,3 +276,9 @@ def test_drive_legacy_options_as_qemu(tmp_path: Path, images: tuple[Path, Path])
             block.pop("qdev", None)
         assert mine == theirs
         assert [b["device"] for b in mine] == ["drive0", "drive1", "ide0-hd1"]
+
+
+def test_drive_with_a_protocol_driver_as_qemu(tmp_path: Path, images: tuple[Path, Path]) -> None:
+    # -drive driver=file: the file node itself is the drive's top, as in QEMU.
+    with both(["-drive", "driver=file,file={dir}/r.raw,if=none,id=d0"], tmp_path) as (qemu, ours):
+        assert _normal(ours.cmd("query-block")) == _normal(qemu.cmd("query-block"))
