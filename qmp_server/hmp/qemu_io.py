@@ -573,9 +573,16 @@ def _iovec_size(session: _Session, lengths: Sequence[str]) -> int:
 
 
 def _readv_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
+    _vectored_read(session, command, argv, None)
+
+
+def _vectored_read(session: _Session, command: _Command, argv: Sequence[str],
+                   stats: BlockAcctStats | None) -> None:
+    """readv_f, and aio_read_f when ``stats`` is given: the same options (aio_read adds
+    -i) and report; only the aio commands are accounted."""
     machine = quiet = verbose = pflag = False
     pattern = 0
-    options, operands = _options(session, command, argv, "CP:qv")
+    options, operands = _options(session, command, argv, "CP:qv" if stats is None else "CP:iqv")
     for option in options:
         match option.letter:
             case "C":
@@ -583,6 +590,11 @@ def _readv_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
             case "P":
                 pflag = True
                 pattern = _pattern(session, option.value or "")
+            case "i":
+                assert stats is not None
+                session.out("injecting invalid read request\n")
+                stats.invalid(AcctType.READ)
+                return
             case "q":
                 quiet = True
             case "v":
@@ -590,12 +602,22 @@ def _readv_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
     if len(operands) < 2:
         raise _usage(session, command)
     offset = session.number(operands[0])
-    count = _iovec_size(session, operands[1:])
+    try:
+        count = _iovec_size(session, operands[1:])
+    except _Abort:
+        if stats is not None:
+            stats.invalid(AcctType.READ)
+        raise
+    started = stats.start() if stats is not None else 0
     data, failure, elapsed = session.timed(lambda: _read_data(session, offset, count))
     if failure is not None or data is None:
+        if stats is not None:
+            stats.done(AcctType.READ, count, started, failed=True)
         raise session.fail(f"readv failed: {failure}")
     if pflag and data.count(pattern) != count:
         session.out(f"Pattern verification failed at offset {offset}, {count} bytes\n")
+    if stats is not None:
+        stats.done(AcctType.READ, count, started)
     if quiet:
         return
     if verbose:
@@ -699,47 +721,8 @@ def _stats(session: _Session) -> BlockAcctStats:
 
 def _aio_read_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
     # aio_read_f: the request completes before the command returns here; its report
-    # (aio_read_done) follows at once. Only the aio commands are accounted.
-    stats = _stats(session)
-    machine = quiet = verbose = pflag = False
-    pattern = 0
-    options, operands = _options(session, command, argv, "CP:iqv")
-    for option in options:
-        match option.letter:
-            case "C":
-                machine = True
-            case "P":
-                pflag = True
-                pattern = _pattern(session, option.value or "")
-            case "i":
-                session.out("injecting invalid read request\n")
-                stats.invalid(AcctType.READ)
-                return
-            case "q":
-                quiet = True
-            case "v":
-                verbose = True
-    if len(operands) < 2:
-        raise _usage(session, command)
-    offset = session.number(operands[0])
-    try:
-        count = _iovec_size(session, operands[1:])
-    except _Abort:
-        stats.invalid(AcctType.READ)
-        raise
-    started = stats.start()
-    data, failure, elapsed = session.timed(lambda: _read_data(session, offset, count))
-    if failure is not None or data is None:
-        stats.done(AcctType.READ, count, started, failed=True)
-        raise session.fail(f"readv failed: {failure}")
-    if pflag and data.count(pattern) != count:
-        session.out(f"Pattern verification failed at offset {offset}, {count} bytes\n")
-    stats.done(AcctType.READ, count, started)
-    if quiet:
-        return
-    if verbose:
-        session.out(dump_buffer(data, offset))
-    session.out(format_report("read", offset, count, count, elapsed, machine=machine))
+    # (aio_read_done) follows at once.
+    _vectored_read(session, command, argv, _stats(session))
 
 
 def _aio_write_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
