@@ -163,7 +163,8 @@ def query(node: BlockNode) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     for bitmap in node.dirty_bitmaps:
         info: dict[str, object] = {"name": bitmap.name, "recording": bitmap.recording,
-                                   "persistent": bitmap.persistent, "busy": bitmap.busy,
+                                   "persistent": bitmap.persistent and not bitmap.skip_store,
+                                   "busy": bitmap.busy,
                                    "granularity": bitmap.granularity, "count": bitmap.count()}
         if bitmap.inconsistent:
             info["inconsistent"] = True

@@ -36,7 +36,7 @@ class DirtyBitmap:
     """One named dirty bitmap of a node."""
 
     __slots__ = ("bits", "busy", "disabled", "granularity", "inconsistent", "name",
-                 "persistent", "readonly", "shift", "size")
+                 "persistent", "readonly", "shift", "size", "skip_store")
 
     def __init__(self, name: str, granularity: int, size: int) -> None:
         if granularity < 512 or granularity & (granularity - 1):
@@ -54,6 +54,9 @@ class DirtyBitmap:
         self.readonly = False
         #: In use by a block job; we run none, so this stays False.
         self.busy = False
+        #: Travelling in a migration stream: inactivation must neither store nor drop it
+        #: (QEMU's skip_store); activation clears it.
+        self.skip_store = False
 
     def _storage_bytes(self, size: int) -> int:
         # hbitmap_alloc: the lowest level has at least one 64-bit word.

@@ -606,6 +606,8 @@ class BlockGraph:
         try:
             self.refresh_perms([node])
             node.driver.invalidate_cache()
+            for bitmap in node.dirty_bitmaps:
+                bitmap.skip_store = False  # bdrv_activate: stored again from now on
             # bdrv_activate: the parents (BlockBackends) ask for their permissions again.
             for edge in list(node.parents):
                 if edge.activate_hook is not None:

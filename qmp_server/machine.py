@@ -62,6 +62,9 @@ class Machine:
         self.objects = Objects()
         self.vm.state_listeners.append(self.devices.vm_state_changed)
         self.migration = MigrationService(self.vm, self.block, config.incoming)
+        # Named BlockBackends, by which the dirty-bitmaps capability addresses bitmaps.
+        self.migration.backends = lambda: [(blk.name, blk.node)
+                                           for blk, _ in self.devices.backends() if blk.name]
         #: Internal snapshots (savevm/loadvm/delvm, snapshot-* jobs, -loadvm).
         self.internal_snapshots = InternalSnapshots(self.vm, self.block, self.devices.backends,
                                                     config.machine_type)

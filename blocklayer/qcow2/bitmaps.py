@@ -501,7 +501,7 @@ def store_bitmaps(img: Qcow2Image, bitmaps: list[DirtyBitmap]) -> None:
     need_write = False
     try:
         for bitmap in bitmaps:
-            if not bitmap.persistent or bitmap.inconsistent:
+            if not bitmap.persistent or bitmap.skip_store or bitmap.inconsistent:
                 continue
             entry = next((e for e in entries if e.name == bitmap.name), None)
             if bitmap.readonly:

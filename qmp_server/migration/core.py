@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..blockservice import BlockService
 from ..runstate import VM
 from . import testhook
+from .bitmaps import Backends
 from .options import MigrationOptions
 from .state import Incoming, MigrationStatus, Outgoing
 
@@ -24,6 +25,8 @@ class MigrationCore:
         self.options = options
         self.outgoing = Outgoing()
         self.incoming = Incoming()
+        #: Named BlockBackends with their root nodes (set by the wiring; dirty-bitmaps).
+        self.backends: Backends = lambda: []
         try:
             self.delays = testhook.Delays.from_environment()
             self.delay_error: str | None = None

@@ -18,6 +18,7 @@ import trio
 from ..errorreport import error_report
 from ..errors import QMPError
 from ..runstate import LIVE_STATES, InvalidTransition, RunState
+from . import bitmaps as bitmap_migration
 from .blockconfig import NodeDescription, compare, describe
 from .core import MigrationCore
 from .oneway import OneWayError, open_source
@@ -107,7 +108,12 @@ async def _receive(service: MigrationCore, channel: Channel) -> None:
         raise await _refuse(channel, mismatch)
     await channel.send(encode_frame(FrameKind.ACCEPT))
 
-    state = await channel.receive(FrameKind.GLOBAL)
+    while True:
+        frame = await channel.receive(FrameKind.BITMAP, FrameKind.GLOBAL)
+        if frame.kind is FrameKind.GLOBAL:
+            state = frame
+            break
+        await _load_bitmap(service, channel, frame.payload)
     await channel.receive(FrameKind.END)
     runstate = state.payload.get("runstate")
     running = state.payload.get("running")
@@ -125,6 +131,21 @@ async def _receive(service: MigrationCore, channel: Channel) -> None:
         with trio.move_on_after(5), contextlib.suppress(StreamError):
             await channel.send(encode_frame(FrameKind.ACK, {"runstate": str(vm.state),
                                                             "running": vm.running}))
+
+
+async def _load_bitmap(service: MigrationCore, channel: Channel, payload: dict[str, Any]) -> None:
+    if not service.options.dirty_bitmaps:
+        # QEMU has no 'dirty-bitmap' section registered without the capability.
+        raise await _refuse(channel, "Unknown savevm section or instance 'dirty-bitmap' 0. "
+                                     "Make sure that your current VM setup matches your saved "
+                                     "VM setup, including any hotplugged devices")
+    block = service.block
+    try:
+        await block.run(bitmap_migration.apply, block.graph, service.backends(),
+                        service.options.bitmap_mapping, payload, error_report)
+    except bitmap_migration.BitmapMigrationError as err:
+        error_report(str(err))
+        raise await _refuse(channel, str(err)) from err
 
 
 async def _take_over(service: MigrationCore, runstate: str, running: bool) -> None:

@@ -141,6 +141,17 @@ class MigrationOptions:
         """Whether MIGRATION events are sent."""
         return self.capabilities.get("events", False)
 
+    @property
+    def dirty_bitmaps(self) -> bool:
+        """Whether named dirty bitmaps travel in the stream (``dirty-bitmaps``)."""
+        return self.capabilities.get("dirty-bitmaps", False)
+
+    @property
+    def bitmap_mapping(self) -> list[dict[str, Any]] | None:
+        """``block-bitmap-mapping`` if set (None: match by backend and node names)."""
+        value = self.parameters.get("block-bitmap-mapping")
+        return copy.deepcopy(value) if isinstance(value, list) else None
+
     def set_capabilities(self, changes: list[dict[str, Any]]) -> None:
         """``migrate-set-capabilities``: all or nothing, like QEMU."""
         new = dict(self.capabilities)

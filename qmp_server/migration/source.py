@@ -13,13 +13,16 @@ live; if re-activation fails (the destination already holds the images) the VM s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
+
+from blocklayer.dirtybitmap import DirtyBitmap
 
 from ..errorreport import error_report
 from ..errors import QMPError
 from ..runstate import InvalidTransition, RunState
+from . import bitmaps as bitmap_migration
 from .blockconfig import describe
 from .core import MigrationCore
 from .oneway import OneWayStream
@@ -49,6 +52,8 @@ class _Progress:
     old_state: RunState = RunState.RUNNING
     was_live: bool = False
     end_sent: bool = False
+    #: Bitmaps marked not to be stored while they travel (unmarked again on failure).
+    bitmaps: list[DirtyBitmap] = field(default_factory=list)
 
 
 async def run_outgoing(service: MigrationCore, out: Outgoing,
@@ -123,6 +128,18 @@ async def _handover(service: MigrationCore, out: Outgoing, channel: Channel,
     service.set_outgoing_status(MigrationStatus.DEVICE)
     await _pause(service, channel, "device")
 
+    frames: list[bytes] = []
+    if service.options.dirty_bitmaps:
+        # Collected and marked before inactivation, so that it neither stores nor drops them.
+        try:
+            outgoing = await block.run(bitmap_migration.collect, block.graph, service.backends(),
+                                       service.options.bitmap_mapping)
+        except bitmap_migration.BitmapMigrationError as err:
+            error_report(str(err))
+            raise MigrationError(str(err)) from err
+        progress.bitmaps = outgoing.bitmaps
+        frames = [encode_frame(FrameKind.BITMAP, f) for f in outgoing.frames]
+
     # Inactivate before the end marker, so that the destination's activation can succeed.
     try:
         await block.inactivate_all()
@@ -132,6 +149,7 @@ async def _handover(service: MigrationCore, out: Outgoing, channel: Channel,
     await _pause(service, channel, "inactivated")
 
     await channel.send(
+        *frames,
         encode_frame(FrameKind.GLOBAL, {"runstate": str(progress.old_state), "running": progress.was_live}),
         encode_frame(FrameKind.END),
     )
@@ -192,6 +210,8 @@ async def _abort(service: MigrationCore, out: Outgoing, channel: Channel | None,
         service.set_outgoing_status(MigrationStatus.FAILED)
         if error is not None:
             error_report(error)
+    # Not inactivated yet (activation would clear the marks), or activation fails below.
+    bitmap_migration.release(progress.bitmaps)
     if progress.stopped:
         try:
             await service.block.activate_all()

@@ -7,8 +7,11 @@ Both sides start with a header, then exchange frames::
              UTF-8 JSON, always an object)
 
 The header and the ``F`` frame are frozen across versions, so that peers of different
-versions can always refuse each other with a readable error. Version 1 frames, in the
-order they travel:
+versions can always refuse each other with a readable error. The other frames are frozen
+too: a later need gets a new frame kind, which only the peers that use it send. ``B`` was
+added that way: it travels only with the ``dirty-bitmaps`` capability, so servers that
+predate it still migrate to each other without it (and refuse it readably: ``unknown
+frame type``). Frames, in the order they travel:
 
 ==== ========= ========================================================================
 kind direction payload
@@ -16,6 +19,8 @@ kind direction payload
 C    src->dst  ``{"nodes": [{"node-name", "driver", "filename", "virtual-size"}, ...]}``:
                the block configuration the source expects the destination to have
 A    dst->src  ``{}``: configuration accepted (nothing has been handed over yet)
+B    src->dst  one dirty bitmap (see :mod:`.bitmaps`), zero or more, after
+               ``A`` and before ``G``
 G    src->dst  ``{"runstate": str, "running": bool}``: QEMU's "global state", i.e. the
                run state the source had when it stopped and whether it was live
 E    src->dst  ``{}``: end marker, sent only after the source inactivated its nodes
@@ -51,10 +56,11 @@ _FRAME = struct.Struct(">cI")
 
 
 class FrameKind(enum.Enum):
-    """The frame types of version 1 (see the module docstring)."""
+    """The frame types (see the module docstring)."""
 
     CONFIG = b"C"
     ACCEPT = b"A"
+    BITMAP = b"B"
     GLOBAL = b"G"
     END = b"E"
     ACK = b"K"
