@@ -9,6 +9,7 @@ output bounds). Every protocol decision is the session's.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import math
@@ -16,12 +17,14 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .dispatcher import Dispatcher
 from .errors import QMPError
+from .fdsets import MonitorFds, fdsets_of, set_current
 from .protocol.requests import Request
 from .protocol.session import INBAND_QUEUE_MAX, QMPSession
 from .unixsocket import raise_fd_limit
@@ -51,6 +54,9 @@ INPUT_SLICE = 4096
 QUANTUM = 0.0005
 # Coalesce at most this much queued output into one write.
 WRITE_CHUNK = 64 << 10
+# Room for the descriptors one read may carry (QEMU's socket chardev takes 16: TCP_MAX_FDS).
+MAX_FDS = 16
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)
 # How long to wait before accepting again after running out of descriptors.
 ACCEPT_RETRY = 0.1
 # Accept failures this long after the previous one start a new spell, logged again.
@@ -80,8 +86,10 @@ class Connection:
     """
 
     def __init__(self, machine: Machine, dispatcher: Dispatcher, stream: trio.abc.Stream,
-                 poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
+                 poll_max_ns: int = DEFAULT_POLL_MAX_NS, fds: MonitorFds | None = None) -> None:
         self.machine = machine
+        #: Descriptors this client sent (SCM_RIGHTS) and the monitor's named ones.
+        self.fds = fds if fds is not None else MonitorFds()
         self.dispatcher = dispatcher
         self.stream = stream
         self.session = QMPSession(dispatcher.plain_queries())
@@ -91,6 +99,11 @@ class Connection:
         # For direct writes: the socket's descriptor (non-blocking under Trio), and whether
         # the writer is waiting with nothing queued, so that a direct write keeps the order.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        # A UNIX socket may carry descriptors: it is read with recvmsg, through a socket
+        # object sharing the descriptor (detached, never closed, when the client goes).
+        self._unix: socket.socket | None = None
+        if self._fd >= 0 and stream.socket.family == socket.AF_UNIX:  # type: ignore[attr-defined]
+            self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=self._fd)
         self._writer_idle = False
         self._broken = False
         # Actions taken from the queue but not run yet (run even if the client is gone).
@@ -187,6 +200,10 @@ class Connection:
         """Serve the connection until the client goes away."""
         self._enqueue(self.session.data_to_send())  # the greeting
         self.machine.events.subscribe(self._deliver_event)
+        # The commands this connection's tasks run find its descriptors (monitor_cur()).
+        set_current(self.fds)
+        fdsets = fdsets_of(self.machine)
+        fdsets.client_opened()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
@@ -199,6 +216,12 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             self.machine.events.unsubscribe(self._deliver_event)
+            # What the client sent and nobody claimed is closed, as QEMU's chardev does;
+            # fd sets nobody can use any more go too (QEMU's monitor_fdsets_cleanup).
+            self.fds.close_received()
+            fdsets.client_closed(self.machine.vm.running)
+            if self._unix is not None:
+                self._unix.detach()
             # Replies may be lost with the client, but what a command asked to happen after
             # its reply (``quit``: exit) still happens.
             self._writer_idle = False
@@ -237,7 +260,8 @@ class Connection:
                 yielded = False
                 while True:
                     try:
-                        data = os.read(self._fd, 65536)
+                        data = (os.read(self._fd, 65536) if self._unix is None
+                                else self._recvmsg())
                     except BlockingIOError:
                         if clock() >= deadline:
                             break
@@ -250,9 +274,34 @@ class Connection:
                     return data
                 self._poll_misses = min(self._poll_misses + 1, 6)
                 self._poll_skip = (1 << self._poll_misses) - 1
-        received = await self.stream.receive_some(65536)
+        if self._unix is not None:
+            while True:
+                await trio.lowlevel.wait_readable(self._fd)
+                try:
+                    received: bytes | bytearray = self._recvmsg()
+                except BlockingIOError:
+                    continue
+                break
+        else:
+            received = await self.stream.receive_some(65536)
         self._resumed = time.perf_counter()
         return received
+
+    def _recvmsg(self) -> bytes:
+        """Read what the client sent, keeping the descriptors that came with it."""
+        assert self._unix is not None
+        data, ancillary, _, _ = self._unix.recvmsg(65536, _ANCILLARY, socket.MSG_CMSG_CLOEXEC
+                                                   | socket.MSG_DONTWAIT)
+        if ancillary:
+            fds: list[int] = []
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % 4
+                    fds.extend(array.array("i", payload[:usable]))
+            for fd in fds:
+                os.set_blocking(fd, True)  # O_NONBLOCK travels with a descriptor: QEMU resets it
+            self.fds.receive(fds)
+        return data
 
     async def _reader(self) -> None:
         while True:
@@ -427,8 +476,8 @@ async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.S
 
     connections: set[Connection] = set()
 
-    async def handle(stream: trio.SocketStream) -> None:
-        connection = Connection(machine, dispatcher, stream, poll_max_ns)
+    async def handle(stream: trio.SocketStream, named: dict[str, int]) -> None:
+        connection = Connection(machine, dispatcher, stream, poll_max_ns, MonitorFds(named))
         connections.add(connection)
         try:
             await connection.run()
@@ -438,7 +487,9 @@ async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.S
     raise_fd_limit()
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, nursery, handle)
+            # Each monitor's named descriptors (getfd) outlive its clients, as in QEMU.
+            named: dict[str, int] = {}
+            nursery.start_soon(_accept_loop, listener, nursery, partial(handle, named=named))
         task_status.started()
         await machine.exit_requested.wait()
         # What was said before the exit (quit's SHUTDOWN, a failed incoming migration's

@@ -569,6 +569,8 @@ def test_commands_and_flags(schema: Schema) -> None:
         "blockdev-snapshot", "blockdev-snapshot-sync", "transaction",
         # qmp_server/commands/internal_snapshots.py
         "snapshot-save", "snapshot-load", "snapshot-delete",
+        # qmp_server/commands/fds.py
+        "getfd", "closefd", "add-fd", "remove-fd", "query-fdsets",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
