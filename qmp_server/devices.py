@@ -24,6 +24,7 @@ from blocklayer.backend import BlockBackend
 from blocklayer.errors import BlockError
 from blocklayer.graph import probe_format
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
+from blocklayer.protocols import protocol_options
 
 from . import machinemodel as model
 from .blockinfo import backend_info
@@ -39,6 +40,8 @@ T = TypeVar("T")
 
 #: qdev's aliases (qdev_alias_table) for the devices we model, on a PCI machine.
 _DEVICE_ALIASES = {"virtio-blk": "virtio-blk-pci"}
+#: The protocol drivers we have: named as a -drive's format, they are its top node.
+_PROTOCOL_DRIVERS = ("file", "null-co")
 
 #: QEMU's BlockInterfaceType numbers, as "Can't hot-add drive to type N" prints them.
 _IF_NUMBER = {"none": 0, "ide": 1, "scsi": 2, "floppy": 3, "pflash": 4, "mtd": 5, "sd": 6,
@@ -287,6 +290,11 @@ class Devices:
         tree = nest(opts)
         file_options = tree.pop("file", {})
         if filename is None and not file_options:
+            if fmt in _PROTOCOL_DRIVERS and fmt != "file":
+                # A protocol driver that needs no filename (null-co) is the drive's top.
+                return {"driver": fmt, "read-only": "on" if read_only else "off", **tree}
+            if fmt == "file":
+                raise QMPError("The 'file' block driver requires a file name")
             if fmt is not None:
                 # blockdev_init opens a format without its file: the driver wants one.
                 raise QMPError('A block device must be specified for "file"')
@@ -294,13 +302,29 @@ class Devices:
                 raise QMPError("Must specify either driver or file")
             return None  # an empty drive, as QEMU's [not inserted]
         if filename is not None:
-            file_options = {"driver": "file", "filename": filename, **file_options}
+            if fmt in _PROTOCOL_DRIVERS:
+                # bdrv_fill_options: a protocol driver named as the format parses the
+                # filename itself (file: strips its prefix, null-co takes only null-co://).
+                if fmt == "file":
+                    protocol = {"driver": fmt, "filename": filename.removeprefix("file:")}
+                elif filename == "null-co://":
+                    protocol = {"driver": fmt}
+                else:
+                    raise QMPError("The only allowed filename for this driver is 'null-co://'")
+            else:
+                protocol = _call(protocol_options, filename)
+            file_options = {**protocol, **file_options}
+            # bdrv_open_common of the protocol node refuses force-share on a writable
+            # image before the file is opened and a format probed.
+            if fmt is None and not read_only and _bool_property(tree.get("force-share", "off"),
+                                                                 "force-share"):
+                raise QMPError("force-share=on can only be used with read-only images")
         if aio is not None:
             file_options["aio"] = aio
         if fmt is None:
             if filename is None:
                 raise QMPError("Must specify either driver or file")
-            fmt = self._probe(filename)
+            fmt = self._probe(file_options, warn=not read_only)
         if cache is not None:
             if cache not in CACHE_MODES:
                 raise QMPError("invalid cache option")
@@ -310,11 +334,11 @@ class Devices:
             specific.setdefault("writeback", "on" if writeback else "off")
             specific.setdefault("direct", "on" if direct else "off")
             specific.setdefault("no-flush", "on" if no_flush else "off")
-        if fmt == "file":
-            # A protocol driver named as the format: the file node is the drive's top
+        if fmt in _PROTOCOL_DRIVERS:
+            # A protocol driver named as the format: the protocol node is the drive's top
             # (bdrv_open with driver=file and the filename), no format layer above it.
             file_options.pop("driver", None)
-            return {"driver": "file", **file_options, "read-only": "on" if read_only else "off",
+            return {"driver": fmt, **file_options, "read-only": "on" if read_only else "off",
                     **tree}
         return {"driver": fmt, "file": file_options, "read-only": "on" if read_only else "off",
                 **tree}
@@ -352,13 +376,17 @@ class Devices:
             blk.name = ""  # monitor_remove_blk: the device keeps an anonymous backend
 
     @staticmethod
-    def _probe(filename: str) -> str:
-        # bdrv_probe_all over the drivers we have: qcow2's magic, else raw with QEMU's warning.
-        try:
-            fmt = probe_format(filename)
-        except OSError as err:
-            raise QMPError(f"Could not open '{filename}': {err.strerror}") from err
-        if fmt != "raw":
+    def _probe(protocol: dict[str, Any], *, warn: bool) -> str:
+        # bdrv_probe_all over the drivers we have: qcow2's magic, else raw, with QEMU's
+        # warning for a writable image (raw_open). A null-co node reads zeroes: raw.
+        filename = str(protocol.get("filename", "null-co://"))
+        fmt = "raw"
+        if protocol["driver"] == "file":
+            try:
+                fmt = probe_format(filename)
+            except OSError as err:
+                raise QMPError(f"Could not open '{filename}': {err.strerror}") from err
+        if fmt != "raw" or not warn:
             return fmt
         sys.stderr.write(
             f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
