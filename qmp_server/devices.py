@@ -14,6 +14,7 @@ without a guest would wait forever.
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Callable
@@ -30,13 +31,14 @@ from . import machinemodel as model
 from .blockinfo import backend_info
 from .blockservice import BlockService
 from .driveopts import CACHE_MODES, nest, parse_qemu_opts
-from .errorreport import error_report
+from .errorreport import HINT, error_report
 from .errors import QMPError
 from .keyval import parse_json_option, parse_keyval
 from .objects import Objects
 from .runstate import VM, RunState
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: qdev's aliases (qdev_alias_table) for the devices we model, on a PCI machine.
 _DEVICE_ALIASES = {"virtio-blk": "virtio-blk-pci"}
@@ -348,10 +350,11 @@ class Devices:
         found = model.machine_type(self.machine_type)
         return "none" if found is None or found.name == "none" else "ide"
 
-    def drive_add(self, text: str) -> None:
+    def drive_add(self, text: str, warnings: list[tuple[str, str]] | None = None) -> None:
         """HMP ``drive_add``: a ``-drive`` at run time; only ``if=none`` can be hot-added
-        (hmp_drive_add). The caller holds the graph lock."""
-        opts = parse_qemu_opts(text)
+        (hmp_drive_add). QemuOpts' warnings go to ``warnings``. The caller holds the graph
+        lock."""
+        opts = parse_qemu_opts(text, warnings)
         interface = opts.get("if", self._default_interface())
         if interface != "none":
             # QEMU creates the drive, then refuses its type (BlockInterfaceType's number).
@@ -582,7 +585,13 @@ class Devices:
 
     def cli_drive(self, text: str) -> None:
         """One ``-drive`` argument (QemuOpts syntax); the caller holds the graph lock."""
-        self.drive_new(parse_qemu_opts(text))
+        warnings: list[tuple[str, str]] = []
+        opts = parse_qemu_opts(text, warnings)
+        for message, hint in warnings:
+            # warn_report under the option's location, then error_printf's hint.
+            log.warning("%s", message)
+            log.warning("%s\n", hint, extra={HINT: True})
+        self.drive_new(opts)
 
     def cli_device(self, text: str) -> None:
         """One ``-device`` argument: JSON as libvirt sends it, or ``driver,key=value,...``."""

@@ -23,9 +23,11 @@ CACHE_MODES: dict[str, tuple[bool, bool, bool]] = {
 }
 
 
-def parse_qemu_opts(text: str) -> dict[str, str]:
+def parse_qemu_opts(text: str, warnings: list[tuple[str, str]] | None = None) -> dict[str, str]:
     """QemuOpts' opts_do_parse: ``name=value`` pairs split at ``,`` (``,,`` is a comma);
-    a bare ``name`` means ``name=on``. The last value of a name counts."""
+    a bare ``name`` means ``name=on``, ``noname`` ``name=off``, each with QEMU's
+    deprecation warning and hint appended to ``warnings`` (get_opt_name_value). The last
+    value of a name counts."""
     options: dict[str, str] = {}
     position = 0
     while position < len(text):
@@ -45,7 +47,16 @@ def parse_qemu_opts(text: str) -> dict[str, str]:
         name, sep, value = item.partition("=")
         if not name:
             raise QMPError("Invalid parameter ''")
-        options[name] = value if sep else "on"
+        if not sep:
+            flag = name
+            value = "on"
+            if name.startswith("no"):
+                name, value = name[2:], "off"
+            if warnings is not None and (value == "off" or name not in ("help", "?")):
+                hint = (f"Please use nodelay={'on' if value == 'off' else 'off'} instead" if name == "delay"
+                        else f"Please use {name}={value} instead")
+                warnings.append((f"short-form boolean option '{flag}' deprecated", hint))
+        options[name] = value
     return options
 
 

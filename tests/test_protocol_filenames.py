@@ -134,3 +134,18 @@ def test_blockdev_add_force_share_as_qemu(options: dict[str, Any]) -> None:
     # query-named-block-nodes: compare the members both report.
     assert [(n["node-name"], n["ro"], n["drv"]) for n in nodes["return"]] == \
         [(n["node-name"], n["ro"], n["drv"]) for n in qnodes["return"]]
+
+
+def test_short_form_booleans_warn_as_qemu(image: Path) -> None:
+    # QemuOpts' get_opt_name_value: a bare NAME is NAME=on, noNAME is NAME=off, each
+    # with a deprecation warning and a hint (on stderr under the option's location; in
+    # the monitor's output for drive_add).
+    commands = [{"execute": "human-monitor-command", "arguments": {"command-line": line}} for line in (
+        f"drive_add 0 if=none,id=d9,file={image},format=raw,readonly",
+        f"drive_add 0 if=none,id=d8,file={image},format=raw,noreadonly,force-share",
+        f"drive_add 0 if=none,id=d7,file={image},format=raw,help",
+    )]
+    ours, theirs = _both(["-drive", f"if=none,file={image},format=raw,readonly"], [*commands, *QUERY])
+    assert ours == theirs
+    ours, theirs = _both(["-drive", f"if=none,file={image},format=raw,readonly,nodelay,force-share"], [])
+    assert ours == theirs

@@ -32,6 +32,11 @@ def _crlf(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\n", "\r\n")
 
 
+def _warnings_text(warnings: list[tuple[str, str]]) -> str:
+    # warn_report and error_printf with the monitor current: its output, no program name.
+    return "".join(f"warning: {message}\n{hint}\n" for message, hint in warnings)
+
+
 class HumanMonitor:
     """Dispatches HMP command lines."""
 
@@ -215,6 +220,7 @@ class HumanMonitor:
         except HmpArgumentError as err:
             return err.monitor_text
         opts = str(parsed["opts"])
+        warnings: list[tuple[str, str]] = []
         try:
             if parsed["node"]:
                 # hmp_drive_add_node: a blockdev-add from keyval options.
@@ -223,10 +229,10 @@ class HumanMonitor:
                     raise QMPError("'node-name' needs to be specified")
                 await self.block.blockdev_add(options)
             else:
-                await self.block.run_light(self.devices.drive_add, opts)
+                await self.block.run_light(self.devices.drive_add, opts, warnings)
         except QMPError as err:
-            return f"{with_hints(err)}\n"
-        return "OK\n"
+            return _warnings_text(warnings) + f"{with_hints(err)}\n"
+        return _warnings_text(warnings) + "OK\n"
 
     async def _drive_del(self, args: str) -> str:
         try:
