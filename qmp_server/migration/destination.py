@@ -134,11 +134,8 @@ async def _receive(service: MigrationCore, channel: Channel) -> None:
 
 
 async def _load_bitmap(service: MigrationCore, channel: Channel, payload: dict[str, Any]) -> None:
-    if not service.options.dirty_bitmaps:
-        # QEMU has no 'dirty-bitmap' section registered without the capability.
-        raise await _refuse(channel, "Unknown savevm section or instance 'dirty-bitmap' 0. "
-                                     "Make sure that your current VM setup matches your saved "
-                                     "VM setup, including any hotplugged devices")
+    # No capability check: QEMU 7.2 always registers the 'dirty-bitmap' section, so a
+    # destination without 'dirty-bitmaps' loads them too (checked against QEMU 7.2).
     block = service.block
     try:
         await block.run(bitmap_migration.apply, block.graph, service.backends(),

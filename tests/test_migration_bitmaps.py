@@ -1,0 +1,226 @@
+"""Dirty bitmaps carried in the migration stream (the ``dirty-bitmaps`` capability).
+
+Two servers, on a shared image or on one image each; the same flow runs on a QEMU 7.2
+pair where the outcome is observable the same way, and the observations must agree:
+the destination's bitmap has the source's name, granularity, persistence, enabled state
+and hash; the source keeps it; a persistent bitmap is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from migration_support import Server, blockdev, qemu_img_check, qemu_img_create, start_server
+from qemu_tools import require
+
+CAPS = [{"capability": "events", "state": True}, {"capability": "dirty-bitmaps", "state": True}]
+WRITES = ((0, 0x10000), (0xF0000, 0x10000), (0xA0201, 0x1000))
+
+
+def _wait_migration(server: Server, timeout: float = 20.0) -> dict[str, Any]:
+    """The final query-migrate; ``{"status": "exited"}`` for a destination that exited
+    because the migration failed (QEMU's behaviour, and ours with exit-on-error)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = server.cmd("query-migrate")
+        except OSError:
+            server.wait_exit()
+            return {"status": "exited"}
+        if info.get("status") in ("completed", "failed"):
+            result: dict[str, Any] = info
+            return result
+        assert time.monotonic() < deadline, f"{server.name}: migration still {info}"
+        time.sleep(0.02)
+
+
+def _drive(image: Path) -> list[str]:
+    # A named BlockBackend over an auto-named node: bitmaps travel under the device name,
+    # and the images may differ (our block configuration check compares named nodes).
+    return ["-drive", f"file={image},format=qcow2,if=none,id=drive0"]
+
+
+def _bitmaps(server: Server) -> list[dict[str, Any]]:
+    for info in server.cmd("query-block"):
+        if info["device"] == "drive0":
+            return [{k: b[k] for k in ("name", "granularity", "persistent", "recording", "count")}
+                    for b in info["inserted"].get("dirty-bitmaps", [])]
+    raise AssertionError("no drive0")
+
+
+def _sha(server: Server, name: str = "bitmap0") -> str | None:
+    reply = server.client.execute("x-debug-block-dirty-bitmap-sha256", {"node": "drive0", "name": name})
+    if "error" in reply:
+        return None
+    sha: str = reply["return"]["sha256"]
+    return sha
+
+
+def _image_bitmaps(image: Path) -> list[dict[str, Any]]:
+    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(image)],
+                         check=True, capture_output=True, text=True).stdout
+    data = json.loads(out).get("format-specific", {}).get("data", {})
+    return list(data.get("bitmaps", []))
+
+
+def _migrate(tmp_path: Path, qemu: bool, *, shared: bool, persistent: bool, disabled: bool = False,
+             dst_caps: list[dict[str, Any]] | None = None,
+             dst_setup: Any = None) -> dict[str, Any]:
+    """Source: bitmap0 + writes; migrate over a UNIX socket; report both sides."""
+    if qemu:
+        require("qemu-system-x86_64")
+    src_image = tmp_path / "a.qcow2"
+    dst_image = src_image if shared else tmp_path / "b.qcow2"
+    for image in {src_image, dst_image}:
+        qemu_img_create(image, "1M")
+    seen: dict[str, Any] = {}
+    sock = tmp_path / "mig.sock"
+    src = start_server(_drive(src_image), tmp_path, "src", qemu=qemu)
+    dst = start_server([*_drive(dst_image), "-incoming", "defer"], tmp_path, "dst", qemu=qemu)
+    try:
+        src.cmd("migrate-set-capabilities", capabilities=CAPS)
+        dst.cmd("migrate-set-capabilities", capabilities=CAPS if dst_caps is None else dst_caps)
+        src.cmd("block-dirty-bitmap-add", node="drive0", name="bitmap0", granularity=512,
+                persistent=persistent, disabled=disabled)
+        for offset, length in WRITES:
+            src.hmp(f'qemu-io drive0 "write {offset} {length}"')
+        before = _bitmaps(src)
+        sha = _sha(src)
+        if dst_setup is not None:
+            dst_setup(dst)
+        dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+        src.cmd("migrate", uri=f"unix:{sock}")
+        seen["source"] = _wait_migration(src)["status"]
+        seen["destination"] = _wait_migration(dst)["status"]
+        if seen["destination"] == "completed":
+            seen["destination-bitmaps"] = _bitmaps(dst)
+            seen["destination-same-hash"] = _sha(dst) == sha
+        seen["source-same-hash"] = _sha(src) == sha
+        seen["before"] = before
+        if seen["destination"] != "exited":
+            dst.cmd("quit")
+            dst.wait_exit()
+    finally:
+        src.close()
+        dst.close()
+    # What stays in the image the destination wrote (the source quit without storing).
+    seen["image"] = [{k: b[k] for k in ("name", "granularity", "flags")}
+                     for b in _image_bitmaps(dst_image)]
+    seen["check"] = qemu_img_check(dst_image).returncode
+    return seen
+
+
+def _expected(persistent: bool, disabled: bool = False) -> dict[str, Any]:
+    info = {"name": "bitmap0", "granularity": 512, "persistent": persistent,
+            "recording": not disabled, "count": 0x21200}
+    return {
+        "source": "completed", "destination": "completed",
+        "destination-bitmaps": [info], "destination-same-hash": True,
+        "source-same-hash": True, "before": [info],
+        "image": ([{"name": "bitmap0", "granularity": 512,
+                    "flags": [] if disabled else ["auto"]}] if persistent else []),
+        "check": 0,
+    }
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "transient"])
+def test_bitmap_travels(tmp_path: Path, qemu: bool, shared: bool, persistent: bool) -> None:
+    assert _migrate(tmp_path, qemu, shared=shared, persistent=persistent) == _expected(persistent)
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_disabled_bitmap_stays_disabled(tmp_path: Path, qemu: bool) -> None:
+    seen = _migrate(tmp_path, qemu, shared=False, persistent=True, disabled=True)
+    expected = _expected(True, disabled=True)
+    # Written while disabled: nothing recorded.
+    for side in ("destination-bitmaps", "before"):
+        expected[side][0]["count"] = 0
+    assert seen == expected
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_bitmap_of_that_name_on_the_destination_fails_the_migration(tmp_path: Path, qemu: bool) -> None:
+    def add(dst: Server) -> None:
+        dst.cmd("block-dirty-bitmap-add", node="drive0", name="bitmap0")
+
+    seen = _migrate(tmp_path, qemu, shared=False, persistent=False, dst_setup=add)
+    assert seen["source"] == "failed" and seen["destination"] == "exited"
+    assert seen["source-same-hash"] is True  # the source runs on with its bitmap
+    log = (tmp_path / "dst.log").read_text()
+    assert "Bitmap with the same name ('bitmap0') already exists on destination" in log
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_destination_without_the_capability_loads_them_anyway(tmp_path: Path, qemu: bool) -> None:
+    # QEMU 7.2 registers its 'dirty-bitmap' section whatever the capability: only the
+    # source's capability decides whether bitmaps travel.
+    seen = _migrate(tmp_path, qemu, shared=False, persistent=False,
+                    dst_caps=[{"capability": "events", "state": True}])
+    assert seen == _expected(False)
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_without_the_capability_persistent_bitmaps_go_through_the_image(tmp_path: Path, qemu: bool) -> None:
+    if qemu:
+        require("qemu-system-x86_64")
+    caps = [{"capability": "events", "state": True}]
+    src_image = tmp_path / "a.qcow2"
+    qemu_img_create(src_image, "1M")
+    sock = tmp_path / "mig.sock"
+    src = start_server(_drive(src_image), tmp_path, "src", qemu=qemu)
+    dst = start_server([*_drive(src_image), "-incoming", f"unix:{sock}"], tmp_path, "dst", qemu=qemu)
+    try:
+        src.cmd("migrate-set-capabilities", capabilities=caps)
+        src.cmd("block-dirty-bitmap-add", node="drive0", name="p", granularity=512, persistent=True)
+        src.cmd("block-dirty-bitmap-add", node="drive0", name="t", granularity=512)
+        src.hmp('qemu-io drive0 "write 0 64k"')
+        src.cmd("migrate", uri=f"unix:{sock}")
+        assert _wait_migration(src)["status"] == "completed"
+        assert _wait_migration(dst)["status"] == "completed"
+        assert [b["name"] for b in _bitmaps(dst)] == ["p"]
+        assert [b["name"] for b in _bitmaps(src)] == ["t"]  # the stored one left memory
+    finally:
+        src.close()
+        dst.close()
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_block_bitmap_mapping_renames(tmp_path: Path, qemu: bool) -> None:
+    if qemu:
+        require("qemu-system-x86_64")
+    # Shared image, node names on both sides; the destination maps the alias elsewhere.
+    image = tmp_path / "a.qcow2"
+    qemu_img_create(image, "1M")
+    sock = tmp_path / "mig.sock"
+    src = start_server(blockdev(image), tmp_path, "src", qemu=qemu)
+    dst = start_server([*blockdev(image), "-incoming", "defer"], tmp_path, "dst", qemu=qemu)
+    try:
+        for server, node, name in ((src, "disk0", "bitmap0"), (dst, "disk0", "renamed")):
+            server.cmd("migrate-set-capabilities", capabilities=CAPS)
+            server.cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+                {"node-name": node, "alias": "n", "bitmaps": [
+                    {"name": name, "alias": "b", "transform": {"persistent": True}}]}]})
+        src.cmd("block-dirty-bitmap-add", node="disk0", name="bitmap0", granularity=512)
+        src.cmd("block-dirty-bitmap-add", node="disk0", name="unmapped")
+        src.hmp('qemu-io disk0 "write 0 64k"')
+        sha = src.cmd("x-debug-block-dirty-bitmap-sha256", node="disk0", name="bitmap0")["sha256"]
+        dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+        src.cmd("migrate", uri=f"unix:{sock}")
+        assert _wait_migration(src)["status"] == "completed"
+        assert _wait_migration(dst)["status"] == "completed"
+        bitmaps = next(n for n in dst.cmd("query-named-block-nodes", flat=True)
+                       if n["node-name"] == "disk0").get("dirty-bitmaps", [])
+        assert [(b["name"], b["persistent"]) for b in bitmaps] == [("renamed", True)]
+        reply = dst.client.execute("x-debug-block-dirty-bitmap-sha256",
+                                   {"node": "disk0", "name": "renamed"})
+        assert reply["return"]["sha256"] == sha
+    finally:
+        src.close()
+        dst.close()
