@@ -29,7 +29,14 @@ from qmp_server.migration.stream import (
     encode_frame,
     encode_header,
 )
-from qmp_server.migration.uri import ExecAddress, FileAddress, InetAddress, UnixAddress, parse_uri
+from qmp_server.migration.uri import (
+    ExecAddress,
+    FdAddress,
+    FileAddress,
+    InetAddress,
+    UnixAddress,
+    parse_uri,
+)
 from qmp_server.schema import Schema
 
 
@@ -141,6 +148,7 @@ async def test_channel_over_a_memory_stream() -> None:
     ("exec:cat > x", ExecAddress("cat > x")),
     ("file:/a,b", FileAddress("/a,b")),
     ("file:/a,offset=2M", FileAddress("/a", 2 << 20)),
+    ("fd:mig", FdAddress("mig")),
 ])
 def test_parse_uri(uri: str, address: object) -> None:
     assert parse_uri(uri) == address
@@ -153,8 +161,8 @@ def test_parse_uri(uri: str, address: object) -> None:
     ("tcp:[::1]", "error parsing IPv6 address '[::1]'"),
     ("tcp::", "error parsing port in address ':'"),
     ("bogus:x", "unknown migration protocol: bogus:x"),
-    ("fd:mig", "migration transport 'fd' is not supported by qmp-server "
-               "(use 'unix:', 'tcp:', 'exec:' or 'file:')"),
+    ("rdma:host:4444", "migration transport 'rdma' is not supported by qmp-server "
+                       "(use 'unix:', 'tcp:', 'exec:', 'file:' or 'fd:')"),
     ("file:x,offset=-1", "file URI has bad offset -1"),
 ])
 def test_parse_uri_errors(uri: str, error: str) -> None:

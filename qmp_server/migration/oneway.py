@@ -1,4 +1,4 @@
-"""One-way migration streams: ``exec:CMD`` and ``file:PATH[,offset=N]``.
+"""One-way migration streams: ``exec:CMD``, ``file:PATH[,offset=N]``, ``fd:`` on a pipe or file.
 
 QEMU migrates into a command or a file as well as to a listening destination, and the
 destination may load such a stream much later (QEMU's iotests migrate to
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 
 import trio
 
-from .uri import ExecAddress, FileAddress, OneWayAddress
+from .uri import ConnectError, ExecAddress, FdAddress, FileAddress, OneWayAddress, stream_socket
 
 #: How long a command that took the outgoing stream may take to exit once its stdin is
 #: closed (``cat > FILE`` writing its last bytes); then it gets QEMU's SIGTERM and
@@ -166,8 +167,36 @@ def _strerror(err: OSError) -> str:
     return os.strerror(err.errno or errno.EIO)
 
 
+def is_socket(fd: int) -> bool:
+    """Whether ``fd`` is a socket (an ``fd:`` socket carries the two-way stream)."""
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError as err:
+        raise OneWayError(f"Failed to use descriptor {fd}: {_strerror(err)}") from err
+
+
+def _fd_sink(fd: int) -> trio.abc.SendStream:
+    # A pipe (or FIFO, terminal) waits in the event loop, so migrate_cancel can stop a
+    # write nobody reads; a regular file never blocks in poll: written in a thread.
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return _FileSink(fd)
+    return trio.lowlevel.FdStream(fd)
+
+
+def _fd_source(fd: int) -> trio.abc.ReceiveStream:
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return _FileSource(fd)
+    return trio.lowlevel.FdStream(fd)
+
+
 async def open_sink(address: OneWayAddress) -> OneWayStream:
-    """The outgoing stream into a command's stdin or a file (QEMU's error texts)."""
+    """The outgoing stream into a command's stdin, a file, or a pipe or file passed with
+    ``getfd`` (``address.fd``, taken from the monitor already); QEMU's error texts."""
+    if isinstance(address, FdAddress):
+        try:
+            return OneWayStream(sink=_fd_sink(address.fd))
+        except OSError as err:
+            raise OneWayError(f"Failed to use descriptor {address.fd}: {_strerror(err)}") from err
     if isinstance(address, ExecAddress):
         process = await _spawn(address.command, outgoing=True)
         assert process.stdin is not None
@@ -175,8 +204,19 @@ async def open_sink(address: OneWayAddress) -> OneWayStream:
     return OneWayStream(sink=_FileSink(_open_at(address, os.O_CREAT | os.O_WRONLY, True)))
 
 
-async def open_source(address: OneWayAddress) -> OneWayStream:
-    """The incoming stream from a command's stdout or a file (QEMU's error texts)."""
+async def open_source(address: OneWayAddress) -> trio.abc.Stream:
+    """The incoming stream from a command's stdout, a file, or an ``fd:`` descriptor:
+    a socket is the two-way stream (a source that expects our answers is connected
+    there), anything else one-way (QEMU's error texts)."""
+    if isinstance(address, FdAddress):
+        try:
+            if is_socket(address.fd):
+                return stream_socket(address.fd)
+            return OneWayStream(source=_fd_source(address.fd))
+        except ConnectError as err:
+            raise OneWayError(str(err)) from err
+        except OSError as err:
+            raise OneWayError(f"Failed to use descriptor {address.fd}: {_strerror(err)}") from err
     if isinstance(address, ExecAddress):
         process = await _spawn(address.command, outgoing=False)
         assert process.stdout is not None

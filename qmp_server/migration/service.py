@@ -16,14 +16,17 @@ import trio
 
 from ..blockservice import BlockService
 from ..errors import QMPError
+from ..fdsets import current, fd_param
 from ..runstate import VM, RunState
 from .core import MigrationCore
-from .oneway import OneWayError, OneWayStream, open_sink
+from .oneway import OneWayError, OneWayStream, is_socket, open_sink
 from .options import MIGRATION_ACTIVE, MigrationOptions
 from .state import RUNNING, Incoming, MigrationStatus, Outgoing
 from .uri import (
     Address,
+    ConnectedSocket,
     ExecAddress,
+    FdAddress,
     FileAddress,
     Listening,
     OneWayAddress,
@@ -123,11 +126,14 @@ class MigrationService(MigrationCore):
         self.outgoing = out = Outgoing(started=time.monotonic(), scope=scope)
         self.set_outgoing_status(MigrationStatus.SETUP)
         target: SocketAddress | OneWayStream
-        if isinstance(address, ExecAddress | FileAddress):
+        if isinstance(address, ExecAddress | FileAddress | FdAddress):
             # QEMU opens these in qmp_migrate itself: a failure fails the command too
             # (migrate_fd_error: status failed, the error in query-migrate).
             try:
-                target = await open_sink(address)
+                if isinstance(address, FdAddress):
+                    target = await _outgoing_fd(address.name)
+                else:
+                    target = await open_sink(address)
             except OneWayError as err:
                 out.error = str(err)
                 out.finished_at = time.monotonic()
@@ -181,11 +187,39 @@ class MigrationService(MigrationCore):
         return self.options.query_parameters()
 
 
+def _taken(name: str) -> int:
+    # QEMU's monitor_get_fd: the outgoing side takes names only, never numbers.
+    monitor = current()
+    if monitor is None:
+        raise QMPError(f"File descriptor named '{name}' has not been found")
+    return monitor.take(name)
+
+
+async def _outgoing_fd(name: str) -> ConnectedSocket | OneWayStream:
+    """``migrate fd:NAME``: take the named descriptor from the monitor. A socket carries
+    the two-way stream (a destination of ours answers on it); a pipe or file one way."""
+    try:
+        fd = _taken(name)
+    except QMPError as err:
+        raise OneWayError(err.desc) from err
+    try:
+        if is_socket(fd):
+            return ConnectedSocket(fd)
+        return await open_sink(FdAddress(name, fd))
+    except OneWayError:
+        os.close(fd)
+        raise
+
+
 def _prepare_incoming(address: Address) -> Listening | OneWayAddress:
     """Listen on a socket address now; check a file can be read now. Errors reach the
     command (or the command line) as QEMU's qemu_start_incoming_migration reports them."""
     if isinstance(address, ExecAddress):
         return address  # the command starts with the incoming task
+    if isinstance(address, FdAddress):
+        # QEMU's monitor_fd_param: named by getfd on this monitor, or a number (always
+        # a number on the command line); read (or answered) by the incoming task.
+        return FdAddress(address.name, fd_param(address.name))
     if isinstance(address, FileAddress):
         try:
             os.close(os.open(address.path, os.O_RDONLY | os.O_CLOEXEC))

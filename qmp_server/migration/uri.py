@@ -2,7 +2,9 @@
 
 ``unix:PATH`` and ``tcp:HOST:PORT`` carry the two-way stream between a running source
 and a running destination; ``exec:CMD`` and ``file:PATH[,offset=N]`` carry a one-way
-stream that needs no live peer (see :mod:`.oneway`).
+stream that needs no live peer (see :mod:`.oneway`). ``fd:NAME`` is a descriptor the
+client passed with ``getfd`` (or, for ``-incoming``, one inherited by number): a socket
+carries the two-way stream, anything else (a pipe, a file) a one-way one.
 
 Error texts are QEMU's (``migration/migration.c: migrate_uri_parse``,
 ``util/qemu-sockets.c``), so a management tool that matches on them keeps working.
@@ -22,7 +24,7 @@ from ..errors import QMPError
 from ..unixsocket import ListenError, SocketFile, bind_unix_file
 
 #: Transports QEMU knows but a process without a guest cannot offer.
-_UNSUPPORTED = ("rdma:", "vsock:", "fd:")
+_UNSUPPORTED = ("rdma:", "vsock:")
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,33 @@ class FileAddress:
         return self.path
 
 
-Address = UnixAddress | InetAddress | ExecAddress | FileAddress
-SocketAddress = UnixAddress | InetAddress
-OneWayAddress = ExecAddress | FileAddress
+@dataclass(frozen=True)
+class FdAddress:
+    """``fd:NAME``: a descriptor named with ``getfd``, or a number (``-incoming fd:N``).
+    ``fd`` is the descriptor once taken from the monitor (-1 before)."""
+
+    name: str
+    fd: int = -1
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class ConnectedSocket:
+    """An ``fd:`` descriptor that is a connected stream socket: the two-way stream,
+    already connected (``connect`` only wraps it)."""
+
+    fd: int
+
+    def __str__(self) -> str:
+        return f"fd {self.fd}"
+
+
+Address = UnixAddress | InetAddress | ExecAddress | FileAddress | FdAddress
+ListenAddress = UnixAddress | InetAddress
+SocketAddress = UnixAddress | InetAddress | ConnectedSocket
+OneWayAddress = ExecAddress | FileAddress | FdAddress
 
 
 def _parse_file(spec: str) -> FileAddress:
@@ -140,15 +166,19 @@ def parse_uri(uri: str) -> Address:
         return ExecAddress(uri[len("exec:"):])
     if uri.startswith("file:"):
         return _parse_file(uri[len("file:"):])
+    if uri.startswith("fd:"):
+        return FdAddress(uri[len("fd:"):])
     for prefix in _UNSUPPORTED:
         if uri.startswith(prefix):
             raise QMPError(f"migration transport '{prefix[:-1]}' is not supported by qmp-server "
-                           "(use 'unix:', 'tcp:', 'exec:' or 'file:')")
+                           "(use 'unix:', 'tcp:', 'exec:', 'file:' or 'fd:')")
     raise QMPError(f"unknown migration protocol: {uri}")
 
 
 async def connect(address: SocketAddress) -> trio.SocketStream:
     """Connect to a listening destination; raise ConnectError with QEMU's text."""
+    if isinstance(address, ConnectedSocket):
+        return stream_socket(address.fd)
     if isinstance(address, UnixAddress):
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -179,12 +209,24 @@ async def connect(address: SocketAddress) -> trio.SocketStream:
     raise ConnectError(f"Failed to connect to '{host}:{address.port}': {os.strerror(code)}")
 
 
+def stream_socket(fd: int) -> trio.SocketStream:
+    """A connected stream socket passed as a descriptor (``fd:``), as a Trio stream."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as err:
+        raise ConnectError(f"Failed to use descriptor {fd}: {os.strerror(err.errno or errno.EIO)}") from err
+    if sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise ConnectError(f"Descriptor {fd} is not a stream socket")
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
 @dataclass
 class Listening:
     """A bound listening socket for an incoming migration."""
 
     listener: trio.SocketListener
-    address: SocketAddress
+    address: ListenAddress
     #: The UNIX socket file we created (removed again once we stop listening, and only if
     #: it is still the one we bound: someone may have put another socket in its place).
     socket_file: SocketFile | None = None
@@ -204,7 +246,7 @@ class Listening:
             self.socket_file = None
 
 
-def listen(address: SocketAddress) -> Listening:
+def listen(address: ListenAddress) -> Listening:
     """Bind and listen now, so that errors reach the command (or the command line)."""
     if isinstance(address, UnixAddress):
         try:
