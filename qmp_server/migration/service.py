@@ -25,6 +25,7 @@ from .state import RUNNING, Incoming, MigrationStatus, Outgoing
 from .uri import (
     Address,
     ConnectedSocket,
+    ConnectError,
     ExecAddress,
     FdAddress,
     FileAddress,
@@ -33,6 +34,7 @@ from .uri import (
     SocketAddress,
     listen,
     parse_uri,
+    stream_socket,
 )
 
 
@@ -204,8 +206,10 @@ async def _outgoing_fd(name: str) -> ConnectedSocket | OneWayStream:
         raise OneWayError(err.desc) from err
     try:
         if is_socket(fd):
-            return ConnectedSocket(fd)
+            return ConnectedSocket(stream_socket(fd))
         return await open_sink(FdAddress(name, fd))
+    except ConnectError as err:  # stream_socket closed it
+        raise OneWayError(str(err)) from err
     except OneWayError:
         os.close(fd)
         raise

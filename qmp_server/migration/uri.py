@@ -92,15 +92,16 @@ class FdAddress:
         return self.name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConnectedSocket:
     """An ``fd:`` descriptor that is a connected stream socket: the two-way stream,
-    already connected (``connect`` only wraps it)."""
+    already connected (``connect`` only hands it over). Held as a stream from the
+    start, so that a migration cancelled before it is used still closes it."""
 
-    fd: int
+    stream: trio.SocketStream
 
     def __str__(self) -> str:
-        return f"fd {self.fd}"
+        return f"fd {self.stream.socket.fileno()}"
 
 
 Address = UnixAddress | InetAddress | ExecAddress | FileAddress | FdAddress
@@ -178,7 +179,7 @@ def parse_uri(uri: str) -> Address:
 async def connect(address: SocketAddress) -> trio.SocketStream:
     """Connect to a listening destination; raise ConnectError with QEMU's text."""
     if isinstance(address, ConnectedSocket):
-        return stream_socket(address.fd)
+        return address.stream
     if isinstance(address, UnixAddress):
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
