@@ -224,3 +224,42 @@ def test_block_bitmap_mapping_renames(tmp_path: Path, qemu: bool) -> None:
     finally:
         src.close()
         dst.close()
+
+
+MAPPINGS = [
+    [{"node-name": "a", "alias": "1bad", "bitmaps": []}],
+    [{"node-name": "a", "alias": "x", "bitmaps": []}, {"node-name": "a", "alias": "y", "bitmaps": []}],
+    [{"node-name": "a", "alias": "x", "bitmaps": []}, {"node-name": "b", "alias": "x", "bitmaps": []}],
+    [{"node-name": "a", "alias": "x", "bitmaps": [{"name": "b", "alias": "c"}, {"name": "b", "alias": "d"}]}],
+    [{"node-name": "a", "alias": "x", "bitmaps": [{"name": "b", "alias": "c"}, {"name": "e", "alias": "c"}]}],
+    [{"node-name": "a" * 32, "alias": "x", "bitmaps": []}],
+    [{"node-name": "a", "alias": "x" * 256, "bitmaps": []}],
+    [{"node-name": "a", "alias": "x", "bitmaps": [{"name": "b", "alias": "c" * 256}]}],
+    [{"node-name": "a", "alias": "x", "bitmaps": [{"name": "b", "alias": "c"}]}],
+]
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_block_bitmap_mapping_checks(tmp_path: Path, qemu: bool) -> None:
+    if qemu:
+        require("qemu-system-x86_64")
+    server = start_server([], tmp_path, "vm", qemu=qemu)
+    try:
+        seen = [server.client.execute("migrate-set-parameters", {"block-bitmap-mapping": m})
+                for m in MAPPINGS]
+        reported = server.cmd("query-migrate-parameters")["block-bitmap-mapping"]
+    finally:
+        server.close()
+    prefix = "Invalid mapping given for block-bitmap-mapping: "
+    assert [r.get("error", {}).get("desc", r) for r in seen] == [
+        prefix + "The node alias '1bad' is not well-formed",
+        prefix + "The node name 'a' is mapped twice",
+        prefix + "The node alias 'x' is used twice",
+        prefix + "The bitmap 'a'/'b' is mapped twice",
+        prefix + "The bitmap alias 'x'/'c' is used twice",
+        prefix + f"The node name '{'a' * 32}' is longer than 31 bytes",
+        prefix + f"The node alias '{'x' * 256}' is longer than 255 bytes",
+        prefix + f"The bitmap alias '{'c' * 256}' is longer than 255 bytes",
+        {"return": {}},
+    ]
+    assert reported == MAPPINGS[-1]

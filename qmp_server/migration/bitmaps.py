@@ -29,12 +29,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from blocklayer.dirtybitmap import CHECK_DEFAULT, BitmapError, DirtyBitmap, create, find
+from blocklayer.dirtybitmap import (
+    CHECK_DEFAULT,
+    MAX_NAME_SIZE,
+    BitmapError,
+    DirtyBitmap,
+    create,
+    find,
+)
 from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode
 
@@ -43,6 +51,47 @@ Backends = Callable[[], Sequence[tuple[str, BlockNode | None]]]
 
 #: qemu_put_counted_string: names travel with a one-byte length.
 _MAX_NAME = 255
+
+
+#: sizeof(BlockDriverState.node_name) - 1.
+_MAX_NODE_NAME = 31
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+
+
+def _alias_map_error(mapping: list[dict[str, Any]], name_to_alias: bool) -> str | None:
+    """construct_alias_map's first complaint for one direction, or None."""
+    nodes: set[str] = set()
+    for item in mapping:
+        node_name, alias = item["node-name"], item["alias"]
+        if not _ID.match(alias):
+            return f"The node alias '{alias}' is not well-formed"
+        if len(alias.encode()) > _MAX_NAME:
+            return f"The node alias '{alias}' is longer than {_MAX_NAME} bytes"
+        if len(node_name.encode()) > _MAX_NODE_NAME:
+            return f"The node name '{node_name}' is longer than {_MAX_NODE_NAME} bytes"
+        key = node_name if name_to_alias else alias
+        if key in nodes:
+            return (f"The node name '{node_name}' is mapped twice" if name_to_alias
+                    else f"The node alias '{alias}' is used twice")
+        nodes.add(key)
+        seen: set[str] = set()
+        for bitmap in item.get("bitmaps", []):
+            name, balias = bitmap["name"], bitmap["alias"]
+            if len(balias.encode()) > _MAX_NAME:
+                return f"The bitmap alias '{balias}' is longer than {_MAX_NAME} bytes"
+            if len(name.encode()) > MAX_NAME_SIZE:
+                return f"The bitmap name '{name}' is longer than {MAX_NAME_SIZE} bytes"
+            bkey = name if name_to_alias else balias
+            if bkey in seen:
+                return (f"The bitmap '{node_name}'/'{name}' is mapped twice" if name_to_alias
+                        else f"The bitmap alias '{alias}'/'{balias}' is used twice")
+            seen.add(bkey)
+    return None
+
+
+def check_mapping(mapping: list[dict[str, Any]]) -> str | None:
+    """check_dirty_bitmap_mig_alias_map: both directions must be unambiguous."""
+    return _alias_map_error(mapping, True) or _alias_map_error(mapping, False)
 
 
 class BitmapMigrationError(Exception):

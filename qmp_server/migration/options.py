@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import QMPError
+from .bitmaps import check_mapping
 
 #: QEMU 10.x's MigrationCapability enum, in its order. This table and PARAMETER_DEFAULTS are
 #: checked against the schema at start-up (:mod:`qmp_server.schema_facts`).
@@ -119,6 +120,11 @@ def check_parameters(params: Mapping[str, Any]) -> None:
         raise _expects("announce_rounds", "a value between 0 and 1000")
     if not between("announce-step", 1, 10000):
         raise _expects("announce_step", "a value between 0 and 10000")
+    mapping = params.get("block-bitmap-mapping")
+    if isinstance(mapping, list):
+        problem = check_mapping(mapping)
+        if problem is not None:
+            raise QMPError(f"Invalid mapping given for block-bitmap-mapping: {problem}")
     if not between("x-vcpu-dirty-limit-period", 1, 1000):
         raise _expects("x-vcpu-dirty-limit-period", "a value between 1 and 1000")
     if params["vcpu-dirty-limit"] < 1:
