@@ -263,3 +263,54 @@ def test_block_bitmap_mapping_checks(tmp_path: Path, qemu: bool) -> None:
         {"return": {}},
     ]
     assert reported == MAPPINGS[-1]
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_unknown_device_on_the_destination_skips_the_bitmaps(tmp_path: Path, qemu: bool) -> None:
+    # QEMU reports the lookup failure and migrates on without the bitmaps.
+    if qemu:
+        require("qemu-system-x86_64")
+    image = tmp_path / "a.qcow2"
+    qemu_img_create(image, "1M")
+    sock = tmp_path / "mig.sock"
+    src = start_server(_drive(image), tmp_path, "src", qemu=qemu)
+    dst = start_server(["-drive", f"file={image},format=qcow2,if=none,id=other",
+                        "-incoming", f"unix:{sock}"], tmp_path, "dst", qemu=qemu)
+    try:
+        src.cmd("migrate-set-capabilities", capabilities=CAPS)
+        src.cmd("block-dirty-bitmap-add", node="drive0", name="bitmap0")
+        src.cmd("migrate", uri=f"unix:{sock}")
+        assert _wait_migration(src)["status"] == "completed"
+        assert _wait_migration(dst)["status"] == "completed"
+        [info] = dst.cmd("query-block")
+        assert "dirty-bitmaps" not in info["inserted"]
+    finally:
+        src.close()
+        dst.close()
+    assert "Cannot find device='drive0' nor node-name='drive0'" in (tmp_path / "dst.log").read_text()
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_bitmap_on_an_auto_named_node_fails_the_migration(tmp_path: Path, qemu: bool) -> None:
+    if qemu:
+        require("qemu-system-x86_64")
+    image = tmp_path / "a.qcow2"
+    qemu_img_create(image, "1M")
+    sock = tmp_path / "mig.sock"
+    src = start_server(_drive(image), tmp_path, "src", qemu=qemu)
+    dst = start_server([*_drive(image), "-incoming", f"unix:{sock}"], tmp_path, "dst", qemu=qemu)
+    try:
+        src.cmd("migrate-set-capabilities", capabilities=CAPS)
+        [file_node] = [n["node-name"] for n in src.cmd("query-named-block-nodes")
+                       if n["drv"] == "file"]
+        assert file_node.startswith("#block")
+        src.cmd("block-dirty-bitmap-add", node=file_node, name="b")
+        src.cmd("migrate", uri=f"unix:{sock}")
+        assert _wait_migration(src)["status"] == "failed"
+        assert src.status() == "running"
+        src_log = (tmp_path / "src.log").read_text()
+    finally:
+        src.close()
+        dst.close()
+    assert (f"Bitmap 'b' in a node with auto-generated name '{file_node}' can't be migrated"
+            in src_log)
