@@ -314,3 +314,21 @@ def test_bitmap_on_an_auto_named_node_fails_the_migration(tmp_path: Path, qemu: 
         dst.close()
     assert (f"Bitmap 'b' in a node with auto-generated name '{file_node}' can't be migrated"
             in src_log)
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_hmp_shows_the_mapping(tmp_path: Path, qemu: bool) -> None:
+    # iotest 300 reads the mapping back from HMP's info migrate_parameters.
+    if qemu:
+        require("qemu-system-x86_64")
+    server = start_server([], tmp_path, "vm", qemu=qemu)
+    try:
+        assert "block-bitmap-mapping" not in server.hmp("info migrate_parameters")
+        server.cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+            {"node-name": "a", "alias": "x", "bitmaps": [{"name": "b", "alias": "c"}]},
+            {"node-name": "d", "alias": "y", "bitmaps": []}]})
+        text = server.hmp("info migrate_parameters").replace("\r", "")
+    finally:
+        server.close()
+    assert text.endswith("block-bitmap-mapping:\n  'a' -> 'x'\n    'b' -> 'c'\n  'd' -> 'y'\n")
+    assert "downtime-limit: 300 ms\n" in text and "tls-creds: ''\n" in text

@@ -128,6 +128,43 @@ class MigrationCommands:
                        for cap in self.migration.query_capabilities())
 
 
+    async def info_parameters(self, args: list[str]) -> str:
+        """``info migrate_parameters``."""
+        return format_parameters(self.migration.query_parameters())
+
+
+#: Units hmp_info_migrate_parameters prints after some values (QEMU 7.2's layout).
+_UNITS = {"announce-initial": " ms", "announce-max": " ms", "announce-step": " ms",
+          "downtime-limit": " ms", "x-checkpoint-delay": " ms",
+          "max-bandwidth": " bytes/second", "xbzrle-cache-size": " bytes"}
+
+
+def format_parameters(params: dict[str, Any]) -> str:
+    """``info migrate_parameters``: one ``name: value`` line per parameter, then the
+    ``block-bitmap-mapping`` tree when one is set (QEMU's layout for it)."""
+    lines: list[str] = []
+    for name, value in params.items():
+        if name == "block-bitmap-mapping":
+            continue
+        if isinstance(value, bool):
+            text = "on" if value else "off"
+        elif isinstance(value, str):
+            text = f"'{value}'" if name.startswith("tls-") else value
+        elif isinstance(value, (int, float)):
+            text = f"{value}{_UNITS.get(name, '')}"
+        else:
+            continue
+        lines.append(f"{name}: {text}")
+    mapping = params.get("block-bitmap-mapping")
+    if isinstance(mapping, list):
+        lines.append("block-bitmap-mapping:")
+        for node in mapping:
+            lines.append(f"  '{node['node-name']}' -> '{node['alias']}'")
+            lines.extend(f"    '{bitmap['name']}' -> '{bitmap['alias']}'"
+                         for bitmap in node.get("bitmaps", []))
+    return "".join(line + "\n" for line in lines)
+
+
 def size_to_str(value: int) -> str:
     """QEMU's size_to_str: three significant digits and a binary prefix ("4 KiB")."""
     # frexp's exponent minus one is floor(log2(value * 1024 / 1000)): the correction

@@ -101,6 +101,8 @@ class HumanMonitor:
                                           "details)"),
             "migrate_capabilities": (mig.info_capabilities, "info migrate_capabilities  -- show "
                                                             "current migration capabilities"),
+            "migrate_parameters": (mig.info_parameters, "info migrate_parameters  -- show "
+                                                        "current migration parameters"),
         }
         if snap is not None:
             self.info_commands["snapshots"] = (snap.info_snapshots, SNAPSHOT_INFO_HELP)
