@@ -14,6 +14,7 @@ without a guest would wait forever.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -68,6 +69,41 @@ def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return fn(*args, **kwargs)
     except BlockError as err:
         raise QMPError(err.message) from err
+
+
+def _json_filename(filename: str) -> dict[str, Any]:
+    """parse_json_filename: the options of a ``json:{...}`` filename, dotted keys nested
+    (qdict_flatten, then crumpled as -drive's own options), scalars as QemuOpts strings."""
+    try:
+        tree = json.loads(filename[len("json:"):])
+    except ValueError as err:
+        raise QMPError(f"Could not parse the JSON options: {err}") from err
+    if not isinstance(tree, dict):
+        raise QMPError("Invalid JSON object given")
+    flat: dict[str, str] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                flatten(f"{prefix}{key}.", item)
+        elif isinstance(value, bool):
+            flat[prefix[:-1]] = "on" if value else "off"
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, str) else json.dumps(value)
+
+    flatten("", tree)
+    return nest(flat)
+
+
+def _merged(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """``high`` over ``low``, nested dicts merged (qdict_join on flattened options)."""
+    out = dict(low)
+    for key, value in high.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _id_wellformed(name: str) -> bool:
@@ -291,6 +327,25 @@ class Devices:
         fmt = opts.pop("format", None) or opts.pop("driver", None)
         tree = nest(opts)
         file_options = tree.pop("file", {})
+        if filename is not None and filename.startswith("json:"):
+            # bdrv_open_inherit: a json: filename's options, below those given directly;
+            # blockdev_init's read-only and format always win.
+            if file_options:
+                tree["file"] = file_options
+            tree = _merged(_json_filename(filename), tree)
+            tree.pop("read-only", None)
+            fmt = fmt or tree.pop("driver", None)
+            tree.pop("driver", None)
+            filename = tree.pop("filename", None)
+            if filename is not None and fmt not in _PROTOCOL_DRIVERS:
+                raise QMPError("Must specify either driver or file")
+            file_options = tree.pop("file", {})
+            if not isinstance(file_options, dict):
+                raise QMPError("Must specify either driver or file")
+        if filename is None and "driver" not in file_options and "filename" in file_options:
+            # bdrv_fill_options: a filename given as an option is the file driver's, with
+            # no protocol prefix parsed (bdrv_find_protocol without allow_protocol_prefix).
+            file_options = {"driver": "file", **file_options}
         if filename is None and not file_options:
             if fmt in _PROTOCOL_DRIVERS and fmt != "file":
                 # A protocol driver that needs no filename (null-co) is the drive's top.
@@ -324,8 +379,10 @@ class Devices:
         if aio is not None:
             file_options["aio"] = aio
         if fmt is None:
-            if filename is None:
+            if (filename is None and not isinstance(file_options.get("filename"), str)) or \
+                    file_options.get("driver", "file") not in _PROTOCOL_DRIVERS:
                 raise QMPError("Must specify either driver or file")
+            file_options.setdefault("driver", "file")
             fmt = self._probe(file_options, warn=not read_only)
         if cache is not None:
             if cache not in CACHE_MODES:

@@ -149,3 +149,27 @@ def test_short_form_booleans_warn_as_qemu(image: Path) -> None:
     assert ours == theirs
     ours, theirs = _both(["-drive", f"if=none,file={image},format=raw,readonly,nodelay,force-share"], [])
     assert ours == theirs
+
+
+@pytest.mark.parametrize("drive", [
+    # A filename given as an option (file.filename) is the file driver's, unparsed.
+    "if=none,format=raw,file.filename=null-co://",
+    "if=none,file.filename=IMG",
+    "if=none,file.filename=file:IMG,format=raw",
+    # json: filenames: their options below those given directly; -drive's read-only and
+    # format win.
+    'if=none,file=json:{"file":{"driver":"file",,"filename":"QCOW"}}',
+    'if=none,file=json:{"driver":"qcow2",,"file":{"driver":"file",,"filename":"QCOW"}},readonly=on',
+    'if=none,file=json:{"driver":"qcow2",,"file.filename":"QCOW",,"read-only":true}',
+    'if=none,file=json:{"driver":"raw",,"file":{"driver":"file",,"filename":"IMG"}},file.locking=off',
+    'if=none,file=json:{"filename":"IMG"}',
+    "if=none,file=json:[1]",
+    'if=none,file=json:{"driver":"null-co"}',
+    'if=none,file=json:{"driver":"raw",,"file.driver":"null-co"},readonly=on,force-share=on',
+    'if=none,file=json:{"driver":"raw",,"file.driver":"null-co",,"force-share":true}',
+])
+def test_drive_option_filenames_and_json_as_qemu(image: Path, qemu_img: str, drive: str) -> None:
+    qcow2 = image.with_suffix(".qcow2")
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(qcow2), "1M"], check=True)
+    ours, theirs = _both(["-drive", drive.replace("QCOW", str(qcow2)).replace("IMG", str(image))], QUERY)
+    assert ours == theirs
