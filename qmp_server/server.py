@@ -275,13 +275,19 @@ class Connection:
                 self._poll_misses = min(self._poll_misses + 1, 6)
                 self._poll_skip = (1 << self._poll_misses) - 1
         if self._unix is not None:
+            # As trio's own receive: try first, wait only when nothing is there yet.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             while True:
-                await trio.lowlevel.wait_readable(self._fd)
                 try:
                     received: bytes | bytearray = self._recvmsg()
                 except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self._fd)
+                    waited = True
                     continue
                 break
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             received = await self.stream.receive_some(65536)
         self._resumed = time.perf_counter()
