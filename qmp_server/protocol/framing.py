@@ -514,7 +514,6 @@ class JSONStreamer:
         """
         out: list[JSONValue | JSONParseError] = []
         self._out = out
-        tok = self._tok
         # Each step leaves a state that reaches _START in at most two more (error ->
         # recovery -> start); the bound only guards against a table mistake.
         for _ in range(4):
@@ -523,27 +522,18 @@ class JSONStreamer:
             action = _TABLE[self._state][0]
             kind = action & _KIND_MASK
             if kind in (_EMIT_LA, _EMIT):
-                text = bytes(tok)
-                tok.clear()
                 self._state = _START
-                self._token(action & _ARG_MASK, len(text), text)
+                self._end_token(action & _ARG_MASK)
             elif kind == _ERROR:
-                text = bytes(tok)
-                tok.clear()
                 self._state = _RECOVERY
-                self._stray(text)
+                self._end_stray()
             elif kind == _RESYNC:
                 self._state = _START
             else:  # _GOTO: the NUL is not consumed, only the state moves
                 self._state = action & _ARG_MASK
         if self._ntok:
             # JSON_END_OF_INPUT with tokens queued: json_parser_parse sees them end early.
-            if self._perr is not None:
-                message = self._perr[:_PARSE_MESSAGE_MAX]
-                out.append(JSONParseError("JSON parse error, " + _c_text(message)))
-            else:
-                out.append(JSONParseError("JSON parse error, premature EOI"))
-            self._reset_message()
+            self._finish_message()
         self._out = []
         return out
 
@@ -649,33 +639,35 @@ class JSONStreamer:
                         arg = _START
                         self._limit_error(_SIZE_ERROR)
                 state = arg
-            elif kind == _EMIT_LA:
-                text = bytes(tok)
-                tok.clear()
+            elif kind == _EMIT_LA or kind == _EMIT:
+                if kind == _EMIT:  # the byte completes the token; else it is re-read
+                    tok.append(byte)
+                    pos += 1
                 state = _START
-                self._token(arg, len(text), text)
-                if fast and self._ntok == 0:
-                    break
-            elif kind == _EMIT:
-                tok.append(byte)
-                pos += 1
-                text = bytes(tok)
-                tok.clear()
-                state = _START
-                self._token(arg, len(text), text)
+                self._end_token(arg)
                 if fast and self._ntok == 0:
                     break
             elif kind == _ERROR:
                 tok.append(byte)
                 pos += 1
-                text = bytes(tok)
-                tok.clear()
                 state = _RECOVERY
-                self._stray(text)
+                self._end_stray()
             else:  # _RESYNC
                 state = _START
         self._state = state
         return pos
+
+    def _end_token(self, ttype: int) -> None:
+        """The buffered token is complete: account for it and start the next."""
+        text = bytes(self._tok)
+        self._tok.clear()
+        self._token(ttype, len(text), text)
+
+    def _end_stray(self) -> None:
+        """The buffered bytes are no token (JSON_ERROR): report them as stray."""
+        text = bytes(self._tok)
+        self._tok.clear()
+        self._stray(text)
 
     # ---------------------------------------------------------------- streamer
 
@@ -725,12 +717,18 @@ class JSONStreamer:
             self._parse_token(ttype, text)
         if (braces > 0 or brackets > 0) and braces >= 0 and brackets >= 0:
             return
+        self._finish_message()
+
+    def _finish_message(self) -> None:
+        """Hand the current message's outcome to the output: its value, the parser's first
+        error, or "premature EOI" when its tokens end before the value does (only at the
+        end of input: the streamer cuts after a closing token)."""
         if self._perr is not None:
             message = self._perr[:_PARSE_MESSAGE_MAX]
             result: JSONValue | JSONParseError = JSONParseError("JSON parse error, " + _c_text(message))
         elif self._done:
             result = self._result
-        else:  # unreachable in practice: the streamer only cuts after a closing token
+        else:
             result = JSONParseError("JSON parse error, premature EOI")
         self._reset_message()
         self._out.append(result)
