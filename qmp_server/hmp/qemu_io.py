@@ -626,31 +626,72 @@ def _vectored_read(session: _Session, command: _Command, argv: Sequence[str],
 
 
 def _writev_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
-    machine = quiet = False
+    _vectored_write(session, command, argv, None)
+
+
+def _vectored_write(session: _Session, command: _Command, argv: Sequence[str],
+                    stats: BlockAcctStats | None) -> None:
+    """writev_f, and aio_write_f when ``stats`` is given (it adds -i, -u and -z, and is
+    accounted, except with -z: QEMU starts no accounting for it)."""
+    machine = quiet = may_unmap = zflag = False
     pattern = 0xCD
-    options, operands = _options(session, command, argv, "CfqP:")
+    options, operands = _options(session, command, argv, "CfqP:" if stats is None else "CfiqP:uz")
     for option in options:
         match option.letter:
             case "C":
                 machine = True
             case "P":
                 pattern = _pattern(session, option.value or "")
+            case "i":
+                assert stats is not None
+                session.out("injecting invalid write request\n")
+                stats.invalid(AcctType.WRITE)
+                return
             case "q":
                 quiet = True
+            case "u":
+                may_unmap = True
+            case "z":
+                zflag = True
             # "-f" (FUA) does not change the outcome.
     if len(operands) < 2:
         raise _usage(session, command)
+    if zflag and len(operands) != 2:
+        raise session.fail("-z supports only a single length parameter")
+    if may_unmap and not zflag:
+        raise session.fail("-u requires -z to be specified")
     offset = session.number(operands[0])
-    count = _iovec_size(session, operands[1:])
+    accounted = stats if not zflag else None
+    started = 0
+    if zflag:
+        count = session.number(operands[1])
 
-    def operation() -> None:
-        session.check_range(offset, count)
-        if count:
-            session.target.write(offset, bytes([pattern]) * count)
+        def operation() -> None:
+            session.check_range(offset, count)
+            if count:
+                session.target.write_zeroes(offset, count, may_unmap)
+    else:
+        try:
+            count = _iovec_size(session, operands[1:])
+        except _Abort:
+            if accounted is not None:
+                accounted.invalid(AcctType.WRITE)
+            raise
+        if accounted is not None:
+            started = accounted.start()
+
+        def operation() -> None:
+            session.check_range(offset, count)
+            if count:
+                session.target.write(offset, bytes([pattern]) * count)
 
     _, failure, elapsed = session.timed(operation)
     if failure is not None:
-        raise session.fail(f"writev failed: {failure}")
+        if accounted is not None:
+            accounted.done(AcctType.WRITE, count, started, failed=True)
+        raise session.fail(f"{'writev' if stats is None else 'aio_write'} failed: {failure}")
+    if accounted is not None:
+        accounted.done(AcctType.WRITE, count, started)
     if not quiet:
         session.out(format_report("wrote", offset, count, count, elapsed, machine=machine))
 
@@ -726,65 +767,7 @@ def _aio_read_f(session: _Session, command: _Command, argv: Sequence[str]) -> No
 
 
 def _aio_write_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
-    # aio_write_f; with -z QEMU starts no accounting, so nothing is counted.
-    stats = _stats(session)
-    machine = quiet = may_unmap = zflag = False
-    pattern = 0xCD
-    options, operands = _options(session, command, argv, "CfiqP:uz")
-    for option in options:
-        match option.letter:
-            case "C":
-                machine = True
-            case "P":
-                pattern = _pattern(session, option.value or "")
-            case "i":
-                session.out("injecting invalid write request\n")
-                stats.invalid(AcctType.WRITE)
-                return
-            case "q":
-                quiet = True
-            case "u":
-                may_unmap = True
-            case "z":
-                zflag = True
-            # "-f" (FUA) does not change the outcome.
-    if len(operands) < 2:
-        raise _usage(session, command)
-    if zflag and len(operands) != 2:
-        raise session.fail("-z supports only a single length parameter")
-    if may_unmap and not zflag:
-        raise session.fail("-u requires -z to be specified")
-    offset = session.number(operands[0])
-    started = 0
-    if zflag:
-        count = session.number(operands[1])
-
-        def operation() -> None:
-            session.check_range(offset, count)
-            if count:
-                session.target.write_zeroes(offset, count, may_unmap)
-    else:
-        try:
-            count = _iovec_size(session, operands[1:])
-        except _Abort:
-            stats.invalid(AcctType.WRITE)
-            raise
-        started = stats.start()
-
-        def operation() -> None:
-            session.check_range(offset, count)
-            if count:
-                session.target.write(offset, bytes([pattern]) * count)
-
-    _, failure, elapsed = session.timed(operation)
-    if failure is not None:
-        if not zflag:
-            stats.done(AcctType.WRITE, count, started, failed=True)
-        raise session.fail(f"aio_write failed: {failure}")
-    if not zflag:
-        stats.done(AcctType.WRITE, count, started)
-    if not quiet:
-        session.out(format_report("wrote", offset, count, count, elapsed, machine=machine))
+    _vectored_write(session, command, argv, _stats(session))
 
 
 def _aio_flush_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
