@@ -42,8 +42,12 @@ for n, op in enumerate(crash_ops({seed}, {count}, {size}, {cluster})):
     apply_op(drv, None, op)
     if (n + 1) % {every} == 0:
         drv.flush()
-        print("FLUSHED", n + 1, flush=True)
-print("DONE", flush=True)
+        # One write per line: under PYTHONUNBUFFERED, print() issues a write per piece and a
+        # kill between them would leave half a line.
+        sys.stdout.write("FLUSHED %d\\n" % (n + 1))
+        sys.stdout.flush()
+sys.stdout.write("DONE\\n")
+sys.stdout.flush()
 """
 
 
@@ -64,8 +68,10 @@ def _storm_and_kill(img: Path, seed: int, lazy: bool, cluster: int) -> int:
     time.sleep(rnd.random() * 0.03)
     os.kill(proc.pid, signal.SIGKILL)
     rest, _ = proc.communicate()
-    for line in rest.splitlines():
+    for line in rest.splitlines(keepends=True):
         assert not line.startswith("DONE"), "child finished before the kill"
+        if not line.endswith("\n"):
+            break  # cut by the kill: that flush was never acknowledged
         acked = int(line.split()[1])
     assert proc.returncode == -signal.SIGKILL
     return acked
