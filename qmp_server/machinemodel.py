@@ -233,140 +233,94 @@ def _prop(name: str, type_: str, default: Any = None, description: str | None = 
     return prop
 
 
+# Each of those properties, defined once; a device names its own in the order QEMU's
+# device-list-properties lists them.
+_BLOCK_DEVICE_PROPERTIES: dict[str, dict[str, Any]] = {prop["name"]: prop for prop in (
+    _prop("account-failed", "OnOffAuto", "auto", _ON_OFF_AUTO),
+    _prop("account-invalid", "OnOffAuto", "auto", _ON_OFF_AUTO),
+    _prop("addr", "int32", -1, "Slot and optional function number, example: 06.0 or 06"),
+    _prop("backend_defaults", "OnOffAuto", "auto", _ON_OFF_AUTO),
+    _prop("bios-chs-trans", "BiosAtaTranslation", "auto",
+          "Logical CHS translation algorithm, auto/none/lba/large/rechs"),
+    _prop("bootindex", "int32"),
+    _prop("channel", "uint32", 0),
+    _prop("config-wce", "bool", True, _ON_OFF),
+    _prop("cyls", "uint32", 0),
+    _prop("device_id", "str"),
+    _prop("discard", "bool", True, _ON_OFF),
+    _prop("discard_granularity", "size", 4294967295),
+    _prop("dpofua", "bool", False, _ON_OFF),
+    _prop("drive", "str", None, _DRIVE),
+    _prop("heads", "uint32", 0),
+    _prop("iothread", "link<iothread>"),
+    _prop("lcyls", "uint32", 0),
+    _prop("lheads", "uint32", 0),
+    _prop("logical_block_size", "size", 0, _BLOCK_SIZE),
+    _prop("lsecs", "uint32", 0),
+    _prop("lun", "uint32", 4294967295),
+    _prop("max-discard-sectors", "uint32", 4194303),
+    _prop("max-write-zeroes-sectors", "uint32", 4194303),
+    _prop("max_io_size", "uint64", 2147483647),
+    _prop("max_unmap_size", "uint64", 1073741824),
+    _prop("min_io_size", "size", 0),
+    _prop("model", "str"),
+    _prop("num-queues", "uint16", 65535),
+    _prop("opt_io_size", "size", 0),
+    _prop("physical_block_size", "size", 0, _BLOCK_SIZE),
+    _prop("port_index", "uint16", 0),
+    _prop("port_wwn", "uint64", 0),
+    _prop("product", "str"),
+    _prop("queue-size", "uint16", 256),
+    _prop("removable", "bool", False, _ON_OFF),
+    _prop("report-discard-granularity", "bool", True),
+    _prop("rerror", "BlockdevOnError", "auto", _ERROR_POLICY),
+    _prop("rotation_rate", "uint16", 0),
+    _prop("scsi-id", "uint32", 4294967295),
+    _prop("secs", "uint32", 0),
+    _prop("serial", "str"),
+    _prop("share-rw", "bool", False),
+    _prop("unit", "uint32", 4294967295),
+    _prop("vendor", "str"),
+    _prop("ver", "str"),
+    _prop("werror", "BlockdevOnError", "auto", _ERROR_POLICY),
+    _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
+    _prop("write-zeroes", "bool", True, _ON_OFF),
+    _prop("wwn", "uint64", 0),
+)}
+
+
+def _props(names: str) -> list[dict[str, Any]]:
+    """The properties ``names`` (space-separated), in that order."""
+    return [_BLOCK_DEVICE_PROPERTIES[name] for name in names.split()]
+
+
 DEVICE_PROPERTIES: dict[str, list[dict[str, Any]]] = {
-    "virtio-blk-pci": [
-        _prop("addr", "int32", -1, "Slot and optional function number, example: 06.0 or 06"),
-        _prop("share-rw", "bool", False),
-        _prop("lcyls", "uint32", 0),
-        _prop("queue-size", "uint16", 256),
-        _prop("lsecs", "uint32", 0),
-        _prop("heads", "uint32", 0),
-        _prop("account-invalid", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("iothread", "link<iothread>"),
-        _prop("lheads", "uint32", 0),
-        _prop("num-queues", "uint16", 65535),
-        _prop("cyls", "uint32", 0),
-        _prop("secs", "uint32", 0),
-        _prop("min_io_size", "size", 0),
-        _prop("bootindex", "int32"),
-        _prop("config-wce", "bool", True, _ON_OFF),
-        _prop("drive", "str", None, _DRIVE),
-        _prop("werror", "BlockdevOnError", "auto", _ERROR_POLICY),
-        _prop("report-discard-granularity", "bool", True),
-        _prop("rerror", "BlockdevOnError", "auto", _ERROR_POLICY),
-        _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("physical_block_size", "size", 0, _BLOCK_SIZE),
-        _prop("opt_io_size", "size", 0),
-        _prop("logical_block_size", "size", 0, _BLOCK_SIZE),
-        _prop("max-discard-sectors", "uint32", 4194303),
-        _prop("discard", "bool", True, _ON_OFF),
-        _prop("discard_granularity", "size", 4294967295),
-        _prop("write-zeroes", "bool", True, _ON_OFF),
-        _prop("max-write-zeroes-sectors", "uint32", 4194303),
-        _prop("account-failed", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("backend_defaults", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("serial", "str"),
-    ],
-    "virtio-blk-device": [
-        _prop("share-rw", "bool", False),
-        _prop("lcyls", "uint32", 0),
-        _prop("queue-size", "uint16", 256),
-        _prop("lsecs", "uint32", 0),
-        _prop("serial", "str"),
-        _prop("account-invalid", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("iothread", "link<iothread>"),
-        _prop("lheads", "uint32", 0),
-        _prop("num-queues", "uint16", 65535),
-        _prop("cyls", "uint32", 0),
-        _prop("secs", "uint32", 0),
-        _prop("heads", "uint32", 0),
-        _prop("min_io_size", "size", 0),
-        _prop("config-wce", "bool", True, _ON_OFF),
-        _prop("drive", "str", None, _DRIVE),
-        _prop("werror", "BlockdevOnError", "auto", _ERROR_POLICY),
-        _prop("report-discard-granularity", "bool", True),
-        _prop("rerror", "BlockdevOnError", "auto", _ERROR_POLICY),
-        _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("physical_block_size", "size", 0, _BLOCK_SIZE),
-        _prop("opt_io_size", "size", 0),
-        _prop("logical_block_size", "size", 0, _BLOCK_SIZE),
-        _prop("max-discard-sectors", "uint32", 4194303),
-        _prop("discard", "bool", True, _ON_OFF),
-        _prop("discard_granularity", "size", 4294967295),
-        _prop("write-zeroes", "bool", True, _ON_OFF),
-        _prop("max-write-zeroes-sectors", "uint32", 4194303),
-        _prop("account-failed", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("backend_defaults", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("bootindex", "int32"),
-    ],
-    "scsi-hd": [
-        _prop("scsi-id", "uint32", 4294967295),
-        _prop("lun", "uint32", 4294967295),
-        _prop("channel", "uint32", 0),
-        _prop("lheads", "uint32", 0),
-        _prop("lcyls", "uint32", 0),
-        _prop("share-rw", "bool", False),
-        _prop("account-invalid", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("lsecs", "uint32", 0),
-        _prop("secs", "uint32", 0),
-        _prop("removable", "bool", False, _ON_OFF),
-        _prop("ver", "str"),
-        _prop("max_unmap_size", "uint64", 1073741824),
-        _prop("cyls", "uint32", 0),
-        _prop("serial", "str"),
-        _prop("min_io_size", "size", 0),
-        _prop("product", "str"),
-        _prop("rotation_rate", "uint16", 0),
-        _prop("heads", "uint32", 0),
-        _prop("dpofua", "bool", False, _ON_OFF),
-        _prop("drive", "str", None, _DRIVE),
-        _prop("werror", "BlockdevOnError", "auto", _ERROR_POLICY),
-        _prop("wwn", "uint64", 0),
-        _prop("vendor", "str"),
-        _prop("rerror", "BlockdevOnError", "auto", _ERROR_POLICY),
-        _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("physical_block_size", "size", 0, _BLOCK_SIZE),
-        _prop("max_io_size", "uint64", 2147483647),
-        _prop("opt_io_size", "size", 0),
-        _prop("logical_block_size", "size", 0, _BLOCK_SIZE),
-        _prop("discard_granularity", "size", 4294967295),
-        _prop("port_wwn", "uint64", 0),
-        _prop("port_index", "uint16", 0),
-        _prop("account-failed", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("device_id", "str"),
-        _prop("backend_defaults", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("bootindex", "int32"),
-    ],
-    "ide-hd": [
-        _prop("unit", "uint32", 4294967295),
-        _prop("lsecs", "uint32", 0),
-        _prop("account-invalid", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("model", "str"),
-        _prop("lheads", "uint32", 0),
-        _prop("rotation_rate", "uint16", 0),
-        _prop("drive", "str", None, _DRIVE),
-        _prop("serial", "str"),
-        _prop("logical_block_size", "size", 0, _BLOCK_SIZE),
-        _prop("ver", "str"),
-        _prop("share-rw", "bool", False),
-        _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("heads", "uint32", 0),
-        _prop("wwn", "uint64", 0),
-        _prop("discard_granularity", "size", 4294967295),
-        _prop("backend_defaults", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("cyls", "uint32", 0),
-        _prop("lcyls", "uint32", 0),
-        _prop("opt_io_size", "size", 0),
-        _prop("rerror", "BlockdevOnError", "auto", _ERROR_POLICY),
-        _prop("bios-chs-trans", "BiosAtaTranslation", "auto",
-              "Logical CHS translation algorithm, auto/none/lba/large/rechs"),
-        _prop("min_io_size", "size", 0),
-        _prop("account-failed", "OnOffAuto", "auto", _ON_OFF_AUTO),
-        _prop("physical_block_size", "size", 0, _BLOCK_SIZE),
-        _prop("secs", "uint32", 0),
-        _prop("werror", "BlockdevOnError", "auto", _ERROR_POLICY),
-        _prop("bootindex", "int32"),
-    ],
+    "virtio-blk-pci": _props(
+        "addr share-rw lcyls queue-size lsecs heads account-invalid iothread lheads num-queues cyls "
+        "secs min_io_size bootindex config-wce drive werror report-discard-granularity rerror "
+        "write-cache physical_block_size opt_io_size logical_block_size max-discard-sectors discard "
+        "discard_granularity write-zeroes max-write-zeroes-sectors account-failed backend_defaults "
+        "serial"
+    ),
+    "virtio-blk-device": _props(
+        "share-rw lcyls queue-size lsecs serial account-invalid iothread lheads num-queues cyls "
+        "secs heads min_io_size config-wce drive werror report-discard-granularity rerror "
+        "write-cache physical_block_size opt_io_size logical_block_size max-discard-sectors discard "
+        "discard_granularity write-zeroes max-write-zeroes-sectors account-failed backend_defaults "
+        "bootindex"
+    ),
+    "scsi-hd": _props(
+        "scsi-id lun channel lheads lcyls share-rw account-invalid lsecs secs removable ver "
+        "max_unmap_size cyls serial min_io_size product rotation_rate heads dpofua drive werror wwn "
+        "vendor rerror write-cache physical_block_size max_io_size opt_io_size logical_block_size "
+        "discard_granularity port_wwn port_index account-failed device_id backend_defaults "
+        "bootindex"
+    ),
+    "ide-hd": _props(
+        "unit lsecs account-invalid model lheads rotation_rate drive serial logical_block_size ver "
+        "share-rw write-cache heads wwn discard_granularity backend_defaults cyls lcyls opt_io_size "
+        "rerror bios-chs-trans min_io_size account-failed physical_block_size secs werror bootindex"
+    ),
 }
 
 
