@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -9,9 +10,9 @@ import trio
 from blocklayer.create import Creation, check_driver, prepare_creation
 from blocklayer.errors import BlockError
 
-from ..dispatcher import CommandContext, CommandTable
+from ..dispatcher import CommandContext, CommandTable, Handler
 from ..errors import QMPError
-from ..jobs import Job
+from ..jobs import Job, JobService
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -25,40 +26,21 @@ def query_jobs(machine: Machine) -> list[dict[str, Any]]:
     return machine.jobs.query()
 
 
-@table.command("job-dismiss")
-async def job_dismiss(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """A concluded job leaves query-jobs."""
-    ctx.machine.jobs.dismiss(args["id"])
+def _by_id(verb: Callable[[JobService, str], None]) -> Handler:
+    """A ``job-*`` command that applies ``verb`` to the job its ``id`` names."""
+    async def handler(ctx: CommandContext, args: dict[str, Any]) -> None:
+        verb(ctx.machine.jobs, args["id"])
+    return handler
 
 
-@table.command("job-finalize")
-async def job_finalize(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """A pending job concludes."""
-    ctx.machine.jobs.finalize(args["id"])
-
-
-@table.command("job-cancel")
-async def job_cancel(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """The job aborts (at once, or when its running work returns)."""
-    ctx.machine.jobs.cancel(args["id"])
-
-
-@table.command("job-pause")
-async def job_pause(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """Record a pause request (no job kind here has a pause point)."""
-    ctx.machine.jobs.pause(args["id"])
-
-
-@table.command("job-resume")
-async def job_resume(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """Withdraw a pause request."""
-    ctx.machine.jobs.resume(args["id"])
-
-
-@table.command("job-complete")
-async def job_complete(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """Complete a ready job (none ever is here)."""
-    ctx.machine.jobs.complete(args["id"])
+# job-dismiss: a concluded job leaves query-jobs; job-finalize: a pending job concludes;
+# job-cancel: the job aborts (at once, or when its running work returns); job-pause and
+# job-resume record or withdraw a pause request (no job kind here has a pause point);
+# job-complete completes a ready job (none ever is here).
+for _name, _verb in (("job-dismiss", JobService.dismiss), ("job-finalize", JobService.finalize),
+                     ("job-cancel", JobService.cancel), ("job-pause", JobService.pause),
+                     ("job-resume", JobService.resume), ("job-complete", JobService.complete)):
+    table.command(_name)(_by_id(_verb))
 
 
 def _unlocked(creation: Creation) -> None:
