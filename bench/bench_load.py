@@ -47,42 +47,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = [sys.executable, "-m", "qmp_server"]
+sys.path.insert(0, str(ROOT / "tests"))
+from hostile_clients import FLOODER, NON_READER, running  # type: ignore[import-not-found]  # noqa: E402
+
 QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
-
-FLOODER = """
-import socket, sys, threading
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-sock.connect(sys.argv[1])
-sock.sendall(b'{"execute":"qmp_capabilities"}')
-def drain():
-    try:
-        while sock.recv(1 << 20):
-            pass
-    except OSError:
-        pass
-threading.Thread(target=drain, daemon=True).start()
-batch = b'{"execute":"query-status"}' * 100
-print("ready", flush=True)
-try:
-    while True:
-        sock.sendall(batch)
-except OSError:
-    pass
-"""
-
-NON_READER = """
-import socket, sys
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-sock.connect(sys.argv[1])
-sock.sendall(b'{"execute":"qmp_capabilities"}')
-batch = b'{"execute":"query-commands"}' * 64
-print("ready", flush=True)
-try:
-    while True:
-        sock.sendall(batch)
-except OSError:
-    pass
-"""
 
 
 def connect(path: str, timeout: float = 20.0) -> socket.socket:
@@ -121,20 +89,6 @@ def peak_rss(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-@contextmanager
-def helper(code: str, path: str) -> Iterator[None]:
-    """A flooder or non-reader process on ``path`` for the duration of the block."""
-    proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def measure(path: str, samples: int, interval: float) -> list[float]:
@@ -178,9 +132,9 @@ def run(argv: list[str], paths: list[str], *, idle: int, flood: bool, non_reader
 
 @contextmanager
 def contextlib_nullable(enabled: bool, code: str, path: str) -> Iterator[None]:
-    """:func:`helper` if ``enabled``, else nothing."""
+    """The misbehaving client ``code`` on ``path`` if ``enabled``, else nothing."""
     if enabled:
-        with helper(code, path):
+        with running(code, path):
             yield
     else:
         yield

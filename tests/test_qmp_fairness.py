@@ -13,13 +13,13 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hostile_clients import FLOODER, running
 from server_support import SERVER, Client
 
 QUERY_STATUS = b'{"execute":"query-status"}'
@@ -142,44 +142,12 @@ class _Drainer(threading.Thread):
 # §2: a client pipelining requests as fast as it can
 
 
-# A flooder in its own process (in a thread of ours, it would share the interpreter lock
-# with the well-behaved client and stall whenever that one runs): it sends query-status
-# 100 at a time, as fast as the server takes them, and reads every reply.
-FLOODER = """
-import socket, sys, threading
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-sock.connect(sys.argv[1])
-sock.sendall(b'{"execute":"qmp_capabilities"}')
-def drain():
-    try:
-        while sock.recv(1 << 20):
-            pass
-    except OSError:
-        pass
-threading.Thread(target=drain, daemon=True).start()
-batch = b'{"execute":"query-status"}' * 100
-print("flooding", flush=True)
-try:
-    while True:
-        sock.sendall(batch)
-except OSError:
-    pass
-"""
-
-
 @contextlib.contextmanager
 def flooding(sock: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A client pipelining requests as fast as it can, for the duration of the block."""
-    proc = subprocess.Popen([sys.executable, "-c", FLOODER, str(sock)], stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"flooding\n"
+    with running(FLOODER, str(sock)) as proc:
         time.sleep(0.3)
         yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_flooding_client_leaves_room_for_everyone(server: Server) -> None:
