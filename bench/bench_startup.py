@@ -4,9 +4,14 @@
 Each round spawns the program with a fresh QMP socket, connects as soon as the socket
 exists, reads the greeting, negotiates, asks ``query-status``, sends ``quit`` and waits
 for the process to end. The servers take turns round by round so that machine noise hits
-both alike; the medians and their ratio are printed.
+both alike; the medians and their ratio are printed, with the median time of each phase
+since the spawn: the socket accepts a connection, the greeting arrived, ``query-status``
+was answered (the headline figure), the process ended after ``quit``.
 
     python3 bench/bench_startup.py [--rounds 20] [--server 'qmp-server'] [--qemu 'qemu-system-x86_64']
+
+``--server`` may be given more than once (e.g. an install before and after a change):
+all of them take turns with QEMU in the same run.
 """
 
 from __future__ import annotations
@@ -49,8 +54,11 @@ def _line(sock: socket.socket, buffer: bytearray) -> bytes:
     return line
 
 
-def one_start(argv: list[str], folder: str) -> float:
-    """Seconds from spawn to the end of the process after quit."""
+PHASES = ("connectable", "greeting", "answered", "ended")
+
+
+def one_start(argv: list[str], folder: str) -> dict[str, float]:
+    """Seconds from spawn to each of :data:`PHASES`."""
     path = os.path.join(folder, "s.sock")
     if os.path.exists(path):
         os.unlink(path)
@@ -58,8 +66,10 @@ def one_start(argv: list[str], folder: str) -> float:
     proc = subprocess.Popen([*argv, "-qmp", f"unix:{path},server=on,wait=off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sock = _connect(path, start + 30)
+    connectable = time.perf_counter()
     buffer = bytearray()
     _line(sock, buffer)  # greeting
+    greeting = time.perf_counter()
     for request in (b'{"execute":"qmp_capabilities"}', b'{"execute":"query-status"}'):
         sock.sendall(request)
         reply = _line(sock, buffer)
@@ -67,32 +77,43 @@ def one_start(argv: list[str], folder: str) -> float:
     answered = time.perf_counter()
     sock.sendall(b'{"execute":"quit"}')
     with_quit = proc.wait(30)
+    ended = time.perf_counter()
     sock.close()
     assert with_quit == 0, with_quit
-    return answered - start
+    return dict(zip(PHASES, (moment - start for moment in (connectable, greeting, answered, ended)),
+                    strict=True))
 
 
 def main() -> None:
     """Run the rounds and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--server", default=f"{sys.executable} -m qmp_server")
+    parser.add_argument("--server", action="append", help=f"default: {sys.executable} -m qmp_server")
     parser.add_argument("--qemu", default="qemu-system-x86_64")
     args = parser.parse_args()
-    programs = {"qmp-server": shlex.split(args.server), "QEMU": [*shlex.split(args.qemu), *QEMU_ARGS]}
-    times: dict[str, list[float]] = {name: [] for name in programs}
+    servers = args.server or [f"{sys.executable} -m qmp_server"]
+    programs = {("qmp-server" if index == 0 else f"server #{index + 1}"): shlex.split(command)
+                for index, command in enumerate(servers)}
+    programs["QEMU"] = [*shlex.split(args.qemu), *QEMU_ARGS]
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in programs}
     with tempfile.TemporaryDirectory() as folder:
         for argv in programs.values():  # warm the page cache once each
             one_start(argv, folder)
         for _ in range(args.rounds):
             for name, argv in programs.items():
                 times[name].append(one_start(argv, folder))
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, values in times.items():
-        print(f"{name:10} median {medians[name] * 1e3:7.1f} ms  min {min(values) * 1e3:7.1f} ms"
-              f"  max {max(values) * 1e3:7.1f} ms")
-    ratio = medians["qmp-server"] / medians["QEMU"]
-    print(f"start to answered query-status: qmp-server / QEMU = {ratio:.2f}x")
+    medians = {name: statistics.median(t["answered"] for t in rounds) for name, rounds in times.items()}
+    for name, rounds in times.items():
+        answered = [t["answered"] for t in rounds]
+        print(f"{name:10} median {medians[name] * 1e3:7.1f} ms  min {min(answered) * 1e3:7.1f} ms"
+              f"  max {max(answered) * 1e3:7.1f} ms")
+    print("phases (median ms since spawn): " + " / ".join(PHASES))
+    for name, rounds in times.items():
+        print(f"{name:10} " + " / ".join(f"{statistics.median(t[phase] for t in rounds) * 1e3:.1f}"
+                                         for phase in PHASES))
+    for name in programs:
+        if name != "QEMU":
+            print(f"start to answered query-status: {name} / QEMU = {medians[name] / medians['QEMU']:.2f}x")
 
 
 if __name__ == "__main__":

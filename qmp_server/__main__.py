@@ -1,5 +1,5 @@
 """``python -m qmp_server``."""
 
-from .main import main
+from .launcher import run
 
-main()
+run()

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 import trio
@@ -74,8 +75,12 @@ def _daemonize() -> int:
     return write_end
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``qmp-server`` and ``python -m qmp_server``."""
+def main(argv: list[str] | None = None, *, on_serving: Callable[[], None] | None = None) -> None:
+    """Run the server (``qmp-server`` and ``python -m qmp_server`` go through
+    :mod:`qmp_server.launcher`); ends with ``SystemExit`` carrying the exit status.
+
+    ``on_serving`` is called once set-up is over, just before serving starts.
+    """
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
             os.dup2(devnull, fd)
         os.write(report_fd, b"ok")
         os.close(report_fd)
+    if on_serving is not None:
+        on_serving()
     try:
         code = trio.run(app.serve)
     finally:

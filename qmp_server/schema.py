@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,29 +51,45 @@ _COMMAND_KEYS: Final = {"description", "allow-oob", "allow-preconfig", "features
 _EVENT_KEYS: Final = {"description", "features", "data"}
 
 
-@dataclass(frozen=True)
+# CommandInfo and EventInfo are plain classes, not dataclasses: creating a dataclass
+# compiles its generated methods, ~0.5 ms each at every start (issue 9 §5).
 class CommandInfo:
     """One command as described in ``schema/commands/<name>.json``."""
 
-    name: str
-    description: str
-    allow_oob: bool
-    allow_preconfig: bool
-    arguments: dict[str, Any]
-    returns: dict[str, Any]
-    features: tuple[str, ...] = ()
-    uri: str = field(default="", compare=False)
+    __slots__ = ("allow_oob", "allow_preconfig", "arguments", "description", "features", "name",
+                 "returns", "uri")
+
+    def __init__(self, name: str, description: str, allow_oob: bool, allow_preconfig: bool,
+                 arguments: dict[str, Any], returns: dict[str, Any], features: tuple[str, ...] = (),
+                 uri: str = "") -> None:
+        self.name = name
+        self.description = description
+        self.allow_oob = allow_oob
+        self.allow_preconfig = allow_preconfig
+        self.arguments = arguments
+        self.returns = returns
+        self.features = features
+        self.uri = uri
+
+    def __repr__(self) -> str:
+        return f"CommandInfo({self.name!r})"
 
 
-@dataclass(frozen=True)
 class EventInfo:
     """One event as described in ``schema/events/<NAME>.json``; ``data`` is None without data."""
 
-    name: str
-    description: str
-    data: dict[str, Any] | None
-    features: tuple[str, ...] = ()
-    uri: str = field(default="", compare=False)
+    __slots__ = ("data", "description", "features", "name", "uri")
+
+    def __init__(self, name: str, description: str, data: dict[str, Any] | None,
+                 features: tuple[str, ...] = (), uri: str = "") -> None:
+        self.name = name
+        self.description = description
+        self.data = data
+        self.features = features
+        self.uri = uri
+
+    def __repr__(self) -> str:
+        return f"EventInfo({self.name!r})"
 
 
 def _read_json(path: Path) -> Any:
@@ -99,18 +115,29 @@ class Schema:
         documents.update({info.uri: _command_document(info) for info in commands.values()})
         documents.update({info.uri: {"data": info.data} for info in events.values()})
         self._compiler = Compiler(documents, TYPES_URI)
-        # Argument nodes are compiled up front: every command call needs one.
-        self._argument_nodes: dict[str, Node] = {
-            name: self._compiler.compile(info.arguments, info.uri) for name, info in commands.items()
-        }
+        # Nodes are compiled on first use (a command's first call, its first keyval
+        # conversion): compiling every argument type up front took ~8 ms of each start
+        # (issue 9 §5). See load() for when they are all compiled at once. Compilation may
+        # be asked for from the block service's worker thread too (keyval conversions),
+        # hence the lock.
+        self._compile_lock = threading.Lock()
+        self._argument_nodes: dict[str, Node] = {}
         self._return_nodes: dict[str, Node] = {}
         self._event_nodes: dict[str, Node | None] = {}
 
     @classmethod
     def load(cls, directory: Path | None = None) -> Schema:
-        """Load ``directory`` (default: ``$QMP_SERVER_SCHEMA_DIR``, else the repository's schema/)."""
+        """Load ``directory`` (default: ``$QMP_SERVER_SCHEMA_DIR``, else the repository's schema/).
+
+        Raises :class:`~qmp_server.schema_validate.SchemaError` for a schema that breaks
+        the conventions of ``schema/README.md``. The schema shipped with the package is
+        compiled lazily (tests/test_schema.py compiles all of it); any other, named here
+        or by ``$QMP_SERVER_SCHEMA_DIR``, has its argument types compiled right away.
+        """
+        shipped = False
         if directory is None:
             override = os.environ.get("QMP_SERVER_SCHEMA_DIR")
+            shipped = not override
             directory = Path(override) if override else DEFAULT_DIRECTORY
         types = _read_json(directory / "types.json")
         commands: dict[str, CommandInfo] = {}
@@ -134,7 +161,11 @@ class Schema:
                 features=tuple(raw.get("features", ())),
                 uri=f"{SCHEMA_BASE}events/{path.name}",
             )
-        return cls(directory, types, commands, events)
+        schema = cls(directory, types, commands, events)
+        if not shipped:
+            for name in commands:
+                schema.argument_node(name)
+        return schema
 
     # ------------------------------------------------------------------ arguments
 
@@ -144,9 +175,7 @@ class Schema:
         Raises :class:`QMPError` (GenericError) with QEMU's exact text for the first problem
         in QEMU's visiting order, or :class:`CommandNotFound` for an unknown command.
         """
-        node = self._argument_nodes.get(command)
-        if node is None:
-            raise CommandNotFound(f"The command {command} has not been found")
+        node = self._argument_node(command)
         try:
             node.check(arguments)
         except Failure as failure:
@@ -158,9 +187,7 @@ class Schema:
         Strings become booleans, integers and numbers where the schema wants them, with the
         texts of QEMU's keyval input visitor on failure (list elements named ``a.0``).
         """
-        node = self._argument_nodes.get(command)
-        if node is None:
-            raise CommandNotFound(f"The command {command} has not been found")
+        node = self._argument_node(command)
         try:
             converted: dict[str, Any] = node.keyval(tree)
         except Failure as failure:
@@ -168,15 +195,29 @@ class Schema:
         return converted
 
     def argument_node(self, command: str) -> Node:
-        """The compiled argument type of ``command``."""
-        return self._argument_nodes[command]
+        """The compiled argument type of ``command`` (KeyError for an unknown command)."""
+        node = self._argument_nodes.get(command)
+        if node is None:
+            info = self.commands[command]
+            with self._compile_lock:
+                node = self._argument_nodes.get(command) or self._compiler.compile(info.arguments, info.uri)
+                self._argument_nodes[command] = node
+        return node
+
+    def _argument_node(self, command: str) -> Node:
+        try:
+            return self.argument_node(command)
+        except KeyError:
+            raise CommandNotFound(f"The command {command} has not been found") from None
 
     def return_node(self, command: str) -> Node:
         """The compiled return type of ``command``."""
         node = self._return_nodes.get(command)
         if node is None:
             info = self.commands[command]
-            node = self._return_nodes[command] = self._compiler.compile(info.returns, info.uri)
+            with self._compile_lock:
+                node = self._return_nodes.get(command) or self._compiler.compile(info.returns, info.uri)
+                self._return_nodes[command] = node
         return node
 
     def event_node(self, event: str) -> Node | None:
@@ -184,7 +225,10 @@ class Schema:
         if event not in self._event_nodes:
             info = self.events[event]
             data = info.data
-            self._event_nodes[event] = None if data is None else self._compiler.compile(data, info.uri)
+            with self._compile_lock:
+                if event not in self._event_nodes:
+                    self._event_nodes[event] = (None if data is None
+                                                else self._compiler.compile(data, info.uri))
         return self._event_nodes[event]
 
     def resolve(self, base: str, ref: str) -> tuple[str, Any]:

@@ -108,8 +108,8 @@ def check_migration(schema: Schema) -> None:
                if name not in UNREPORTED_PARAMETERS]
     check_values("PARAMETER_DEFAULTS (qmp_server/migration/options.py)", "MigrationParameters",
                  PARAMETER_DEFAULTS, members, ordered=True)
-    # The argument type of migrate-set-parameters (compiled at load, unlike the return type)
-    # has the same members; only its tls-* members also take null.
+    # The argument type of migrate-set-parameters has the same members; only its tls-*
+    # members also take null.
     try:
         schema.argument_node("migrate-set-parameters").check(dict(PARAMETER_DEFAULTS))
     except Failure as failure:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from fractions import Fraction
 from typing import Any, ClassVar, Final
 from urllib.parse import urldefrag, urljoin
 
@@ -472,13 +471,15 @@ def strtosz(text: str) -> int | None:
         return None
     whole, fraction, suffix = match.groups()
     exponent = _SIZE_SUFFIX[suffix.lower()] if suffix else 0
-    number = Fraction(int(whole))
-    if fraction and fraction != ".":
-        number += Fraction(int(fraction[1:]), 10 ** (len(fraction) - 1))
-    if number.denominator != 1 and exponent == 0:
+    # The number is numerator / denominator exactly (integers: no float rounding, and no
+    # fractions module to import at start-up).
+    digits = fraction[1:] if fraction else ""
+    denominator = 10 ** len(digits)
+    numerator = int(whole) * denominator + (int(digits) if digits else 0)
+    if numerator % denominator and exponent == 0:
         return None  # a fraction needs a unit to scale it
-    scaled = number * 1024**exponent
-    value = int(scaled + Fraction(1, 2))  # round half up, as QEMU does
+    scaled = numerator * 1024**exponent
+    value = (2 * scaled + denominator) // (2 * denominator)  # round half up, as QEMU does
     return value if value <= U64_MAX else None
 
 
