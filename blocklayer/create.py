@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import BlockError
@@ -208,17 +208,37 @@ class _FdChild:
         os.ftruncate(self.fd, length)
 
 
-def create_overlay_image(filename: str, size: int, backing_file: str, backing_format: str) -> None:
+def _opt_value(value: str) -> str:
+    # qemu_opts_print's escaped_print: a string option's commas are doubled.
+    return value.replace(",", ",,")
+
+
+def overlay_format_line(filename: str, size: int, backing_file: str, backing_format: str) -> str:
+    """The line bdrv_img_create prints (unless quiet) before it creates a qcow2 overlay:
+    ``Formatting 'FILE', fmt=qcow2`` and the creation options qemu_opts_print lists
+    (qcow2's create options with a value or a default, in their list's order; the file
+    name itself is printed as it is, string options with their commas doubled)."""
+    return (f"Formatting '{filename}', fmt=qcow2 cluster_size=65536 extended_l2=off "
+            f"compression_type=zlib size={size} backing_file={_opt_value(backing_file)} "
+            f"backing_fmt={_opt_value(backing_format)} lazy_refcounts=off refcount_bits=16")
+
+
+def create_overlay_image(filename: str, size: int, backing_file: str, backing_format: str,
+                         announce: Callable[[str], None] | None = None) -> None:
     """bdrv_img_create for a qcow2 overlay (``qemu-img create -f qcow2 -b F -F FMT``).
 
     The file is created (or emptied) as blockdev-create's file driver does, then the qcow2
     image is written with QEMU's defaults, the virtual size of the backing node and its
-    filename and format as backing file.
+    filename and format as backing file. ``announce`` gets QEMU's ``Formatting ...`` line
+    first (printed even when the creation then fails, as QEMU does); the block layer
+    prints nothing itself.
     """
     from .qcow2 import create as qcow2_create  # qcow2 is loaded on first use
 
-    # qemu-img's size option is rounded up to whole sectors.
+    # The size is the backing node's length, bdrv_getlength: whole sectors.
     size = -(-size // 512) * 512
+    if announce is not None:
+        announce(overlay_format_line(filename, size, backing_file, backing_format))
     _FileCreation({"filename": filename, "size": 0}).run()
     spec = qcow2_create.validate({"size": size, "backing-file": backing_file,
                                   "backing-fmt": backing_format})

@@ -61,6 +61,9 @@ class SyncRequest:
     existing: bool
     #: The old top was named by ``node-name`` (then ``snapshot-node-name`` is required).
     by_node_name: bool
+    #: Gets the ``Formatting ...`` line bdrv_img_create prints on stdout before it
+    #: creates the overlay (the block layer prints nothing itself).
+    announce: Callable[[str], None] | None = None
 
 
 class SnapshotAction:
@@ -106,7 +109,8 @@ class SnapshotAction:
             if fmt not in _BACKING_FORMATS:
                 raise BlockError(f"Backing file not supported for file format '{fmt}'")
             # bdrv_img_create(file, fmt, old->filename, old's format, size)
-            create_overlay_image(request.snapshot_file, old.getlength(), old.filename, old.drv_name)
+            create_overlay_image(request.snapshot_file, old.getlength(), old.filename, old.drv_name,
+                                 request.announce)
         elif not os.path.exists(request.snapshot_file):
             raise BlockError(f"Could not open '{request.snapshot_file}': {os.strerror(errno.ENOENT)}",
                              errno.ENOENT)

@@ -26,6 +26,13 @@ def error_report(message: str) -> None:
     sys.stderr.flush()
 
 
+def info_print(line: str) -> None:
+    """A line QEMU prints on stdout with printf (bdrv_img_create's ``Formatting ...``),
+    flushed at once as QEMU flushes it."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 #: The command-line option being processed (QEMU's Location, loc_set_cmdline): messages
 #: reported meanwhile name it, "<program>: -blockdev TEXT: warning: ...".
 _LOCATION: contextvars.ContextVar[str | None] = contextvars.ContextVar("location", default=None)

@@ -12,6 +12,7 @@ from blocklayer import overlay as overlays
 from blocklayer.node import BlockNode
 
 from ..dispatcher import CommandContext, CommandTable
+from ..errorreport import info_print
 from ..errors import QMPError
 
 if TYPE_CHECKING:
@@ -52,7 +53,8 @@ def _snapshot_sync(machine: Machine, data: dict[str, Any]) -> overlays.Prepare:
                                    node_name=data.get("snapshot-node-name"),
                                    format=data.get("format", "qcow2"),
                                    existing=data.get("mode", "absolute-paths") == "existing",
-                                   by_node_name=node_name is not None)
+                                   by_node_name=node_name is not None,
+                                   announce=info_print)
 
     def prepare(action: overlays.SnapshotAction) -> None:
         old = _lookup(machine, data.get("device"), node_name)
