@@ -92,9 +92,9 @@ class EventInfo:
         return f"EventInfo({self.name!r})"
 
 
-def _read_json(path: Path) -> Any:
-    with path.open(encoding="utf-8") as stream:
-        return json.load(stream)
+def _read_json(path: str | Path) -> Any:
+    with open(path, "rb") as stream:
+        return json.loads(stream.read())
 
 
 class Schema:
@@ -108,6 +108,8 @@ class Schema:
         events: dict[str, EventInfo],
     ) -> None:
         self.directory = directory
+        #: Whether this is the schema shipped with the code (see :meth:`load`).
+        self.shipped = False
         self.types_document = types
         self.commands: Mapping[str, CommandInfo] = commands
         self.events: Mapping[str, EventInfo] = events
@@ -141,27 +143,28 @@ class Schema:
             directory = Path(override) if override else DEFAULT_DIRECTORY
         types = _read_json(directory / "types.json")
         commands: dict[str, CommandInfo] = {}
-        for path, raw in _documents(directory / "commands", _COMMAND_KEYS):
-            commands[path.stem] = CommandInfo(
-                name=path.stem,
+        for stem, name, raw in _documents(directory / "commands", _COMMAND_KEYS):
+            commands[stem] = CommandInfo(
+                name=stem,
                 description=raw["description"],
                 allow_oob=bool(raw["allow-oob"]),
                 allow_preconfig=bool(raw["allow-preconfig"]),
                 arguments=raw["arguments"],
                 returns=raw["returns"],
                 features=tuple(raw.get("features", ())),
-                uri=f"{SCHEMA_BASE}commands/{path.name}",
+                uri=f"{SCHEMA_BASE}commands/{name}",
             )
         events: dict[str, EventInfo] = {}
-        for path, raw in _documents(directory / "events", _EVENT_KEYS):
-            events[path.stem] = EventInfo(
-                name=path.stem,
+        for stem, name, raw in _documents(directory / "events", _EVENT_KEYS):
+            events[stem] = EventInfo(
+                name=stem,
                 description=raw["description"],
                 data=raw["data"],
                 features=tuple(raw.get("features", ())),
-                uri=f"{SCHEMA_BASE}events/{path.name}",
+                uri=f"{SCHEMA_BASE}events/{name}",
             )
         schema = cls(directory, types, commands, events)
+        schema.shipped = shipped
         if not shipped:
             for name in commands:
                 schema.argument_node(name)
@@ -242,18 +245,18 @@ class Schema:
     # ------------------------------------------------------------------ returns and events
 
 
-def _documents(folder: Path, allowed: set[str]) -> Iterator[tuple[Path, Any]]:
-    """Each ``*.json`` in ``folder`` (by name) and its content, which may use only ``allowed`` keys."""
-    for path in sorted(folder.glob("*.json"), key=_stem):
+def _documents(folder: Path, allowed: set[str]) -> Iterator[tuple[str, str, Any]]:
+    """Each ``*.json`` in ``folder`` (by stem): its stem, file name and content, which may
+    use only ``allowed`` keys. (os.listdir and bytes: pathlib's glob took a third of the
+    schema's loading time at start-up.)"""
+    names = sorted((name[:-5], name) for name in os.listdir(folder) if name.endswith(".json"))
+    for stem, name in names:
+        path = os.path.join(folder, name)
         raw = _read_json(path)
         unknown = set(raw) - allowed
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        yield path, raw
-
-
-def _stem(path: Path) -> str:
-    return path.stem
+        yield stem, name, raw
 
 
 def _command_document(info: CommandInfo) -> dict[str, Any]:
