@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .driver import BlockDriver
@@ -82,6 +82,10 @@ class BlockGraph:
         #: The driver options each node was opened with, for reopening it (QEMU keeps
         #: them as bs->options).
         self._driver_options: dict[BlockNode, dict[str, Any]] = {}
+        #: The names of the BlockBackends the user named (-drive id=), which a node name
+        #: may not take (bdrv_assign_node_name's blk_by_name). Whoever names backends
+        #: sets it; the graph knows none.
+        self.backend_names: Callable[[], Container[str]] = frozenset
 
     # Lookup -------------------------------------------------------------------------
 
@@ -110,8 +114,12 @@ class BlockGraph:
         return name
 
     def _check_name(self, name: str) -> None:
+        # bdrv_assign_node_name, called before the driver opens anything (the file child
+        # is open by then): well-formed, no BlockBackend's name, unique, short enough.
         if not _id_wellformed(name):
             raise BlockError(f"Invalid node-name: '{name}'")
+        if name in self.backend_names():
+            raise BlockError(f"node-name={name} is conflicting with a device id")
         if name in self.nodes:
             raise BlockError(f"Duplicate nodes with node-name='{name}'")
         if len(name) >= 32:

@@ -66,6 +66,16 @@ async def hmp(client: QMPClient, line: str) -> str:
     return str(await client.execute("human-monitor-command", {"command-line": line}))
 
 
+async def qemu_io(client: QMPClient, log: Path, args: str) -> str:
+    """HMP ``qemu-io ARGS``. Like QEMU, the server prints qemu-io's results on its stdout
+    (here the file ``log``) before it replies; return them, then the reply (errors)."""
+    start = log.stat().st_size
+    reply = await hmp(client, f"qemu-io {args}")
+    with log.open("rb") as printed:
+        printed.seek(start)
+        return printed.read().decode() + reply
+
+
 async def wait_migration(events: EventListener, *final: str) -> str:
     """The first MIGRATION status among ``final``."""
     while True:
@@ -81,10 +91,12 @@ async def run(workdir: Path, server: str) -> int:
     blockdev = ["-blockdev", f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={image}"]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     clients: dict[str, QMPClient] = {}
+    logs = {name: workdir / f"{name}.log" for name in ("src", "dst")}
     for name, extra in (("src", []), ("dst", ["-incoming", "defer"])):
         sock = workdir / f"{name}.sock"
         argv = [*shlex.split(server), "-qmp", f"unix:{sock},server=on,wait=off", *extra, *blockdev]
-        procs[name] = subprocess.Popen(argv)
+        with logs[name].open("wb") as log:
+            procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         for name in procs:
             clients[name] = await connect(name, workdir / f"{name}.sock")
@@ -94,7 +106,7 @@ async def run(workdir: Path, server: str) -> int:
             await client.execute("migrate-set-capabilities", events_on)
         print("destination:", await dst.execute("query-status"))
 
-        print(await hmp(src, 'qemu-io disk0 "write -P 0xab 0 1M"'), end="")
+        print(await qemu_io(src, logs["src"], 'disk0 "write -P 0xab 0 1M"'), end="")
 
         uri = f"unix:{workdir / 'migration.sock'}"
         src_events, dst_events = EventListener("MIGRATION"), EventListener("MIGRATION")
@@ -111,12 +123,12 @@ async def run(workdir: Path, server: str) -> int:
         print("source:", await src.execute("query-status"))
         print("destination:", await dst.execute("query-status"))
 
-        readback = await hmp(dst, 'qemu-io disk0 "read -P 0xab 0 1M"')
+        readback = await qemu_io(dst, logs["dst"], 'disk0 "read -P 0xab 0 1M"')
         if "verification failed" in readback or "read 1048576/1048576" not in readback:
             print("destination read unexpected data:", readback)
             return 1
         print("destination read back the source's data")
-        print(await hmp(dst, 'qemu-io disk0 "write -P 0xcd 1M 1M"'), end="")
+        print(await qemu_io(dst, logs["dst"], 'disk0 "write -P 0xcd 1M 1M"'), end="")
 
         try:
             await src.execute("cont")

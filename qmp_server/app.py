@@ -46,6 +46,8 @@ class App:
         self.listeners: list[trio.SocketListener] = []
         #: Monitors on a single connection (stdio, a connected socket): (stream, control).
         self.streams: list[tuple[trio.abc.Stream, bool]] = []
+        #: Those of them on the process's stdio (what qemu-io prints must follow theirs).
+        self.stdio_streams: list[trio.abc.Stream] = []
         #: HMP monitors on listening sockets.
         self.hmp_listeners: list[trio.SocketListener] = []
         self.qtest: trio.abc.Stream | None = None
@@ -121,6 +123,8 @@ class App:
                 (self.listeners if monitor.control else self.hmp_listeners).append(endpoint.listener)
             elif endpoint.stream is not None:
                 self.streams.append((endpoint.stream, monitor.control))
+                if monitor.chardev.backend == "stdio":
+                    self.stdio_streams.append(endpoint.stream)
 
     async def serve(self) -> int:
         """Serve until ``quit`` or a termination signal; returns the exit status."""
@@ -133,6 +137,8 @@ class App:
             for stream, control in self.streams:
                 if control:
                     connection = Connection(machine, self.dispatcher, stream, self.options.poll_max_ns)
+                    if any(stream is stdio for stdio in self.stdio_streams):
+                        machine.hmp.console.shares_stdio(connection.drained)
                     nursery.start_soon(connection.run)
                 else:
                     nursery.start_soon(serve_terminal, machine.hmp, stream)

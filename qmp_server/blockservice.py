@@ -21,7 +21,7 @@ import trio
 from blocklayer.driver import BlockDriver
 from blocklayer.errors import BlockError
 from blocklayer.graph import BlockGraph, default_drivers
-from blocklayer.node import Edge
+from blocklayer.node import BlockNode, Edge
 from blocklayer.perm import ALL
 
 from .blockinfo import block_infos, block_infos_json
@@ -42,6 +42,9 @@ class BlockService:
         self.vm = vm
         self.graph = graph if graph is not None else BlockGraph(default_drivers(self._image_corrupted))
         self._lock = threading.Lock()
+        #: bdrv_get_device_name: the name of a node's BlockBackend ("" for none or an
+        #: anonymous one). The devices know the backends; machine.py wires them in.
+        self.device_name: Callable[[BlockNode], str] = lambda node: ""
 
     def _image_corrupted(self, driver: BlockDriver, report: CorruptionReport) -> None:
         """QEMU's qcow2_signal_corruption, our half: the stderr line and the event.
@@ -51,8 +54,11 @@ class BlockService:
         sys.stderr.write(report.stderr_line)
         sys.stderr.flush()
         node = next((n for n in self.graph.nodes.values() if n.driver is driver), None)
-        # Keys in the order QEMU 7.2 writes them; there are no devices, hence "".
-        data: dict[str, Any] = {"device": "", "msg": report.msg}
+        # Keys in the order QEMU 7.2 writes them; "device" is the corrupt node's
+        # BlockBackend (qcow2_signal_corruption: bdrv_get_device_name(bs)), "none0" for
+        # an unnamed -drive if=none.
+        device = self.device_name(node) if node is not None else ""
+        data: dict[str, Any] = {"device": device, "msg": report.msg}
         if report.offset >= 0:
             data["offset"] = report.offset
         if node is not None:

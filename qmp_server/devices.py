@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from blocklayer.backend import BlockBackend
 from blocklayer.errors import BlockError
 from blocklayer.graph import probe_format
+from blocklayer.node import BlockNode
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 from blocklayer.protocols import protocol_options
 
@@ -185,6 +186,12 @@ class Devices:
             (blk, by_backend.get(id(blk))) for blk in self.named.values()]
         result += [(d.backend, d) for d in self.devices if not d.backend.name]
         return result
+
+    def device_name(self, node: BlockNode) -> str:
+        """bdrv_get_device_name: the name of a named BlockBackend whose root is ``node``
+        ("" when only anonymous ones, or none, use it; parents other than BlockBackends
+        have no name in QEMU's bdrv_get_parent_name)."""
+        return next((name for name, blk in self.named.items() if blk.node is node), "")
 
     def query_block(self) -> list[dict[str, Any]]:
         """query-block's BlockInfo list (the caller holds the graph lock)."""

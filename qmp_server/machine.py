@@ -56,6 +56,8 @@ class Machine:
         schema = self.schema
         self.devices = Devices(self.vm, self.block, config.machine_type,
                                lambda tree: schema.keyval_arguments("blockdev-add", tree))
+        self.block.device_name = self.devices.device_name
+        self.block.graph.backend_names = lambda: self.devices.named
         #: Jobs (blockdev-create, ...): they only announce their states as events.
         self.jobs = JobService(self.events)
         #: -object / object-add objects (/objects in QOM).

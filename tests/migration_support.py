@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from server_support import Client
+from server_support import Client, ProcessOutput
 
 #: Our server as the tests start it: with QEMU's guest-less machine, like the QEMU command
 #: beside it (a later -machine in a test's own arguments wins, as in QEMU).
@@ -58,6 +58,7 @@ class Server:
             client = Client(self.sock)
             reply = client.execute("qmp_capabilities")
             assert reply == {"return": {}}, reply
+            client.output = ProcessOutput(self.log_path)
             self._client = client
         return self._client
 
@@ -85,6 +86,11 @@ class Server:
     def hmp(self, line: str) -> str:
         """An HMP command line's output."""
         return self.client.hmp(line)
+
+    def qemu_io(self, args: str) -> str:
+        """HMP ``qemu-io ARGS``: what the process printed (qemu-io's results), then the
+        monitor's reply (:meth:`Client.qemu_io`)."""
+        return self.client.qemu_io(args)
 
     def status(self) -> str:
         """``status`` of query-status."""

@@ -48,6 +48,8 @@ class Client:
         #: Replies and events of our server (not QEMU's) are checked against schema/.
         self.conforms = schema_conformance.is_qmp_server(self.sock)
         self.greeting = self.read()
+        #: The process's stdout and stderr, when :func:`running` started it.
+        self.output: ProcessOutput | None = None
 
     def read(self, timeout: float | None = None) -> dict[str, Any]:
         """The next message (reply, event or greeting)."""
@@ -117,6 +119,19 @@ class Client:
         result: str = self.cmd("human-monitor-command", command_line=line)
         return result
 
+    def qemu_io(self, args: str) -> str:
+        """HMP ``qemu-io ARGS`` as QEMU's user sees it: what the process printed on its
+        stdout and stderr meanwhile (qemu-io's results: QEMU prints them there, and the
+        monitor's reply is empty), then the reply (errors QEMU reports to the monitor).
+
+        Needs a process started by :func:`running`, whose output goes to a file.
+        """
+        assert self.output is not None, "qemu_io needs the process's output (running())"
+        self.output.skip()
+        reply = self.hmp(f"qemu-io {args}")
+        # The process wrote its output before it replied: it is all in the file now.
+        return self.output.new() + reply
+
     def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
         """Wait for event ``name`` (already received ones count), removing it from the list."""
         deadline = time.monotonic() + timeout
@@ -134,17 +149,48 @@ class Client:
         self.sock.close()
 
 
+class ProcessOutput:
+    """What a process started by :func:`running` printed (stdout and stderr, one file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def all(self) -> str:
+        """Everything printed so far."""
+        return self.path.read_bytes().decode(errors="replace")
+
+    def new(self) -> str:
+        """What was printed since the last :meth:`new` or :meth:`skip`."""
+        with self.path.open("rb") as file:
+            file.seek(self._offset)
+            data = file.read()
+        self._offset += len(data)
+        return data.decode(errors="replace")
+
+    def skip(self) -> None:
+        """Forget what was printed so far."""
+        self._offset = self.path.stat().st_size
+
+
 @contextmanager
 def running(args: list[str], tmp_path: Path, name: str = "vm", *, qemu: bool = False,
             negotiate: bool = True) -> Iterator[tuple[subprocess.Popen[bytes], Client]]:
-    """Start a server (or QEMU) with a QMP socket in ``tmp_path``; yield (process, client)."""
+    """Start a server (or QEMU) with a QMP socket in ``tmp_path``; yield (process, client).
+
+    The process's stdout and stderr go to ``tmp_path/<name>.out`` (``client.output``): a
+    file never fills up as an unread pipe would, stopping the process mid-write.
+    """
     sock = tmp_path / f"{name}.sock"
     argv = (QEMU if qemu else SERVER) + ["-qmp", f"unix:{sock},server=on,wait=off", *args]
     env = dict(os.environ)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    output = tmp_path / f"{name}.out"
+    with output.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
     client: Client | None = None
     try:
         client = Client(sock)
+        client.output = ProcessOutput(output)
         if negotiate:
             assert client.execute("qmp_capabilities") == {"return": {}}
         yield proc, client
@@ -154,5 +200,3 @@ def running(args: list[str], tmp_path: Path, name: str = "vm", *, qemu: bool = F
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()

@@ -72,7 +72,7 @@ def server(tmp_path: Path, image: Path) -> Iterator[Server]:
 
 
 def qemu_io(server: Server, command: str, node: str = "disk0") -> str:
-    return server.hmp(f'qemu-io {node} "{command}"')
+    return server.qemu_io(f'{node} "{command}"')
 
 
 def wait_until(predicate: Any, what: str, timeout: float = 10.0) -> None:

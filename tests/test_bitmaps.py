@@ -61,9 +61,9 @@ def _add(client: Client, path: Path, name: str = "d", **extra: Any) -> dict[str,
 
 
 def _hmp_io(client: Client, node: str, command: str) -> None:
-    reply = client.execute("human-monitor-command",
-                           {"command-line": f'qemu-io {node} "{command}"'})
-    assert "return" in reply and "rror" not in reply["return"], reply
+    # What the monitor said and what the process printed (qemu-io's results).
+    out = client.qemu_io(f'{node} "{command}"')
+    assert "rror" not in out and "failed" not in out, out
 
 
 def _dirty(client: Client, node: str = "d") -> list[dict[str, Any]]:
@@ -589,7 +589,8 @@ def test_persistent_bitmap_on_read_only_node_is_lost_with_qemus_message(
             client.cmd("block-dirty-bitmap-add", node="d", name="p", persistent=True)
             client.cmd("blockdev-del", **{"node-name": "d"})
             client.cmd("quit")
-            assert proc.stdout is not None
-            output = proc.stdout.read().decode()
+            proc.wait(timeout=10)
+            assert client.output is not None
+            output = client.output.all()
         assert message in output, (name, output)
         assert path.read_bytes() == before

@@ -71,7 +71,7 @@ def test_active_image_is_locked_against_qemu_tools(tmp_path: Path, qemu_io: str)
 
         client.cmd("blockdev-set-active", node_name="disk0", active=True)
         assert locked(image) == [100, 101, 103, 201, 203]
-        out = client.hmp('qemu-io disk0 "read -P 0x11 0 64k"')
+        out = client.qemu_io('disk0 "read -P 0x11 0 64k"')
         assert "read 65536/65536 bytes at offset 0" in out
 
 
@@ -111,7 +111,7 @@ def test_two_servers_one_image(tmp_path: Path, qemu_img: str) -> None:
         a.hmp('qemu-io disk0 "write -P 0x22 0 1M"')
         a.cmd("blockdev-set-active", active=False)
         b.cmd("blockdev-set-active", active=True)
-        assert "read 1048576/1048576 bytes" in b.hmp('qemu-io disk0 "read -P 0x22 0 1M"')
+        assert "read 1048576/1048576 bytes" in b.qemu_io('disk0 "read -P 0x22 0 1M"')
         reply = a.execute("blockdev-set-active", {"active": True})
         assert reply["error"]["desc"] == 'Failed to get "write" lock'
     assert run_qemu_img("check", str(image)).returncode == 0
@@ -126,8 +126,8 @@ def test_inmigrate_opens_inactive(tmp_path: Path, qemu_img: str) -> None:
         assert {name: n["active"] for name, n in info.items() if not name.startswith("#")} == {
             "disk0": False, "disk1": False}
         assert locked(image) == []
-        assert client.hmp('qemu-io disk0 "write 0 4k"') == "Block node is read-only\r\n"
-        assert "read 4096/4096" in client.hmp('qemu-io disk0 "read 0 4k"')
+        assert client.qemu_io('disk0 "write 0 4k"') == "Block node is read-only\r\n"
+        assert "read 4096/4096" in client.qemu_io('disk0 "read 0 4k"')
         # QEMU 10.x: cont during inmigrate only sets autostart; nothing is activated.
         client.cmd("cont")
         assert client.cmd("query-status")["status"] == "inmigrate"
@@ -143,7 +143,7 @@ def test_handoff_invalidates_cached_metadata(tmp_path: Path, qemu_io: str) -> No
         # The other side allocates clusters our caches know nothing about.
         assert run_qemu_io(image, "write -P 0x02 1M 256k").returncode == 0
         client.cmd("blockdev-set-active", active=True)
-        assert "read 262144/262144" in client.hmp('qemu-io disk0 "read -P 0x02 1M 256k"')
+        assert "read 262144/262144" in client.qemu_io('disk0 "read -P 0x02 1M 256k"')
         client.hmp('qemu-io disk0 "write -P 0x03 8M 512k"')
         client.cmd("stop")
         client.cmd("blockdev-set-active", active=False)
@@ -188,11 +188,11 @@ def test_sigkill_during_write_storm_keeps_flushed_writes(tmp_path: Path, qemu_im
             # Spread over many clusters and L2 tables so allocation metadata keeps changing.
             offset = rng.randrange(0, (256 << 20) // 4096) * 4096
             pattern = i % 250 + 1
-            out = client.hmp(f'qemu-io disk0 "write -q -P {pattern} {offset} 4k"')
+            out = client.qemu_io(f'disk0 "write -q -P {pattern} {offset} 4k"')
             assert out == "", out
             written.append((offset, pattern))
             if i % 50 == 49:
-                assert client.hmp('qemu-io disk0 "flush"') == ""
+                assert client.qemu_io('disk0 "flush"') == ""
                 durable = list(written)
         # More writes in flight when the kill lands: dirty caches, half-done allocations.
         storm = [{"execute": "human-monitor-command",

@@ -156,7 +156,7 @@ def test_typical_flow(tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
         client.cmd("blockdev-add", driver="file", filename=str(path), node_name="file0")
         _create(client, "q", {"driver": "qcow2", "file": "file0", "size": 16 * MiB})
         client.cmd("blockdev-add", driver="qcow2", node_name="disk0", file="file0")
-        out = client.hmp("qemu-io disk0 \"write -P 0x5a 1M 64k\"")
+        out = client.qemu_io("disk0 \"write -P 0x5a 1M 64k\"")
         assert "wrote 65536/65536 bytes" in out
         nodes = client.cmd("query-named-block-nodes")
         assert nodes[0]["node-name"] == "disk0" and nodes[0]["image"]["virtual-size"] == 16 * MiB

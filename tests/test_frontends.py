@@ -237,8 +237,8 @@ def test_migration_moves_the_frontends_write_permission(tmp_path: Path, images: 
 
 
 def test_hmp_qemu_io_on_a_device_and_a_named_drive(tmp_path: Path, images: tuple[Path, Path]) -> None:
-    # hmp_qemu_io: -d names a device, a plain name a -drive backend before a node. QEMU
-    # prints qemu-io's results on its stdout, so the bytes on the images are compared.
+    # hmp_qemu_io: -d names a device, a plain name a -drive backend before a node; the
+    # bytes on the images are compared too.
     args = ["-drive", "if=none,id=drive0,file={dir}/d.qcow2",
             "-device", "virtio-blk-pci,drive=drive0,id=virtio-disk0"]
     with both(args, tmp_path) as (qemu, ours):
@@ -246,11 +246,12 @@ def test_hmp_qemu_io_on_a_device_and_a_named_drive(tmp_path: Path, images: tuple
             client.hmp('qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x33 0 4k"')
             client.hmp('qemu-io drive0 "write -P 0x34 4k 4k"')
             client.hmp('qemu-io drive0 "flush"')
-        for line in ('qemu-io -d nosuch "read 0 4k"', 'qemu-io nosuch "read 0 4k"',
-                     'qemu-io -d virtio-disk0 "read 0 4k"'):
-            assert ours.hmp(line) == qemu.hmp(line), line
-        assert "read 4096/4096" in ours.hmp(
-            'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "read -P 0x34 4k 4k"')
+        for line in ('-d nosuch "read 0 4k"', 'nosuch "read 0 4k"', '-d virtio-disk0 "read 0 4k"'):
+            assert ours.qemu_io(line) == qemu.qemu_io(line), line
+        for client in (qemu, ours):
+            # Both print qemu-io's results on their stdout (the reply is "").
+            assert "read 4096/4096" in client.qemu_io(
+                '-d /machine/peripheral/virtio-disk0/virtio-backend "read -P 0x34 4k 4k"')
     for name in ("qemu", "ours"):
         image = tmp_path / name / "d.qcow2"
         for offset, pattern in ((0, 0x33), (4096, 0x34)):
@@ -282,3 +283,26 @@ def test_drive_with_a_protocol_driver_as_qemu(tmp_path: Path, images: tuple[Path
     # -drive driver=file: the file node itself is the drive's top, as in QEMU.
     with both(["-drive", "driver=file,file={dir}/r.raw,if=none,id=d0"], tmp_path) as (qemu, ours):
         assert _normal(ours.cmd("query-block")) == _normal(qemu.cmd("query-block"))
+
+
+def test_node_name_may_not_take_a_drive_id(tmp_path: Path, images: tuple[Path, Path]) -> None:
+    """bdrv_assign_node_name (iotest 087): a node name equal to a -drive id is refused
+    after the file child opened and before the format driver reads anything, so a
+    ``null-co`` file under qcow2 gives the name's error, not "not in qcow2 format"; a
+    file that cannot be opened fails first."""
+    args = ["-drive", "driver=qcow2,id=disk,node-name=test-node,file={dir}/d.qcow2"]
+    adds = [{"driver": "qcow2", "node-name": "disk", "file": {"driver": "null-co"}},
+            {"driver": "qcow2", "node-name": "disk",
+             "file": {"driver": "file", "filename": str(tmp_path / "nonexistent")}},
+            {"driver": "raw", "node-name": "x", "file": {"driver": "null-co", "node-name": "disk"}},
+            {"driver": "null-co", "node-name": "test-node"},
+            {"driver": "null-co", "node-name": "other"}]
+    with both(args, tmp_path) as (qemu, ours):
+        replies = [[client.execute("blockdev-add", add) for add in adds] for client in (qemu, ours)]
+    assert replies[1] == replies[0]
+    assert [r.get("error", {}).get("desc") for r in replies[1]] == [
+        "node-name=disk is conflicting with a device id",
+        f"Could not open '{tmp_path / 'nonexistent'}': No such file or directory",
+        "node-name=disk is conflicting with a device id",
+        "Duplicate nodes with node-name='test-node'",
+        None]

@@ -66,3 +66,23 @@ def test_iothread_added_and_deleted_at_run_time(tmp_path: Path) -> None:
             texts.append((re.sub(r"thread_id=\d+", "thread_id=N", added), client.hmp("info iothreads")))
     assert texts[1] == texts[0]
     assert texts[1][0].startswith("late:\r\n  thread_id=N\r\n  poll-max-ns=7\r\n")
+
+
+#: ``help`` arguments whose answer is the same in QEMU 7.2 and here (commands we have
+#: with 7.2's help text, aliases, info subcommands, unknown names).
+HELP_LINES = ["help help", "help ?", "help c", "help s", "help stop x", "help  quit ",
+              "help nosuch", "help nosuch more", "help info status", "help info nosuch",
+              "help info status x", "? cont", "help info cpus"]
+
+
+def test_help_with_a_command_prints_only_that_command(tmp_path: Path) -> None:
+    """help_cmd_dump: ``help CMD`` prints CMD's line (an alias finds its command), ``help
+    info NAME`` the subcommand's, an unknown name QEMU's "unknown command" text."""
+    qemu_tools.require("qemu-system-x86_64")
+    seen = {}
+    for name in ("qemu", "ours"):
+        with running([], tmp_path, name, qemu=name == "qemu") as (_, client):
+            seen[name] = [client.hmp(line) for line in HELP_LINES]
+    assert seen["ours"] == seen["qemu"]
+    assert seen["ours"][2] == "cont|c  -- resume emulation\r\n"
+    assert seen["ours"][7] == "unknown command: 'nosuch'\r\n"

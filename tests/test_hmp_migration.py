@@ -76,7 +76,7 @@ def test_iotest_091_flow_over_hmp(tmp_path: Path) -> None:
     src = start_server(blockdev(image), tmp_path, "src")
     dst = start_server([*blockdev(image), "-incoming", f"exec: cat '{fifo}'"], tmp_path, "dst")
     try:
-        assert src.hmp('qemu-io disk0 "write -P 0x42 0 64k"').startswith("wrote 65536/65536")
+        assert src.qemu_io('disk0 "write -P 0x42 0 64k"').startswith("wrote 65536/65536")
         assert src.hmp(f'migrate "exec: cat > \'{fifo}\'"') == ""
         text = _poll(src, "info migrate", "completed")
         info = src.cmd("query-migrate")
@@ -85,7 +85,7 @@ def test_iotest_091_flow_over_hmp(tmp_path: Path) -> None:
                                f"down={info['downtime']}\r\nRAM info:\r\n")
         assert "  Sizes: \t\tpagesize=4 KiB, total=0 B\r\n" in text
         assert _poll(dst, "info status", "running") == "VM status: running\r\n"
-        assert "read 65536/65536" in dst.hmp('qemu-io disk0 "read -P 0x42 0 64k"')
+        assert "read 65536/65536" in dst.qemu_io('disk0 "read -P 0x42 0 64k"')
         assert src.hmp("info status") == "VM status: paused (postmigrate)\r\n"
     finally:
         src.close()

@@ -346,14 +346,14 @@ def test_loadvm_restores_the_data_and_minus_loadvm(tmp_path: Path, qemu_utils: N
         assert client.hmp("savevm keep") == ""
         client.hmp('qemu-io d0 "write -P 0x22 0 64k"')
         assert client.hmp("loadvm keep") == ""
-        assert "Pattern verification failed" not in client.hmp('qemu-io d0 "read -P 0x11 0 128k"')
+        assert "Pattern verification failed" not in client.qemu_io('d0 "read -P 0x11 0 128k"')
         client.hmp('qemu-io d0 "write -P 0x33 64k 64k"')
         assert client.cmd("query-status")["status"] == "running"
         client.execute("quit")
         proc.wait(timeout=20)
     sh("qemu-io", "-r", "-c", "read -P 0x33 64k 64k", str(disk))
     with running([*args, "-loadvm", "keep"], tmp_path) as (_proc, client):
-        assert "Pattern verification failed" not in client.hmp('qemu-io d0 "read -P 0x11 0 128k"')
+        assert "Pattern verification failed" not in client.qemu_io('d0 "read -P 0x11 0 128k"')
         assert client.cmd("query-status")["status"] == "running"
     assert "No errors were found on the image." in sh("qemu-img", "check", str(disk))
     result = subprocess.run([*SERVER, *args, "-loadvm", "nope"], capture_output=True, text=True,
@@ -418,7 +418,7 @@ def test_savevm_image_matches_qemu_and_qemu_loads_ours(tmp_path: Path, qemu_syst
     with running(args, tmp_path / "ours", "qemu", qemu=True) as (_proc, client):
         assert client.hmp("loadvm x") == ""
         assert client.hmp("info status") == "VM status: running\r\n"
-        assert "Pattern verification failed" not in client.hmp('qemu-io d0 "read -P 0x11 0 128k"')
+        assert "Pattern verification failed" not in client.qemu_io('d0 "read -P 0x11 0 128k"')
     with running([*args, "-loadvm", "x"], tmp_path / "ours", "qemu2", qemu=True) as (_proc, client):
         assert client.hmp("info status") == "VM status: running\r\n"
 

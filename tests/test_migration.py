@@ -89,7 +89,7 @@ def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -
 
 def qemu_io(server: Server, command: str, node: str = "disk0") -> str:
     """A qemu-io command through HMP, as the guest's I/O stand-in."""
-    return server.hmp(f'qemu-io {node} "{command}"')
+    return server.qemu_io(f'{node} "{command}"')
 
 
 def completed(server: Server) -> bool:

@@ -84,7 +84,7 @@ def _session(tmp_path: Path, image: Path, *, qemu: bool) -> dict[str, Any]:
         assert "return" in reply or "ejected" in reply["error"]["desc"]
         out["write"] = client.reply()["return"]
         out["event"] = client.wait_event("BLOCK_IMAGE_CORRUPTED", timeout=10)["data"]
-        out["read"] = client.hmp('qemu-io disk0 "read 0 4k"')
+        out["read"] = client.qemu_io('disk0 "read 0 4k"')
         # The node has no driver any more (bs->drv = NULL): node queries fail.
         out["nodes"] = [client.execute("query-named-block-nodes", {"flat": flat})
                         for flat in (False, True)]
@@ -95,8 +95,8 @@ def _session(tmp_path: Path, image: Path, *, qemu: bool) -> dict[str, Any]:
         other.close()
         client.execute("quit")
         proc.wait(timeout=10)
-        assert proc.stdout is not None
-        out["stdout"] = proc.stdout.read().decode()
+        assert client.output is not None
+        out["stdout"] = client.output.all()
     return out
 
 
@@ -346,3 +346,31 @@ def test_damaged_images_never_get_worse(shapes: dict[str, Path], scratch: Path, 
         _poke(scratch, 72, bytes(data[72:80]))
         corrupt_restored, _ = _check_counts(scratch)
         assert corrupt_restored <= corrupt_before
+
+
+@pytest.mark.parametrize("frontend, device", [
+    ("-drive if=none,node-name=drive,driver=qcow2,file={img}", "none0"),
+    ("-drive if=none,id=disk,node-name=drive,driver=qcow2,file={img}", "disk"),
+    ("-blockdev driver=qcow2,node-name=drive,file.driver=file,file.filename={img}", ""),
+])
+def test_corruption_event_names_the_block_backend(tmp_path: Path, frontend: str, device: str) -> None:
+    """BLOCK_IMAGE_CORRUPTED's ``device`` is the node's BlockBackend (bdrv_get_device_name):
+    the id -drive generates ("none0"), the given id, or "" for a node without one (iotest
+    060's shutdown case). The write's error is printed on stdout, the reply is ""."""
+    require("qemu-system-x86_64")
+    seen = {}
+    for name in ("qemu", "ours"):
+        image = tmp_path / f"{name}.qcow2"
+        qemu_img_create(image, 64 * MiB)
+        _first_reftable_entry_zero(image)
+        option, value = frontend.format(img=image).split(" ", 1)
+        with running([option, value], tmp_path, name, qemu=name == "qemu") as (_, client):
+            printed = client.qemu_io('drive "write 0 512"')
+            event = client.wait_event("BLOCK_IMAGE_CORRUPTED", timeout=10)
+            seen[name] = (printed, event["data"], list(event["data"]))
+    assert seen["ours"] == seen["qemu"]
+    # stderr's line (qcow2_signal_corruption's error_report), then qemu-io's on stdout.
+    assert seen["ours"][0] == ("qcow2: Marking image as corrupt: Preventing invalid write on "
+                               "metadata (overlaps with refcount table); further corruption "
+                               "events will be suppressed\nwrite failed: Input/output error\n")
+    assert seen["ours"][1]["device"] == device

@@ -1,8 +1,8 @@
 """The human monitor (HMP) behind ``human-monitor-command``.
 
-Output lines end in CRLF, as QEMU's monitor writes them. Unlike QEMU, whose ``qemu-io``
-prints its results on the process's stdout, we return qemu-io's text so that scripts can
-read what the "guest" saw.
+Output lines end in CRLF, as QEMU's monitor writes them. As in QEMU, ``qemu-io`` prints its
+results on the process's stdout and its usage errors on stderr (:mod:`..console`); the
+monitor gets only what QEMU reports there (permission errors, warnings).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import blockstats
 from ..blockservice import BlockService
+from ..console import STDERR, STDOUT, ProcessConsole
 from ..devices import Devices
 from ..errors import QMPError, with_hints
 from ..keyval import parse_keyval
@@ -46,6 +47,9 @@ class HumanMonitor:
         self.block = block
         self.devices = devices
         self.name = name
+        #: The process's stdout and stderr, where qemu-io prints (app.py tells it which
+        #: monitors share them).
+        self.console = ProcessConsole()
         #: QMP's plain queries bound to the machine (app.py wires them in), for the info
         #: commands QEMU builds on them (``info cpus``, ``info iothreads``).
         self.queries: dict[str, Callable[[], Any]] = {}
@@ -137,9 +141,27 @@ class HumanMonitor:
         return ""
 
     async def _help(self, args: str) -> str:
-        if args == "info":
-            return "".join(help_text + "\n" for _, help_text in self.info_commands.values())
-        return "".join(text + "\n" for _, text in self.commands.values() if text)
+        # help_cmd -> help_cmd_dump: without an argument every command; else only the one
+        # named (an alias finds its command: "help c" is "cont|c"), "info" alone lists
+        # the info subcommands, "info NAME" one of them. Words past a command are ignored.
+        words = args.split()
+        if not words:
+            return "".join(text + "\n" for _, text in self.commands.values() if text)
+        if words[0] == "info":
+            if len(words) == 1:
+                return "".join(help_text + "\n" for _, help_text in self.info_commands.values())
+            info = self.info_commands.get(words[1])
+            if info is None:
+                return _unknown_command(words, 1)
+            return info[1] + "\n"
+        entry = self.commands.get(words[0])
+        if entry is None:
+            return _unknown_command(words, 0)
+        handler, text = entry
+        if not text:  # an alias: the help line is its command's
+            text = next(line for function, line in self.commands.values()
+                        if function == handler and line)
+        return text + "\n"
 
     async def _info(self, args: str) -> str:
         if not args:
@@ -254,7 +276,7 @@ class HumanMonitor:
         # command needs to write.
         # qemu-io is imported on first use: most servers never run it (start-up time).
         from .nodetarget import BackendTarget, NodeTarget
-        from .qemu_io import HmpArgumentError, run_qemu_io, split_hmp_qemu_io_args
+        from .qemu_io import Channel, HmpArgumentError, QemuIoOutput, execute_qemu_io, split_hmp_qemu_io_args
 
         try:
             qdev, device, command = split_hmp_qemu_io_args(args)
@@ -273,18 +295,29 @@ class HumanMonitor:
             backend = frontend.backend
         else:
             backend = self.devices.named.get(device)
+        output: QemuIoOutput | None
         if backend is not None:
             chosen = backend
             try:
-                return await self.block.run(lambda: run_qemu_io(BackendTarget(chosen), command))
+                output = await self.block.run(lambda: execute_qemu_io(BackendTarget(chosen), command))
             except QMPError as err:
                 return f"Error: {err.desc}\n"
-        text = await self.block.lend_node(
-            device, "block device 'qemu-io'",
-            lambda graph, edge: run_qemu_io(NodeTarget(graph, edge), command))
-        if text is None:
-            return f"Error: Cannot find device='' nor node-name='{device}'\n"
-        return text
+        else:
+            output = await self.block.lend_node(
+                device, "block device 'qemu-io'",
+                lambda graph, edge: execute_qemu_io(NodeTarget(graph, edge), command))
+            if output is None:
+                return f"Error: Cannot find device='' nor node-name='{device}'\n"
+        # qemuio_command: printf() and fprintf(stderr) reach the process's stdout and
+        # stderr; only error_report() (the monitor is current) reaches the monitor.
+        await self.console.print([(STDERR if where is Channel.STDERR else STDOUT, text)
+                                  for where, text in output.chunks if where is not Channel.MONITOR])
+        return output.monitor
+
+
+def _unknown_command(words: list[str], index: int) -> str:
+    """help_cmd_dump's "Command not found": the words up to the unknown one, quoted."""
+    return "unknown command: '" + " ".join(words[:index + 1]) + "'\n"
 
 
 def _block_text(info: dict[str, Any], prefix: str, extra: str) -> str:

@@ -42,11 +42,14 @@ async def serve_terminal(monitor: HumanMonitor, stream: trio.abc.Stream) -> None
             while b"\n" in pending:
                 line, _, pending = pending.partition(b"\n")
                 line = line.removesuffix(b"\r")
+                # QEMU's readline has echoed the line by the time the command runs, so
+                # what the command prints on stdout (qemu-io) comes after the echo.
+                await stream.send_all(echo(line) + b"\r\n")
                 output = await monitor.execute(line.decode("utf-8", errors="replace"))
                 if monitor.vm.exit_requested.is_set():
                     # quit: QEMU is gone before its monitor could show another prompt.
-                    await stream.send_all(echo(line) + b"\r\n" + output.encode())
+                    await stream.send_all(output.encode())
                     return
-                await stream.send_all(echo(line) + b"\r\n" + output.encode() + PROMPT)
+                await stream.send_all(output.encode() + PROMPT)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         return
