@@ -17,7 +17,7 @@ from collections.abc import Callable
 from .errors import BlockError
 from .graph import BlockGraph
 from .node import BlockNode, Edge
-from .perm import ALL
+from .perm import ALL, WRITE, WRITE_UNCHANGED
 
 
 class AcctType(enum.IntEnum):
@@ -115,8 +115,10 @@ class BlockBackend:
         return self.edge.child if self.edge is not None else None
 
     def can_inactivate(self) -> bool:
-        """blk_can_inactivate: devices' and monitor-named backends follow their node."""
-        return self.dev is not None or bool(self.name)
+        """blk_can_inactivate: devices' and monitor-named backends follow their node, and
+        so does an anonymous one that does not write (a read-only NBD export); one that
+        writes (a writable export) keeps the node active."""
+        return self.dev is not None or bool(self.name) or not self.perm & (WRITE | WRITE_UNCHANGED)
 
     def describe(self) -> str:
         """blk_root_get_parent_desc: how permission errors name this backend."""

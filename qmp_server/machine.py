@@ -12,6 +12,7 @@ from .events import EventBus
 from .hmp.monitor import HumanMonitor
 from .jobs import JobService
 from .migration.service import MigrationService
+from .nbd.service import NbdService
 from .objects import Objects
 from .runstate import VM
 from .schema import Schema
@@ -70,6 +71,8 @@ class Machine:
         #: Internal snapshots (savevm/loadvm/delvm, snapshot-* jobs, -loadvm).
         self.internal_snapshots = InternalSnapshots(self.vm, self.block, self.devices.backends,
                                                     config.machine_type)
+        #: The NBD server and its block exports.
+        self.nbd = NbdService(self.block, self.events)
         self.hmp = HumanMonitor(self.vm, self.block, self.devices, self.migration, config.name,
                                 self.internal_snapshots)
 

@@ -571,11 +571,14 @@ def test_commands_and_flags(schema: Schema) -> None:
         "snapshot-save", "snapshot-load", "snapshot-delete",
         # qmp_server/commands/fds.py
         "getfd", "closefd", "add-fd", "remove-fd", "query-fdsets",
+        # qmp_server/commands/nbd.py
+        "nbd-server-start", "nbd-server-add", "nbd-server-remove", "nbd-server-stop",
+        "block-export-add", "block-export-del", "query-block-exports",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
                                   "BLOCK_IMAGE_CORRUPTED", "POWERDOWN", "RESET",
-                                  "DEVICE_DELETED", "JOB_STATUS_CHANGE"}
+                                  "DEVICE_DELETED", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED"}
     assert not any(info.allow_oob for info in schema.commands.values())
     preconfig = {name for name, info in schema.commands.items() if info.allow_preconfig}
     assert {"qmp_capabilities", "blockdev-add", "blockdev-set-active", "query-status"} <= preconfig
