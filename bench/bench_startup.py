@@ -11,7 +11,9 @@ was answered (the headline figure), the process ended after ``quit``.
     python3 bench/bench_startup.py [--rounds 20] [--server 'qmp-server'] [--qemu 'qemu-system-x86_64']
 
 ``--server`` may be given more than once (e.g. an install before and after a change):
-all of them take turns with QEMU in the same run.
+all of them take turns with QEMU in the same run. ``--floor`` adds the floor of any Trio
+server: this interpreter importing Trio and answering the same exchange with fixed
+replies (with the cyclic GC off and ``os._exit`` at the end, as our launcher does).
 """
 
 from __future__ import annotations
@@ -27,6 +29,30 @@ import tempfile
 import time
 
 QEMU_ARGS = ["-machine", "none", "-nodefaults", "-display", "none"]
+
+#: The floor (``--floor``), run as ``python -c FLOOR -qmp unix:PATH,...``: Python, Trio,
+#: one listening socket, a fixed greeting and a fixed reply to each request.
+FLOOR = """
+import gc
+gc.disable()
+import os, sys, trio
+async def serve(path):
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(path)
+    sock.listen()
+    conn, _ = await sock.accept()
+    await conn.send(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 10}, '
+                    b'"package": ""}, "capabilities": ["oob"]}}\\r\\n')
+    while True:
+        data = await conn.recv(65536)
+        if not data or b'"quit"' in data:
+            break
+        await conn.send(b'{"return": {}}\\r\\n' * data.count(b'"execute"'))
+    await conn.send(b'{"return": {}}\\r\\n')
+    os.unlink(path)
+trio.run(serve, sys.argv[2].removeprefix("unix:").split(",")[0])
+os._exit(0)
+"""
 
 
 def _connect(path: str, deadline: float) -> socket.socket:
@@ -90,10 +116,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--server", action="append", help=f"default: {sys.executable} -m qmp_server")
     parser.add_argument("--qemu", default="qemu-system-x86_64")
+    parser.add_argument("--floor", action="store_true", help="also time the Python + Trio floor")
     args = parser.parse_args()
     servers = args.server or [f"{sys.executable} -m qmp_server"]
     programs = {("qmp-server" if index == 0 else f"server #{index + 1}"): shlex.split(command)
                 for index, command in enumerate(servers)}
+    if args.floor:
+        programs["trio floor"] = [sys.executable, "-c", FLOOR]
     programs["QEMU"] = [*shlex.split(args.qemu), *QEMU_ARGS]
     times: dict[str, list[dict[str, float]]] = {name: [] for name in programs}
     with tempfile.TemporaryDirectory() as folder:
