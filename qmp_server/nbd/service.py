@@ -83,6 +83,7 @@ class NbdService:
         self._max_connections = 0
         self._clients = 0
         self._slot_freed: trio.Event | None = None
+        self._exiting = False
 
     @property
     def running(self) -> bool:
@@ -109,6 +110,7 @@ class NbdService:
             with trio.CancelScope() as scope:
                 self._scope = scope
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._close_at_exit)
                     while True:  # until cancelled
                         while self._max_connections and self._clients >= self._max_connections:
                             self._slot_freed = trio.Event()
@@ -124,13 +126,29 @@ class NbdService:
             # nbd-server-stop, or the process ends: close every export, the socket.
             with trio.CancelScope(shield=True):
                 await listener.aclose()
-            if self._socket_file is not None:
+            if self._socket_file is not None and not self._exiting:
+                # nbd-server-stop removes the socket file; at exit QEMU leaves it.
                 self._socket_file.remove()
             self._listener = self._socket_file = self._scope = None
             with trio.CancelScope(shield=True):
                 for export in list(self.exports):
                     await self._delete(export)
             stopped.set()
+
+    async def _close_at_exit(self) -> None:
+        # qemu_cleanup's blk_exp_close_all: at exit every export is closed, its
+        # BLOCK_EXPORT_DELETED sent (after SHUTDOWN, while the monitors still listen).
+        await self.block.vm.exit_requested.wait()
+        self._exiting = True
+        for export in list(self.exports):
+            for scope in export.connections:
+                scope.cancel()
+            self.exports.remove(export)
+            self.events.emit("BLOCK_EXPORT_DELETED", {"id": export.id})
+            with trio.CancelScope(shield=True):
+                await self.block.run(export.backend.remove)
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def stop(self) -> None:
         """nbd-server-stop: every NBD export goes (BLOCK_EXPORT_DELETED each), then the

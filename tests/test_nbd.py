@@ -1,0 +1,298 @@
+"""The NBD server and block exports, against QEMU 7.2 doing the same.
+
+Each scenario runs on QEMU and on our server, in directories whose paths have the same
+length. Compared: QMP replies, errors and events; what QEMU's own NBD clients (qemu-nbd
+--list, qemu-img, qemu-io) print through the export; the image's lock bytes while
+exported; ``qemu-img check`` after writes through the export. Then hostile clients
+speaking raw NBD, which must get error replies or be disconnected, never hang the server.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lock_probe import locked
+from server_support import QEMU, SERVER, Client
+
+from qmp_server.nbd import protocol as nbd
+
+
+@contextmanager
+def _process(qemu: bool, work: Path) -> Iterator[tuple[subprocess.Popen[bytes], Client]]:
+    sock = work / "qmp.sock"
+    with (work / "out").open("wb") as sink:
+        proc = subprocess.Popen((QEMU if qemu else SERVER) + ["-qmp", f"unix:{sock},server=on,wait=off"],
+                                stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        client = Client(sock)
+        client.execute("qmp_capabilities")
+        yield proc, client
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _both(tmp_path: Path, scenario: Callable[[subprocess.Popen[bytes], Client, Path], list[Any]]
+          ) -> tuple[list[Any], list[Any]]:
+    results = []
+    for qemu, name in ((True, "qemu"), (False, "ours")):
+        work = tmp_path / name
+        work.mkdir()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(work / "d.qcow2"), "4M"], check=True)
+        with _process(qemu, work) as (proc, client):
+            steps = scenario(proc, client, work)
+        results.append(_normalized(steps, str(work)))
+    return results[0], results[1]
+
+
+def _normalized(value: Any, work: str) -> Any:
+    """Paths and qemu-io's timings made comparable."""
+    if isinstance(value, str):
+        return re.sub(r"; [0-9.]+ sec \([^)]*\)", "; TIME", value.replace(work, "@"))
+    if isinstance(value, list):
+        return [_normalized(v, work) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalized(v, work) for k, v in value.items()}
+    return value
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
+def _qmp(client: Client, command: str, /, **args: Any) -> dict[str, Any]:
+    reply = client.execute(command, args)
+    reply["events"] = [e["event"] + ":" + str(e.get("data")) for e in client.events]
+    client.events.clear()
+    return reply
+
+
+def _quit(client: Client) -> list[str]:
+    """``quit``'s reply and every event up to the end of the connection (QEMU 7.2 sends
+    BLOCK_EXPORT_DELETED before its reply; we send it just after)."""
+    reply = _qmp(client, "quit")
+    events = list(reply.pop("events"))
+    for _ in range(100):  # bounded: the server closes the connection
+        try:
+            message = client.read(timeout=10)
+        except EOFError:
+            break
+        events.append(message["event"] + ":" + str(message.get("data")))
+    return [str(reply), *events]
+
+
+def _qmp_scenario(proc: subprocess.Popen[bytes], c: Client, work: Path) -> list[Any]:
+    sock = str(work / "nbd.sock")
+    unix = {"type": "unix", "data": {"path": sock}}
+    return [
+        _qmp(c, "blockdev-add", **{"node-name": "d0", "driver": "qcow2",
+                                   "file": {"driver": "file", "filename": str(work / "d.qcow2")}}),
+        _qmp(c, "blockdev-add", **{"node-name": "ro", "driver": "null-co", "read-only": True}),
+        _qmp(c, "nbd-server-add", device="d0"),
+        _qmp(c, "nbd-server-stop"),
+        _qmp(c, "nbd-server-remove", name="x"),
+        _qmp(c, "query-block-exports"),
+        _qmp(c, "block-export-add", type="nbd", id="e1", **{"node-name": "d0"}),
+        _qmp(c, "nbd-server-start", addr=unix, **{"tls-creds": "nope"}),
+        _qmp(c, "nbd-server-start", addr={"type": "unix", "data": {"path": str(work / "no/s")}}),
+        _qmp(c, "nbd-server-start", addr={"type": "fd", "data": {"str": "nope"}}),
+        _qmp(c, "nbd-server-start",
+             addr={"type": "inet", "data": {"host": "127.0.0.1", "port": "nosuchservice"}}),
+        _qmp(c, "nbd-server-start", addr=unix, **{"tls-authz": "nope"}),
+        _qmp(c, "nbd-server-start", addr=unix),
+        _qmp(c, "nbd-server-add", device="nope"),
+        _qmp(c, "nbd-server-add", device="d0", bitmap="b"),
+        _qmp(c, "nbd-server-add", device="d0", name="x" * 4097),
+        _qmp(c, "nbd-server-add", device="ro", writable=True),
+        _qmp(c, "block-export-add", type="nbd", id="e2", **{"node-name": "ro", "writable": True}),
+        _qmp(c, "block-export-add", type="nbd", id="e,2", **{"node-name": "ro"}),
+        _qmp(c, "block-export-add", type="nbd", id="e3", **{"node-name": "ro"}, iothread="io"),
+        _qmp(c, "nbd-server-add", device="d0", writable=True),
+        _qmp(c, "nbd-server-add", device="d0", name="d0"),
+        _qmp(c, "block-export-add", type="nbd", id="e4", **{"node-name": "d0"}, name="d0"),
+        _qmp(c, "block-export-add", type="nbd", id="e5", **{"node-name": "d0"}, name="other"),
+        _qmp(c, "query-block-exports"),
+        _qmp(c, "blockdev-del", **{"node-name": "d0"}),
+        _qmp(c, "block-export-del", id="nope"),
+        _qmp(c, "nbd-server-remove", name="e5", mode="hard"),
+        _qmp(c, "block-export-del", id="ro"),
+        _qmp(c, "nbd-server-remove", name="ro"),
+        _qmp(c, "nbd-server-stop"),
+        _qmp(c, "query-block-exports"),
+        _qmp(c, "nbd-server-stop"),
+        _qmp(c, "blockdev-del", **{"node-name": "d0"}),
+    ]
+
+
+def test_qmp_replies_and_events_as_qemu(tmp_path: Path, qemu_system: str, qemu_img: str) -> None:
+    theirs, ours = _both(tmp_path, _qmp_scenario)
+    assert ours == theirs
+    assert any(e.startswith("BLOCK_EXPORT_DELETED") for step in ours for e in step["events"])
+
+
+def _io_scenario(proc: subprocess.Popen[bytes], c: Client, work: Path) -> list[Any]:
+    image, sock = work / "d.qcow2", str(work / "nbd.sock")
+
+    def url(name: str) -> str:
+        return f"nbd+unix:///{name}?socket={sock}"
+
+    steps: list[Any] = [
+        _qmp(c, "blockdev-add", **{"node-name": "d0", "driver": "qcow2",
+                                   "file": {"driver": "file", "filename": str(image)}}),
+        _qmp(c, "nbd-server-start", addr={"type": "unix", "data": {"path": sock}}),
+        locked(image),
+        _qmp(c, "block-export-add", type="nbd", id="w", name="w", **{"node-name": "d0"}, writable=True,
+             description="the disk"),
+        _qmp(c, "nbd-server-add", device="d0", name="r"),
+        # the export's permissions: consistent read + write, everything shared
+        locked(image),
+        _run("qemu-nbd", "--list", "-k", sock),
+        _run("qemu-img", "info", url("w")),
+        _run("qemu-io", "-f", "raw", url("w"), "-c", "write -P 0x5a 0 64k", "-c", "write -z 64k 64k",
+             "-c", "discard 128k 64k", "-c", "flush", "-c", "write -P 0x11 1M 4k -f",
+             "-c", "write -P 1 4M 1", "-c", "read -P 0x5a 0 64k"),
+        _run("qemu-io", "-f", "raw", "-r", url("r"), "-c", "read -P 0x5a 0 64k", "-c", "read -P 0 64k 64k",
+             "-c", "read -P 0x11 1M 4k", "-c", "write -P 1 0 4k", "-c", "read 4M 1"),
+        _run("qemu-io", "-f", "raw", url("r"), "-c", "read 0 1"),
+        _run("qemu-io", "-f", "raw", "-r", url("nosuch"), "-c", "read 0 1"),
+        _run("qemu-img", "compare", "-f", "raw", url("r"), "-F", "raw", url("w")),
+        _run("qemu-img", "convert", "-f", "raw", "-O", "raw", url("r"), str(work / "copy.raw")),
+        _run("qemu-img", "compare", "-f", "raw", str(work / "copy.raw"), "-F", "raw", url("w")),
+        # another process on the image: the node's own locks, as with QEMU
+        _run("qemu-io", "-f", "qcow2", str(image), "-c", "read 0 1"),
+        _qmp(c, "block-export-del", id="w"),
+        locked(image),
+        _quit(c),
+    ]
+    proc.wait(timeout=20)
+    steps.append(Path(sock).exists())
+    steps.append(_run("qemu-img", "check", str(image)))
+    return steps
+
+
+def test_io_through_the_export_as_qemu(tmp_path: Path, qemu_system: str, qemu_io: str) -> None:
+    theirs, ours = _both(tmp_path, _io_scenario)
+    # QEMU's block status knows holes and zeroes; ours reports data everywhere (same bytes)
+    assert ours == theirs
+    assert "Images are identical." in ours[12] and "No errors were found" in ours[-1]
+
+
+def _raw(sock: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(sock)
+    return s
+
+
+def _recv(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise EOFError(data)
+        data += chunk
+    return data
+
+
+def _go(s: socket.socket, name: bytes, structured: bool) -> None:
+    assert struct.unpack(">QQH", _recv(s, 18))[:2] == (nbd.NBDMAGIC, nbd.IHAVEOPT)
+    s.sendall(struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
+    if structured:
+        s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_STRUCTURED_REPLY, 0))
+        assert struct.unpack(">QIII", _recv(s, 20))[2] == nbd.REP_ACK
+    payload = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, len(payload)) + payload)
+    while True:
+        _, _, kind, length = struct.unpack(">QIII", _recv(s, 20))
+        _recv(s, length)
+        if kind == nbd.REP_ACK:
+            return
+        assert kind == nbd.REP_INFO
+
+
+def _simple_error(s: socket.socket, flags: int, command: int, handle: int, offset: int, length: int,
+                  data: bytes = b"") -> int:
+    s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, command, handle, offset, length) + data)
+    magic, error, got = struct.unpack(">IIQ", _recv(s, 16))
+    assert (magic, got) == (nbd.SIMPLE_REPLY_MAGIC, handle)
+    return int(error)
+
+
+def test_hostile_clients(tmp_path: Path) -> None:
+    sock = str(tmp_path / "nbd.sock")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "d.raw"), "1M"], check=True)
+    with _process(False, tmp_path) as (_, c):
+        c.cmd("blockdev-add", node_name="d0", driver="raw",
+              file={"driver": "file", "filename": str(tmp_path / "d.raw")})
+        c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        c.cmd("nbd-server-add", device="d0")
+        # an unknown option with a 1 GiB payload announced: skipped unbuffered, answered
+        s = _raw(sock)
+        _recv(s, 18)
+        s.sendall(struct.pack(">I", 3) + struct.pack(">QII", nbd.IHAVEOPT, 9999, 1 << 30) + bytes(1 << 16))
+        # ... the server keeps serving QMP meanwhile
+        assert c.cmd("query-block-exports")[0]["id"] == "d0"
+        s.close()
+        # read-only export: writes EPERM, past the end EINVAL, unknown command EINVAL,
+        # a read longer than NBD_MAX_BUFFER_SIZE EINVAL; the connection stays usable
+        s = _raw(sock)
+        _go(s, b"d0", structured=False)
+        assert _simple_error(s, 0, nbd.CMD_WRITE, 1, 0, 4, b"abcd") == 1
+        assert _simple_error(s, 0, nbd.CMD_READ, 2, 1 << 20, 1) == 22
+        assert _simple_error(s, 0, 42, 3, 0, 0) == 22
+        assert _simple_error(s, 0, nbd.CMD_READ, 4, 0, nbd.MAX_BUFFER_SIZE + 1) == 22
+        assert _simple_error(s, 0x8000, nbd.CMD_READ, 5, 0, 1) == 22
+        assert _simple_error(s, 0, nbd.CMD_BLOCK_STATUS, 6, 0, 1) == 22
+        assert _simple_error(s, 0, nbd.CMD_FLUSH, 7, 0, 0) == 0
+        # a write longer than NBD_MAX_BUFFER_SIZE: disconnected, nothing buffered
+        s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 8, 0, 1 << 31))
+        assert s.recv(16) == b""
+        # garbage instead of a request: disconnected
+        s = _raw(sock)
+        _go(s, b"d0", structured=True)
+        s.sendall(bytes(28))
+        assert s.recv(16) == b""
+        # a client that connects and says nothing does not block removing the export
+        idle = _raw(sock)
+        c.cmd("nbd-server-remove", name="d0")
+        idle.close()
+        # a client that never reads its replies: QMP keeps answering
+        c.cmd("nbd-server-add", device="d0")
+        s = _raw(sock)
+        _go(s, b"d0", structured=True)
+        s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 9, 0, 1 << 20) * 64)
+        started = time.monotonic()
+        assert c.cmd("query-block-exports")[0]["node-name"] == "d0"
+        assert time.monotonic() - started < 5
+        reply = c.execute("nbd-server-remove", {"name": "d0"})
+        assert reply["error"]["desc"] == "export 'd0' still in use"
+        c.cmd("nbd-server-remove", name="d0", mode="hard")
+        s.close()
+        c.cmd("nbd-server-stop")
+
+
+@pytest.mark.parametrize("writable, expected", [
+    (False, {"return": {}}),
+    (True, {"error": {"class": "GenericError",
+                      "desc": "Failed to inactivate node: Operation not permitted"}}),
+])
+def test_writable_export_keeps_its_node_active(tmp_path: Path, writable: bool, expected: Any) -> None:
+    # blk_can_inactivate: an export that does not write lets the node go inactive
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "d.qcow2"), "1M"], check=True)
+    with _process(False, tmp_path) as (_, c):
+        c.cmd("blockdev-add", node_name="d0", driver="qcow2",
+              file={"driver": "file", "filename": str(tmp_path / "d.qcow2")})
+        c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "nbd.sock")}})
+        c.cmd("nbd-server-add", device="d0", writable=writable)
+        assert c.execute("x-blockdev-inactivate", {"node-name": "d0"}) == expected
