@@ -69,33 +69,30 @@ class _Collector:
         while edge is not None:
             depth += 1
             edge = edge.child.child("backing")
+        # Members in BlockDeviceInfo's declaration order, as bdrv_block_device_info's
+        # visitor inserts them: the encoder writes QEMU's QDict order from it, and
+        # backing_file and write_threshold share a hash bucket (the later one comes first).
         info: dict[str, Any] = {
-            "iops_rd": 0,
-            "detect_zeroes": options.detect_zeroes,
-            "image": self.image(node),
-            "iops_wr": 0,
-            "ro": options.read_only,
-            "node-name": node.name,
-            "backing_file_depth": depth,
-            "drv": node.driver.name,
-            "iops": 0,
-            "bps_wr": 0,
-            "write_threshold": 0,
-        }
-        if node.dirty_bitmaps:
-            # bdrv_block_device_info: only when the node has bitmaps, in this place.
-            info["dirty-bitmaps"] = query_bitmaps(node)
-        info |= {
-            "encrypted": False,
-            "bps": 0,
-            "bps_rd": 0,
-            "cache": {"no-flush": options.cache_no_flush, "direct": options.cache_direct, "writeback": True},
             "file": node.filename,
-            "active": not node.inactive,
-            "children": [{"child": e.name, "node-name": e.child.name} for e in node.children],
+            "node-name": node.name,
+            "ro": options.read_only,
+            "drv": node.driver.name,
         }
         if backing is not None:
             info["backing_file"] = backing.child.filename
+        info |= {
+            "backing_file_depth": depth,
+            "active": not node.inactive,
+            "encrypted": False,
+            "detect_zeroes": options.detect_zeroes,
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            "image": self.image(node),
+            "cache": {"writeback": True, "direct": options.cache_direct, "no-flush": options.cache_no_flush},
+            "write_threshold": 0,
+        }
+        if node.dirty_bitmaps:
+            info["dirty-bitmaps"] = query_bitmaps(node)
+        info["children"] = [{"child": e.name, "node-name": e.child.name} for e in node.children]
         return info
 
 

@@ -10,7 +10,7 @@ driver adds its discard counters (kept at zero here: no discard reaches a file n
 unless it was opened with ``discard=unmap``, and those are not counted).
 
 Members are built in QAPI's declaration order and sent in the order QEMU's QDicts give
-them (``protocol.qdict.qemu_ordered``).
+them (the encoder, ``protocol.encoding``, writes every object in that order).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from blocklayer.backend import AcctType, BlockAcctStats, BlockBackend
 from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode, Edge
 from blocklayer.perm import ChildRole
-
-from .protocol.qdict import qemu_ordered
 
 __all__ = ["hmp_info_blockstats", "query_blockstats"]
 
@@ -110,11 +108,11 @@ def _node_stats(node: BlockNode | None, blk_level: bool) -> dict[str, Any]:
 
 
 def _ordered(entry: dict[str, Any]) -> dict[str, Any]:
-    # BlockStats' own order first (device, qdev, node-name, stats, ...), as the visitor
-    # inserts them; then QEMU's QDict order of every object.
+    # BlockStats' members in the order the visitor inserts them (device, qdev, node-name,
+    # stats, ...): the encoder writes QEMU's QDict order from it, and where two members
+    # share a hash bucket the insertion order decides.
     order = ("device", "qdev", "node-name", "stats", "driver-specific", "parent", "backing")
-    result: dict[str, Any] = qemu_ordered({key: entry[key] for key in order if key in entry})
-    return result
+    return {key: entry[key] for key in order if key in entry}
 
 
 def query_blockstats(graph: BlockGraph, backends: Sequence[BlockBackend],

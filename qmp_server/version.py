@@ -15,9 +15,9 @@ PACKAGE = f"qmp-server {__version__}"
 
 
 def version_info() -> dict[str, Any]:
-    """QEMU's VersionInfo, members in the order QEMU writes them."""
+    """QEMU's VersionInfo, members in the schema's order (the encoder writes QEMU's)."""
     major, minor, micro = QEMU_VERSION
-    return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": PACKAGE}
+    return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": PACKAGE}
 
 
 def version_string() -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
+from qmp_server.protocol.qdict import BUCKETS, qdict_order, tdb_hash
 from qmp_server.schema import TYPES_URI, Schema
 
 # jsonschema ships no type information; loaded as a plain module so that it needs no stubs.
@@ -147,3 +148,24 @@ def check_reply(command: str, reply: dict[str, Any]) -> None:
 def check_event(message: dict[str, Any]) -> None:
     """Raise ValueError unless an event message's ``data`` matches the event's schema."""
     shared().check_event(message["event"], message.get("data"))
+
+
+def check_member_order(message: Any) -> None:
+    """Raise ValueError unless every object in ``message`` lists its members in QDict order.
+
+    QEMU builds every reply and event as QDicts and writes each one's members in hash-bucket
+    order (protocol/qdict.py), so a client can see the order; members sharing a bucket come
+    newest first, which the wire alone does not tell, so only the buckets are compared.
+    """
+    stack: list[tuple[Any, str]] = [(message, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            buckets = [tdb_hash(key) % BUCKETS for key in value]
+            if buckets != sorted(buckets):
+                raise ValueError(f"members of {where or 'the message'} not in QEMU's order: {list(value)}; "
+                                 f"QEMU: {qdict_order(list(value))}")
+            stack.extend((item, f"{where}.{key}") for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{index}]") for index, item in enumerate(value))
+

@@ -54,8 +54,10 @@ class Client:
     def read(self, timeout: float | None = None) -> dict[str, Any]:
         """The next message (reply, event or greeting)."""
         message: dict[str, Any] = json.loads(self.read_line(timeout))
-        if self.conforms and "event" in message:
-            schema_conformance.check_event(message)
+        if self.conforms:
+            schema_conformance.check_member_order(message)
+            if "event" in message:
+                schema_conformance.check_event(message)
         return message
 
     def read_line(self, timeout: float | None = None) -> bytes:

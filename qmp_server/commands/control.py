@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
 from ..introspect import schema_info
+from ..protocol.encoding import PreEncoded, encode_text
+from ..schema import Schema
 from ..version import version_info
 
 if TYPE_CHECKING:
@@ -31,16 +35,30 @@ def query_version(machine: Machine) -> dict[str, Any]:
     return version_info()
 
 
+# The two large answers never change while the process runs: encoded once per schema.
+_ENCODED: weakref.WeakKeyDictionary[Schema, dict[str, PreEncoded]] = weakref.WeakKeyDictionary()
+
+
+def _encoded_once(schema: Schema, command: str, build: Callable[[], Any]) -> PreEncoded:
+    answers = _ENCODED.setdefault(schema, {})
+    answer = answers.get(command)
+    if answer is None:
+        answer = answers[command] = PreEncoded(encode_text(build()))
+    return answer
+
+
 @table.query("query-commands")
-def query_commands(machine: Machine) -> list[dict[str, str]]:
+def query_commands(machine: Machine) -> PreEncoded:
     """Every command available after negotiation."""
-    return [{"name": name} for name in machine.schema.commands]
+    schema = machine.schema
+    return _encoded_once(schema, "query-commands", lambda: [{"name": name} for name in schema.commands])
 
 
 @table.query("query-qmp-schema")
-def query_qmp_schema(machine: Machine) -> list[dict[str, Any]]:
+def query_qmp_schema(machine: Machine) -> PreEncoded:
     """Introspection in QEMU's SchemaInfo format, generated from schema/."""
-    return schema_info(machine.schema)
+    schema = machine.schema
+    return _encoded_once(schema, "query-qmp-schema", lambda: schema_info(schema))
 
 
 @table.query("query-name")

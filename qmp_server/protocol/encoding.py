@@ -3,6 +3,8 @@
 QEMU writes one compact JSON object per line, ``", "``/``": "`` separators, every code
 point outside printable ASCII escaped as ``\\uXXXX`` with upper-case hex (surrogate pairs
 above the BMP), numbers that are doubles as C's ``%.17g`` prints them, and CRLF line ends.
+Every object's members come in the order QEMU walks the QDict holding them
+(:mod:`.qdict`): QEMU builds all its output as QDicts, so callers need not order anything.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
+
+from .qdict import qemu_ordered
 
 _encoder = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": "), allow_nan=False)
 
@@ -150,8 +154,12 @@ def encode_text(message: Any, *, floats: bool = True) -> str:
     """The JSON text QEMU would write for ``message`` (no line end).
 
     ``floats=False`` promises that ``message`` holds no float, which skips the scan that
-    rewrites them in QEMU's notation (for large integer-only results).
+    rewrites them in QEMU's notation (for large integer-only results). A
+    :class:`PreEncoded` message is that text already.
     """
+    if type(message) is PreEncoded:
+        return str(message)
+    message = qemu_ordered(message)
     try:
         text = _encode_fast(message)
     except RecursionError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import QMPError
-from .qdict import qdict_order, qemu_ordered
+from .qdict import qdict_order
 
 
 class _NoId:
@@ -64,9 +64,9 @@ def read_request(message: Any) -> Request:
     """A request for one parsed JSON value, as QEMU sees it when it is read."""
     if not isinstance(message, dict):
         return Request(error=QMPError("QMP input must be a JSON object"))
+    # An object ``id`` stays in the order it was read: QEMU's parser inserts the members
+    # in that order and the encoder writes the QDict order from it.
     request = Request(id=message.get("id", NO_ID), message=message)
-    if isinstance(request.id, dict | list):
-        request.id = qemu_ordered(request.id)
     request.oob = "exec-oob" in message and "execute" not in message
     return request
 
