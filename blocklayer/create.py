@@ -179,6 +179,10 @@ class _FdChild:
     def filename(self) -> str:
         return self._filename
 
+    def has_info(self) -> bool:
+        """Yes: a file."""
+        return True
+
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         return data + bytes(length - len(data))

@@ -55,6 +55,10 @@ class ChildIO(Protocol):
 
     def truncate(self, length: int) -> None: ...
 
+    def has_info(self) -> bool:
+        """Whether bdrv_get_info succeeds on the child (see :meth:`BlockDriver.has_info`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class BackingRequest:
@@ -189,6 +193,11 @@ class BlockDriver(ABC):
         :func:`blocklayer.permissions.child_permissions` derived from it. Default: as is.
         """
         return nperm, nshared
+
+    def has_info(self) -> bool:
+        """Whether QEMU's bdrv_get_info succeeds on this node (then ImageInfo has a
+        ``dirty-flag``). True unless a driver says otherwise."""
+        return True
 
     def image_info(self) -> dict[str, Any]:
         """Format-specific members of QMP ``ImageInfo``.

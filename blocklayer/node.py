@@ -228,6 +228,10 @@ class BlockNode:
         """Length in bytes."""
         return self.driver.getlength()
 
+    def has_info(self) -> bool:
+        """Whether QEMU's bdrv_get_info succeeds here (the driver says)."""
+        return self.driver.has_info()
+
     def truncate(self, length: int) -> None:
         """Resize (used by format drivers on their file child)."""
         self._check_writable()

@@ -50,7 +50,8 @@ class _Collector:
         actual = self.actual_size(node)
         if actual is not None:
             info["actual-size"] = actual
-        info["dirty-flag"] = False
+        if driver.has_info():
+            info["dirty-flag"] = False
         if not driver.protocol:
             info.update(driver.image_info())
         backing = node.child("backing")

@@ -10,8 +10,9 @@ stdio`` and compares exit status, standard error (after the program name) and
 query-block.
 
 Normalised, by design: query-block's ``active``/``children`` (QEMU 10.1 members we
-report), generated node names, and the ``image`` member's ``dirty-flag`` (we report it
-for every node; QEMU only where the driver answers bdrv_get_info, not on null-co).
+report) and generated node names. The ``image`` member's ``dirty-flag`` is compared: QEMU
+reports it only where the driver answers bdrv_get_info (not on null-co, nor on raw over
+null-co).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _normal(value: Any) -> Any:
         return [_normal(v) for v in value]
     if isinstance(value, dict):
         out = {k: _normal(v) for k, v in value.items()
-               if k not in ("active", "children", "dirty-flag")}
+               if k not in ("active", "children")}
         if isinstance(out.get("node-name"), str) and out["node-name"].startswith("#block"):
             out["node-name"] = "#block"
         return out

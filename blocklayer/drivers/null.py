@@ -45,6 +45,10 @@ class NullDriver(BlockDriver):
             raise BlockError("Could not refresh total sector count: File too large", errno.EFBIG)
         self.size = size
 
+    def has_info(self) -> bool:
+        """No: null-co has no bdrv_get_info, so QEMU's ImageInfo has no ``dirty-flag``."""
+        return False
+
     def image_info(self) -> dict[str, Any]:
         """``actual-size``: nothing is stored (null_allocated_file_size)."""
         return {"actual-size": 0}

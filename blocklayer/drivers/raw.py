@@ -41,6 +41,10 @@ class RawDriver(BlockDriver):
         assert self.file is not None, "the graph attaches the file child before open()"
         return self.file
 
+    def has_info(self) -> bool:
+        """As its file's: raw_get_info asks the file (bdrv_get_info on bs->file)."""
+        return self._file().has_info()
+
     def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
         """Check the window against the file, in QEMU's order (raw_read_options, then
         raw_apply_options against the opened file's length), with QEMU 7.2's texts."""

@@ -42,6 +42,10 @@ class TrackedFile:
         """The child's filename."""
         return self.child.filename
 
+    def has_info(self) -> bool:
+        """The child's."""
+        return self.child.has_info()
+
     def end(self) -> int:
         """Current length of the file."""
         if self._end is None:
