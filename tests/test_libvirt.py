@@ -168,7 +168,14 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
         for command in ("aio_read 0 4k", "aio_read 4k 8k", "aio_flush"):
             libvirtd.virsh("qemu-monitor-command", name, "--hmp",
                            f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{command}"')
-        stats = run("domblkstat", "domblkstat", name, "vda").splitlines()
+        # QEMU completes an aio request (and accounts it) when its I/O finishes, which may
+        # be after the monitor replied: wait until the flush has been counted.
+        deadline = time.monotonic() + 10
+        while True:
+            stats = run("domblkstat", "domblkstat", name, "vda").splitlines()
+            if "vda flush_operations 1" in stats or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         # The times are the only numbers that vary from run to run.
         seen["domblkstat"] = _normalize("\n".join(re.sub(r"(_total_times) [1-9][0-9]*$", r"\1 N", line)
                                                   for line in stats), replacements)
