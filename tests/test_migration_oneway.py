@@ -121,6 +121,60 @@ def test_exec_through_a_fifo_to_a_waiting_destination(tmp_path: Path, qemu: bool
     assert seen == EXPECTED
 
 
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_destination_goes_active_when_the_source_writes(tmp_path: Path, qemu: bool) -> None:
+    # iotest 234: events enabled on a destination already reading "exec: cat FIFO" see
+    # 'active' (QEMU starts loading from a G_IO_IN watch, not when the command starts).
+    if qemu:
+        require("qemu-system-x86_64")
+    image = tmp_path / "disk.qcow2"
+    qemu_img_create(image)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    quoted = shlex.quote(str(fifo))
+    src = start_server(blockdev(image), tmp_path, "src", qemu=qemu)
+    dst = start_server([*blockdev(image), "-incoming", f"exec: cat {quoted}"], tmp_path, "dst", qemu=qemu)
+    try:
+        dst.enable_events()
+        time.sleep(0.3)
+        assert dst.settle() == []
+        assert dst.status() == "inmigrate"
+        src.cmd("migrate", uri=f"exec:cat > {quoted}")
+        _wait_status(dst, "running")
+        assert dst.wait_for("MIGRATION:completed") == "MIGRATION:completed"
+        assert dst.settle() == ["MIGRATION:active", "RESUME", "MIGRATION:completed"]
+    finally:
+        src.close()
+        dst.close()
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_an_exec_stream_that_ends_before_any_byte_never_starts(tmp_path: Path, qemu: bool) -> None:
+    # iotest 060's last case: "exec:cat /dev/null" gives a hang-up and no data; QEMU's
+    # G_IO_IN watch never fires, so the migration never starts and the VM stays in
+    # inmigrate (it neither fails nor exits), its nodes inactive but readable.
+    if qemu:
+        require("qemu-system-x86_64")
+    image = tmp_path / "disk.qcow2"
+    qemu_img_create(image)
+    dst = start_server([*blockdev(image), "-incoming", "exec:cat /dev/null"], tmp_path, "dst", qemu=qemu)
+    try:
+        dst.enable_events()
+        time.sleep(0.5)
+        assert dst.proc.poll() is None
+        assert dst.status() == "inmigrate"
+        assert dst.settle() == []
+        # QEMU 7.2 reports nothing (no incoming state before the channel starts); 8.1+
+        # and the server report 'setup' (qemu_start_incoming_migration sets it).
+        assert dst.cmd("query-migrate") == ({} if qemu else {"status": "setup"})
+        assert "read 512/512 bytes" in dst.qemu_io("disk0 \"read 0 512\"")
+        assert not is_writer(dst.proc.pid, image)
+        dst.cmd("quit")
+        assert dst.wait_exit() == 0
+    finally:
+        dst.close()
+
+
 def test_file_uri_with_an_offset(tmp_path: Path) -> None:
     # QEMU 8.2+'s file: transport; what precedes the offset is left alone.
     stream = tmp_path / "stream"

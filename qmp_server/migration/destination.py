@@ -21,7 +21,7 @@ from ..runstate import LIVE_STATES, InvalidTransition, RunState
 from . import bitmaps as bitmap_migration
 from .blockconfig import NodeDescription, compare, describe
 from .core import MigrationCore
-from .oneway import OneWayError, open_source
+from .oneway import OneWayError, open_source, wait_for_data
 from .source import MigrationError
 from .state import MigrationStatus
 from .stream import (
@@ -57,6 +57,13 @@ async def run_incoming(service: MigrationCore, origin: Listening | OneWayAddress
         except OneWayError as err:
             await _fail(service, str(err))
             return
+        try:
+            # 'setup' until the source's first bytes (QEMU's G_IO_IN watch).
+            await wait_for_data(stream)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
     service.set_incoming_status(MigrationStatus.ACTIVE)
     channel = Channel(stream)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import stat
 import subprocess
 
@@ -222,3 +223,42 @@ async def open_source(address: OneWayAddress) -> trio.abc.Stream:
         assert process.stdout is not None
         return OneWayStream(source=process.stdout, process=process)
     return OneWayStream(source=_FileSource(_open_at(address, os.O_RDONLY, False)))
+
+
+def _readable_fd(stream: trio.abc.Stream) -> int | None:
+    """The descriptor to wait on before an incoming stream starts; None for a regular
+    file (always readable: QEMU's G_IO_IN watch fires at once there)."""
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket.fileno()
+    if isinstance(stream, OneWayStream) and isinstance(stream.source, trio.lowlevel.FdStream):
+        return stream.source.fileno()
+    return None
+
+
+async def wait_for_data(stream: trio.abc.Stream) -> None:
+    """Return once the incoming ``exec:``/``fd:`` stream has data to read.
+
+    QEMU's exec_start_incoming_migration and fd_start_incoming_migration do not start
+    loading (``setup`` -> ``active``) when the channel is created but from a G_IO_IN
+    watch on it, so the destination only goes ``active`` when the source's first bytes
+    arrive (iotest 234 enables the destination's events after -incoming "exec: cat
+    FIFO" and sees ``active``). A pipe whose writer went away without writing (``exec:cat
+    /dev/null``) reports only a hang-up, which never satisfies that watch: QEMU never
+    starts the migration and stays ``inmigrate`` (checked with QEMU 7.2; iotest 060
+    relies on it). We do the same, without QEMU's busy polling: wait forever.
+    """
+    fd = _readable_fd(stream)
+    if fd is None:
+        await trio.lowlevel.checkpoint()
+        return
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        revents = 0
+        for _, flags in poller.poll(0):
+            revents |= flags
+        if revents & select.POLLIN:
+            return
+        if revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            await trio.sleep_forever()
