@@ -151,7 +151,7 @@ class App:
                 nursery.start_soon(serve_qtest, self.qtest)
             await serve(machine, self.dispatcher, self.listeners, poll_max_ns=self.options.poll_max_ns)
             nursery.cancel_scope.cancel()
-        return machine.exit_code
+        return machine.vm.exit_code
 
     @staticmethod
     async def _signals(machine: Machine) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import trio
-
 from .blockservice import BlockService
 from .devices import Devices
 from .events import EventBus
@@ -75,17 +73,3 @@ class Machine:
         self.nbd = NbdService(self.block, self.events)
         self.hmp = HumanMonitor(self.vm, self.block, self.devices, self.migration, config.name,
                                 self.internal_snapshots)
-
-    @property
-    def exit_requested(self) -> trio.Event:
-        """Set when the process should end (see VM.request_exit)."""
-        return self.vm.exit_requested
-
-    @property
-    def exit_code(self) -> int:
-        """The status the process exits with."""
-        return self.vm.exit_code
-
-    def request_exit(self, code: int = 0) -> None:
-        """Ask the server to stop serving and exit with ``code``."""
-        self.vm.request_exit(code)

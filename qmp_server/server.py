@@ -497,7 +497,7 @@ async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.S
             named: dict[str, int] = {}
             nursery.start_soon(_accept_loop, listener, nursery, partial(handle, named=named))
         task_status.started()
-        await machine.exit_requested.wait()
+        await machine.vm.exit_requested.wait()
         # What was said before the exit (quit's SHUTDOWN, a failed incoming migration's
         # MIGRATION event) reaches the clients first, within a bound: QEMU flushes its
         # monitors' output on the way out (monitor_cleanup).
