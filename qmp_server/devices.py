@@ -507,6 +507,12 @@ class Devices:
                 raise QMPError("Parameter 'id' expects an identifier")
             if self.find(dev_id) is not None or dev_id in ("type",):
                 raise QMPError(f"Duplicate device ID '{dev_id}'")
+            path = f"/machine/peripheral/{dev_id}"
+        else:
+            # qdev_set_id adds the new device as /machine/peripheral-anon/device[N] before
+            # its properties are set or it is realized: a failure from here on has used N.
+            path = f"/machine/peripheral-anon/device[{self._anon}]"
+            self._anon += 1
         known = {prop["name"] for prop in model.DEVICE_PROPERTIES[driver]}
         for key in props:
             if key not in _GENERIC and key not in known:
@@ -515,10 +521,6 @@ class Devices:
             # Set before drive and share-rw: the first in QEMU's QDict order of properties.
             self._check_iothread(props["iothread"])
         share_rw = _bool_property(props.get("share-rw", False), "share-rw")
-        if dev_id is not None:
-            path = f"/machine/peripheral/{dev_id}"
-        else:
-            path = f"/machine/peripheral-anon/device[{self._anon}]"
         backend_type = _BACKEND_CHILD.get(driver, (None, driver))[1]
         blk, legacy = self._set_drive(props.get("drive"), backend_type)
         device = Device(driver=driver, id=dev_id, path=path, backend=blk, legacy_drive=legacy,
@@ -529,8 +531,6 @@ class Devices:
             if not legacy:
                 _call(blk.remove)
             raise
-        if dev_id is None:
-            self._anon += 1
         self.devices.append(device)
         return device
 

@@ -124,6 +124,28 @@ def test_device_add_errors(tmp_path: Path, images: tuple[Path, Path], args: dict
         assert ours.cmd("query-block") == []
 
 
+def test_failed_anonymous_device_add_uses_its_number_as_qemu(tmp_path: Path,
+                                                           images: tuple[Path, Path]) -> None:
+    """qdev_set_id names an anonymous device device[N] before its properties are set, so a
+    device_add failing from there on has used N; one failing earlier (no such driver, no
+    bus) has not."""
+    failing: list[dict[str, Any]] = [
+        {"driver": "virtio-blk-pci", "drive": "nosuch"},
+        {"driver": "nosuch"},
+        {"driver": "virtio-blk-pci", "drive": "d0", "foo": 1},
+        {"driver": "scsi-hd", "drive": "d0"},
+        {"driver": "virtio-blk-pci"},
+    ]
+    with both(_blockdevs(Path("{dir}/d.qcow2"), "qcow2"), tmp_path) as (qemu, ours):
+        for args in failing:
+            assert ours.execute("device_add", args) == qemu.execute("device_add", args)
+        for client in (qemu, ours):
+            client.cmd("device_add", driver="virtio-blk-pci", drive="d0")
+        anon = {"path": "/machine/peripheral-anon"}
+        assert ours.cmd("qom-list", **anon) == qemu.cmd("qom-list", **anon)
+        assert _normal(ours.cmd("query-block")) == _normal(qemu.cmd("query-block"))
+
+
 def test_device_del_events_and_legacy_drive(tmp_path: Path, images: tuple[Path, Path]) -> None:
     args = [*_blockdevs(Path("{dir}/d.qcow2"), "qcow2"),
             "-drive", "if=none,id=drive0,file={dir}/r.raw,format=raw"]
