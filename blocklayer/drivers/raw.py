@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..driver import BlockDriver, ChildIO
+from ..driver import BLOCK_OFFSET_VALID, BLOCK_RAW, BlockDriver, ChildIO, DriverStatus
 from ..errors import BlockError
 from ..perm import RESIZE, WRITE, ChildRole
 
@@ -55,7 +55,7 @@ class RawDriver(BlockDriver):
             raise BlockError("Parameter 'offset' expects a non-negative number below 2^64")
         if size is not None and size < 0:
             raise BlockError("Parameter 'size' expects a non-negative number below 2^64")
-        file_len = self._file().getlength()
+        file_len = self._file_length()
         if offset > file_len:
             raise BlockError(f"Offset ({offset}) cannot be greater than size of the "
                              f"containing file ({file_len})")
@@ -72,7 +72,13 @@ class RawDriver(BlockDriver):
         """The window size, or what the file holds past ``offset``."""
         if self.size is not None:
             return self.size
-        return max(0, self._file().getlength() - self.offset)
+        return max(0, self._file_length() - self.offset)
+
+    def _file_length(self) -> int:
+        # bdrv_getlength of the file: QEMU counts a node's length in 512-byte sectors
+        # (total_sectors, rounded up), so a file of 1000 bytes is 1024 long to its parents;
+        # the tail reads as zeroes.
+        return (self._file().getlength() + 511) // 512 * 512
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the file at ``offset`` within the window."""
@@ -89,6 +95,11 @@ class RawDriver(BlockDriver):
     def discard(self, offset: int, length: int) -> None:
         """Pass through to the file."""
         self._file().pdiscard(self.offset + offset, length)
+
+    def block_status(self, want_zero: bool, offset: int, length: int,
+                     allocated_file_size: Callable[[], int | None]) -> DriverStatus:
+        """raw-format's raw_co_block_status: ask the file, at the window's offset."""
+        return DriverStatus(BLOCK_RAW | BLOCK_OFFSET_VALID, length, offset + self.offset, self._file())
 
     def flush(self) -> None:
         """Nothing cached here: flush the file."""
