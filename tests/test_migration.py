@@ -422,10 +422,13 @@ def test_mismatching_block_configuration_fails_cleanly(tmp_path: Path, image: Pa
 
 
 def test_failed_incoming_without_exit_can_be_retried(tmp_path: Path, image: Path) -> None:
-    with pair(tmp_path, image, dst_blockdev=blockdev(image, node="disk1")) as (src, dst):
+    other = tmp_path / "other.qcow2"
+    qemu_img_create(other)
+    with pair(tmp_path, image, dst_blockdev=blockdev(other, node="disk1")) as (src, dst):
         src.cmd("migrate", uri=listen(dst, tmp_path, exit_on_error=False))
         assert dst.wait_for("MIGRATION:failed") == "MIGRATION:failed"
-        error = "Block configuration mismatch: node 'disk0' of the source does not exist on the destination"
+        error = (f"Block configuration mismatch: node 'disk0' of the source opens '{image}', "
+                 "which no node of the destination opens")
         assert dst.cmd("query-migrate") == {"status": "failed", "error-desc": error}
         assert src.wait_for("MIGRATION:failed") == "MIGRATION:failed"
         assert src.cmd("query-migrate")["error-desc"] == error

@@ -226,6 +226,56 @@ def test_block_bitmap_mapping_renames(tmp_path: Path, qemu: bool) -> None:
         dst.close()
 
 
+@pytest.mark.parametrize("mapped", ["none", "source", "destination", "both"])
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_node_names_differ_across_the_sides(tmp_path: Path, qemu: bool, mapped: str) -> None:
+    # iotest 300's TestNodeAliasMigration on a shared qcow2 image: the node is 'node-src'
+    # on the source and 'node-dst' on the destination. QEMU migrates regardless; without
+    # a mapping the destination reports that it cannot find 'node-src' and drops the
+    # bitmap; a mapping on either side (or an alias on both) carries it over.
+    if qemu:
+        require("qemu-system-x86_64")
+    image = tmp_path / "a.qcow2"
+    qemu_img_create(image, "1M")
+    sock = tmp_path / "mig.sock"
+    src = start_server(blockdev(image, node="node-src"), tmp_path, "src", qemu=qemu)
+    dst = start_server([*blockdev(image, node="node-dst"), "-incoming", f"unix:{sock}"],
+                       tmp_path, "dst", qemu=qemu)
+    mappings = {
+        "source": [(src, [{"node-name": "node-src", "alias": "node-dst", "bitmaps": [
+            {"name": "bmap", "alias": "bmap"}]}])],
+        "destination": [(dst, [{"node-name": "node-dst", "alias": "node-src", "bitmaps": [
+            {"name": "bmap", "alias": "bmap"}]}])],
+        "both": [(server, [{"node-name": node, "alias": "node-alias", "bitmaps": [
+            {"name": "bmap", "alias": "bmap-alias"}]}]) for server, node in ((src, "node-src"),
+                                                                           (dst, "node-dst"))],
+    }
+    try:
+        for server in (src, dst):
+            server.cmd("migrate-set-capabilities", capabilities=CAPS)
+        for server, mapping in mappings.get(mapped, []):
+            server.cmd("migrate-set-parameters", **{"block-bitmap-mapping": mapping})
+        src.cmd("block-dirty-bitmap-add", node="node-src", name="bmap")
+        src.hmp('qemu-io node-src "write 64k 64k"')
+        sha = src.cmd("x-debug-block-dirty-bitmap-sha256", node="node-src", name="bmap")["sha256"]
+        src.cmd("migrate", uri=f"unix:{sock}")
+        assert _wait_migration(src)["status"] == "completed"
+        assert _wait_migration(dst)["status"] == "completed"
+        assert dst.status() == "running"
+        reply = dst.client.execute("x-debug-block-dirty-bitmap-sha256", {"node": "node-dst", "name": "bmap"})
+        got = reply.get("return", {}).get("sha256") or reply["error"]["desc"]
+    finally:
+        src.close()
+        dst.close()
+    log = (tmp_path / "dst.log").read_text()
+    if mapped == "none":
+        assert got == "Dirty bitmap 'bmap' not found"
+        assert "Cannot find device='node-src' nor node-name='node-src'" in log
+    else:
+        assert got == sha
+        assert "qemu-system-" not in log and "qmp-server:" not in log, log
+
+
 MAPPINGS = [
     [{"node-name": "a", "alias": "1bad", "bitmaps": []}],
     [{"node-name": "a", "alias": "x", "bitmaps": []}, {"node-name": "a", "alias": "y", "bitmaps": []}],

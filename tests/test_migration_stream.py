@@ -260,15 +260,23 @@ def test_block_configuration_comparison() -> None:
     file = NodeDescription("disk0-file", "file", "/img/a.qcow2", None)
     assert compare([disk, file], [file, disk]) is None
     assert NodeDescription.from_wire(disk.to_wire()) == disk
+    # Node names may differ (iotest 300); nodes only the destination has are its own.
+    renamed = NodeDescription("disk1", "qcow2", "/img/a.qcow2", 64 << 20)
+    null = NodeDescription("node-src", "null-co", "null-co://", 1 << 30)
+    assert compare([disk, file], [renamed]) is None
+    assert compare([null], [NodeDescription("node-dst", "null-co", "null-co://", 1 << 30)]) is None
+    assert compare([disk], [disk, file, null]) is None
     cases = [
-        ([disk], [], "node 'disk0' of the source does not exist on the destination"),
+        ([disk], [], "node 'disk0' of the source opens '/img/a.qcow2', which no node of the "
+                     "destination opens"),
+        ([disk, file], [NodeDescription("disk1", "qcow2", "/img/b.qcow2", 64 << 20)],
+         "node 'disk0' of the source opens '/img/a.qcow2', which no node of the destination opens"),
         ([disk], [NodeDescription("disk0", "raw", "/img/a.qcow2", 64 << 20)],
          "node 'disk0' uses driver 'qcow2' on the source but 'raw' on the destination"),
         ([disk], [NodeDescription("disk0", "qcow2", "/img/b.qcow2", 64 << 20)],
          "node 'disk0' opens '/img/a.qcow2' on the source but '/img/b.qcow2' on the destination"),
         ([disk], [NodeDescription("disk0", "qcow2", "/img/a.qcow2", 32 << 20)],
          "node 'disk0' has virtual size 67108864 on the source but 33554432 on the destination"),
-        ([disk], [disk, file], "node 'disk0-file' exists on the destination but not on the source"),
     ]
     for source, local, text in cases:
         assert compare(source, local) == "Block configuration mismatch: " + text
