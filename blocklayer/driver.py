@@ -11,9 +11,9 @@ Offsets and lengths are in bytes and need no alignment; a driver that needs alig
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from .perm import ChildRole
 
@@ -72,6 +72,31 @@ class BackingRequest:
     filename: str
     path: str
     format: str | None
+
+
+#: QEMU's BDRV_BLOCK_* block-status flags (block-common.h), the same bit values.
+BLOCK_DATA = 0x01
+BLOCK_ZERO = 0x02
+BLOCK_OFFSET_VALID = 0x04
+BLOCK_RAW = 0x08
+BLOCK_ALLOCATED = 0x10
+BLOCK_EOF = 0x20
+BLOCK_RECURSE = 0x40
+
+
+class DriverStatus(NamedTuple):
+    """A driver's answer to a block-status query (QEMU's bdrv_co_block_status callback).
+
+    ``flags`` are BLOCK_* bits (never ALLOCATED or EOF: :mod:`blocklayer.blockstatus`
+    derives those); ``pnum`` (> 0) is how many bytes from the queried offset share them;
+    with BLOCK_OFFSET_VALID, ``map`` is where the offset lies in ``file``: a child of the
+    node, or None for the node itself (a protocol driver's own storage).
+    """
+
+    flags: int
+    pnum: int
+    map: int = 0
+    file: ChildIO | None = None
 
 
 class BlockDriver(ABC):
@@ -198,6 +223,18 @@ class BlockDriver(ABC):
         """Whether QEMU's bdrv_get_info succeeds on this node (then ImageInfo has a
         ``dirty-flag``). True unless a driver says otherwise."""
         return True
+
+    def block_status(self, want_zero: bool, offset: int, length: int,
+                     allocated_file_size: Callable[[], int | None]) -> DriverStatus | None:
+        """The driver's bdrv_co_block_status for ``length`` (> 0) bytes at ``offset``,
+        both inside the node; None when the driver has none (QEMU then reports data).
+
+        ``want_zero`` asks for precise zero/data answers rather than quick ones.
+        ``allocated_file_size`` is bdrv_get_allocated_file_size of the ``file`` child
+        (None when unknown), for drivers that need it (qcow2's preallocation check).
+        Raises :class:`BlockError` when the status cannot be had.
+        """
+        return None
 
     def image_info(self) -> dict[str, Any]:
         """Format-specific members of QMP ``ImageInfo``.

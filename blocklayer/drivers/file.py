@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..driver import BlockDriver
+from ..driver import BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, BlockDriver, DriverStatus
 from ..errors import BlockError
 from ..lockbytes import LockState, ofd_available
 from ..perm import ALL
@@ -517,6 +517,49 @@ class FileDriver(BlockDriver):
             os.pwritev(self._fd, [_bounce_buffer(size)], 0)
         except OSError:
             pass
+
+    def block_status(self, want_zero: bool, offset: int, length: int,
+                     allocated_file_size: Callable[[], int | None]) -> DriverStatus:
+        """file-posix's raw_co_block_status: data and holes as SEEK_DATA/SEEK_HOLE see
+        them (a hole reads as zeroes); without ``want_zero`` everything is data."""
+        self._check_open()
+        if not want_zero:
+            return DriverStatus(BLOCK_DATA | BLOCK_OFFSET_VALID, length, offset)
+        code, data, hole = self._find_allocation(offset)
+        if code == errno.ENXIO:  # a trailing hole (or the file shrank meanwhile)
+            return DriverStatus(BLOCK_ZERO | BLOCK_OFFSET_VALID, length, offset)
+        if code:  # nothing learned: pretend there are no holes
+            return DriverStatus(BLOCK_DATA | BLOCK_OFFSET_VALID, length, offset)
+        if data == offset:
+            # Up to the next hole; a partial block at the end of the file counts whole.
+            align = self._align
+            pnum = -(-(hole - offset) // align) * align
+            return DriverStatus(BLOCK_DATA | BLOCK_OFFSET_VALID, pnum, offset)
+        return DriverStatus(BLOCK_ZERO | BLOCK_OFFSET_VALID, data - offset, offset)
+
+    def _find_allocation(self, start: int) -> tuple[int, int, int]:
+        """file-posix's find_allocation: (errno or 0, next data, next hole) at ``start``.
+
+        In data: data == start and hole is where it ends; in a hole: hole == start and
+        data is where the next data begins; ENXIO: a trailing hole or past the end.
+        """
+        try:
+            data = os.lseek(self._fd, start, os.SEEK_DATA)
+        except OSError as exc:
+            return exc.errno or errno.EIO, 0, 0
+        if data < start:
+            return errno.EIO, 0, 0
+        if data > start:
+            return 0, data, start
+        try:
+            hole = os.lseek(self._fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            return exc.errno or errno.EIO, 0, 0
+        if hole < start:
+            return errno.EIO, 0, 0
+        if hole > start:
+            return 0, start, hole
+        return errno.EBUSY, 0, 0  # a hole dug between the two seeks
 
     def image_info(self) -> dict[str, Any]:
         """``actual-size``: the bytes the file occupies on disk."""

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..driver import BlockDriver
+from ..driver import BLOCK_OFFSET_VALID, BLOCK_ZERO, BlockDriver, DriverStatus
 from ..errors import BlockError
 
 DEFAULT_SIZE = 1 << 30
@@ -21,11 +21,15 @@ class NullDriver(BlockDriver):
 
     name = "null-co"
     protocol = True
+    # null_strong_runtime_opts: latency-ns changes no data.
+    strong_runtime_opts = ("size", "read-zeroes")
 
     def __init__(self) -> None:
         super().__init__()
         self.size = DEFAULT_SIZE
         self.filename = "null-co://"
+        #: Whether reads are said to return zeroes (block status ZERO).
+        self.read_zeroes = True
 
     def open(self, options: Mapping[str, Any], *, read_only: bool, inactive: bool) -> None:
         """Take ``size``; ``latency-ns`` and ``read-zeroes`` are accepted.
@@ -44,6 +48,14 @@ class NullDriver(BlockDriver):
         if size > MAX_LENGTH:
             raise BlockError("Could not refresh total sector count: File too large", errno.EFBIG)
         self.size = size
+        self.read_zeroes = bool(options.get("read-zeroes", True))
+
+    def refresh_filename(self, full_open_options: Mapping[str, Any]) -> str:
+        """null_refresh_filename: ``null-co://`` unless an option other than ``driver``,
+        ``filename`` or ``latency-ns`` is among the full open options."""
+        if any(key not in ("driver", "filename", "latency-ns") for key in full_open_options):
+            return ""
+        return "null-co://"
 
     def has_info(self) -> bool:
         """No: null-co has no bdrv_get_info, so QEMU's ImageInfo has no ``dirty-flag``."""
@@ -66,6 +78,12 @@ class NullDriver(BlockDriver):
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Discarded."""
+
+    def block_status(self, want_zero: bool, offset: int, length: int,
+                     allocated_file_size: Callable[[], int | None]) -> DriverStatus:
+        """null_co_block_status: nothing is data; zeroes with ``read-zeroes`` (QEMU 9.x's
+        default; QEMU 7.2 defaults to off and then says neither data nor zero)."""
+        return DriverStatus(BLOCK_OFFSET_VALID | (BLOCK_ZERO if self.read_zeroes else 0), length, offset)
 
     def flush(self) -> None:
         """Nothing to flush."""

@@ -9,15 +9,26 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..dirtybitmap import DirtyBitmap
-from ..driver import BackingRequest, BlockDriver, ChildIO
+from ..driver import (
+    BLOCK_DATA,
+    BLOCK_OFFSET_VALID,
+    BLOCK_RECURSE,
+    BLOCK_ZERO,
+    BackingRequest,
+    BlockDriver,
+    ChildIO,
+    DriverStatus,
+)
 from ..errors import BlockError
 from ..perm import ChildRole
 from . import bitmaps as BM
 from . import datapath
 from . import snapshotops as SN
+from . import status as ST
 from .errors import CorruptionReport, Qcow2Corruption
 from .header import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT
 from .image import HEADER_READ, Qcow2Image, open_image
+from .l2 import ClusterType
 from .options import Qcow2Options
 from .repair import repair_image
 from .snapshot import NO_ICOUNT, Snapshot
@@ -57,6 +68,8 @@ class Qcow2Driver(BlockDriver):
         #: are loaded into it on open/activation and stored from it on inactivation.
         self._bitmaps: list[DirtyBitmap] = []
         self._node_name = ""
+        #: QEMU's metadata_preallocation(_checked), for the image it was decided on.
+        self._metadata_preallocation: tuple[Qcow2Image, bool] | None = None
         #: Test-only: make invalidate_cache() keep all cached metadata (unsafe).
         self.skip_invalidate_for_tests = (SKIP_INVALIDATE_FOR_TESTS
                                           if skip_invalidate_for_tests is None
@@ -171,6 +184,51 @@ class Qcow2Driver(BlockDriver):
         """Deallocate whole clusters in the range (QEMU's qcow2_co_pdiscard)."""
         img = self._writable_image(offset, length)
         self._guard(img, lambda: datapath.discard(img, self.backing, offset, length))
+
+    def block_status(self, want_zero: bool, offset: int, length: int,
+                     allocated_file_size: Callable[[], int | None]) -> DriverStatus:
+        """qcow2_co_block_status: what the L2 entries say about the range.
+
+        Unallocated clusters are neither data nor zero (the caller asks the backing
+        file); zero clusters are zero, with their host offset if preallocated; normal
+        and compressed clusters are data, only normal ones with a host offset. When
+        the image looks metadata-preallocated, data is marked for the file to refine.
+        """
+        img = self._image()
+        img.maybe_clean_caches()
+        if want_zero and (self._metadata_preallocation is None
+                          or self._metadata_preallocation[0] is not img):
+            self._metadata_preallocation = (
+                img, self._detect_metadata_preallocation(img, allocated_file_size))
+        kind, pnum, host = self._guard(img, lambda: ST.host_offset(img, offset, length))
+        flags = 0
+        if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            flags |= BLOCK_OFFSET_VALID
+        if kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
+            flags |= BLOCK_ZERO
+        elif kind != ClusterType.UNALLOCATED:
+            flags |= BLOCK_DATA
+        prealloc = self._metadata_preallocation
+        if (prealloc is not None and prealloc[1] and flags & BLOCK_DATA
+                and flags & BLOCK_OFFSET_VALID):
+            flags |= BLOCK_RECURSE
+        return DriverStatus(flags, pnum, host if flags & BLOCK_OFFSET_VALID else 0,
+                            self.file if flags & BLOCK_OFFSET_VALID else None)
+
+    def _detect_metadata_preallocation(self, img: Qcow2Image,
+                                       allocated_file_size: Callable[[], int | None]) -> bool:
+        # qcow2_co_block_status ignores a failed check (a corrupt refcount table is
+        # still signalled): the image is then taken as not preallocated.
+        try:
+            allocated = allocated_file_size()
+            if allocated is None:
+                return False
+            return ST.detect_metadata_preallocation(img, img.file.getlength(), allocated)
+        except Qcow2Corruption as exc:
+            self._signal_corruption(img, exc)
+            return False
+        except BlockError:
+            return False
 
     def flush(self) -> None:
         """Write back L2 then refcount caches (dependency order), then flush the file."""

@@ -4,6 +4,7 @@ device's or ``-drive``'s BlockBackend itself (hmp_qemu_io)."""
 from __future__ import annotations
 
 from blocklayer.backend import BlockAcctStats, BlockBackend
+from blocklayer.blockstatus import is_allocated
 from blocklayer.errors import BlockError
 from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode, Edge
@@ -44,6 +45,10 @@ class _Target:
     def getlength(self) -> int:
         """The node's length in bytes."""
         return self.node.getlength()
+
+    def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """bdrv_is_allocated on the node (qemu-io's ``alloc`` and ``map``)."""
+        return is_allocated(self.node, offset, length)
 
     def acct_stats(self) -> BlockAcctStats | None:
         """No BlockBackend of a device or -drive here: nobody reads the accounting."""

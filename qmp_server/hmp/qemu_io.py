@@ -1,8 +1,9 @@
 """QEMU 7.2's qemu-io command interpreter, as HMP ``qemu-io [-d] NODE "CMD"`` runs it.
 
 Supported commands (with qemu-io's aliases): ``read``/``r``, ``write``/``w``, ``readv``,
-``writev``, ``discard``/``d``, ``flush``/``f``, ``length``/``l``, ``aio_read``,
-``aio_write``, ``aio_flush`` (completed at once; the only ones a BlockBackend accounts).
+``writev``, ``discard``/``d``, ``flush``/``f``, ``length``/``l``, ``alloc``/``a``,
+``map``, ``aio_read``, ``aio_write``, ``aio_flush`` (completed at once; the only ones a
+BlockBackend accounts).
 Every other name gets qemu-io's 'command "NAME" not found'.
 
 Where QEMU 7.2 puts the text matters, so :func:`execute_qemu_io` keeps three channels:
@@ -74,6 +75,11 @@ class QemuIoTarget(Protocol):
     def flush(self) -> None: ...
 
     def getlength(self) -> int: ...
+
+    def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """bdrv_is_allocated on the node: (whether the node itself holds the range's first
+        part, for how many bytes); 0 bytes past the end."""
+        ...
 
     def acct_stats(self) -> BlockAcctStats | None:
         """The BlockBackend's accounting that ``aio_*`` commands update, if any."""
@@ -739,6 +745,72 @@ def _length_f(session: _Session, command: _Command, argv: Sequence[str]) -> None
     session.out(format_size(float(size)) + "\n")
 
 
+def _alloc_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
+    # alloc_f: how much of the range this node itself allocates (no backing files, no
+    # zero detection: bdrv_is_allocated); the range may run past the end, which then
+    # shortens the count printed.
+    start = offset = session.number(argv[1])
+    count = session.number(argv[2]) if len(argv) == 3 else 512
+    remaining = count
+    total = 0
+    while remaining:
+        try:
+            allocated, num = session.target.is_allocated(offset, remaining)
+        except (BlockError, OSError) as error:
+            raise session.fail(f"is_allocated failed: {_failure_text(error)}") from None
+        offset += num
+        remaining -= num
+        if allocated:
+            total += num
+        if num == 0:
+            count -= remaining
+            remaining = 0
+    session.out(f"{total}/{count} bytes allocated at offset {format_size(float(start))}\n")
+
+
+def _map_allocated(target: QemuIoTarget, offset: int, length: int) -> tuple[bool, int]:
+    # map_is_allocated: the first answer, extended while the following ones agree (a
+    # failing later query just ends the run there).
+    allocated, total = target.is_allocated(offset, length)
+    num = total
+    while length > 0:
+        offset += num
+        length -= num
+        try:
+            following, num = target.is_allocated(offset, length)
+        except (BlockError, OSError):
+            break
+        if following != allocated or not num:
+            break
+        total += num
+    return allocated, total
+
+
+def _map_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
+    # map_f: the node's allocated and unallocated runs; failures are error_report()s,
+    # so under HMP they are the monitor's reply.
+    try:
+        remaining = session.target.getlength()
+    except (BlockError, OSError) as error:
+        session.monitor(f"Failed to query image length: {_failure_text(error)}\n")
+        raise _Abort() from None
+    offset = 0
+    while remaining:  # every pass moves on by num > 0 bytes
+        try:
+            allocated, num = _map_allocated(session.target, offset, remaining)
+        except (BlockError, OSError) as error:
+            session.monitor(f"Failed to get allocation status: {_failure_text(error)}\n")
+            raise _Abort() from None
+        if not num:
+            session.monitor("Unexpected end of image\n")
+            raise _Abort()
+        state = "    allocated" if allocated else "not allocated"
+        session.out(f"{format_size(float(num))} ({num:#x}) bytes {state} at offset "
+                    f"{format_size(float(offset))} ({offset:#x})\n")
+        offset += num
+        remaining -= num
+
+
 def _sleep_f(session: _Session, command: _Command, argv: Sequence[str]) -> None:
     value, end = _strtol_base0(argv[1])
     if end == 0 or end != len(argv[1]) or value < 0:
@@ -814,6 +886,8 @@ _COMMANDS: tuple[_Command, ...] = (
         _aio_write_f,
     ),
     _Command("aio_flush", None, 0, 0, False, "", _aio_flush_f),
+    _Command("alloc", "a", 1, 2, False, "", _alloc_f),
+    _Command("map", None, 0, 0, False, "", _map_f),
     _Command("flush", "f", 0, 0, False, "", _flush_f),
     _Command("length", "l", 0, 0, False, "", _length_f),
     _Command("sleep", None, 1, 1, False, "", _sleep_f),

@@ -106,6 +106,40 @@ REPLY_TYPE_ERROR = (1 << 15) + 1
 #: The one metadata context served, and its id (QEMU's NBD_META_ID_BASE_ALLOCATION).
 BASE_ALLOCATION = "base:allocation"
 BASE_ALLOCATION_ID = 0
+#: base:allocation's flags: not allocated (reading may be slow to tell zeroes), reads
+#: as zeroes.
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+#: QEMU's NBD_MAX_BLOCK_STATUS_EXTENTS: at most 1 MiB of extents in one reply.
+MAX_BLOCK_STATUS_EXTENTS = (1 << 20) // 8
+_UINT32_MAX = (1 << 32) - 1
+
+class ExtentArray:
+    """The extents of one block-status reply (QEMU's NBDExtentArray).
+
+    Adjacent extents with the same flags are merged while the sum fits 32 bits; once
+    ``capacity`` extents are held, :meth:`add` refuses and the reply ends there (a
+    client asking with NBD_CMD_FLAG_REQ_ONE gets a capacity of one).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.extents: list[tuple[int, int]] = []
+
+    def add(self, length: int, flags: int) -> bool:
+        """Append ``length`` bytes with ``flags``; False (nothing added) when full."""
+        if not length:
+            return True
+        if self.extents and self.extents[-1][1] == flags:
+            merged = self.extents[-1][0] + length
+            if merged <= _UINT32_MAX:
+                self.extents[-1] = (merged, flags)
+                return True
+        if len(self.extents) >= self.capacity:
+            return False
+        self.extents.append((length, flags))
+        return True
+
 
 #: The flags each command accepts (anything else: EINVAL, as nbd_co_receive_request).
 _VALID_FLAGS = {
@@ -543,9 +577,8 @@ class Connection:
             self._out += struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, request.handle) + data
 
     def reply_block_status(self, request: Request, extents: list[tuple[int, int]]) -> None:
-        """``base:allocation`` extents: (length, flags) from the request's offset on."""
-        if request.flags & CMD_FLAG_REQ_ONE:
-            extents = extents[:1]
+        """``base:allocation`` extents: (length, flags) from the request's offset on (see
+        :class:`ExtentArray` for how many)."""
         payload = struct.pack(">I", BASE_ALLOCATION_ID) + b"".join(
             struct.pack(">II", length, flags) for length, flags in extents)
         self._chunk(request.handle, REPLY_TYPE_BLOCK_STATUS, payload)

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from blocklayer.backend import BlockBackend
+from blocklayer.blockstatus import BLOCK_DATA, BLOCK_ZERO, block_status_above
 from blocklayer.errors import BlockError
 from blocklayer.node import BlockNode
 from blocklayer.perm import ALL, CONSISTENT_READ, WRITE
@@ -321,14 +322,35 @@ def _do_request(export: Export, request: nbd.Request) -> bytes | list[tuple[int,
     elif command == nbd.CMD_FLUSH:
         node.flush()
     elif command == nbd.CMD_BLOCK_STATUS:
-        # base:allocation without allocation knowledge: all data, which the protocol
-        # allows (a client then reads what it would have skipped).
         if request.length == 0:
-            raise BlockError("Invalid argument", errno.EINVAL)
-        return [(request.length, 0)]
+            raise BlockError("need non-zero length", errno.EINVAL)
+        return _allocation_extents(node, request)
     if request.flags & nbd.CMD_FLAG_FUA:
         node.flush()
     return None
+
+
+def _allocation_extents(node: BlockNode, request: nbd.Request) -> list[tuple[int, int]]:
+    """nbd/server.c's blockstatus_to_extents: base:allocation of the whole backing chain
+    from the request's offset, a hole where nothing holds data, until the request's
+    length is covered or the reply holds as many extents as it may."""
+    extents = nbd.ExtentArray(1 if request.flags & nbd.CMD_FLAG_REQ_ONE
+                              else nbd.MAX_BLOCK_STATUS_EXTENTS)
+    offset, remaining = request.offset, request.length
+    while remaining:
+        try:
+            status = block_status_above(node, offset, remaining)
+        except BlockError as err:
+            raise BlockError("can't get block status", err.errno or errno.EIO) from err
+        if status.pnum <= 0:  # the node shrank under the export: nothing more to say
+            break
+        flags = ((0 if status.flags & BLOCK_DATA else nbd.STATE_HOLE)
+                 | (nbd.STATE_ZERO if status.flags & BLOCK_ZERO else 0))
+        if not extents.add(status.pnum, flags):
+            break
+        offset += status.pnum
+        remaining -= status.pnum
+    return extents.extents
 
 
 async def _listen(addr: dict[str, Any], take_fd: Callable[[str], int]) -> tuple[trio.SocketListener,
