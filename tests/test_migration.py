@@ -673,3 +673,39 @@ def test_example_script(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "destination read back the source's data" in result.stdout
     assert 'source can no longer take the image: Failed to get "write" lock' in result.stdout
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_migrate_start_postcopy(tmp_path: Path, qemu: bool) -> None:
+    # QEMU's qmp_migrate_start_postcopy: a postcopy capability (postcopy-ram or
+    # dirty-bitmaps) and a started migration, else its texts; a finished migration is no
+    # error. Without guest RAM the migration completes as precopy on both.
+    if qemu:
+        qemu_tools.require("qemu-system-x86_64")
+    server = start_server([], tmp_path, "vm", qemu=qemu)
+
+    def attempt() -> tuple[Any, str]:
+        reply = server.client.execute("migrate-start-postcopy")
+        return reply.get("error", {}).get("desc", reply), server.hmp("migrate_start_postcopy")
+
+    try:
+        seen = [attempt()]
+        for capability in ("postcopy-ram", "dirty-bitmaps"):
+            server.cmd("migrate-set-capabilities", capabilities=[
+                {"capability": name, "state": name == capability}
+                for name in ("postcopy-ram", "dirty-bitmaps")])
+            seen.append(attempt())
+        server.cmd("migrate", uri=f"exec:cat > {tmp_path / 'stream'}")
+        deadline = time.monotonic() + 20
+        while server.cmd("query-migrate").get("status") != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        seen.append(attempt())
+        assert server.client.execute("migrate-start-postcopy", {"x": 1})["error"]["desc"] == (
+            "Parameter 'x' is unexpected")
+    finally:
+        server.close()
+    enable = "Enable postcopy with migrate_set_capability before the start of migration"
+    started = "Postcopy must be started after migration has been started"
+    assert seen == [(enable, f"Error: {enable}\r\n"), (started, f"Error: {started}\r\n"),
+                    (started, f"Error: {started}\r\n"), ({"return": {}}, "")]

@@ -544,6 +544,7 @@ def test_commands_and_flags(schema: Schema) -> None:
         "migrate-incoming",
         "migrate",
         "migrate_cancel",
+        "migrate-start-postcopy",
         "query-migrate",
         "migrate-set-capabilities",
         "query-migrate-capabilities",

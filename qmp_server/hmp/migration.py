@@ -1,6 +1,6 @@
 """HMP's migration commands, as QEMU 10.1 prints them (migration/migration-hmp-cmds.c).
 
-``migrate [-d] uri``, ``migrate_cancel``, ``migrate_incoming uri``,
+``migrate [-d] uri``, ``migrate_cancel``, ``migrate_start_postcopy``, ``migrate_incoming uri``,
 ``migrate_set_capability name on|off``, ``migrate_set_parameter name value``,
 ``info migrate``, ``info migrate_capabilities``. Each is the QMP command underneath;
 errors print as hmp_handle_error does (``Error: <desc>``).
@@ -56,6 +56,14 @@ class MigrationCommands:
     async def migrate_cancel(self, args: str) -> str:
         """``migrate_cancel``."""
         self.migration.cancel()
+        return ""
+
+    async def migrate_start_postcopy(self, args: str) -> str:
+        """``migrate_start_postcopy``."""
+        try:
+            self.migration.start_postcopy()
+        except QMPError as err:
+            return f"Error: {err.desc}\n"
         return ""
 
     async def migrate_incoming(self, args: str) -> str:

@@ -78,6 +78,11 @@ class HumanMonitor:
                                      "for completion)"),
             "migrate_cancel": (mig.migrate_cancel, "migrate_cancel  -- cancel the current VM "
                                                    "migration"),
+            "migrate_start_postcopy": (mig.migrate_start_postcopy,
+                                       "migrate_start_postcopy  -- Followup to a migration command to "
+                                       "switch the migration to postcopy mode. The postcopy-ram "
+                                       "capability must be set on both source and destination before "
+                                       "the original migration command ."),
             "migrate_incoming": (mig.migrate_incoming, "migrate_incoming uri -- Continue an incoming "
                                                        "migration from an -incoming defer"),
             "migrate_set_capability": (mig.set_capability, "migrate_set_capability capability state "

@@ -33,6 +33,13 @@ async def migrate_cancel(ctx: CommandContext, args: dict[str, Any]) -> dict[str,
     return {}
 
 
+@table.command("migrate-start-postcopy")
+async def migrate_start_postcopy(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Ask the outgoing migration to switch to postcopy (QEMU's checks; no RAM to copy)."""
+    ctx.machine.migration.start_postcopy()
+    return {}
+
+
 @table.query("query-migrate")
 def query_migrate(machine: Machine) -> dict[str, Any]:
     """State and statistics of the current or last migration; ``{}`` before any."""

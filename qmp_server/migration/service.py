@@ -162,6 +162,22 @@ class MigrationService(MigrationCore):
             assert out.scope is not None
             out.scope.cancel()
 
+    def start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: QEMU's qmp_migrate_start_postcopy checks and texts.
+
+        QEMU only sets a flag that its migration thread reads when the RAM left to send is
+        small enough to switch over; with no guest RAM nothing is left, so the migration
+        completes as precopy (as QEMU's does for a machine whose RAM is all sent). Named
+        dirty bitmaps, which QEMU would send after the switch-over, go with the device
+        state before the end marker: the destination resumes only once it has them.
+        """
+        caps = self.options.capabilities
+        if not (caps.get("postcopy-ram") or caps.get("dirty-bitmaps")):
+            raise QMPError("Enable postcopy with migrate_set_capability before the start of migration")
+        if self.outgoing.status is MigrationStatus.NONE:
+            # Racing a finished migration is no error (QEMU's comment there).
+            raise QMPError("Postcopy must be started after migration has been started")
+
     # Queries and settings -----------------------------------------------------------------
 
     def query(self) -> dict[str, Any]:
