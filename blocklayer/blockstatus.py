@@ -72,10 +72,12 @@ class Status:
 
 
 def _length(node: BlockNode) -> int:
-    # bdrv_co_getlength: a node whose driver gave up has no length.
+    # bdrv_co_getlength: whole 512-byte sectors (QEMU keeps a node's length as
+    # total_sectors), so the partial sector at the end of a file counts whole and reads
+    # as a hole there; a node whose driver gave up has no length.
     if node.driver.ejected:
         raise BlockError(os.strerror(errno.ENOMEDIUM), errno.ENOMEDIUM)
-    return node.getlength()
+    return (node.getlength() + 511) // 512 * 512
 
 
 def _child_node(node: BlockNode, child: ChildIO) -> BlockNode:
