@@ -286,3 +286,47 @@ def test_hmp_qemu_io_map_and_alloc_as_qemu(tmp_path: Path, qemu_system: str, qem
     for mine, qemu in zip(ours, theirs, strict=True):
         assert mine == qemu
     assert any("not allocated" in step for step in ours)
+
+
+def _corrupt_scenario(c: Client, work: Path) -> list[Any]:
+    # An L2 entry whose host offset is not cluster-aligned: block status signals the
+    # corruption as QEMU's qcow2_get_host_offset does (read-only: reported; read-write:
+    # fatal, the node ejected), and the clients get EIO, then ENOMEDIUM.
+    image = work / "bad.qcow2"
+    _sh("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    _sh("qemu-io", "-f", "qcow2", str(image), "-c", "write -P 1 0 128k")
+    with open(image, "r+b") as f:
+        f.seek(40)
+        (l1_offset,) = struct.unpack(">Q", f.read(8))
+        f.seek(l1_offset)
+        (l2_offset,) = struct.unpack(">Q", f.read(8))
+        f.seek((l2_offset & 0x00FFFFFFFFFFFE00) + 8)
+        (entry,) = struct.unpack(">Q", f.read(8))
+        f.seek((l2_offset & 0x00FFFFFFFFFFFE00) + 8)
+        f.write(struct.pack(">Q", entry + 0x200))
+    sock = str(work / "nbd.sock")
+    c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    steps: list[Any] = []
+    for name in ("ro", "rw"):
+        c.cmd("blockdev-add", node_name=name, driver="qcow2", read_only=name == "ro",
+              file={"driver": "file", "filename": str(image)})
+        c.cmd("nbd-server-add", device=name)
+        steps.append(_sh("qemu-img", "map", "--output=json", "-f", "raw", _url(sock, name)))
+        steps.append(c.qemu_io(f'{name} "map"'))
+        steps.append(c.qemu_io(f'{name} "alloc 0 1M"'))
+        steps.append(c.qemu_io(f'{name} "length"'))
+        c.cmd("nbd-server-remove", name=name)
+        steps.append([(e["event"], e.get("data")) for e in c.events])
+        c.events.clear()
+        c.cmd("blockdev-del", node_name=name)
+    assert c.output is not None
+    steps.append(c.output.all())
+    steps.append(_sh("qemu-img", "check", str(image)))
+    return steps
+
+
+def test_corrupt_l2_entry_as_qemu(tmp_path: Path, qemu_system: str, qemu_img: str) -> None:
+    theirs, ours = _both(tmp_path, _corrupt_scenario)
+    for mine, qemu in zip(ours, theirs, strict=True):
+        assert mine == qemu
+    assert any("unaligned (L2 offset: 0x" in str(step) for step in ours)

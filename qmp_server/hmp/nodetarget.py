@@ -3,6 +3,9 @@ device's or ``-drive``'s BlockBackend itself (hmp_qemu_io)."""
 
 from __future__ import annotations
 
+import errno
+import os
+
 from blocklayer.backend import BlockAcctStats, BlockBackend
 from blocklayer.blockstatus import is_allocated
 from blocklayer.errors import BlockError
@@ -43,7 +46,10 @@ class _Target:
         self.node.flush()
 
     def getlength(self) -> int:
-        """The node's length in bytes."""
+        """The node's length in bytes; a node whose driver gave up (fatal corruption)
+        has none, as QEMU's blk_getlength (``No medium found``)."""
+        if self.node.driver.ejected:
+            raise BlockError(os.strerror(errno.ENOMEDIUM), errno.ENOMEDIUM)
         return self.node.getlength()
 
     def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
