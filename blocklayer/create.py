@@ -179,6 +179,10 @@ class _FdChild:
     def filename(self) -> str:
         return self._filename
 
+    @property
+    def bottom_filename(self) -> str:
+        return self._filename
+
     def has_info(self) -> bool:
         """Yes: a file."""
         return True

@@ -30,7 +30,13 @@ class ChildIO(Protocol):
 
     @property
     def filename(self) -> str:
-        """The image path as QEMU reports it (``file`` of BlockDeviceInfo)."""
+        """The node's file name as QEMU reports it (``file`` of BlockDeviceInfo)."""
+        ...
+
+    @property
+    def bottom_filename(self) -> str:
+        """The exact file name at the bottom of the child's primary chain, the base of
+        relative backing file names (QEMU's bdrv_dirname); "" when it has none."""
         ...
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -123,6 +129,11 @@ class BlockDriver(ABC):
     file_role: ClassVar[ChildRole] = ChildRole.DATA | ChildRole.PRIMARY
     #: True if the format can have a backing image (qcow2).
     supports_backing: ClassVar[bool] = False
+    #: QEMU's strong_runtime_opts: the driver's options that change what the node holds
+    #: (null-co's ``size``), so that its file name must carry them (a ``json:`` name,
+    #: see :meth:`blocklayer.node.BlockNode.refresh_filename`). A name ending in ``.``
+    #: stands for every option under it.
+    strong_runtime_opts: ClassVar[tuple[str, ...]] = ()
     #: QEMU's ``bs->drv == NULL``: the driver gave the node up (fatal corruption, failed
     #: re-open) and it only waits to be deleted; queries then fail as QEMU's do.
     ejected: bool = False
@@ -206,6 +217,11 @@ class BlockDriver(ABC):
 
     def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Hint that ``ranges`` will be read soon (protocol drivers). Must not fail."""
+
+    def refresh_filename(self, full_open_options: Mapping[str, Any]) -> str | None:
+        """The driver's own bdrv_refresh_filename: the node's exact file name given its
+        full open options ("" for none), or None to leave it to the generic rule."""
+        return None
 
     def backing_request(self) -> BackingRequest | None:
         """The backing image named by the image itself, if any."""

@@ -63,6 +63,37 @@ def probe_format(path: str) -> str:
     return "qcow2" if magic == b"QFI\xfb" else "raw"
 
 
+def plain_json(value: Any) -> str:
+    """JSON text for ``json:`` file names when no monitor gave the graph QEMU's encoder:
+    QEMU's separators, the members in the order they were put in."""
+    return json.dumps(value, separators=(", ", ": "))
+
+
+def _spelled_child(spelled: Mapping[str, Any] | None, name: str) -> Mapping[str, Any] | None:
+    # The user's spelling of a child given inline (a reference has none to keep).
+    child = spelled.get(name) if spelled is not None else None
+    return child if isinstance(child, Mapping) else None
+
+
+def _open_options(options: Mapping[str, Any], spelled: Mapping[str, Any] | None) -> dict[str, Any]:
+    """QEMU's bs->options of a node opened with ``options``: flattened (qdict_flatten:
+    ``cache.direct``), without the children (bdrv_open_child takes theirs away), each
+    value as the user spelled it when ``spelled`` has it."""
+    flat: dict[str, Any] = {}
+    stack: list[tuple[Mapping[str, Any], Mapping[str, Any] | None, str]] = [(options, spelled, "")]
+    while stack:
+        tree, spelling, prefix = stack.pop()
+        for key, value in tree.items():
+            if not prefix and key in ("file", "backing"):
+                continue
+            given = spelling.get(key) if spelling is not None else None
+            if isinstance(value, Mapping):
+                stack.append((value, given if isinstance(given, Mapping) else None, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value if given is None or isinstance(given, Mapping) else given
+    return flat
+
+
 def _id_wellformed(name: str) -> bool:
     # QEMU's id_wellformed: an ASCII letter, then letters, digits, '-', '.', '_'.
     if not name or not (name[0].isascii() and name[0].isalpha()):
@@ -73,8 +104,13 @@ def _id_wellformed(name: str) -> bool:
 class BlockGraph:
     """All nodes of one server, by name."""
 
-    def __init__(self, drivers: Mapping[str, DriverFactory] | None = None) -> None:
+    def __init__(self, drivers: Mapping[str, DriverFactory] | None = None,
+                 filename_json: Callable[[Any], str] | None = None) -> None:
         self.drivers: Mapping[str, DriverFactory] = drivers if drivers is not None else default_drivers()
+        #: Writes a node's full open options for its ``json:`` file name. QEMU writes them
+        #: with qobject_to_json, in its QDict member order; whoever wires the graph to a
+        #: monitor passes that encoder (the block layer knows no QMP), else plain JSON.
+        self.filename_json: Callable[[Any], str] = filename_json or plain_json
         # Insertion order = name assignment order (children before their parent), which
         # query-named-block-nodes reports newest first, as QEMU does.
         self.nodes: dict[str, BlockNode] = {}
@@ -125,15 +161,19 @@ class BlockGraph:
         if len(name) >= 32:
             raise BlockError("Node name too long")
 
-    def open(self, options: Mapping[str, Any], *, inactive: bool = False) -> BlockNode:
+    def open(self, options: Mapping[str, Any], *, inactive: bool = False,
+             spelled: Mapping[str, Any] | None = None) -> BlockNode:
         """Open a node tree from validated ``blockdev-add`` options (monitor-owned root).
 
         ``inactive`` forces every new node inactive (the VM is in ``inmigrate``). On any
         error, everything this call opened is closed again and the graph is unchanged.
+        ``spelled`` is the same tree as the user wrote it before its values were typed,
+        where that differs (``-drive``'s are all strings): file names show the options as
+        QEMU holds them (see :meth:`BlockNode.refresh_filename`).
         """
         created: list[BlockNode] = []
         try:
-            node = self._open(options, None, inactive, created)
+            node = self._open(options, None, inactive, created, spelled)
         except BaseException:
             for node in reversed(created):
                 self._destroy(node, flush=False)
@@ -142,7 +182,7 @@ class BlockGraph:
         return node
 
     def _open(self, options: Mapping[str, Any], inherited: NodeOptions | None, force_inactive: bool,
-              created: list[BlockNode]) -> BlockNode:
+              created: list[BlockNode], spelled: Mapping[str, Any] | None = None) -> BlockNode:
         drv_name = options["driver"]
         factory = self.drivers.get(drv_name)
         if factory is None:
@@ -155,7 +195,8 @@ class BlockGraph:
             file_ref = options.get("file")
             if file_ref is None:
                 raise BlockError("Parameter 'file' is missing")
-            file_edge_target = self._child_node(file_ref, generic, inactive, created, backing=False)
+            file_edge_target = self._child_node(file_ref, generic, inactive, created, backing=False,
+                                                spelled=_spelled_child(spelled, "file"))
         name = options.get("node-name")
         if name is None:
             name = self._generate_name()
@@ -177,11 +218,16 @@ class BlockGraph:
             self._detach_all(node)
             raise
         self._driver_options[node] = driver_options
+        node.open_options = _open_options(options, spelled)
+        # bdrv_open_common: the file name is the ``filename`` option (protocol drivers).
+        filename = node.open_options.get("filename")
+        node.exact_filename = node.refreshed_filename = filename if isinstance(filename, str) else ""
         self.nodes[name] = node
         BlockNode.changes += 1
         created.append(node)
         if driver.supports_backing:
-            self._open_backing(node, options, inactive, created)
+            self._open_backing(node, options, inactive, created, _spelled_child(spelled, "backing"))
+        self.refresh_filenames([node])
         return node
 
     def _open_driver(self, node: BlockNode, driver_options: dict[str, Any]) -> None:
@@ -215,7 +261,8 @@ class BlockGraph:
         return generic
 
     def _child_node(self, ref: Any, parent_options: NodeOptions, inactive: bool,
-                    created: list[BlockNode], *, backing: bool) -> BlockNode:
+                    created: list[BlockNode], *, backing: bool,
+                    spelled: Mapping[str, Any] | None = None) -> BlockNode:
         if isinstance(ref, str):
             node = self.nodes.get(ref)
             if node is None:
@@ -229,17 +276,20 @@ class BlockGraph:
             cache_no_flush=parent_options.cache_no_flush,
             discard_unmap=parent_options.discard_unmap,
         )
-        return self._open(ref, inherited, inactive, created)
+        return self._open(ref, inherited, inactive, created, spelled)
 
     def _open_backing(self, node: BlockNode, options: Mapping[str, Any], inactive: bool,
-                      created: list[BlockNode]) -> None:
+                      created: list[BlockNode], spelled: Mapping[str, Any] | None) -> None:
+        request = node.driver.backing_request()
+        # qcow2_do_open: both start as the header's name.
+        node.backing_file = node.auto_backing_file = request.filename if request is not None else ""
         if "backing" in options:
             ref = options["backing"]
             if ref is None:
                 return
-            child = self._child_node(ref, node.options, inactive, created, backing=True)
+            child = self._child_node(ref, node.options, inactive, created, backing=True,
+                                     spelled=spelled)
         else:
-            request = node.driver.backing_request()
             if request is None:
                 return
             if request.filename.startswith("json:"):
@@ -254,6 +304,9 @@ class BlockGraph:
                 if err.message.startswith("Could not open backing file: "):
                     raise
                 raise BlockError(f"Could not open backing file: {err.message}", err.errno) from err
+            # bdrv_open_backing_file: a backing node opened as the header says is what the
+            # header means, whatever its file name (implicit_backing).
+            node.auto_backing_file = child.filename
         self._attach(node, child, "backing", ChildRole.COW)
         node.driver.backing = child
 
@@ -300,6 +353,51 @@ class BlockGraph:
         except OSError as err:
             raise BlockError(f"Could not open backing file: Could not open '{path}': "
                              f"{os.strerror(err.errno or 0)}", err.errno) from err
+
+    # File names -------------------------------------------------------------------------
+
+    def refresh_filenames(self, changed: list[BlockNode]) -> None:
+        """Bring the file names of ``changed`` and of every node above them up to date,
+        children before parents (a node's name holds its children's options).
+
+        QEMU refreshes a node's name (bdrv_refresh_filename) whenever it reports it; the
+        graph does it whenever a name could change instead (opening, overlays, an image
+        header naming another backing file), so every name is always current.
+        """
+        affected: dict[BlockNode, None] = {}  # nodes hash by identity; kept in order
+        pending = list(changed)
+        while pending:
+            node = pending.pop()
+            if node not in affected:
+                affected[node] = None
+                pending.extend(e.parent for e in node.parents if e.parent is not None)
+        done: set[BlockNode] = set()
+        for start in affected:
+            stack: list[tuple[BlockNode, bool]] = [(start, False)]
+            while stack:
+                node, expanded = stack.pop()
+                if node in done:
+                    continue
+                if not expanded:
+                    stack.append((node, True))
+                    stack.extend((e.child, False) for e in node.children
+                                 if e.child in affected and e.child not in done)
+                    continue
+                done.add(node)
+                # No touch() needed for cached queries: whatever changed a name touched a
+                # node below it, and an entry's stamp holds its children's.
+                node.refresh_filename(self.filename_json)
+
+    def _reread_backing_name(self, node: BlockNode) -> None:
+        # qcow2_do_open on activation: when the header names another backing file than it
+        # did, both bs->backing_file and auto_backing_file take the new name.
+        if not node.driver.supports_backing or node.driver.ejected:
+            return
+        request = node.driver.backing_request()
+        name = request.filename if request is not None else ""
+        if name != node.backing_file:
+            node.backing_file = node.auto_backing_file = name
+            self.refresh_filenames([node])
 
     # Edges and permissions ------------------------------------------------------------
 
@@ -537,6 +635,9 @@ class BlockGraph:
             old.parents = moved
             self._loosen([old, overlay])
             raise
+        # The overlay's name now compares its header with the old top's name; the users
+        # moved up see the overlay's.
+        self.refresh_filenames([overlay])
         return moved
 
     def remove_overlay(self, overlay: BlockNode, old: BlockNode, moved: list[Edge]) -> None:
@@ -558,6 +659,7 @@ class BlockGraph:
         overlay.touch()
         old.touch()
         self._loosen([old, overlay])
+        self.refresh_filenames([overlay, old])
 
     def set_read_only(self, node: BlockNode) -> None:
         """QEMU's bdrv_reopen_set_read_only(bs, true), as external_snapshot_commit uses it.
@@ -627,6 +729,7 @@ class BlockGraph:
             raise
         finally:
             node.touch()
+        self._reread_backing_name(node)
         self._prefetch_for_parents(node)
 
     @staticmethod
@@ -710,6 +813,7 @@ class BlockGraph:
             return
         node.touch()
         node.driver.invalidate_cache()
+        self._reread_backing_name(node)
         self._prefetch_for_parents(node)
 
     def flush_all(self) -> None:

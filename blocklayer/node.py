@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .dirtybitmap import DirtyBitmap, set_dirty
 from .driver import BlockDriver
 from .errors import BlockError
 from .perm import ALL, ChildRole
+
+#: The size of QEMU's bs->filename (PATH_MAX): longer json: names are cut.
+FILENAME_BUFFER = 4096
 
 
 @dataclass(eq=False)
@@ -87,6 +90,20 @@ class BlockNode:
     #: driver that stores bitmaps in its image (qcow2) shares this very list: it loads
     #: into it on open/activation and stores from it on inactivation.
     dirty_bitmaps: list[DirtyBitmap] = field(default_factory=list)
+    #: QEMU's bs->options as far as file names need them (:meth:`refresh_filename`): the
+    #: node's own options, flattened (``encrypt.key-secret``), valued as the user gave
+    #: them (``-drive`` gives strings). Children's options are theirs.
+    open_options: dict[str, Any] = field(default_factory=dict)
+    #: QEMU's bs->backing_file (as the image header names it) and auto_backing_file: the
+    #: same, or the backing node's file name when the backing node was opened from the
+    #: header; the backing child is "overridden" when it differs (bdrv_backing_overridden).
+    backing_file: str = ""
+    auto_backing_file: str = ""
+    #: QEMU's exact_filename, full_open_options and filename, as the last
+    #: :meth:`refresh_filename` left them (the graph refreshes them on every change).
+    exact_filename: str = ""
+    full_open_options: dict[str, Any] = field(default_factory=dict)
+    refreshed_filename: str = ""
 
     #: Bumped with every change to any node (and by the graph when nodes come and go):
     #: lets adapters reuse what they derived from the whole graph.
@@ -132,14 +149,88 @@ class BlockNode:
 
     @property
     def filename(self) -> str:
-        """``file`` of BlockDeviceInfo: the image file at the bottom of the primary chain."""
-        own = getattr(self.driver, "filename", None)
-        if isinstance(own, str):
-            return own
-        edge = self.child("file")
+        """QEMU's bs->filename (``file`` of BlockDeviceInfo): see :meth:`refresh_filename`."""
+        return self.refreshed_filename
+
+    @property
+    def bottom_filename(self) -> str:
+        """The exact file name at the bottom of the primary (``file``) chain, which relative
+        backing file names resolve against (QEMU's bdrv_dirname); "" when it has none."""
+        node = self
+        while (edge := node.child("file")) is not None:
+            node = edge.child
+        return node.exact_filename
+
+    def backing_overridden(self) -> bool:
+        """QEMU's bdrv_backing_overridden: the backing node is not the one the image names
+        (or the image names one and there is none). May say yes for the same image
+        reached by another name, as QEMU's string comparison does."""
+        edge = self.child("backing")
         if edge is not None:
-            return edge.child.filename
-        return ""
+            return self.auto_backing_file != edge.child.refreshed_filename
+        return self.auto_backing_file != ""
+
+    def refresh_filename(self, to_json: Callable[[Any], str]) -> None:
+        """QEMU's bdrv_refresh_filename for this node, its children being fresh already.
+
+        The full open options are ``driver``, ``filename`` and the driver's strong runtime
+        options as the node was opened with them (append_strong_runtime_options), then every
+        child's full open options under the child's name, the backing child's only when it
+        overrides the image's own (``"backing": null`` when the image names one and the
+        node has none). The exact file name is the driver's answer if it has one
+        (null-co), else the primary child's when that is a protocol node, this driver is no
+        filter and neither a strong option nor an overridden backing changes the data;
+        protocol nodes without a callback keep the name they were opened with. The file
+        name is the exact one, or ``json:`` and the full open options as ``to_json`` writes
+        them, cut to QEMU's 4096-byte buffer with ``...`` at its end.
+        """
+        driver = self.driver
+        if driver.ejected:
+            return  # bdrv_refresh_filename: nothing without a driver, the old name stays
+        overridden = self.backing_overridden()
+        opts: dict[str, Any] = {}
+        strong = False
+        for key in ("driver", "filename", *driver.strong_runtime_opts):
+            given = False
+            if key.endswith("."):
+                for name, value in self.open_options.items():
+                    if name.startswith(key):
+                        opts[name] = value
+                        given = True
+            elif key in self.open_options:
+                opts[key] = self.open_options[key]
+                given = True
+            strong |= given and key not in ("driver", "filename")
+        opts.setdefault("driver", driver.name)
+        # bs->children holds the newest child first (bdrv_attach_child_noperm inserts at
+        # the head): the insertion order decides the member order within a hash bucket.
+        for edge in reversed(self.children):
+            if edge.name == "backing" and not overridden:
+                continue
+            opts[edge.name] = edge.child.full_open_options
+        if overridden and self.child("backing") is None:
+            opts["backing"] = None
+        self.full_open_options = opts
+        exact = driver.refresh_filename(opts)
+        if exact is None:
+            primary = self.child("file")
+            if primary is not None:
+                exact = ""
+                if (primary.child.exact_filename and primary.child.driver.protocol
+                        and not strong and not overridden):
+                    exact = primary.child.exact_filename
+            else:
+                exact = self.exact_filename
+        self.exact_filename = exact
+        if exact:
+            self.refreshed_filename = exact
+            return
+        name = "json:" + to_json(opts)
+        if len(name.encode("utf-8", "surrogateescape")) >= FILENAME_BUFFER:
+            # QEMU writes it into its PATH_MAX buffer and marks the cut with "...".
+            kept = name.encode("utf-8", "surrogateescape")[:FILENAME_BUFFER - 4]
+            name = kept.decode("utf-8", "surrogateescape") + "..."
+        self.refreshed_filename = name
 
     def cumulative_perms(self) -> tuple[int, int]:
         """Union of what all users need; intersection of what they let others do."""

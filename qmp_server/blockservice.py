@@ -26,7 +26,7 @@ from blocklayer.perm import ALL
 
 from .blockinfo import block_infos, block_infos_json
 from .errors import QMPError
-from .protocol.encoding import PreEncoded
+from .protocol.encoding import PreEncoded, encode_text
 from .runstate import VM, RunState
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ class BlockService:
     def __init__(self, vm: VM, graph: BlockGraph | None = None) -> None:
         self.vm = vm
         self.graph = graph if graph is not None else BlockGraph(default_drivers(self._image_corrupted))
+        # json: file names are written as QEMU's qobject_to_json writes the options.
+        self.graph.filename_json = encode_text
         self._lock = threading.Lock()
         #: bdrv_get_device_name: the name of a node's BlockBackend ("" for none or an
         #: anonymous one). The devices know the backends; machine.py wires them in.

@@ -72,9 +72,29 @@ def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise QMPError(err.message) from err
 
 
+class _JsonScalar(str):
+    """A ``json:`` filename's scalar as a QemuOpts string, remembering the JSON value:
+    QEMU keeps that one in the node's options (its file name shows ``512``, not ``"512"``)."""
+
+    value: Any
+
+    def __new__(cls, text: str, value: Any) -> _JsonScalar:
+        scalar = super().__new__(cls, text)
+        scalar.value = value
+        return scalar
+
+
+def _as_spelled(tree: Any) -> Any:
+    """The -drive options as QEMU holds them: strings, but a json: filename's JSON values."""
+    if isinstance(tree, dict):
+        return {key: _as_spelled(value) for key, value in tree.items()}
+    return tree.value if isinstance(tree, _JsonScalar) else tree
+
+
 def _json_filename(filename: str) -> dict[str, Any]:
     """parse_json_filename: the options of a ``json:{...}`` filename, dotted keys nested
-    (qdict_flatten, then crumpled as -drive's own options), scalars as QemuOpts strings."""
+    (qdict_flatten, then crumpled as -drive's own options), scalars as QemuOpts strings
+    (:class:`_JsonScalar`)."""
     try:
         tree = json.loads(filename[len("json:"):])
     except ValueError as err:
@@ -88,9 +108,9 @@ def _json_filename(filename: str) -> dict[str, Any]:
             for key, item in value.items():
                 flatten(f"{prefix}{key}.", item)
         elif isinstance(value, bool):
-            flat[prefix[:-1]] = "on" if value else "off"
+            flat[prefix[:-1]] = _JsonScalar("on" if value else "off", value)
         else:
-            flat[prefix[:-1]] = value if isinstance(value, str) else json.dumps(value)
+            flat[prefix[:-1]] = value if isinstance(value, str) else _JsonScalar(json.dumps(value), value)
 
     flatten("", tree)
     return nest(flat)
@@ -253,7 +273,9 @@ class Devices:
         # blk_new_open: the backend reads consistently and lets everyone else do anything.
         blk.perm, blk.shared = CONSISTENT_READ, ALL
         if tree is not None:
-            node = _call(graph.open, self._typed(tree), inactive=self._inmigrate())
+            # bs->options of a -drive's nodes hold QemuOpts' strings (file names show them).
+            node = _call(graph.open, self._typed(tree), inactive=self._inmigrate(),
+                         spelled=_as_spelled(tree))
             # drive_new's tree belongs to its BlockBackend, not to the monitor.
             node.monitor_owned = False
             try:

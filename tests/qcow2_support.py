@@ -42,6 +42,10 @@ class FileChildIO:
     def filename(self) -> str:
         return self.path
 
+    @property
+    def bottom_filename(self) -> str:
+        return self.path
+
     def _check_writable(self) -> None:
         if self.read_only:
             raise BlockError("Block node is read-only")
@@ -102,6 +106,10 @@ class DriverChildIO:
 
     @property
     def filename(self) -> str:
+        return self._filename
+
+    @property
+    def bottom_filename(self) -> str:
         return self._filename
 
     def pread(self, offset: int, length: int) -> bytes:

@@ -15,6 +15,7 @@ class RawDriver(BlockDriver):
 
     name = "raw"
     file_role = ChildRole.FILTERED | ChildRole.PRIMARY
+    strong_runtime_opts = ("offset", "size")  # raw_strong_runtime_opts
 
     @classmethod
     def file_role_for(cls, options: Mapping[str, Any]) -> ChildRole:

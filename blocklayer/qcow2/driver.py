@@ -51,6 +51,8 @@ class Qcow2Driver(BlockDriver):
     name = "qcow2"
     file_role = ChildRole.image()
     supports_backing = True
+    # qcow2_strong_runtime_opts (encryption is not modelled: no image here has a key).
+    strong_runtime_opts = ("encrypt.key-secret",)
 
     def __init__(self, skip_invalidate_for_tests: bool | None = None,
                  corruption_listener: CorruptionListener | None = None) -> None:
@@ -366,7 +368,7 @@ class Qcow2Driver(BlockDriver):
     def _full_backing_path(self, name: str) -> str:
         if os.path.isabs(name) or self.file is None:
             return name
-        base = self.file.filename
+        base = self.file.bottom_filename
         if ":" in name.split("/", 1)[0]:
             return name
         return os.path.join(os.path.dirname(base), name)

@@ -42,6 +42,11 @@ class TrackedFile:
         """The child's filename."""
         return self.child.filename
 
+    @property
+    def bottom_filename(self) -> str:
+        """The child's."""
+        return self.child.bottom_filename
+
     def has_info(self) -> bool:
         """The child's."""
         return self.child.has_info()
