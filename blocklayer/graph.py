@@ -22,6 +22,7 @@ from .errors import BlockError
 from .node import BlockNode, Edge, NodeOptions
 from .perm import ALL, CONSISTENT_READ, WRITE, WRITE_UNCHANGED, ChildRole, perm_names
 from .permissions import child_permissions
+from .protocols import protocol_options
 
 if TYPE_CHECKING:
     from .qcow2.driver import CorruptionListener
@@ -292,12 +293,16 @@ class BlockGraph:
         else:
             if request is None:
                 return
-            if request.filename.startswith("json:"):
-                spec = self._json_backing(request.filename, request.format)
-            else:
-                fmt = request.format or self._probe_format(request.path)
-                spec = {"driver": fmt, "file": {"driver": "file", "filename": request.path}}
             try:
+                if request.filename.startswith("json:"):
+                    spec = self._json_backing(request.filename, request.format)
+                else:
+                    # bdrv_fill_options: a protocol prefix (file:, null-co://) names the
+                    # protocol node; the format is the header's, else probed on it.
+                    protocol = protocol_options(request.path)
+                    path = protocol.get("filename")
+                    fmt = request.format or (self._probe_format(path) if isinstance(path, str) else "raw")
+                    spec = {"driver": fmt, "file": protocol}
                 child = self._child_node(spec, node.options, inactive, created, backing=True)
             except BlockError as err:
                 # bdrv_open_backing_file prefixes what opening the backing chain said.

@@ -277,3 +277,24 @@ def test_header_changed_while_inactive_overrides_the_backing(images: Path, qemu_
             {"backing": backing, "driver": "qcow2", "file": {"driver": "file", "filename": str(top)}})
         assert info["backing_file"] == f"{images}/base.qcow2"
         assert info["image"]["backing-filename"] == "other.qcow2"
+
+
+@pytest.mark.parametrize("backing", [
+    ("file:{dir}/base.qcow2", "qcow2"),
+    ("file:base.qcow2", "qcow2"),  # relative to the working directory, as QEMU opens it
+    ("null-co://", "raw"),
+    ("null-co://x", "raw"),
+    ("foo:bar", "raw"),
+])
+def test_protocol_prefixed_backing_names_as_qemu(images: Path, qemu_img: str,
+                                                 backing: tuple[str, str]) -> None:
+    # iotest 228's "funny" header name: bdrv_fill_options finds the protocol of a header
+    # name that has one; the backing node then has the plain name, and the overlay's
+    # name stays plain (auto_backing_file is the backing node's name).
+    name, fmt = backing
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", name.format(dir=images), "-F", fmt,
+                    "odd.qcow2", "1M"], check=True, cwd=images)
+    commands = [_add(**{"node-name": "t", "driver": "qcow2", "file": _file(f"{images}/odd.qcow2")}),
+                NODES, INFO_BLOCK]
+    ours, theirs = _both(images, [], commands)
+    assert ours == theirs
