@@ -15,6 +15,7 @@ from blocklayer.node import BlockNode
 
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
+from .lookup import find_bs
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -22,17 +23,9 @@ if TYPE_CHECKING:
 table = CommandTable()
 
 
-def _find(machine: Machine, name: str) -> BlockNode | None:
-    """bdrv_lookup_bs(name, name): a BlockBackend by name first, then a node."""
-    for blk, _ in machine.devices.backends():
-        if blk.name and blk.name == name:
-            return blk.node
-    return machine.block.graph.find(name)
-
-
 def _node(machine: Machine, name: str) -> BlockNode:
     """block_dirty_bitmap_lookup's node lookup and its text."""
-    node = _find(machine, name)
+    node = find_bs(machine, name, name)
     if node is None:
         raise QMPError(f"Node '{name}' not found")
     return node
@@ -47,7 +40,7 @@ async def block_dirty_bitmap_add(ctx: CommandContext, args: dict[str, Any]) -> N
         name = args["name"]
         if not name:
             raise QMPError("Bitmap name cannot be empty")
-        node = _find(machine, args["node"])
+        node = find_bs(machine, args["node"], args["node"])
         if node is None:
             raise QMPError(f"Cannot find device='{args['node']}' nor node-name='{args['node']}'")
         bitmapops.add(node, name, args.get("granularity"), args.get("persistent", False),
@@ -100,7 +93,7 @@ async def block_dirty_bitmap_merge(ctx: CommandContext, args: dict[str, Any]) ->
             if isinstance(item, str):
                 sources.append(item)
             else:
-                sources.append((_find(machine, item["node"]), item["node"], item["name"]))
+                sources.append((find_bs(machine, item["node"], item["node"]), item["node"], item["name"]))
         bitmapops.merge(node, args["target"], sources)
 
     await machine.block.run_light(apply)

@@ -12,24 +12,12 @@ from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
 from ..fdsets import fd_param
 from ..jobs import id_wellformed
+from .lookup import lookup_bs
 
 if TYPE_CHECKING:
     from ..machine import Machine
 
 table = CommandTable()
-
-
-def _lookup(machine: Machine, device: str | None, node_name: str | None) -> BlockNode:
-    # bdrv_lookup_bs: a named BlockBackend's node first, then a node of that name.
-    if device is not None:
-        for blk, _ in machine.devices.backends():
-            if blk.name and blk.name == device and blk.node is not None:
-                return blk.node
-    if node_name is not None:
-        node = machine.block.graph.find(node_name)
-        if node is not None:
-            return node
-    raise QMPError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
 
 
 @table.command("nbd-server-start")
@@ -79,7 +67,7 @@ async def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     which is also the export's id."""
     machine = ctx.machine
     device: str = args["device"]
-    node = _lookup(machine, device, device)
+    node = lookup_bs(machine, device, device)
     name: str = args.get("name", device)
     # qmp_nbd_server_add: a read-only node is exported read-only, not refused.
     writable = args.get("writable", False) and not node.read_only
@@ -98,7 +86,7 @@ async def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     machine = ctx.machine
     export_id: str = args["id"]
     _check_id(machine, export_id)
-    node = _lookup(machine, None, args["node-name"])
+    node = lookup_bs(machine, None, args["node-name"])
     await _export_add(machine, export_id, node, args.get("writable", False), args)
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from blocklayer import overlay as overlays
-from blocklayer.node import BlockNode
 
 from ..dispatcher import CommandContext, CommandTable
 from ..errorreport import info_print
 from ..errors import QMPError
+from .lookup import lookup_bs
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -21,27 +21,12 @@ if TYPE_CHECKING:
 table = CommandTable()
 
 
-def _lookup(machine: Machine, device: str | None, node_name: str | None) -> BlockNode:
-    """bdrv_lookup_bs(device, node_name): a named BlockBackend's node, else a node."""
-    if device is not None:
-        for blk, _ in machine.devices.backends():
-            if blk.name and blk.name == device:
-                if blk.node is None:
-                    raise QMPError(f"Device '{device}' has no medium")
-                return blk.node
-    if node_name is not None:
-        node = machine.block.graph.find(node_name)
-        if node is not None:
-            return node
-    raise QMPError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
-
-
 def _snapshot(machine: Machine, data: dict[str, Any]) -> overlays.Prepare:
     """A blockdev-snapshot action: the lookups happen in its prepare, as in QEMU."""
 
     def prepare(action: overlays.SnapshotAction) -> None:
-        old = _lookup(machine, data["node"], data["node"])
-        action.prepare_snapshot(old, lambda: _lookup(machine, data["overlay"], data["overlay"]))
+        old = lookup_bs(machine, data["node"], data["node"])
+        action.prepare_snapshot(old, lambda: lookup_bs(machine, data["overlay"], data["overlay"]))
 
     return prepare
 
@@ -57,7 +42,7 @@ def _snapshot_sync(machine: Machine, data: dict[str, Any]) -> overlays.Prepare:
                                    announce=info_print)
 
     def prepare(action: overlays.SnapshotAction) -> None:
-        old = _lookup(machine, data.get("device"), node_name)
+        old = lookup_bs(machine, data.get("device"), node_name)
         action.prepare_sync(old, request)
 
     return prepare
