@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import qemu_tools
+from migration_support import Server
 from server_support import running
 
 from blocklayer.graph import BlockGraph
@@ -298,3 +299,24 @@ def test_protocol_prefixed_backing_names_as_qemu(images: Path, qemu_img: str,
                 NODES, INFO_BLOCK]
     ours, theirs = _both(images, [], commands)
     assert ours == theirs
+
+
+def test_migration_compares_image_files_not_json_names(images: Path) -> None:
+    # The block configuration check compares the image each named node opens, not its
+    # file name: a raw window is json:{...} on both sides, naming the same file by
+    # different paths (here through a symlink).
+    (images / "link").symlink_to(images)
+    windows = [{"node-name": "disk0", "driver": "raw", "offset": 4096,
+                "file": _file(f"{directory}/r.raw")} for directory in (images, images / "link")]
+    src = Server("src", ["-blockdev", json.dumps(windows[0])], images)
+    dst = Server("dst", ["-incoming", "defer", "-blockdev", json.dumps(windows[1])], images)
+    try:
+        for server in (src, dst):
+            server.enable_events()
+        uri = f"unix:{images / 'mig.sock'}"
+        dst.cmd("migrate-incoming", uri=uri)
+        src.cmd("migrate", uri=uri)
+        assert dst.wait_for("MIGRATION:failed", "MIGRATION:completed") == "MIGRATION:completed"
+    finally:
+        src.close()
+        dst.close()

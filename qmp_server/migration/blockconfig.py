@@ -57,7 +57,9 @@ class NodeDescription:
 
 
 def _describe(node: BlockNode) -> NodeDescription:
-    filename = node.filename
+    # The image file itself, not the node's file name: that one is json:{...} as soon as
+    # an option changes the data, and may spell the same image differently on each side.
+    filename = node.bottom_filename
     # Both sides may name the image by different relative or symlinked paths.
     if filename and os.path.exists(filename):
         filename = os.path.realpath(filename)
