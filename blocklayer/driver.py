@@ -281,3 +281,17 @@ class BlockDriver(ABC):
 
     def set_inactive(self, inactive: bool) -> None:
         """The node's INACTIVE flag changed (file driver: lock handling is frozen while set)."""
+
+    # Changing a protocol node's read-only flag (QEMU's bdrv_reopen for file-posix):
+    # prepare gets what the new mode needs (a new descriptor) without giving anything up,
+    # then the graph commits, or aborts if anything else in the reopen failed.
+
+    def reopen_prepare(self, read_only: bool) -> None:
+        """Get ready to serve the node read-only or read-write; raise :class:`BlockError`
+        (QEMU's text) if it cannot be. Default: nothing to change."""
+
+    def reopen_commit(self) -> None:
+        """Switch to what :meth:`reopen_prepare` got."""
+
+    def reopen_abort(self) -> None:
+        """Drop what :meth:`reopen_prepare` got; the node stays as it was."""

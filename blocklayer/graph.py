@@ -683,8 +683,29 @@ class BlockGraph:
                     members.append(edge.child)
         for member in members:
             member.flush()
+        # The protocol nodes first get descriptors opened read-only (raw_check_perm in
+        # bdrv_reopen_multiple): if one cannot be (an fd set without a read-only member),
+        # the whole reopen fails before any node changed, as QEMU's transaction does.
+        protocols = [m for m in members if m.driver.protocol and not m.options.read_only]
+        prepared: list[BlockNode] = []
+        try:
+            for member in protocols:
+                member.driver.reopen_prepare(True)
+                prepared.append(member)
+            self._reopen_formats_read_only(members)
+        except BaseException:
+            for member in prepared:
+                member.driver.reopen_abort()
+            raise
+        for member in prepared:
+            member.driver.reopen_commit()
+            member.options.read_only = True
+            member.touch()
+        self._loosen(members)
+
+    def _reopen_formats_read_only(self, members: list[BlockNode]) -> None:
         for member in members:
-            if member.options.read_only:
+            if member.options.read_only or member.driver.protocol:
                 continue
             if not member.driver.protocol and member.writable:
                 member.driver.inactivate()
@@ -699,7 +720,6 @@ class BlockGraph:
                     raise
             member.options.read_only = True
             member.touch()
-        self._loosen(members)
 
     # Activation -----------------------------------------------------------------------
 

@@ -173,7 +173,8 @@ class App:
 
 async def _serve_hmp_listener(machine: Machine, listener: trio.SocketListener) -> None:
     """HMP on a listening socket: one client at a time, as QEMU's socket chardev."""
+    named: dict[str, int] = {}  # the monitor's getfd names: they outlive a client
     while True:
         stream = await listener.accept()
         async with stream:
-            await serve_terminal(machine.hmp, stream)
+            await serve_terminal(machine.hmp, stream, named)

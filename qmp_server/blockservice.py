@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from blocklayer.driver import BlockDriver
+from blocklayer.drivers.file import FdOpener, FileDriver
 from blocklayer.errors import BlockError
 from blocklayer.graph import BlockGraph, default_drivers
 from blocklayer.node import BlockNode, Edge
@@ -38,9 +39,15 @@ T = TypeVar("T")
 class BlockService:
     """Owns the block graph of one machine."""
 
-    def __init__(self, vm: VM, graph: BlockGraph | None = None) -> None:
+    def __init__(self, vm: VM, graph: BlockGraph | None = None, opener: FdOpener | None = None) -> None:
+        """``opener`` opens ``/dev/fdset/N`` file names (the machine's fd sets)."""
         self.vm = vm
-        self.graph = graph if graph is not None else BlockGraph(default_drivers(self._image_corrupted))
+        if graph is None:
+            drivers = default_drivers(self._image_corrupted)
+            if opener is not None:
+                drivers["file"] = lambda: FileDriver(opener)
+            graph = BlockGraph(drivers)
+        self.graph = graph
         # json: file names are written as QEMU's qobject_to_json writes the options.
         self.graph.filename_json = encode_text
         self._lock = threading.Lock()

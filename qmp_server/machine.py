@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .blockservice import BlockService
 from .devices import Devices
 from .events import EventBus
+from .fdsets import fdsets_of
 from .hmp.monitor import HumanMonitor
 from .jobs import JobService
 from .migration.service import MigrationService
@@ -50,7 +51,10 @@ class Machine:
         # The wiring: each service gets the narrow parts it needs, lower layers first.
         self.vm = VM(self.events, start_paused=config.start_paused,
                      incoming=config.incoming is not None, no_shutdown=config.no_shutdown)
-        self.block = BlockService(self.vm)
+        # The fd sets (add-fd) open /dev/fdset/N file names for the block layer.
+        fdsets = fdsets_of(self)
+        fdsets.running = lambda: self.vm.running
+        self.block = BlockService(self.vm, opener=fdsets)
         self.vm.block = self.block
         schema = self.schema
         self.devices = Devices(self.vm, self.block, config.machine_type,

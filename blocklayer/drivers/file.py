@@ -17,7 +17,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ..driver import BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, BlockDriver, DriverStatus
 from ..errors import BlockError
@@ -46,6 +46,26 @@ _DIRECT_CHUNK = 1 << 20
 _UNSUPPORTED = frozenset({errno.ENODEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY})
 
 _AIO_MODES = ("threads", "native", "io_uring")
+
+#: Names QEMU's qemu_open() does not hand to open(2): a descriptor from an fd set.
+FDSET_PREFIX = "/dev/fdset/"
+
+
+class FdOpener(Protocol):
+    """Where ``/dev/fdset/N`` names are opened (QEMU's qemu_open/qemu_close for fd sets).
+
+    The block layer knows nothing of monitors: whoever wires the graph (the server's
+    block service) passes one, and the ``file`` driver asks it for such names only.
+    """
+
+    def qemu_open(self, filename: str, flags: int) -> int:
+        """A new descriptor for ``filename`` opened with open(2) ``flags`` (without
+        O_CLOEXEC); raises :class:`BlockError` with QEMU's text."""
+        ...
+
+    def qemu_close(self, fd: int) -> None:
+        """Close a descriptor :meth:`qemu_open` returned."""
+        ...
 _LOCKING_MODES = ("on", "off", "auto")
 
 
@@ -115,9 +135,15 @@ class FileDriver(BlockDriver):
     name = "file"
     protocol = True
 
-    def __init__(self) -> None:
+    def __init__(self, opener: FdOpener | None = None) -> None:
         super().__init__()
+        #: Opens /dev/fdset/N names (None: they are opened as paths, and do not exist).
+        self._opener = opener
         self._fd = -1
+        # How self._fd is closed: the opener's qemu_close for a descriptor from an fd set.
+        self._close_fd: Callable[[int], None] = os.close
+        # A reopen's new descriptor, how to close it and its locks, until commit/abort.
+        self._reopened: tuple[int, Callable[[int], None], LockState | None] | None = None
         self._filename = ""
         self._direct = False
         self._no_flush = False
@@ -204,11 +230,31 @@ class FileDriver(BlockDriver):
         self._direct = bool(cache.get("direct", False))
         self._no_flush = bool(cache.get("no-flush", False))
 
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        # raw_parse_flags: the access mode, and O_DIRECT for cache.direct.
+        flags = os.O_RDONLY if read_only else os.O_RDWR
         if self._direct:
             flags |= os.O_DIRECT
+        self._fd, self._close_fd = self._qemu_open(filename, flags)
         try:
-            fd = os.open(_host_path(filename), flags)
+            self._finish_open(aio)
+        except BaseException:
+            self.close()
+            raise
+        self._inactive = inactive
+        if self._use_lock:
+            self._locks = LockState(self._fd)
+
+    def _qemu_open(self, filename: str, flags: int) -> tuple[int, Callable[[int], None]]:
+        """QEMU's qemu_open as raw_open_common calls it: the descriptor and how to close it.
+
+        ``/dev/fdset/N`` goes to the opener (a duplicate of a set member, QEMU's
+        monitor_fdset_dup_fd_add); any other name to open(2).
+        """
+        if filename.startswith(FDSET_PREFIX) and self._opener is not None:
+            fd = self._opener.qemu_open(filename, flags)
+            return fd, self._opener.qemu_close
+        try:
+            return os.open(_host_path(filename), flags | os.O_CLOEXEC), os.close
         except OSError as exc:
             err = exc.errno or errno.EIO
             if err == errno.EINVAL and self._direct:
@@ -219,15 +265,6 @@ class FileDriver(BlockDriver):
                 f"Could not open '{filename}': {os.strerror(err)}",
                 errno.EACCES if err == errno.EROFS else err,
             ) from exc
-        self._fd = fd
-        try:
-            self._finish_open(aio)
-        except BaseException:
-            self.close()
-            raise
-        self._inactive = inactive
-        if self._use_lock:
-            self._locks = LockState(fd)
 
     def _finish_open(self, aio: str) -> None:
         if aio == "native" and not self._direct:
@@ -282,7 +319,9 @@ class FileDriver(BlockDriver):
     def close(self) -> None:
         """Close the file; closing the descriptor drops its OFD locks."""
         if self._fd >= 0:
-            os.close(self._fd)
+            # qemu_close: a duplicate from an fd set shares its member's open file, so its
+            # OFD locks stay with the member; only a path's own descriptor drops them.
+            self._close_fd(self._fd)
         self._fd = -1
         self._locks = None
 
@@ -664,3 +703,49 @@ class FileDriver(BlockDriver):
     def set_inactive(self, inactive: bool) -> None:
         """While inactive the lock bytes stay exactly as they are, whatever is committed."""
         self._inactive = inactive
+
+    # --- reopen (read-only <-> read-write) ------------------------------------------------
+
+    def reopen_prepare(self, read_only: bool) -> None:
+        """Open the file again in the new access mode, holding the same lock bytes.
+
+        QEMU's raw_check_perm during a reopen (raw_reconfigure_getfd): the access mode
+        cannot be changed with fcntl, so the name is opened again through qemu_open (for
+        ``/dev/fdset/N`` a duplicate of a member with the new mode: none, and the reopen
+        fails with QEMU's text), and the locks are copied to the new descriptor before
+        the old one is closed, so nobody can slip in between.
+        """
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if self._direct:
+            flags |= os.O_DIRECT
+        fd, close_fd = self._qemu_open(self._filename, flags)
+        locks = LockState(fd) if self._locks is not None else None
+        if locks is not None and self._locks is not None:
+            try:
+                locks.apply(self._locks.locked_perm, self._locks.locked_unshared, unlock=False)
+            except BlockError:
+                close_fd(fd)
+                raise
+        self._reopened = (fd, close_fd, locks)
+
+    def reopen_commit(self) -> None:
+        """Close the old descriptor (raw_set_perm) and serve from the new one.
+
+        Closing drops the old descriptor's locks only if nothing else shares its open
+        file: a member of an fd set keeps them, as in QEMU.
+        """
+        if self._reopened is None:
+            return
+        fd, close_fd, locks = self._reopened
+        self._reopened = None
+        if self._fd >= 0:
+            self._close_fd(self._fd)
+        self._fd, self._close_fd, self._locks = fd, close_fd, locks
+
+    def reopen_abort(self) -> None:
+        """Close the descriptor :meth:`reopen_prepare` opened."""
+        if self._reopened is None:
+            return
+        fd, close_fd, _ = self._reopened
+        self._reopened = None
+        close_fd(fd)

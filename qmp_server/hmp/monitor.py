@@ -8,6 +8,7 @@ monitor gets only what QEMU reports there (permission errors, warnings).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from .. import blockstats
@@ -15,6 +16,7 @@ from ..blockservice import BlockService
 from ..console import STDERR, STDOUT, ProcessConsole
 from ..devices import Devices
 from ..errors import QMPError, with_hints
+from ..fdsets import NO_FD, MonitorFds
 from ..keyval import parse_keyval
 from ..migration.service import MigrationService
 from ..runstate import VM
@@ -27,6 +29,11 @@ from .snapshots import INFO_HELP as SNAPSHOT_INFO_HELP
 from .snapshots import SnapshotCommands
 
 HmpHandler = Callable[[str], Awaitable[str]]
+
+#: The descriptors of the HMP monitor running the command now: its character device's
+#: (a UNIX socket), or None under ``human-monitor-command``, whose temporary monitor
+#: has no character device and no names (QEMU's monitor_cur() in qmp_getfd/closefd).
+_MONITOR_FDS: ContextVar[MonitorFds | None] = ContextVar("hmp_monitor_fds", default=None)
 
 
 def _crlf(text: str) -> str:
@@ -90,6 +97,10 @@ class HumanMonitor:
                                                            "for migration"),
             "migrate_set_parameter": (mig.set_parameter, "migrate_set_parameter parameter value -- "
                                                          "Set the parameter for migration"),
+            "getfd": (self._getfd, "getfd getfd name -- receive a file descriptor via SCM rights "
+                                   "and assign it a name"),
+            "closefd": (self._closefd, "closefd closefd name -- close a file descriptor previously "
+                                       "passed via SCM rights"),
         }
         snap = SnapshotCommands(vm, snapshots) if snapshots is not None else None
         if snap is not None:
@@ -116,8 +127,19 @@ class HumanMonitor:
         if snap is not None:
             self.info_commands["snapshots"] = (snap.info_snapshots, SNAPSHOT_INFO_HELP)
 
-    async def execute(self, line: str) -> str:
-        """Run one command line; returns the text the monitor printed (CRLF line ends)."""
+    async def execute(self, line: str, fds: MonitorFds | None = None) -> str:
+        """Run one command line; returns the text the monitor printed (CRLF line ends).
+
+        ``fds``: the descriptors of the monitor's character device (None for
+        ``human-monitor-command``), which ``getfd``/``closefd`` act on.
+        """
+        token = _MONITOR_FDS.set(fds)
+        try:
+            return await self._execute(line)
+        finally:
+            _MONITOR_FDS.reset(token)
+
+    async def _execute(self, line: str) -> str:
         stripped = line.strip()
         if not stripped:
             return ""
@@ -126,6 +148,36 @@ class HumanMonitor:
         if entry is None:
             return f"unknown command: '{name}'\r\n"
         return _crlf(await entry[0](rest.strip()))
+
+    async def _getfd(self, args: str) -> str:
+        # hmp_getfd -> qmp_getfd on this monitor: the descriptor its chardev received.
+        try:
+            name = str(parse_arguments("getfd", "fdname:s", args)["fdname"])
+        except HmpArgumentError as err:
+            return err.monitor_text
+        fds = _MONITOR_FDS.get()
+        try:
+            if fds is None:
+                raise QMPError(NO_FD)
+            fds.getfd(name)
+        except QMPError as err:
+            return f"Error: {err.desc}\n"
+        return ""
+
+    async def _closefd(self, args: str) -> str:
+        # hmp_closefd -> qmp_closefd: only this monitor's names.
+        try:
+            name = str(parse_arguments("closefd", "fdname:s", args)["fdname"])
+        except HmpArgumentError as err:
+            return err.monitor_text
+        fds = _MONITOR_FDS.get()
+        try:
+            if fds is None:
+                raise QMPError(f"File descriptor named '{name}' not found")
+            fds.closefd(name)
+        except QMPError as err:
+            return f"Error: {err.desc}\n"
+        return ""
 
     async def _cont(self, args: str) -> str:
         # hmp_cont: the QMP command, its error printed as hmp_handle_error does.

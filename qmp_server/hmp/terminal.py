@@ -8,8 +8,12 @@ What the other end sees is what QEMU's readline monitor writes: a banner, the
 
 from __future__ import annotations
 
+import os
+import socket
+
 import trio
 
+from ..fdsets import MonitorFds, descriptors_in, set_current
 from ..version import version_string
 from .monitor import HumanMonitor
 
@@ -29,13 +33,49 @@ def echo(line: bytes) -> bytes:
     return bytes(out)
 
 
-async def serve_terminal(monitor: HumanMonitor, stream: trio.abc.Stream) -> None:
-    """Run HMP command lines read from ``stream`` until it ends."""
+# Room for the descriptors one read may carry (QEMU's socket chardev: TCP_MAX_FDS).
+_ANCILLARY = socket.CMSG_SPACE(16 * 4)
+
+
+async def _receive(stream: trio.abc.Stream, fds: MonitorFds | None) -> bytes:
+    """The next input; on a UNIX socket with the descriptors that came with it, which
+    replace those still unclaimed (QEMU's tcp_chr_recv)."""
+    if fds is None or not isinstance(stream, trio.SocketStream):
+        return bytes(await stream.receive_some(65536))
+    data, ancillary, _, _ = await stream.socket.recvmsg(65536, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+    received = descriptors_in(ancillary)
+    for fd in received:
+        os.set_blocking(fd, True)  # QEMU clears O_NONBLOCK on what it receives
+    fds.receive(received)
+    return data
+
+
+async def serve_terminal(monitor: HumanMonitor, stream: trio.abc.Stream,
+                         named: dict[str, int] | None = None) -> None:
+    """Run HMP command lines read from ``stream`` until it ends.
+
+    On a UNIX socket the client may pass descriptors (SCM_RIGHTS) for ``getfd``; they
+    are named in ``named``, the monitor's names, which outlive one client as in QEMU.
+    What the client sent and nobody claimed is closed when it goes.
+    """
+    fds: MonitorFds | None = None
+    if isinstance(stream, trio.SocketStream) and stream.socket.family == socket.AF_UNIX:
+        fds = MonitorFds(named)
+        # HMP's migrate fd:NAME finds this monitor's names (monitor_get_fd).
+        set_current(fds)
+    try:
+        await _serve(monitor, stream, fds)
+    finally:
+        if fds is not None:
+            fds.close_received()
+
+
+async def _serve(monitor: HumanMonitor, stream: trio.abc.Stream, fds: MonitorFds | None) -> None:
     try:
         await stream.send_all(banner() + PROMPT)
         pending = b""
         while True:
-            data = await stream.receive_some(65536)
+            data = await _receive(stream, fds)
             if not data:
                 return
             pending += data
@@ -45,7 +85,7 @@ async def serve_terminal(monitor: HumanMonitor, stream: trio.abc.Stream) -> None
                 # QEMU's readline has echoed the line by the time the command runs, so
                 # what the command prints on stdout (qemu-io) comes after the echo.
                 await stream.send_all(echo(line) + b"\r\n")
-                output = await monitor.execute(line.decode("utf-8", errors="replace"))
+                output = await monitor.execute(line.decode("utf-8", errors="replace"), fds)
                 if monitor.vm.exit_requested.is_set():
                     # quit: QEMU is gone before its monitor could show another prompt.
                     await stream.send_all(output.encode())
