@@ -80,8 +80,15 @@ def both(args: list[str], tmp_path: Path) -> Iterator[tuple[Client, Client]]:
 
 def _same(qemu: Client, ours: Client, step: str) -> None:
     for arguments in ({}, {"query-nodes": False}, {"query-nodes": True}):
-        theirs = qemu.execute("query-blockstats", arguments)
         mine = ours.execute("query-blockstats", arguments)
+        # QEMU accounts an aio request when it completes, which may be after its monitor
+        # replied (a quiet "-q" one prints nothing to wait for): give it a moment.
+        deadline = time.monotonic() + 5
+        while True:
+            theirs = qemu.execute("query-blockstats", arguments)
+            if _normal(mine) == _normal(theirs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert _normal(mine) == _normal(theirs), (step, arguments)
         assert _ordered_keys(mine) == _ordered_keys(theirs), (step, arguments)
     assert _normal(ours.hmp("info blockstats")) == _normal(qemu.hmp("info blockstats")), step
