@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import nbd_client
 import pytest
 from server_support import Client, running
 
@@ -136,39 +137,16 @@ def _url(sock: str, name: str) -> str:
 
 # A raw NBD client: structured replies and base:allocation, then BLOCK_STATUS requests.
 
-def _recv(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise EOFError(data)
-        data += chunk
-    return data
-
-
-def _option(s: socket.socket, option: int, payload: bytes) -> list[tuple[int, bytes]]:
-    s.sendall(struct.pack(">QII", nbd.IHAVEOPT, option, len(payload)) + payload)
-    replies = []
-    while True:
-        _, _, kind, length = struct.unpack(">QIII", _recv(s, 20))
-        replies.append((kind, _recv(s, length)))
-        if kind == nbd.REP_ACK or kind & (1 << 31):
-            return replies
-
-
 def _connect(sock: str, name: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect(sock)
-    _recv(s, 18)
-    s.sendall(struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
-    assert _option(s, nbd.OPT_STRUCTURED_REPLY, b"")[-1][0] == nbd.REP_ACK
+    s = nbd_client.connect(sock, timeout=30)
+    nbd_client.handshake(s)
+    assert nbd_client.option(s, nbd.OPT_STRUCTURED_REPLY, b"")[-1][0] == nbd.REP_ACK
     query = nbd.BASE_ALLOCATION.encode()
     meta = struct.pack(">I", len(name)) + name.encode() + struct.pack(">II", 1, len(query)) + query
-    replies = _option(s, nbd.OPT_SET_META_CONTEXT, meta)
+    replies = nbd_client.option(s, nbd.OPT_SET_META_CONTEXT, meta)
     assert [kind for kind, _ in replies] == [nbd.REP_META_CONTEXT, nbd.REP_ACK]
     go = struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0)
-    assert _option(s, nbd.OPT_GO, go)[-1][0] == nbd.REP_ACK
+    assert nbd_client.option(s, nbd.OPT_GO, go)[-1][0] == nbd.REP_ACK
     return s
 
 
@@ -179,9 +157,9 @@ def _block_status(s: socket.socket, handle: int, offset: int, length: int, flags
                           length))
     chunks: list[Any] = []
     while True:
-        magic, chunk_flags, kind, got, size = struct.unpack(">IHHQI", _recv(s, 20))
+        magic, chunk_flags, kind, got, size = struct.unpack(">IHHQI", nbd_client.recv_exact(s, 20))
         assert (magic, got) == (nbd.STRUCTURED_REPLY_MAGIC, handle)
-        payload = _recv(s, size)
+        payload = nbd_client.recv_exact(s, size)
         if kind == nbd.REPLY_TYPE_BLOCK_STATUS:
             words = struct.unpack(f">I{(size - 4) // 4}I", payload)
             chunks.append(("extents", words[0], list(zip(words[1::2], words[2::2], strict=True))))

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import nbd_client
 import pytest
 from lock_probe import locked
 from server_support import QEMU, SERVER, Client
@@ -188,43 +189,19 @@ def test_io_through_the_export_as_qemu(tmp_path: Path, qemu_system: str, qemu_io
     assert "Images are identical." in ours[12] and "No errors were found" in ours[-1]
 
 
-def _raw(sock: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(sock)
-    return s
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise EOFError(data)
-        data += chunk
-    return data
-
-
 def _go(s: socket.socket, name: bytes, structured: bool) -> None:
-    assert struct.unpack(">QQH", _recv(s, 18))[:2] == (nbd.NBDMAGIC, nbd.IHAVEOPT)
-    s.sendall(struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
+    nbd_client.handshake(s)
     if structured:
-        s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_STRUCTURED_REPLY, 0))
-        assert struct.unpack(">QIII", _recv(s, 20))[2] == nbd.REP_ACK
+        assert nbd_client.option(s, nbd.OPT_STRUCTURED_REPLY, b"")[-1][0] == nbd.REP_ACK
     payload = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, len(payload)) + payload)
-    while True:
-        _, _, kind, length = struct.unpack(">QIII", _recv(s, 20))
-        _recv(s, length)
-        if kind == nbd.REP_ACK:
-            return
-        assert kind == nbd.REP_INFO
+    kinds = [kind for kind, _ in nbd_client.option(s, nbd.OPT_GO, payload)]
+    assert kinds[-1] == nbd.REP_ACK and set(kinds[:-1]) <= {nbd.REP_INFO}, kinds
 
 
 def _simple_error(s: socket.socket, flags: int, command: int, handle: int, offset: int, length: int,
                   data: bytes = b"") -> int:
     s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, command, handle, offset, length) + data)
-    magic, error, got = struct.unpack(">IIQ", _recv(s, 16))
+    magic, error, got = struct.unpack(">IIQ", nbd_client.recv_exact(s, 16))
     assert (magic, got) == (nbd.SIMPLE_REPLY_MAGIC, handle)
     return int(error)
 
@@ -238,15 +215,15 @@ def test_hostile_clients(tmp_path: Path) -> None:
         c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
         c.cmd("nbd-server-add", device="d0")
         # an unknown option with a 1 GiB payload announced: skipped unbuffered, answered
-        s = _raw(sock)
-        _recv(s, 18)
+        s = nbd_client.connect(sock)
+        nbd_client.recv_exact(s, 18)
         s.sendall(struct.pack(">I", 3) + struct.pack(">QII", nbd.IHAVEOPT, 9999, 1 << 30) + bytes(1 << 16))
         # ... the server keeps serving QMP meanwhile
         assert c.cmd("query-block-exports")[0]["id"] == "d0"
         s.close()
         # read-only export: writes EPERM, past the end EINVAL, unknown command EINVAL,
         # a read longer than NBD_MAX_BUFFER_SIZE EINVAL; the connection stays usable
-        s = _raw(sock)
+        s = nbd_client.connect(sock)
         _go(s, b"d0", structured=False)
         assert _simple_error(s, 0, nbd.CMD_WRITE, 1, 0, 4, b"abcd") == 1
         assert _simple_error(s, 0, nbd.CMD_READ, 2, 1 << 20, 1) == 22
@@ -259,17 +236,17 @@ def test_hostile_clients(tmp_path: Path) -> None:
         s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 8, 0, 1 << 31))
         assert s.recv(16) == b""
         # garbage instead of a request: disconnected
-        s = _raw(sock)
+        s = nbd_client.connect(sock)
         _go(s, b"d0", structured=True)
         s.sendall(bytes(28))
         assert s.recv(16) == b""
         # a client that connects and says nothing does not block removing the export
-        idle = _raw(sock)
+        idle = nbd_client.connect(sock)
         c.cmd("nbd-server-remove", name="d0")
         idle.close()
         # a client that never reads its replies: QMP keeps answering
         c.cmd("nbd-server-add", device="d0")
-        s = _raw(sock)
+        s = nbd_client.connect(sock)
         _go(s, b"d0", structured=True)
         s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 9, 0, 1 << 20) * 64)
         started = time.monotonic()
