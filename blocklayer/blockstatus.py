@@ -33,6 +33,7 @@ from .driver import (
     BLOCK_RECURSE,
     BLOCK_ZERO,
     ChildIO,
+    whole_sectors,
 )
 from .drivers.file import FileDriver
 from .errors import BlockError
@@ -72,12 +73,11 @@ class Status:
 
 
 def _length(node: BlockNode) -> int:
-    # bdrv_co_getlength: whole 512-byte sectors (QEMU keeps a node's length as
-    # total_sectors), so the partial sector at the end of a file counts whole and reads
-    # as a hole there; a node whose driver gave up has no length.
+    # bdrv_co_getlength (whole sectors): the partial sector at the end of a file counts
+    # whole and reads as a hole there; a node whose driver gave up has no length.
     if node.driver.ejected:
         raise BlockError(os.strerror(errno.ENOMEDIUM), errno.ENOMEDIUM)
-    return (node.getlength() + 511) // 512 * 512
+    return whole_sectors(node.getlength())
 
 
 def _child_node(node: BlockNode, child: ChildIO) -> BlockNode:

@@ -80,6 +80,13 @@ class BackingRequest:
     format: str | None
 
 
+def whole_sectors(length: int) -> int:
+    """``length`` as QEMU's block layer sees a node's length: in whole 512-byte sectors
+    (bs->total_sectors, rounded up; bdrv_getlength), the partial last one reading as
+    zeroes."""
+    return (length + 511) // 512 * 512
+
+
 #: QEMU's BDRV_BLOCK_* block-status flags (block-common.h), the same bit values.
 BLOCK_DATA = 0x01
 BLOCK_ZERO = 0x02

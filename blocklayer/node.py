@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .dirtybitmap import DirtyBitmap, set_dirty
-from .driver import BlockDriver
+from .driver import BlockDriver, whole_sectors
 from .errors import BlockError
 from .perm import ALL, ChildRole
 
@@ -287,7 +287,7 @@ class BlockNode:
         # bdrv_co_write_req_finish: a write past the end (a format driver growing its
         # file) grows the node, and its bitmaps with it, in whole sectors, before the
         # new range is marked.
-        size = (end + 511) // 512 * 512
+        size = whole_sectors(end)
         for bitmap in self.dirty_bitmaps:
             if bitmap.size < size:
                 bitmap.truncate(size)

@@ -14,6 +14,7 @@ from typing import Any
 
 from blocklayer.backend import BlockBackend
 from blocklayer.bitmapops import query as query_bitmaps
+from blocklayer.driver import whole_sectors
 from blocklayer.graph import BlockGraph
 from blocklayer.node import BlockNode
 
@@ -44,8 +45,7 @@ class _Collector:
         driver = node.driver
         length = driver.getlength()
         if driver.protocol:
-            # QEMU keeps protocol lengths in 512-byte sectors and reports them rounded up.
-            length = (length + 511) // 512 * 512
+            length = whole_sectors(length)  # bdrv_getlength
         info: dict[str, Any] = {"virtual-size": length, "filename": node.filename, "format": driver.name}
         actual = self.actual_size(node)
         if actual is not None:

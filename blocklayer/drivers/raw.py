@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..driver import BLOCK_OFFSET_VALID, BLOCK_RAW, BlockDriver, ChildIO, DriverStatus
+from ..driver import BLOCK_OFFSET_VALID, BLOCK_RAW, BlockDriver, ChildIO, DriverStatus, whole_sectors
 from ..errors import BlockError
 from ..perm import RESIZE, WRITE, ChildRole
 
@@ -76,10 +76,8 @@ class RawDriver(BlockDriver):
         return max(0, self._file_length() - self.offset)
 
     def _file_length(self) -> int:
-        # bdrv_getlength of the file: QEMU counts a node's length in 512-byte sectors
-        # (total_sectors, rounded up), so a file of 1000 bytes is 1024 long to its parents;
-        # the tail reads as zeroes.
-        return (self._file().getlength() + 511) // 512 * 512
+        # bdrv_getlength of the file: a file of 1000 bytes is 1024 long to its parents.
+        return whole_sectors(self._file().getlength())
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the file at ``offset`` within the window."""
