@@ -139,8 +139,10 @@ class App:
             machine.migration.start(nursery)
             for stream, control in self.streams:
                 if control:
-                    connection = Connection(machine, self.dispatcher, stream, self.options.poll_max_ns)
-                    if any(stream is stdio for stdio in self.stdio_streams):
+                    stdio = any(stream is shared for shared in self.stdio_streams)
+                    connection = Connection(machine, self.dispatcher, stream, self.options.poll_max_ns,
+                                            shares_stdio=stdio)
+                    if stdio:
                         machine.hmp.console.shares_stdio(connection.drained)
                     nursery.start_soon(connection.run)
                 else:

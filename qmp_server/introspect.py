@@ -9,7 +9,6 @@ Optional object members carry ``"default": null``; ``allow-oob`` appears only wh
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from .schema import Schema
@@ -124,7 +123,7 @@ class _Builder:
         return name
 
 
-def build_schema_info(schema: Schema) -> list[dict[str, Any]]:
+def schema_info(schema: Schema) -> list[dict[str, Any]]:
     """The complete SchemaInfo list for ``schema``: commands, events, then types and built-ins."""
     builder = _Builder()
     entities: list[dict[str, Any]] = []
@@ -155,17 +154,3 @@ def build_schema_info(schema: Schema) -> list[dict[str, Any]]:
         {"name": name, "json-type": json_type, "meta-type": "builtin"} for name, json_type in _BUILTINS
     )
     return entities
-
-
-_COMPUTED: weakref.WeakKeyDictionary[Schema, list[dict[str, Any]]] = weakref.WeakKeyDictionary()
-
-
-def schema_info(schema: Schema) -> list[dict[str, Any]]:
-    """The ``query-qmp-schema`` result for ``schema``, computed once per schema.
-
-    The same list is returned on every call: callers must not modify it.
-    """
-    info = _COMPUTED.get(schema)
-    if info is None:
-        info = _COMPUTED[schema] = build_schema_info(schema)
-    return info

@@ -86,8 +86,15 @@ class Connection:
     """
 
     def __init__(self, machine: Machine, dispatcher: Dispatcher, stream: trio.abc.Stream,
-                 poll_max_ns: int = DEFAULT_POLL_MAX_NS, fds: MonitorFds | None = None) -> None:
+                 poll_max_ns: int = DEFAULT_POLL_MAX_NS, fds: MonitorFds | None = None,
+                 *, shares_stdio: bool = False) -> None:
+        """``shares_stdio``: the client is the process's stdin/stdout, whose output other
+        parts of the server (error_report's stderr lines, HMP qemu-io) interleave with."""
         self.machine = machine
+        # QEMU writes a monitor's reply before it runs the next command, so on a shared
+        # terminal or pipe a command's stderr lines (qcow2_signal_corruption's, say)
+        # always follow the replies before it; here the writer task may lag behind.
+        self._write_before_running = shares_stdio
         #: Descriptors this client sent (SCM_RIGHTS) and the monitor's named ones.
         self.fds = fds if fds is not None else MonitorFds()
         self.dispatcher = dispatcher
@@ -381,6 +388,9 @@ class Connection:
 
     async def _run_command(self, request: Request) -> None:
         session = self.session
+        if self._write_before_running:
+            with trio.move_on_after(1.0):  # a stalled reader must not hang the monitor
+                await self.drained()
         if not session.begin(request):
             # Answered by the session (a request QEMU's checks refused, or negotiation).
             self._output(session.data_to_send())

@@ -194,7 +194,8 @@ def running(args: list[str], tmp_path: Path, name: str = "vm", *, qemu: bool = F
         client = Client(sock)
         client.output = ProcessOutput(output)
         if negotiate:
-            assert client.execute("qmp_capabilities") == {"return": {}}
+            reply = client.execute("qmp_capabilities")
+            assert reply == {"return": {}}, (reply, client.greeting)
         yield proc, client
     finally:
         if client is not None:

@@ -25,7 +25,7 @@ PASSING = ["backing-file-invalidation", "091", "181", "196", "242", "migration-p
 
 #: Tests that miss their 7.2.0 .out file only where QEMU 7.2 itself (Debian's build, the
 #: one in CI) misses it too: the runner runs QEMU in our place and the outputs are equal.
-SAME_AS_QEMU = ["176", "117", "182"]
+SAME_AS_QEMU = ["176", "117", "182", "060"]
 
 #: Tests that miss their 7.2.0 .out file only by the deliberate version differences the
 #: runner normalizes away for them (iotests_runner.VERSION_DIFFERENCES: QEMU 10.x's

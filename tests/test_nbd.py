@@ -13,6 +13,7 @@ import re
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -273,3 +274,42 @@ def test_writable_export_keeps_its_node_active(tmp_path: Path, writable: bool, e
         c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "nbd.sock")}})
         c.cmd("nbd-server-add", device="d0", writable=writable)
         assert c.execute("x-blockdev-inactivate", {"node-name": "d0"}) == expected
+
+
+#: A server whose NBD request path has a bug (fault injection): reads raise a plain
+#: Python error, as an unforeseen bug in a driver would.
+_BUGGY_SERVER = [sys.executable, "-c", """
+import sys
+from qmp_server.nbd import service
+def broken(export, request):
+    raise RuntimeError("injected bug")
+service._do_request = broken
+from qmp_server.launcher import run
+run()
+""", "-machine", "none"]
+
+
+def test_a_bug_in_a_request_fails_the_request_not_the_server(tmp_path: Path) -> None:
+    sock = str(tmp_path / "nbd.sock")
+    qmp = tmp_path / "qmp.sock"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "d.raw"), "1M"], check=True)
+    with (tmp_path / "out").open("wb") as sink:
+        proc = subprocess.Popen([*_BUGGY_SERVER, "-qmp", f"unix:{qmp},server=on,wait=off"],
+                                stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        c = Client(qmp)
+        c.cmd("qmp_capabilities")
+        c.cmd("blockdev-add", node_name="d0", driver="raw",
+              file={"driver": "file", "filename": str(tmp_path / "d.raw")})
+        c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        c.cmd("nbd-server-add", device="d0")
+        s = nbd_client.connect(sock)
+        _go(s, b"d0", structured=False)
+        assert _simple_error(s, 0, nbd.CMD_READ, 1, 0, 512) == 5  # EIO
+        assert _simple_error(s, 0, nbd.CMD_FLUSH, 2, 0, 0) == 5  # the connection still serves
+        s.close()
+        assert c.cmd("query-block-exports")[0]["id"] == "d0"
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -14,6 +14,7 @@ either way the exports' backends are released and the socket file removed.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from ..errors import QMPError
 from ..events import EventBus
 from ..unixsocket import LISTEN_BACKLOG, ListenError, SocketFile, bind_unix_file
 from . import protocol as nbd
+
+log = logging.getLogger(__name__)
 
 #: How much one receive reads from a client.
 _RECV_SIZE = 1 << 16
@@ -193,6 +196,10 @@ class NbdService:
                         await stream.send_all(out)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass  # the client went away
+                except Exception:
+                    # A bug in the protocol path: this connection's state is unknown, so
+                    # close it, but never let it take the server (and the monitor) down.
+                    log.exception("internal error serving an NBD client; closing its connection")
         finally:
             if export is not None:
                 export.connections.discard(scope)
@@ -207,6 +214,11 @@ class NbdService:
             result = await self.block.run(_do_request, export, request)
         except QMPError as err:
             conn.reply_error(request, _errno_of(err), err.desc)
+            return
+        except Exception:
+            # A bug in a request fails that request, as an I/O error would in QEMU.
+            log.exception("internal error serving an NBD request")
+            conn.reply_error(request, errno.EIO, "Input/output error")
             return
         if request.command == nbd.CMD_READ:
             assert isinstance(result, bytes)
