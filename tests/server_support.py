@@ -95,6 +95,12 @@ class Client:
             if "event" in message:
                 self.events.append(message)
                 continue
+            if "QMP" in message and not self.conforms:
+                # QEMU 7.2 can greet twice: a client that connects while the monitor's
+                # handlers are being installed in its I/O thread gets CHR_EVENT_OPENED
+                # from the connection and again from qemu_chr_fe_set_handlers (be_open
+                # already true). Seen in CI; our own server greets once (not skipped).
+                continue
             return message
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
