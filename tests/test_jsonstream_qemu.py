@@ -53,6 +53,10 @@ class _Monitor:
             line = self.file.readline()
             assert line, "QEMU closed the connection"
             reply = _loads_lenient(line)
+            if "QMP" in reply:
+                # QEMU 7.2 may greet a client that connected while it started twice
+                # (server_support.Client.reply).
+                continue
             if reply.get("id") == sync:
                 return result
             result.append(_qemu_outcome(reply))

@@ -48,7 +48,10 @@ def _mask(message: dict[str, Any]) -> dict[str, Any]:
 class _Monitor:
     """One QMP connection of a replay: line-framed messages, events kept apart."""
 
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
+    def __init__(self, path: str, timeout: float = 10.0, *, greets_twice: bool = False) -> None:
+        """``greets_twice``: the peer is QEMU 7.2, which may send its greeting a second time
+        to a client that connected while it was starting (server_support.Client.reply)."""
+        self.greets_twice = greets_twice
         deadline = time.monotonic() + timeout
         while True:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -75,6 +78,8 @@ class _Monitor:
             if not line:
                 return events, None
             message: dict[str, Any] = json.loads(line)
+            if "QMP" in message and self.greets_twice:
+                continue
             if "event" not in message:
                 return events, message
             events.append(_mask(message))
@@ -121,7 +126,7 @@ def run(scenario: dict[str, Any], emulator: list[str]) -> list[dict[str, Any]]:
             path = os.path.join(folder, f"{name}.sock")
             argv = [*emulator, "-qmp", f"unix:{path},server=on,wait=off", *_substitute(args, folder)]
             processes.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            monitors[name] = monitor = _Monitor(path)
+            monitors[name] = monitor = _Monitor(path, greets_twice="qemu-system" in emulator[0])
             qmp = monitor.greeting.get("QMP", {})
             records.append({"to": name, "greeting": sorted(qmp), "capabilities": qmp.get("capabilities")})
         for step in scenario["steps"]:
