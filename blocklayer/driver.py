@@ -10,11 +10,13 @@ Offsets and lengths are in bytes and need no alignment; a driver that needs alig
 
 from __future__ import annotations
 
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
 
+from .errors import BlockError
 from .perm import ChildRole
 
 
@@ -199,6 +201,13 @@ class BlockDriver(ABC):
     @abstractmethod
     def getlength(self) -> int:
         """The virtual size in bytes."""
+
+    def truncate(self, length: int, zero_new: bool = False) -> None:
+        """The driver's bdrv_co_truncate (preallocation off): the node is ``length``
+        bytes long afterwards. ``zero_new``: the new area must read as zeroes even where
+        a backing file would show through (BDRV_REQ_ZERO_WRITE). Default: the driver
+        cannot resize, with QEMU's text."""
+        raise BlockError("Image format driver does not support resize", errno.ENOTSUP)
 
     def inactivate(self) -> None:
         """Prepare for another process to take over the image.

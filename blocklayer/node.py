@@ -12,6 +12,9 @@ from .driver import BlockDriver, whole_sectors
 from .errors import BlockError
 from .perm import ALL, ChildRole
 
+#: QEMU's BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB (bdrv_check_request's limit).
+MAX_LENGTH = (2**63 - 1) & ~((1 << 30) - 1)
+
 #: The size of QEMU's bs->filename (PATH_MAX): longer json: names are cut.
 FILENAME_BUFFER = 4096
 
@@ -90,6 +93,10 @@ class BlockNode:
     #: driver that stores bitmaps in its image (qcow2) shares this very list: it loads
     #: into it on open/activation and stores from it on inactivation.
     dirty_bitmaps: list[DirtyBitmap] = field(default_factory=list)
+    #: QEMU's bs->write_threshold_offset (block-set-write-threshold; 0: off) and who is
+    #: told, with (node, amount exceeded, threshold), when a write passes it.
+    write_threshold: int = 0
+    write_threshold_listener: Callable[[BlockNode, int, int], None] | None = None
     #: QEMU's bs->options as far as file names need them (:meth:`refresh_filename`): the
     #: node's own options, flattened (``encrypt.key-secret``), valued as the user gave
     #: them (``-drive`` gives strings). Children's options are theirs.
@@ -260,6 +267,7 @@ class BlockNode:
     def pwrite(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``."""
         self._check_writable()
+        self.check_write_threshold(offset, len(data))
         self.touch()
         self.write_gen += 1
         self.wr_highest_offset = max(self.wr_highest_offset, offset + len(data))
@@ -275,6 +283,7 @@ class BlockNode:
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make the range read as zeroes."""
         self._check_writable()
+        self.check_write_threshold(offset, length)
         self.touch()
         self.write_gen += 1
         self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
@@ -298,6 +307,9 @@ class BlockNode:
         self.touch()
         self.write_gen += 1
         if self.options.discard_unmap:
+            # bdrv_co_pdiscard returns before bdrv_co_write_req_prepare without
+            # discard=unmap, so only a performed discard passes the threshold check.
+            self.check_write_threshold(offset, length)
             self.driver.discard(offset, length)
             # bdrv_co_pdiscard returns before its tracked request without discard=unmap,
             # so only a performed discard marks the bitmaps.
@@ -324,13 +336,42 @@ class BlockNode:
         return self.driver.has_info()
 
     def truncate(self, length: int) -> None:
-        """Resize (used by format drivers on their file child)."""
+        """QEMU's bdrv_co_truncate (preallocation off): resize the node, its dirty
+        bitmaps with it (bdrv_dirty_bitmap_truncate in bdrv_co_write_req_finish).
+
+        The checks come in QEMU's order with its texts; the caller holds the resize
+        permission. Growing a node whose backing file is longer than the node was asks
+        the driver to make the new area read as zeroes (BDRV_REQ_ZERO_WRITE), or the
+        backing file's data would show through.
+        """
+        if self.driver.ejected:
+            raise BlockError("No medium inserted", errno.ENOMEDIUM)
+        if length < 0:
+            raise BlockError("Image size cannot be negative", errno.EINVAL)
+        if length > MAX_LENGTH:
+            # bdrv_check_request(offset, 0)
+            raise BlockError(f"offset({length}) exceeds maximum({MAX_LENGTH})", errno.EINVAL)
+        old_length = self.getlength()
+        if self.options.read_only:
+            raise BlockError("Image is read-only", errno.EACCES)
         self._check_writable()
+        zero_new = False
+        backing = self.child("backing")
+        if length > old_length and backing is not None:
+            zero_new = backing.child.getlength() > old_length
         self.touch()
         self.write_gen += 1
-        truncate = getattr(self.driver, "truncate", None)
-        if truncate is None:
-            raise BlockError("Image format driver does not support resize", errno.ENOTSUP)
-        truncate(length)
+        self.driver.truncate(length, zero_new)
+        size = self.getlength()
         for bitmap in self.dirty_bitmaps:
-            bitmap.truncate(self.getlength())
+            bitmap.truncate(size)
+
+    def check_write_threshold(self, offset: int, length: int) -> None:
+        """QEMU's bdrv_write_threshold_check_write (from bdrv_co_write_req_prepare): a
+        request ending past the threshold reports it once, then the threshold is off."""
+        threshold = self.write_threshold
+        end = offset + length
+        if threshold > 0 and end > threshold:
+            self.write_threshold = 0
+            if self.write_threshold_listener is not None:
+                self.write_threshold_listener(self, end - threshold, threshold)

@@ -89,7 +89,9 @@ class _Collector:
             "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
             "image": self.image(node),
             "cache": {"writeback": True, "direct": options.cache_direct, "no-flush": options.cache_no_flush},
-            "write_threshold": 0,
+            # bdrv_write_threshold_get: the uint64 as BlockDeviceInfo's int.
+            "write_threshold": node.write_threshold - (1 << 64) if node.write_threshold >> 63
+            else node.write_threshold,
         }
         if node.dirty_bitmaps:
             info["dirty-bitmaps"] = query_bitmaps(node)

@@ -541,6 +541,8 @@ def test_commands_and_flags(schema: Schema) -> None:
         "x-blockdev-invalidate-cache",
         "x-blockdev-inactivate",
         "query-blockstats",
+        "block_resize",
+        "block-set-write-threshold",
         "migrate-incoming",
         "migrate",
         "migrate_cancel",
@@ -578,7 +580,7 @@ def test_commands_and_flags(schema: Schema) -> None:
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
-                                  "BLOCK_IMAGE_CORRUPTED", "POWERDOWN", "RESET",
+                                  "BLOCK_IMAGE_CORRUPTED", "BLOCK_WRITE_THRESHOLD", "POWERDOWN", "RESET",
                                   "DEVICE_DELETED", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED"}
     assert not any(info.allow_oob for info in schema.commands.values())
     preconfig = {name for name, info in schema.commands.items() if info.allow_preconfig}

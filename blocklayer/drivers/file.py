@@ -531,8 +531,9 @@ class FileDriver(BlockDriver):
         except OSError as exc:
             raise _io_error(exc) from exc
 
-    def truncate(self, length: int) -> None:
-        """Resize the file to exactly ``length`` bytes (growing reads as zeroes)."""
+    def truncate(self, length: int, zero_new: bool = False) -> None:
+        """Resize the file to exactly ``length`` bytes (growing reads as zeroes, so
+        ``zero_new`` needs nothing more; QEMU's handle_aiocb_truncate, prealloc off)."""
         self._unflushed = True
         self._check_open()
         old_length = self.getlength()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..driver import BLOCK_OFFSET_VALID, BLOCK_RAW, BlockDriver, ChildIO, DriverStatus, whole_sectors
 from ..errors import BlockError
 from ..perm import RESIZE, WRITE, ChildRole
+
+INT64_MAX = 2**63 - 1
 
 
 class RawDriver(BlockDriver):
@@ -99,6 +103,15 @@ class RawDriver(BlockDriver):
                      allocated_file_size: Callable[[], int | None]) -> DriverStatus:
         """raw-format's raw_co_block_status: ask the file, at the window's offset."""
         return DriverStatus(BLOCK_RAW | BLOCK_OFFSET_VALID, length, offset + self.offset, self._file())
+
+    def truncate(self, length: int, zero_new: bool = False) -> None:
+        """raw_co_truncate: a window (``size``) cannot change; otherwise the file is
+        resized to hold ``length`` bytes past ``offset``."""
+        if self.size is not None:
+            raise BlockError("Cannot resize fixed-size raw disks", errno.ENOTSUP)
+        if INT64_MAX - length < self.offset:
+            raise BlockError(os.strerror(errno.EINVAL), errno.EINVAL)
+        self._file().truncate(self.offset + length)
 
     def flush(self) -> None:
         """Nothing cached here: flush the file."""

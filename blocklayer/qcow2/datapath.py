@@ -411,3 +411,30 @@ def _discard_slice(img: Qcow2Image, backing: ChildIO | None, entry: L2Entry, fir
         table[i] = zero
         entry.dirty = True
         free_entry(img, old, img.opts.pass_discard_request)
+
+
+def full_discard(img: Qcow2Image, start: int, end: int) -> None:
+    """qcow2_cluster_discard(full_discard=true, QCOW2_DISCARD_ALWAYS), used when an
+    image shrinks: every entry of the clusters in [start, end) becomes unallocated
+    (never a zero cluster: the area leaves the image) and drops its reference; a host
+    cluster freed by that is punched in the file when the file allows discards. Like
+    QEMU's get_cluster_table, every L2 table of the range is made writable first: a
+    missing one is allocated (empty) and one an internal snapshot shares is copied, so the
+    clusters the image ends up with are QEMU's (the L1 entries past the new end free
+    them again)."""
+    if start >= end:
+        return
+    _for_each_slice(img, start, end, lambda e, f, n: _unallocate_slice(img, e, f, n),
+                    allocate=True)
+    img.refcounts.process_discards()
+
+
+def _unallocate_slice(img: Qcow2Image, entry: L2Entry, first: int, count: int) -> None:
+    table = entry.table
+    for i in range(first, first + count):
+        old = table[i]
+        if not old:
+            continue
+        table[i] = 0
+        entry.dirty = True
+        free_entry(img, old, True)

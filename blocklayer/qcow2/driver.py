@@ -22,7 +22,7 @@ from ..driver import (
 from ..errors import BlockError
 from ..perm import ChildRole
 from . import bitmaps as BM
-from . import datapath
+from . import datapath, resize
 from . import snapshotops as SN
 from . import status as ST
 from .errors import CorruptionReport, Qcow2Corruption
@@ -238,6 +238,12 @@ class Qcow2Driver(BlockDriver):
             return  # QEMU: flushing a node without a driver succeeds and does nothing
         img = self._image()
         self._guard(img, img.flush)
+
+    def truncate(self, length: int, zero_new: bool = False) -> None:
+        """qcow2_co_truncate, preallocation off (see :mod:`.resize`)."""
+        img = self._writable_image(0, 0)
+        old_length = self.getlength()
+        self._guard(img, lambda: resize.truncate(img, self.backing, length, old_length, zero_new))
 
     def getlength(self) -> int:
         """Virtual size, in whole 512-byte sectors as QEMU counts it."""

@@ -291,6 +291,18 @@ class Qcow2Image:
             self.file.flush()
         self.writable = False
 
+    def resize_caches(self) -> None:
+        """Size the caches for the current virtual size (qcow2_co_truncate re-applies the
+        options, qcow2_update_options: the default L2 cache covers the whole disk).
+
+        Only the capacities change; the slice size stays what the image was opened with
+        (a different one would only change how much is read at a time).
+        """
+        sizes = cache_sizes(self.opts, self.cluster_size, self.virtual_size)
+        if sizes.l2_entry_size == self.slice_bytes:
+            self.l2_cache.capacity = max(1, sizes.l2_entries)
+        self.refcounts.cache.capacity = max(1, sizes.refcount_entries)
+
     def maybe_clean_caches(self) -> None:
         """Drop unused clean cache entries every cache-clean-interval seconds."""
         if self.clean_timer.due():

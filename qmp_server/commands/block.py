@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import blockstats
+from .. import blockresize, blockstats
 from ..dispatcher import CommandContext, CommandTable
 from ..protocol.encoding import PreEncoded
 
@@ -55,3 +55,19 @@ async def query_blockstats(ctx: CommandContext, args: dict[str, Any]) -> list[di
     return await machine.block.run_light(lambda: blockstats.query_blockstats(
         machine.block.graph, [blk for blk, _ in machine.devices.backends()],
         args.get("query-nodes", False)))
+
+
+@table.command("block_resize")
+async def block_resize(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Resize a node (qmp_block_resize; see :mod:`..blockresize`)."""
+    machine = ctx.machine
+    await blockresize.block_resize(machine.block, machine.devices, args.get("device"),
+                                   args.get("node-name"), args["size"])
+
+
+@table.command("block-set-write-threshold")
+async def block_set_write_threshold(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Watch a node for writes past an offset (qmp_block_set_write_threshold)."""
+    machine = ctx.machine
+    await machine.block.run_light(blockresize.set_write_threshold, machine.block, machine.vm,
+                                  args["node-name"], args["write-threshold"])

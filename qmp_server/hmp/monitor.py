@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
-from .. import blockstats
+from .. import blockresize, blockstats
 from ..blockservice import BlockService
 from ..console import STDERR, STDOUT, ProcessConsole
 from ..devices import Devices
@@ -22,8 +22,9 @@ from ..migration.service import MigrationService
 from ..runstate import VM
 from ..version import PACKAGE, version_string
 from ..vmsnapshots import InternalSnapshots
-from .args import HmpArgumentError, parse_arguments
+from .args import HmpArgumentError, hmp_string, parse_arguments, skip_space
 from .migration import MigrationCommands
+from .sizes import INT64_MAX, qemu_strtosz_mib
 from .snapshots import HELP as SNAPSHOT_HELP
 from .snapshots import INFO_HELP as SNAPSHOT_INFO_HELP
 from .snapshots import SnapshotCommands
@@ -81,6 +82,8 @@ class HumanMonitor:
                                            "[,readonly=on|off][,copy-on-read=on|off] -- add drive "
                                            "to PCI storage controller"),
             "drive_del": (self._drive_del, "drive_del device -- remove host block device"),
+            "block_resize": (self._block_resize,
+                             "block_resize device size -- resize a block image"),
             "migrate": (mig.migrate, "migrate [-d] uri -- migrate to URI (using -d to not wait "
                                      "for completion)"),
             "migrate_cancel": (mig.migrate_cancel, "migrate_cancel  -- cancel the current VM "
@@ -324,6 +327,31 @@ class HumanMonitor:
             await self.block.run_light(self.devices.drive_del, str(parsed["id"]))
         except QMPError as err:
             return f"{err.desc}\n"
+        return ""
+
+    async def _block_resize(self, args: str) -> str:
+        # hmp_block_resize: "device:B,size:o" (the size in MiB unless it has a suffix),
+        # then qmp_block_resize on the backend of that name; errors as hmp_handle_error.
+        invalid = 'invalid size\nTry "help block_resize" for more information\n'
+        pos = skip_space(args, 0)
+        stdout: list[str] = []
+        word = hmp_string(args, pos, stdout)
+        if word is None:
+            return HmpArgumentError("block_resize: block device name expected", "block_resize",
+                                    "".join(stdout)).monitor_text
+        device, pos = word
+        pos = skip_space(args, pos)
+        parsed = qemu_strtosz_mib(args[pos:])
+        if parsed is None or parsed[0] > INT64_MAX:
+            return invalid
+        size, used = parsed
+        if skip_space(args, pos + used) < len(args):
+            return HmpArgumentError("block_resize: extraneous characters at the end of line",
+                                    "block_resize").monitor_text
+        try:
+            await blockresize.block_resize(self.block, self.devices, device, None, size)
+        except QMPError as err:
+            return f"Error: {err.desc}\n"
         return ""
 
     async def _qemu_io(self, args: str) -> str:

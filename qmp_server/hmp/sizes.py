@@ -22,6 +22,7 @@ __all__ = [
     "cvtnum_error_message",
     "format_size",
     "qemu_strtosz",
+    "qemu_strtosz_mib",
 ]
 
 INT64_MAX = (1 << 63) - 1
@@ -86,8 +87,12 @@ def _suffix_multiplier(char: str) -> int:
     return 1024**index if index >= 0 else 0
 
 
-def _parse(text: str, warn: Callable[[str], None] | None) -> tuple[int, int, int]:
-    """The core of ``qemu_strtosz``: ``(error, end, value)`` before the end-of-string check."""
+def _parse(text: str, warn: Callable[[str], None] | None,
+           default_multiplier: int = 1) -> tuple[int, int, int]:
+    """The core of ``qemu_strtosz``: ``(error, end, value)`` before the end-of-string check.
+
+    ``default_multiplier`` is the unit of a number without a suffix (qemu_strtosz_MiB's).
+    """
     n = len(text)
     value, end, error = _strtoull(text, 10)
     if error:
@@ -123,7 +128,7 @@ def _parse(text: str, warn: Callable[[str], None] | None) -> tuple[int, int, int
             warn(f"Using a multiplier suffix on hex numbers is deprecated: {text}")
         end += 1
     else:
-        multiplier = 1
+        multiplier = default_multiplier
     if multiplier == 1:
         if fraction_bits:
             # A fraction needs a scaling suffix: "1.5" and "1.5b" are not byte counts.
@@ -135,6 +140,16 @@ def _parse(text: str, warn: Callable[[str], None] | None) -> tuple[int, int, int
         if value >= _UINT64_LIMIT:
             return errno.ERANGE, end, 0
     return 0, end, value
+
+
+def qemu_strtosz_mib(text: str) -> tuple[int, int] | None:
+    """QEMU 7.2's ``qemu_strtosz_MiB`` with an end pointer, as HMP's ``o`` arguments use
+    it: ``(value, end)`` where a number without a suffix counts MiB and parsing stops at
+    the first character that is no part of the size; None where QEMU fails."""
+    error, end, value = _parse(text, None, 1 << 20)
+    if error or end == 0:
+        return None
+    return value, end
 
 
 def qemu_strtosz(text: str, warn: Callable[[str], None] | None = None) -> int:
