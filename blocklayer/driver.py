@@ -11,6 +11,7 @@ Offsets and lengths are in bytes and need no alignment; a driver that needs alig
 from __future__ import annotations
 
 import errno
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -242,6 +243,12 @@ class BlockDriver(ABC):
     def backing_request(self) -> BackingRequest | None:
         """The backing image named by the image itself, if any."""
         return None
+
+    def change_backing_file(self, filename: str, fmt: str) -> None:
+        """Make the image's own metadata name ``filename`` (format ``fmt``) as its backing
+        file, "" for none (QEMU's bdrv_change_backing_file). Default: the format cannot
+        (QEMU: -ENOTSUP)."""
+        raise BlockError(os.strerror(errno.ENOTSUP), errno.ENOTSUP)
 
     def child_perm(self, perm: int, nperm: int, nshared: int) -> tuple[int, int]:
         """Adjust what the default rules ask of a child (QEMU: the driver's bdrv_child_perm).

@@ -123,6 +123,9 @@ class BlockGraph:
         #: may not take (bdrv_assign_node_name's blk_by_name). Whoever names backends
         #: sets it; the graph knows none.
         self.backend_names: Callable[[], Container[str]] = frozenset
+        #: bdrv_get_device_name: the name of the BlockBackend using a node ("" for none),
+        #: for QEMU's texts that name the device rather than the node.
+        self.device_name: Callable[[BlockNode], str] = lambda node: ""
 
     # Lookup -------------------------------------------------------------------------
 
@@ -516,7 +519,8 @@ class BlockGraph:
                 node.driver.perm_prepare(perm, shared)
                 prepared.append((node, perm, shared))
                 for edge in node.children:
-                    new_edges[edge] = self._child_perm(node, edge.child, edge.role, perm, shared)
+                    new_edges[edge] = (edge.fixed_perm if edge.fixed_perm is not None else
+                                       self._child_perm(node, edge.child, edge.role, perm, shared))
         except BlockError:
             for node, _, _ in reversed(prepared):
                 node.driver.perm_abort()
@@ -543,7 +547,7 @@ class BlockGraph:
     def delete(self, name: str) -> None:
         """``blockdev-del``: QEMU's checks in QEMU's order, then close the node tree."""
         node = self.lookup(name)
-        if any(e.parent is None for e in node.parents):
+        if any(e.parent is None and not e.job for e in node.parents):
             raise BlockError(f"Node {name} is in use")
         if not node.monitor_owned:
             raise BlockError(f"Node {name} is not owned by the monitor")
@@ -596,14 +600,95 @@ class BlockGraph:
 
     # Overlays (external snapshots) ----------------------------------------------------
 
-    @staticmethod
-    def check_not_backing(node: BlockNode) -> None:
-        """QEMU's op blocker on backing nodes (bdrv_set_backing_hd blocks most operations
-        on the new backing node, deletion and external snapshots among them)."""
+    def check_not_backing(self, node: BlockNode) -> None:
+        """QEMU's op blockers (bdrv_op_is_blocked): a block job's (the newest, so named
+        first), else the one on backing nodes (bdrv_set_backing_hd blocks most
+        operations on the new backing node, deletion and external snapshots among them)."""
+        self.check_no_job(node)
         for edge in node.parents:
             if edge.parent is not None and edge.name == "backing":
                 raise BlockError(f"Node '{node.name}' is busy: node is used as backing hd of "
                                  f"'{edge.parent.name}'")
+
+    def check_no_job(self, node: BlockNode) -> None:
+        """A block job's op blocker on ``node``, with QEMU's text (the node named as
+        bdrv_get_device_or_node_name names it)."""
+        if node.blockers:
+            name = self.device_name(node) or node.name
+            raise BlockError(f"Node '{name}' is busy: {node.blockers[0]}")
+
+    def is_root(self, node: BlockNode) -> bool:
+        """QEMU's bdrv_is_root_node: only outside users (BlockBackends, no job) use it."""
+        return all(e.parent is None and not e.job for e in node.parents)
+
+    def set_backing(self, node: BlockNode, backing: BlockNode | None) -> None:
+        """QEMU's bdrv_set_backing_hd: ``node`` reads through ``backing`` (None: no backing
+        child) from now on; the nodes that only the old backing child kept open close.
+
+        Only the graph changes: the image's own backing file name is the caller's
+        (:meth:`BlockDriver.change_backing_file`).
+        """
+        old = node.child("backing")
+        if old is not None and old.child is backing:
+            return
+        if backing is not None:
+            if backing.inactive and not node.inactive:
+                raise BlockError(f"Inactive '{backing.name}' can't be a backing child of active "
+                                 f"'{node.name}'")
+            if self._reaches(backing, node):
+                raise BlockError(f"Making '{backing.name}' a backing child of '{node.name}' would "
+                                 f"create a cycle")
+        if old is not None:
+            node.children.remove(old)
+            old.child.parents.remove(old)
+        node.driver.backing = None
+        node.touch()
+        if backing is not None:
+            self._attach(node, backing, "backing", ChildRole.COW)
+            node.driver.backing = backing
+        if old is not None:
+            old.child.touch()
+            self._release(old.child)
+            if old.child.name in self.nodes:
+                self._loosen([old.child])
+        self.refresh_filenames([node])
+
+    def reopen_read_write(self, node: BlockNode) -> None:
+        """QEMU's bdrv_reopen_set_read_only(bs, false): ``node`` and the file node opened
+        with it become writable (a block job writes into a backing node). A failure
+        leaves both as they were, with QEMU's text."""
+        if not node.options.read_only or node.driver.ejected:
+            return
+        members = [node]
+        for edge in node.children:
+            if edge.name == "file" and edge.child.implicit:
+                members.append(edge.child)
+        protocols = [m for m in members if m.driver.protocol and m.options.read_only]
+        prepared: list[BlockNode] = []
+        try:
+            for member in protocols:
+                member.driver.reopen_prepare(False)
+                prepared.append(member)
+        except BaseException:
+            for member in prepared:
+                member.driver.reopen_abort()
+            raise
+        for member in prepared:
+            member.driver.reopen_commit()
+            member.options.read_only = False
+            member.touch()
+        for member in members:
+            if member.driver.protocol or not member.options.read_only:
+                continue
+            driver_options = self._driver_options.get(member, {})
+            member.driver.close()
+            try:
+                member.driver.open(driver_options, read_only=False, inactive=member.inactive)
+            except BlockError:
+                member.driver.open(driver_options, read_only=True, inactive=member.inactive)
+                raise
+            member.options.read_only = False
+            member.touch()
 
     def append_overlay(self, overlay: BlockNode, old: BlockNode) -> list[Edge]:
         """QEMU's bdrv_append: ``old`` becomes the backing child of ``overlay``, and every

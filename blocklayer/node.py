@@ -40,6 +40,13 @@ class Edge:
     #: ``inactivate_hook`` drops them and returns False if the user cannot let go.
     activate_hook: Callable[[], None] | None = None
     inactivate_hook: Callable[[], bool] | None = None
+    #: The user is a block job (QEMU's child_job, not a BlockBackend): it does not make
+    #: the node "in use" (bdrv_has_blk) but the node is no root any more.
+    job: bool = False
+    #: What this edge asks of its child whatever its parent needs: a block job's filter
+    #: sits between (commit_top_child_perm asks nothing and shares all), for as long as
+    #: it is set. None: the usual rules.
+    fixed_perm: tuple[int, int] | None = None
 
     def describe_parent(self) -> str:
         """How QEMU names the user of this edge in permission conflicts."""
@@ -93,6 +100,9 @@ class BlockNode:
     #: driver that stores bitmaps in its image (qcow2) shares this very list: it loads
     #: into it on open/activation and stores from it on inactivation.
     dirty_bitmaps: list[DirtyBitmap] = field(default_factory=list)
+    #: QEMU's op blockers set by block jobs (block_job_add_bdrv), newest first: the
+    #: reason each one gives ("block device is in use by block job: stream").
+    blockers: list[str] = field(default_factory=list)
     #: QEMU's bs->write_threshold_offset (block-set-write-threshold; 0: off) and who is
     #: told, with (node, amount exceeded, threshold), when a write passes it.
     write_threshold: int = 0

@@ -10,7 +10,18 @@ import trio
 from . import machinemodel
 from .chardev import ChardevError, Endpoint, open_chardev
 from .cli import Options
-from .commands import bitmaps, block, control, devices, fds, internal_snapshots, jobs, nbd, snapshots
+from .commands import (
+    bitmaps,
+    block,
+    blockjobs,
+    control,
+    devices,
+    fds,
+    internal_snapshots,
+    jobs,
+    nbd,
+    snapshots,
+)
 from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
 from .errorreport import location
@@ -34,7 +45,7 @@ def command_tables() -> list[CommandTable]:
     """Every command module's table."""
     return [control.table, block.table, migration_commands.table, machine_commands.table,
             devices.table, bitmaps.table, jobs.table, snapshots.table, internal_snapshots.table,
-            fds.table, nbd.table]
+            fds.table, nbd.table, blockjobs.table]
 
 
 class App:

@@ -54,6 +54,7 @@ class BlockService:
         #: bdrv_get_device_name: the name of a node's BlockBackend ("" for none or an
         #: anonymous one). The devices know the backends; machine.py wires them in.
         self.device_name: Callable[[BlockNode], str] = lambda node: ""
+        self.graph.device_name = lambda node: self.device_name(node)
 
     def _image_corrupted(self, driver: BlockDriver, report: CorruptionReport) -> None:
         """QEMU's qcow2_signal_corruption, our half: the stderr line and the event.

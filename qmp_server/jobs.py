@@ -7,10 +7,14 @@ cancellation, ``aborting`` -> ``concluded``; ``job-dismiss`` (or auto-dismiss) t
 work itself (file I/O) runs in a worker thread (the caller's ``run`` coroutine decides
 how, see ``BlockService.run``), so the event loop keeps serving while a job runs.
 
-Not modelled: transactions of several jobs (each job is its own transaction), pause
-points (no job kind here has any, so ``job-pause`` only records the request, as
-QEMU does for a job that never reaches one), speed limits, ``ready``/``standby``
-(no job kind here reaches them).
+A job kind may bring a :class:`JobDriver` (QEMU's JobDriver callbacks: prepare, commit,
+abort, clean, and the block jobs' notifiers for their BLOCK_JOB_* events). Kinds with pause
+points (the block jobs, between chunks) call :meth:`JobService.pause_point`; for the
+others ``job-pause`` only records the request, as QEMU does for a job that never reaches
+one.
+
+Not modelled: transactions of several jobs (each job is its own transaction),
+``standby``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import enum
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -86,6 +90,44 @@ def id_wellformed(name: str) -> bool:
 JobRun = Callable[["Job"], Awaitable[None]]
 
 
+class JobDriver:
+    """What a job kind adds to the state machine; the defaults do nothing.
+
+    The graph work (prepare, commit, abort, clean) runs in the event loop's thread, in
+    QEMU's order: prepare when the job is finalized, then commit (or abort when it failed
+    or was cancelled), then clean, then :meth:`finalized` (the kind's events).
+    """
+
+    #: The job stops at pause points (:meth:`JobService.pause_point`).
+    pause_points = False
+
+    def prepare(self, job: Job) -> str | None:
+        """job_prepare: the graph changes that may fail; an error text fails the job."""
+        return None
+
+    def commit(self, job: Job) -> None:
+        """job_commit: the job succeeded."""
+
+    def abort(self, job: Job) -> None:
+        """job_abort: the job failed or was cancelled."""
+
+    def clean(self, job: Job) -> None:
+        """job_clean: either way, last."""
+
+    def pending(self, job: Job) -> None:
+        """job_event_pending: the job waits for job-finalize (auto-finalize off)."""
+
+    def ready(self, job: Job) -> None:
+        """job_event_ready: the job went ``ready``."""
+
+    def finalized(self, job: Job) -> None:
+        """job_event_cancelled/completed: the job was finalized (after clean)."""
+
+    def complete(self, job: Job) -> None:
+        """job_complete on a ready job; raise QMPError when the kind cannot."""
+        raise QMPError(f"The active block job '{job.id}' cannot be completed")
+
+
 @dataclass(eq=False)
 class Job:
     """One job (QEMU's Job), as query-jobs reports it."""
@@ -105,6 +147,12 @@ class Job:
     #: The work has returned (job->deferred_to_main_loop).
     finished: bool = False
     user_paused: bool = False
+    #: The job's work is running in a worker thread (QEMU's job->busy, for queries).
+    busy: bool = False
+    driver: JobDriver = field(default_factory=JobDriver)
+    #: Set to wake a job sleeping at a pause point (job_enter): pause, resume, cancel,
+    #: a new speed.
+    kicked: trio.Event = field(default_factory=trio.Event)
 
     def info(self) -> dict[str, Any]:
         """JobInfo, members in the order QEMU 7.2 writes them (checked live)."""
@@ -160,7 +208,7 @@ class JobService:
 
     def create(self, job_id: str, job_type: str, run: JobRun, *, auto_finalize: bool = True,
                auto_dismiss: bool = True, early_error: str | None = None,
-               progress: tuple[int, int] = (0, 0)) -> Job:
+               progress: tuple[int, int] = (0, 0), driver: JobDriver | None = None) -> Job:
         """job_create + job_start: the job is ``running`` when this returns.
 
         ``run`` is started as a system task; call this from the event loop's thread.
@@ -172,6 +220,8 @@ class JobService:
         """
         self.check_id(job_id)
         job = Job(id=job_id, type=job_type, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        if driver is not None:
+            job.driver = driver
         self.jobs.insert(0, job)
         self._transition(job, S.CREATED)
         self._transition(job, S.RUNNING)
@@ -216,17 +266,36 @@ class JobService:
             return
         self._transition(job, S.WAITING)
         self._transition(job, S.PENDING)
+        if not job.auto_finalize:
+            job.driver.pending(job)  # job_transition_to_pending_locked
         if job.auto_finalize:
             self._finalize(job)
 
     def _finalize(self, job: Job) -> None:
-        # job_do_finalize_locked -> job_finalize_single_locked (a job's own transaction)
+        # job_do_finalize_locked: prepare (a job's own transaction), then
+        # job_finalize_single_locked.
+        if not job.failed:
+            error = job.driver.prepare(job)
+            if error is not None:
+                job.failed = True
+                job.error = error
+                self._update_rc(job)
+        self._finalize_single(job)
+
+    def _finalize_single(self, job: Job) -> None:
+        # job_finalize_single_locked: commit or abort, clean, the kind's events, conclude.
         self._update_rc(job)
+        if job.failed:
+            job.driver.abort(job)
+        else:
+            job.driver.commit(job)
+        job.driver.clean(job)
+        job.driver.finalized(job)
         self._conclude(job)
 
     def _abort(self, job: Job) -> None:
         # job_completed_txn_abort_locked, for a transaction of one job
-        self._finalize(job)
+        self._finalize_single(job)
 
     def _conclude(self, job: Job) -> None:
         # job_conclude_locked
@@ -258,12 +327,14 @@ class JobService:
 
         No job kind here has a soft cancel, so every cancel is forced (as QEMU treats a
         job driver without ``.cancel``). A running job's work cannot be interrupted in its
-        worker thread: its result is dropped when it returns, and the job aborts.
+        worker thread: a job with pause points stops at the next one, the others' result
+        is dropped when their work returns; either way the job aborts.
         """
         job = self.find(job_id)
         self._apply_verb(job, "cancel")
         job.cancelled = True
         job.user_paused = False
+        job.kicked.set()
         if job.finished:
             # Deferred to the main loop already (waiting/pending): abort right away.
             self._abort(job)
@@ -275,6 +346,11 @@ class JobService:
         if job.user_paused:
             raise QMPError("Job is already paused")
         job.user_paused = True
+        if job.driver.pause_points and job.status is S.RUNNING and not job.busy:
+            # job_pause_locked enters a sleeping job, which stops at its pause point
+            # before the command returns.
+            self._transition(job, S.PAUSED)
+        job.kicked.set()
 
     def resume(self, job_id: str) -> None:
         """job-resume (job_user_resume_locked)."""
@@ -284,9 +360,53 @@ class JobService:
             raise QMPError("Can't resume a job that was not paused")
         self._apply_verb(job, "resume")
         job.user_paused = False
+        if job.status is S.PAUSED:
+            # job_resume_locked enters the job, which leaves its pause point at once.
+            self._transition(job, S.RUNNING)
+        job.kicked.set()
+
+    async def pause_point(self, job: Job, delay: float = 0.0) -> None:
+        """job_sleep_ns + job_pause_point, for the job's work between two steps: sleep
+        ``delay`` seconds unless kicked, then stay paused while a pause is requested.
+        Returns at once when the job is cancelled."""
+        if delay > 0 and not job.cancelled and not job.user_paused:
+            with trio.move_on_after(delay):
+                await job.kicked.wait()
+        job.kicked = trio.Event()
+        while job.user_paused and not job.cancelled:
+            if job.status is S.RUNNING:
+                self._transition(job, S.PAUSED)
+            await job.kicked.wait()
+            job.kicked = trio.Event()
+        if job.status is S.PAUSED:
+            self._transition(job, S.RUNNING)
+        if job.status is S.RUNNING:
+            await trio.lowlevel.checkpoint()
+
+    async def cancel_all_at_exit(self) -> None:
+        """qemu_cleanup for the jobs with pause points (the block jobs): the drain stops
+        each running one at its pause point (``paused``), then job_cancel_sync_all
+        cancels them one by one and waits until each concluded. Other kinds keep running
+        until the process ends (their work is one worker call)."""
+        jobs = [job for job in self.jobs if job.driver.pause_points and not job.finished]
+        for job in jobs:
+            if job.status is S.RUNNING:
+                self._transition(job, S.PAUSED)
+        for job in jobs:
+            if job.status in VERBS["cancel"] and not job.cancelled:
+                self.cancel(job.id, force=True)
+            with trio.move_on_after(10):
+                while job in self.jobs and job.status is not S.CONCLUDED:
+                    await trio.sleep(0.001)
+
+    def set_ready(self, job: Job) -> None:
+        """job_transition_to_ready: the job is ``ready`` (and says so)."""
+        self._transition(job, S.READY)
+        job.driver.ready(job)
 
     def complete(self, job_id: str) -> None:
-        """job-complete: only ready jobs accept it, and no job kind here gets ready."""
+        """job-complete: only ready jobs accept it; the kind completes them."""
         job = self.find(job_id)
         self._apply_verb(job, "complete")
-        raise QMPError(f"The active block job '{job.id}' cannot be completed")
+        job.driver.complete(job)
+        job.kicked.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .blockjobs import BlockJobs
 from .blockservice import BlockService
 from .devices import Devices
 from .events import EventBus
@@ -63,6 +64,8 @@ class Machine:
         self.block.graph.backend_names = lambda: self.devices.named
         #: Jobs (blockdev-create, ...): they only announce their states as events.
         self.jobs = JobService(self.events)
+        #: Block jobs (block-stream, block-commit), jobs on the block graph.
+        self.blockjobs = BlockJobs(self.jobs, self.block, self.events)
         #: -object / object-add objects (/objects in QOM).
         self.objects = Objects()
         self.vm.state_listeners.append(self.devices.vm_state_changed)

@@ -508,6 +508,8 @@ async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.S
             nursery.start_soon(_accept_loop, listener, nursery, partial(handle, named=named))
         task_status.started()
         await machine.vm.exit_requested.wait()
+        # qemu_cleanup: running block jobs are cancelled (their events go out too).
+        await machine.jobs.cancel_all_at_exit()
         # What was said before the exit (quit's SHUTDOWN, a failed incoming migration's
         # MIGRATION event) reaches the clients first, within a bound: QEMU flushes its
         # monitors' output on the way out (monitor_cleanup).

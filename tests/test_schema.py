@@ -577,11 +577,16 @@ def test_commands_and_flags(schema: Schema) -> None:
         # qmp_server/commands/nbd.py
         "nbd-server-start", "nbd-server-add", "nbd-server-remove", "nbd-server-stop",
         "block-export-add", "block-export-del", "query-block-exports",
+        # qmp_server/commands/blockjobs.py
+        "block-stream", "block-commit", "query-block-jobs", "block-job-set-speed",
+        "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete",
+        "block-job-dismiss", "block-job-finalize",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
                                   "BLOCK_IMAGE_CORRUPTED", "BLOCK_WRITE_THRESHOLD", "POWERDOWN", "RESET",
-                                  "DEVICE_DELETED", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED"}
+                                  "DEVICE_DELETED", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED",
+                                  "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_PENDING"}
     assert not any(info.allow_oob for info in schema.commands.values())
     preconfig = {name for name, info in schema.commands.items() if info.allow_preconfig}
     assert {"qmp_capabilities", "blockdev-add", "blockdev-set-active", "query-status"} <= preconfig

@@ -387,6 +387,24 @@ class Qcow2Driver(BlockDriver):
         return BackingRequest(hdr.backing_file, self._full_backing_path(hdr.backing_file),
                               hdr.backing_format or None)
 
+    def change_backing_file(self, filename: str, fmt: str) -> None:
+        """qcow2_change_backing_file: the header names ``filename`` (with the backing
+        format extension ``fmt``), or no backing file for "", rewritten in place
+        (qcow2_update_header)."""
+        img = self._image()
+        if len(filename.encode("utf-8", "surrogateescape")) > 1023 or (fmt and not filename):
+            raise BlockError(os.strerror(errno.EINVAL), errno.EINVAL)
+        if not img.writable:
+            raise BlockError(os.strerror(errno.EACCES), errno.EACCES)
+        old = img.hdr.backing_file, img.hdr.backing_format
+        img.hdr.backing_file = filename or None
+        img.hdr.backing_format = fmt or None
+        try:
+            img.update_header()
+        except BlockError:
+            img.hdr.backing_file, img.hdr.backing_format = old
+            raise
+
     def image_info(self) -> dict[str, Any]:
         """cluster-size, dirty-flag, format-specific and backing names, as QEMU reports."""
         img = self._opened()

@@ -1,0 +1,177 @@
+"""What block jobs do to the graph: backing chain walks, one step of streaming or
+committing data, and the end of a job (the chain without the intermediate nodes).
+
+QEMU's block/stream.c and block/commit.c, the parts that touch data and graph; the job
+itself (states, events, rate limit, threads) is the service's. Every function runs under
+the graph lock, as the rest of :mod:`blocklayer.graph`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .blockstatus import is_allocated, is_allocated_above
+from .driver import whole_sectors
+from .graph import BlockGraph
+from .node import BlockNode
+from .protocols import path_has_protocol as has_protocol
+
+#: QEMU's STREAM_CHUNK and COMMIT_BUFFER_SIZE: the most one step looks at.
+STREAM_CHUNK = 512 * 1024
+COMMIT_BUFFER = 512 * 1024
+
+
+def backing(node: BlockNode) -> BlockNode | None:
+    """bdrv_filter_or_cow_bs: the node's backing node (no driver here is a filter)."""
+    if not node.driver.supports_backing:
+        return None
+    edge = node.child("backing")
+    return edge.child if edge is not None else None
+
+
+def chain(node: BlockNode) -> list[BlockNode]:
+    """``node`` and every node below it through backing children, top first."""
+    nodes = [node]
+    below = backing(node)
+    while below is not None and below not in nodes:
+        nodes.append(below)
+        below = backing(below)
+    return nodes
+
+
+def chain_contains(top: BlockNode, node: BlockNode) -> bool:
+    """bdrv_chain_contains: ``node`` is ``top`` or below it."""
+    return node in chain(top)
+
+
+def find_overlay(active: BlockNode, node: BlockNode | None) -> BlockNode | None:
+    """bdrv_find_overlay: the node of ``active``'s chain whose backing node is ``node``
+    (None: the bottom of the chain, bdrv_find_base)."""
+    for member in chain(active):
+        if backing(member) is node:
+            return member
+    return None
+
+
+def length(node: BlockNode) -> int:
+    """bdrv_getlength: the node's length in whole sectors."""
+    return whole_sectors(node.getlength())
+
+
+def _dirname(node: BlockNode) -> str:
+    # bdrv_dirname: the directory of the file at the bottom of the node's primary chain.
+    name = node.bottom_filename
+    return name[:name.rfind("/") + 1] if "/" in name else ""
+
+
+def _realpath(path: str) -> str | None:
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError:
+        return None
+
+
+def find_backing_image(node: BlockNode, name: str) -> BlockNode | None:
+    """bdrv_find_backing_image: the node below ``node`` that a backing file name means.
+
+    An overridden backing child compares by its file name; protocol names compare as
+    written (or with the full backing name); plain paths compare canonicalized, relative
+    names taken relative to the directory of the image that names them.
+    """
+    for current in chain(node):
+        below = backing(current)
+        if below is None:
+            break
+        if current.backing_overridden():
+            if name == below.filename:
+                return below
+        elif has_protocol(name) or has_protocol(current.backing_file):
+            if name == current.backing_file or name == _full_name(current, current.backing_file):
+                return below
+        else:
+            wanted = _realpath(_full_name(current, name))
+            if wanted is None:
+                continue
+            named = _realpath(_full_name(current, current.backing_file))
+            if named is not None and named == wanted:
+                return below
+    return None
+
+
+def _full_name(node: BlockNode, name: str) -> str:
+    # bdrv_make_absolute_filename: protocol names and absolute paths stay as they are.
+    if not name or has_protocol(name) or name.startswith("/"):
+        return name
+    return _dirname(node) + name
+
+
+def cluster_size(node: BlockNode) -> int:
+    """bdrv_round_to_subclusters' granularity: the image's cluster size, else a sector."""
+    size = node.driver.image_info().get("cluster-size") if node.has_info() else None
+    return size if isinstance(size, int) and size > 0 else 512
+
+
+def copy_on_read(top: BlockNode, offset: int, count: int) -> None:
+    """bdrv_co_do_copy_on_readv as stream_populate uses it: the clusters of ``top``
+    around the range that ``top`` does not hold yet get what the chain below shows;
+    zeroes are written as zeroes (buffer_is_zero), never as data."""
+    granularity = cluster_size(top)
+    start = offset // granularity * granularity
+    end = min(-(-(offset + count) // granularity) * granularity, length(top))
+    pos = start
+    while pos < end:
+        allocated, pnum = is_allocated(top, pos, end - pos)
+        if pnum <= 0:
+            break
+        if not allocated:
+            data = top.pread(pos, pnum)
+            if any(data):
+                top.pwrite(pos, data)
+            else:
+                top.pwrite_zeroes(pos, pnum)
+        pos += pnum
+
+
+def stream_step(top: BlockNode, base_overlay: BlockNode, offset: int, total: int) -> tuple[int, bool]:
+    """One iteration of stream_run at ``offset``: (bytes covered, whether data was
+    copied). What ``top`` holds is skipped; what the chain from its backing node down to
+    ``base_overlay`` (included) holds is copied into ``top``."""
+    allocated, count = is_allocated(top, offset, STREAM_CHUNK)
+    if allocated:
+        return count, False
+    below = backing(top)
+    depth = 0
+    if below is not None:
+        depth, count = is_allocated_above(below, base_overlay, True, offset, count)
+    else:
+        count = 0
+    if depth == 0 and count == 0:
+        # The end of the backing file: nothing more to copy.
+        return total - offset, False
+    if depth > 0:
+        copy_on_read(top, offset, count)
+    return count, depth > 0
+
+
+def commit_step(top: BlockNode, base_overlay: BlockNode, base: BlockNode, offset: int) -> tuple[int, bool]:
+    """One iteration of commit_run (and of active commit's first pass) at ``offset``:
+    (bytes covered, whether data was copied). What the chain from ``top`` down to
+    ``base_overlay`` holds is written into ``base`` as ``top`` shows it."""
+    depth, count = is_allocated_above(top, base_overlay, True, offset, COMMIT_BUFFER)
+    if depth > 0 and count > 0:
+        base.pwrite(offset, top.pread(offset, count))
+    return count, depth > 0
+
+
+def set_backing_file(graph: BlockGraph, node: BlockNode, base: BlockNode | None, name: str | None) -> None:
+    """The end of a stream or commit: ``node`` reads through ``base`` (None: nothing),
+    the nodes between close unless something else uses them, and the image names
+    ``base`` as its backing file (``name``, else the base's file name) with the base's
+    format (stream_prepare, bdrv_drop_intermediate -> bdrv_change_backing_file)."""
+    filename = (name if name is not None else base.filename) if base is not None else ""
+    fmt = base.driver.name if base is not None else ""
+    graph.set_backing(node, base)
+    node.driver.change_backing_file(filename, fmt)
+    node.backing_file = node.auto_backing_file = filename
+    node.touch()
+    graph.refresh_filenames([node])

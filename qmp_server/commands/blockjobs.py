@@ -1,0 +1,209 @@
+"""Block job commands: block-stream, block-commit, query-block-jobs and block-job-*
+(QEMU's blockdev.c qmp_block_stream / qmp_block_commit and job-qmp.c's block-job verbs).
+
+The argument checks run in QEMU's order with QEMU's texts, under the graph lock; the
+job itself is :mod:`qmp_server.blockjobs`'.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from blocklayer import blockjob as BJ
+from blocklayer.node import BlockNode
+from blocklayer.perm import WRITE
+
+from ..blockjobs import CommitRequest, StreamRequest
+from ..dispatcher import CommandContext, CommandTable
+from ..errors import QMPError
+from .lookup import find_bs, lookup_bs
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+table = CommandTable()
+
+
+@table.query("query-block-jobs")
+def query_block_jobs(machine: Machine) -> list[dict[str, Any]]:
+    """Every block job, newest first (qmp_query_block_jobs)."""
+    return machine.blockjobs.query()
+
+
+def _stream_request(machine: Machine, args: dict[str, Any]) -> StreamRequest:
+    # qmp_block_stream's checks, in its order.
+    if "base" in args and "base-node" in args:
+        raise QMPError("'base' and 'base-node' cannot be specified at the same time")
+    if "base" in args and "bottom" in args:
+        raise QMPError("'base' and 'bottom' cannot be specified at the same time")
+    if "bottom" in args and "base-node" in args:
+        raise QMPError("'bottom' and 'base-node' cannot be specified at the same time")
+    device: str = args["device"]
+    top = lookup_bs(machine, device, device)
+    base: BlockNode | None = None
+    bottom: BlockNode | None = None
+    if "base" in args:
+        base = BJ.find_backing_image(top, args["base"])
+        if base is None:
+            raise QMPError(f"Can't find '{args['base']}' in the backing chain")
+    if "base-node" in args:
+        base = lookup_bs(machine, None, args["base-node"])
+        if base is top or not BJ.chain_contains(top, base):
+            raise QMPError(f"Node '{args['base-node']}' is not a backing image of '{device}'")
+    if "bottom" in args:
+        bottom = lookup_bs(machine, None, args["bottom"])
+        if bottom.driver.ejected:
+            raise QMPError(f"Node '{args['bottom']}' is not open")
+        if not BJ.chain_contains(top, bottom):
+            raise QMPError(f"Node '{args['bottom']}' is not in a chain starting from '{device}'")
+    # The op blockers of the chain between the node and the base (or below the bottom).
+    end = BJ.backing(bottom) if bottom is not None else base
+    for node in BJ.chain(top):
+        if node is end:
+            break
+        machine.block.graph.check_no_job(node)
+    if base is None and "backing-file" in args:
+        raise QMPError("backing file specified, but streaming the entire chain")
+    return StreamRequest(job_id=args.get("job-id"), top=top, base=base, bottom=bottom,
+                         backing_file=args.get("backing-file"), speed=args.get("speed", 0),
+                         auto_finalize=args.get("auto-finalize", True),
+                         auto_dismiss=args.get("auto-dismiss", True))
+
+
+@table.command("block-stream")
+async def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Copy the backing chain's data (down to a base) into a node, then drop the chain."""
+    machine = ctx.machine
+    request = await machine.block.run_light(_stream_request, machine, args)
+    await machine.blockjobs.stream(request)
+
+
+def _root_bs(machine: Machine, device: str) -> BlockNode:
+    # qmp_get_root_bs, with block-commit's DeviceNotFound for a name that means nothing
+    # (libvirt probes for it).
+    node = find_bs(machine, device, device)
+    if node is None:
+        try:
+            lookup_bs(machine, device, device)
+        except QMPError as err:
+            if "has no medium" in err.desc:
+                raise
+        raise QMPError(f"Device '{device}' not found", "DeviceNotFound")
+    if not machine.block.graph.is_root(node):
+        raise QMPError("Need a root block node")
+    if node.driver.ejected:
+        raise QMPError("Device has no medium")
+    return node
+
+
+def _commit_request(machine: Machine, args: dict[str, Any]) -> CommitRequest:
+    # qmp_block_commit's checks, in its order.
+    graph = machine.block.graph
+    device: str = args["device"]
+    root = _root_bs(machine, device)
+    graph.check_no_job(root)
+    top: BlockNode | None = root
+    if "top-node" in args and "top" in args:
+        raise QMPError("'top-node' and 'top' are mutually exclusive")
+    if "top-node" in args:
+        top = lookup_bs(machine, None, args["top-node"])
+        if not BJ.chain_contains(root, top):
+            raise QMPError(f"'{args['top-node']}' is not in this backing file chain")
+    elif args.get("top"):
+        if root.filename != args["top"]:
+            top = BJ.find_backing_image(root, args["top"])
+    if top is None:
+        raise QMPError(f"Top image file {args.get('top') or 'NULL'} not found")
+    if "base-node" in args and "base" in args:
+        raise QMPError("'base-node' and 'base' are mutually exclusive")
+    if "base-node" in args:
+        base = lookup_bs(machine, None, args["base-node"])
+        if not BJ.chain_contains(top, base):
+            raise QMPError(f"'{args['base-node']}' is not in this backing file chain")
+    elif args.get("base"):
+        found = BJ.find_backing_image(top, args["base"])
+        if found is None:
+            raise QMPError(f"Can't find '{args['base']}' in the backing chain")
+        base = found
+    else:
+        bottom = BJ.find_overlay(top, None)
+        if bottom is None:
+            raise QMPError("There is no backimg image")
+        base = bottom
+    for node in BJ.chain(top):
+        graph.check_no_job(node)
+        if node is base:
+            break
+    if top is base:
+        raise QMPError("cannot commit an image into itself")
+    perm, _ = top.cumulative_perms()
+    if perm & WRITE or top is root:
+        if "backing-file" in args:
+            if top is root:
+                raise QMPError("'backing-file' specified, but 'top' is the active layer")
+            raise QMPError("'backing-file' specified, but 'top' has a writer on it")
+        raise QMPError("Active commit (committing the active layer) is not supported by qmp-server")
+    overlay = BJ.find_overlay(root, top)
+    if overlay is not None:
+        graph.check_no_job(overlay)
+    return CommitRequest(job_id=args.get("job-id"), root=root, top=top, base=base,
+                         backing_file=args.get("backing-file"), speed=args.get("speed", 0),
+                         auto_finalize=args.get("auto-finalize", True),
+                         auto_dismiss=args.get("auto-dismiss", True))
+
+
+@table.command("block-commit")
+async def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Copy the data of the chain from ``top`` down to above ``base`` into ``base``, then
+    drop those nodes from the chain."""
+    machine = ctx.machine
+    request = await machine.block.run_light(_commit_request, machine, args)
+    await machine.blockjobs.commit(request)
+
+
+@table.command("block-job-set-speed")
+async def block_job_set_speed(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """A new rate limit (bytes a second, 0: none); a sleeping job wakes to use it."""
+    ctx.machine.blockjobs.set_speed(args["device"], args["speed"])
+
+
+@table.command("block-job-cancel")
+async def block_job_cancel(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """The job stops at its next pause point and aborts (BLOCK_JOB_CANCELLED)."""
+    job, _ = ctx.machine.blockjobs.find(args["device"])
+    ctx.machine.jobs.cancel(job.id, args.get("force", False))
+
+
+@table.command("block-job-pause")
+async def block_job_pause(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """The job stops at its next pause point until block-job-resume."""
+    job, _ = ctx.machine.blockjobs.find(args["device"])
+    ctx.machine.jobs.pause(job.id)
+
+
+@table.command("block-job-resume")
+async def block_job_resume(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """A paused job goes on."""
+    job, _ = ctx.machine.blockjobs.find(args["device"])
+    ctx.machine.jobs.resume(job.id)
+
+
+@table.command("block-job-complete")
+async def block_job_complete(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Completes a ready job (none of the kinds here gets ready)."""
+    job, _ = ctx.machine.blockjobs.find(args["device"])
+    ctx.machine.jobs.complete(job.id)
+
+
+@table.command("block-job-dismiss")
+async def block_job_dismiss(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """A concluded block job (auto-dismiss off) leaves the job lists."""
+    job, _ = ctx.machine.blockjobs.find(args["id"])
+    ctx.machine.jobs.dismiss(job.id)
+
+
+@table.command("block-job-finalize")
+async def block_job_finalize(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """A pending block job (auto-finalize off) changes the graph and concludes."""
+    job, _ = ctx.machine.blockjobs.find(args["id"])
+    ctx.machine.jobs.finalize(job.id)

@@ -1,0 +1,348 @@
+"""Block jobs (block-stream, block-commit, the block-job-* verbs) against QEMU 7.2.
+
+Every scenario runs on QEMU and on our server, each in a directory whose path has the
+same length ("qemu"/"ours"), on the same three-image chain (base <- mid <- top, each
+layer with data of its own). What is compared: replies and error texts, the events
+(JOB_STATUS_CHANGE, BLOCK_JOB_*) without timestamps, query-block-jobs / query-jobs,
+the image lock bytes while a job runs and after it, and once the server is gone what
+qemu-img info --backing-chain / map / check and qemu-io reads say of the images.
+
+Jobs are held still with QEMU's own trick: ``speed: 1`` lets the first step through and
+then sleeps for ever, so what a job did before it is stopped is the same on both.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lock_probe import locked
+from server_support import Client, running
+
+#: Members QEMU 7.2's query-named-block-nodes does not have (we answer as QEMU 10.x).
+NEWER = ("active", "children")
+IMAGES = ("top.qcow2", "mid.qcow2", "base.qcow2")
+
+
+def _images(work: Path) -> None:
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, cwd=work)
+
+    run("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M")
+    run("qemu-io", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x11 1M 64k", "base.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2", "4M")
+    run("qemu-io", "-c", "write -P 0x22 64k 64k", "-c", "write -P 0x22 1M 32k", "-c",
+        "write -z 2M 64k", "mid.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "4M")
+    run("qemu-io", "-c", "write -P 0x33 128k 64k", "top.qcow2")
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in NEWER and k != "timestamp"}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    if isinstance(value, str) and value.startswith("#block"):
+        return "#block"
+    return value
+
+
+def _norm(value: Any, work: Path) -> Any:
+    return _strip(json.loads(json.dumps(value).replace(str(work), "@TMP@")))
+
+
+def _after(work: Path) -> list[Any]:
+    """What qemu-img and qemu-io say of the images once the server is gone."""
+    seen: list[Any] = []
+    for name in IMAGES:
+        info = subprocess.run(["qemu-img", "info", "--output=json", str(work / name)],
+                              capture_output=True, text=True, check=True)
+        image = json.loads(info.stdout)
+        image.pop("actual-size", None)
+        mapped = subprocess.run(["qemu-img", "map", "--output=json", str(work / name)],
+                                capture_output=True, text=True, check=True)
+        check = subprocess.run(["qemu-img", "check", str(work / name)], capture_output=True, text=True)
+        seen.append([image, json.loads(mapped.stdout), check.returncode, check.stdout])
+    for pattern, offset in (("0x11", "0"), ("0x22", "64k"), ("0x33", "128k"), ("0x22", "1M"),
+                            ("0x11", "1056k"), ("0", "2M")):
+        out = subprocess.run(["qemu-io", "-c", f"read -P {pattern} {offset} 32k", str(work / "top.qcow2")],
+                             capture_output=True, text=True)
+        seen.append(out.stdout.splitlines()[:1] + out.stderr.splitlines()[:1])
+    return seen
+
+
+Scenario = Callable[[Client, Path], list[Any]]
+
+
+def both(tmp_path: Path, scenario: Scenario, args: Callable[[Path], list[str]] = lambda work: []
+         ) -> tuple[list[Any], list[Any]]:
+    """Run ``scenario`` on QEMU and on us (replies, then events, then the images after)."""
+    results = []
+    for qemu in (True, False):
+        work = tmp_path / ("qemu" if qemu else "ours")
+        work.mkdir()
+        _images(work)
+        with running(args(work), work, qemu=qemu) as (proc, client):
+            seen = scenario(client, work)
+            client.execute("quit")
+            # What comes after quit's reply (jobs cancelled on the way out), up to EOF.
+            try:
+                while True:
+                    client.events.append(client.read(timeout=20))
+            except EOFError:
+                pass
+            proc.wait(timeout=20)
+        seen.append(client.events)
+        seen.append(_after(work))
+        results.append(_norm(seen, work))
+    return results[0], results[1]
+
+
+def _steps(client: Client, work: Path, steps: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    seen = []
+    for name, arguments in steps:
+        arguments = json.loads(json.dumps(arguments).replace("@TMP@", str(work)))
+        seen.append([name, client.execute(name, arguments)])
+    return seen
+
+
+def _file(name: str) -> dict[str, Any]:
+    return {"driver": "file", "filename": f"@TMP@/{name}"}
+
+
+TOP = ("blockdev-add", {"driver": "qcow2", "node-name": "top", "file": _file("top.qcow2")})
+
+
+def _settled(client: Client, job: str) -> list[Any]:
+    """query-block-jobs once the job (speed 1) made its first step and sleeps."""
+    deadline = time.monotonic() + 10
+    last: Any = None
+    while True:
+        jobs = client.cmd("query-block-jobs")
+        if jobs == last and jobs and jobs[0]["offset"] > 0 and not jobs[0]["busy"]:
+            return [jobs, client.cmd("query-jobs")]
+        assert time.monotonic() < deadline, jobs
+        last = jobs
+        time.sleep(0.1)
+
+
+def _concluded(client: Client, job: str, status: str = "null", since: int = 0) -> None:
+    """Wait until the job reached ``status`` (an event after the first ``since`` ones);
+    every event stays in ``client.events``."""
+    wanted = {"status": status, "id": job}
+    while not any(e["event"] == "JOB_STATUS_CHANGE" and e["data"] == wanted for e in client.events[since:]):
+        message = client.read()
+        assert "event" in message, message
+        client.events.append(message)
+
+
+def _locks(work: Path) -> dict[str, list[int]]:
+    """The lock bytes of the images, once they stay the same for 0.2 s (QEMU closes the
+    nodes a job dropped a moment after the job's last event)."""
+    deadline = time.monotonic() + 5
+    seen = {name: locked(work / name) for name in IMAGES}
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = {name: locked(work / name) for name in IMAGES}
+        if again == seen:
+            break
+        seen = again
+    return seen
+
+
+def _node_view(client: Client) -> list[Any]:
+    return [(n["node-name"], n["drv"], n["ro"], n["file"], n.get("backing_file"), n["backing_file_depth"])
+            for n in client.cmd("query-named-block-nodes")]
+
+
+STREAM_ERRORS: list[tuple[str, dict[str, Any]]] = [
+    TOP,
+    ("block-stream", {"device": "nope"}),
+    ("block-stream", {"device": "top"}),
+    ("block-stream", {"job-id": "j1", "device": "top", "base": "nope"}),
+    ("block-stream", {"job-id": "j1", "device": "top", "base-node": "top"}),
+    ("block-stream", {"job-id": "j1", "device": "top", "base-node": "nope"}),
+    ("block-stream", {"job-id": "j1", "device": "top", "base": "x", "base-node": "y"}),
+    ("block-stream", {"job-id": "j1", "device": "top", "base": "x", "bottom": "y"}),
+    ("block-stream", {"job-id": "j1", "device": "top", "bottom": "x", "base-node": "y"}),
+    # Nothing to stream (the bottom is the top): the job ends at once, and the image
+    # names its backing file by the absolute name.
+    ("block-stream", {"job-id": "b0", "device": "top", "bottom": "top"}),
+    ("block-stream", {"job-id": "j1", "device": "top", "backing-file": "x"}),
+    ("block-stream", {"job-id": "1x", "device": "top"}),
+    ("block-job-cancel", {"device": "j1"}),
+    ("block-job-pause", {"device": "j1"}),
+    ("block-job-set-speed", {"device": "j1", "speed": 1}),
+    ("block-job-finalize", {"id": "j1"}),
+    ("block-job-dismiss", {"id": "j1"}),
+]
+
+
+def test_stream_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """block-stream down to a base by file name, auto-finalize and auto-dismiss off: the
+    errors, the job's life (BLOCK_JOB_PENDING, BLOCK_JOB_COMPLETED), the nodes it holds
+    busy, and the image: mid's data in top, top's backing file the base (absolute)."""
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        seen = _steps(client, work, STREAM_ERRORS)
+        since = len(client.events)
+        seen += _steps(client, work, [("block-stream", {
+            "job-id": "j1", "device": "top", "base": "@TMP@/base.qcow2", "auto-finalize": False,
+            "auto-dismiss": False})])
+        _concluded(client, "j1", "pending", since)
+        seen += _steps(client, work, [
+            ("query-block-jobs", {}), ("query-jobs", {}),
+            ("block-stream", {"job-id": "j1", "device": "top"}),
+            ("block-stream", {"job-id": "j2", "device": "top"}),
+            ("blockdev-del", {"node-name": "top"}),
+            ("block-job-dismiss", {"id": "j1"}),
+            ("block-job-finalize", {"id": "j1"}),
+            ("query-block-jobs", {}),
+            ("block-job-dismiss", {"id": "j1"}),
+            ("query-block-jobs", {}),
+        ])
+        seen.append(_node_view(client))
+        return seen
+
+    theirs, ours = both(tmp_path, scenario)
+    assert ours == theirs
+    texts = [step[1].get("error", {}).get("desc") for step in ours[0:-3] if isinstance(step, list)
+             and len(step) == 2 and isinstance(step[1], dict)]
+    for text in ("Cannot find device='nope' nor node-name='nope'", "Invalid job ID ''",
+                 "Can't find 'nope' in the backing chain", "Node 'top' is not a backing image of 'top'",
+                 "backing file specified, but streaming the entire chain",
+                 "Node 'top' is busy: block device is in use by block job: stream"):
+        assert text in texts
+    events = [e["event"] for e in ours[-2]]
+    assert "BLOCK_JOB_PENDING" in events and "BLOCK_JOB_COMPLETED" in events
+    # The base is top's backing file now, by its absolute name; mid is gone from the chain.
+    top_info = ours[-1][0][0]
+    assert top_info["backing-filename"] == "@TMP@/base.qcow2"
+    assert all(image[2] == 0 for image in ours[-1][:3])
+
+
+def test_stream_whole_chain_pause_cancel(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """A rate-limited stream of the whole chain: pause (the job stops at its pause point),
+    resume, set-speed, the verbs refused while it runs, the lock bytes it takes (top:
+    write unchanged), cancel (BLOCK_JOB_CANCELLED with its progress); then a second
+    stream to the end, which leaves top without a backing file."""
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        seen = _steps(client, work, [TOP, ("block-stream", {"job-id": "j1", "device": "top", "speed": 1})])
+        seen.append(_settled(client, "j1"))
+        seen.append(_locks(work))
+        seen += _steps(client, work, [
+            ("block-job-set-speed", {"device": "j1", "speed": -1}),
+            ("block-job-set-speed", {"device": "nope", "speed": 5}),
+            ("block-job-pause", {"device": "j1"}),
+            ("block-job-pause", {"device": "j1"}),
+            ("query-block-jobs", {}),
+            ("block-job-resume", {"device": "j1"}),
+            ("block-job-resume", {"device": "j1"}),
+            ("block-job-complete", {"device": "j1"}),
+            ("block-job-finalize", {"id": "j1"}),
+            ("block-job-dismiss", {"id": "j1"}),
+            ("job-dismiss", {"id": "j1"}),
+            ("block-job-cancel", {"device": "j1"}),
+        ])
+        _concluded(client, "j1")
+        seen.append(_locks(work))
+        seen += _steps(client, work, [("query-block-jobs", {}), ("query-jobs", {}),
+                                      ("block-stream", {"job-id": "j2", "device": "top"})])
+        _concluded(client, "j2")
+        seen.append(_node_view(client))
+        seen.append(_locks(work))
+        return seen
+
+    theirs, ours = both(tmp_path, scenario)
+    assert ours == theirs
+    assert "BLOCK_JOB_CANCELLED" in [e["event"] for e in ours[-2]]
+    assert ours[3]["top.qcow2"] == [100, 101, 102, 103, 201, 203]
+    assert "backing-filename" not in ours[-1][0][0]
+
+
+def test_commit_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """block-commit of mid into base: the errors (DeviceNotFound first, as libvirt
+    probes), base reopened read-write for the job (its lock bytes) and read-only after,
+    mid unsharing consistent read, a cancelled commit, then one to the end: top's backing
+    file is the base, mid is gone, base holds mid's data."""
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        seen = _steps(client, work, [
+            TOP,
+            ("block-commit", {"device": "nope"}),
+            ("block-commit", {"job-id": "c1", "device": "top", "top-node": "nope"}),
+            ("block-commit", {"job-id": "c1", "device": "top", "base-node": "nope"}),
+            ("block-commit", {"job-id": "c1", "device": "top", "base": "nope"}),
+            ("block-commit", {"job-id": "c1", "device": "top", "top": "nope"}),
+            ("block-commit", {"job-id": "c1", "device": "top", "top": "x", "top-node": "y"}),
+            ("block-commit", {"job-id": "c1", "device": "top", "base": "x", "base-node": "y"}),
+            ("block-commit", {"job-id": "c1", "device": "top", "top-node": "top", "base-node": "top"}),
+            ("block-commit", {"job-id": "c1", "device": "top", "top": "@TMP@/mid.qcow2",
+                              "base": "@TMP@/mid.qcow2"}),
+            ("block-commit", {"job-id": "c1", "device": "top", "top": "@TMP@/mid.qcow2", "speed": 1}),
+        ])
+        seen.append(_settled(client, "c1"))
+        seen.append(_locks(work))
+        seen += _steps(client, work, [
+            ("block-stream", {"job-id": "s1", "device": "top"}),
+            ("block-commit", {"job-id": "c2", "device": "top"}),
+            ("blockdev-del", {"node-name": "top"}),
+            ("block-job-cancel", {"device": "c1"}),
+        ])
+        _concluded(client, "c1")
+        seen.append(_locks(work))
+        seen.append(_node_view(client))
+        seen += _steps(client, work, [("block-commit", {"job-id": "c3", "device": "top",
+                                                        "top": "@TMP@/mid.qcow2"})])
+        _concluded(client, "c3")
+        seen.append(_locks(work))
+        seen.append(_node_view(client))
+        return seen
+
+    theirs, ours = both(tmp_path, scenario)
+    assert ours == theirs
+    assert ours[1][1]["error"] == {"class": "DeviceNotFound", "desc": "Device 'nope' not found"}
+    during = ours[12]
+    assert during["base.qcow2"] == [100, 101, 103, 201, 203] and 200 in during["mid.qcow2"]
+    assert ours[-1][0][0]["backing-filename"] == "@TMP@/base.qcow2"
+    assert all(image[2] == 0 for image in ours[-1][:3])
+
+
+def test_stream_of_a_drive(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """A -drive device: the job is named after it without job-id, the device name is
+    accepted as ``device``, reads through the device see the same data after the job."""
+
+    def drive(work: Path) -> list[str]:
+        return ["-drive", f"if=none,id=d0,file={work / 'top.qcow2'},format=qcow2"]
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        seen = _steps(client, work, [("block-stream", {"device": "d0", "base": "base.qcow2"}),
+                                     ])
+        _concluded(client, "d0")
+        since = len(client.events)
+        seen += _steps(client, work, [("query-block", {}), ("block-stream", {"device": "d0"})])
+        _concluded(client, "d0", since=since)
+        seen += _steps(client, work, [("query-block", {})])
+        return seen
+
+    theirs, ours = both(tmp_path, scenario, drive)
+    assert ours == theirs
+
+
+def test_quit_while_a_job_runs(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """Quitting with a stream running (sleeping on speed 1) leaves every image consistent
+    (qemu-img check clean) and the chain as it was."""
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        seen = _steps(client, work, [TOP, ("block-stream", {"job-id": "s", "device": "top", "speed": 1})])
+        seen.append(_settled(client, "s"))
+        return seen
+
+    theirs, ours = both(tmp_path, scenario)
+    assert ours == theirs
+    assert all(image[2] == 0 for image in ours[-1][:3])
