@@ -278,7 +278,9 @@ class BlockGraph:
             force_share=parent_options.force_share,
             cache_direct=parent_options.cache_direct,
             cache_no_flush=parent_options.cache_no_flush,
-            discard_unmap=parent_options.discard_unmap,
+            # bdrv_inherited_options: children default to discard=unmap whatever the
+            # parent says, because the parent's own policy already filtered the request.
+            discard_unmap=True,
         )
         return self._open(ref, inherited, inactive, created, spelled)
 

@@ -241,6 +241,7 @@ def test_stream_whole_chain_pause_cancel(tmp_path: Path, qemu_system: str, qemu_
             ("block-job-pause", {"device": "j1"}),
             ("block-job-pause", {"device": "j1"}),
             ("query-block-jobs", {}),
+            ("human-monitor-command", {"command-line": "info block-jobs"}),
             ("block-job-resume", {"device": "j1"}),
             ("block-job-resume", {"device": "j1"}),
             ("block-job-complete", {"device": "j1"}),
@@ -252,6 +253,7 @@ def test_stream_whole_chain_pause_cancel(tmp_path: Path, qemu_system: str, qemu_
         _concluded(client, "j1")
         seen.append(_locks(work))
         seen += _steps(client, work, [("query-block-jobs", {}), ("query-jobs", {}),
+                                      ("human-monitor-command", {"command-line": "info block-jobs"}),
                                       ("block-stream", {"job-id": "j2", "device": "top"})])
         _concluded(client, "j2")
         seen.append(_node_view(client))
@@ -263,6 +265,9 @@ def test_stream_whole_chain_pause_cancel(tmp_path: Path, qemu_system: str, qemu_
     assert "BLOCK_JOB_CANCELLED" in [e["event"] for e in ours[-2]]
     assert ours[3]["top.qcow2"] == [100, 101, 102, 103, 201, 203]
     assert "backing-filename" not in ours[-1][0][0]
+    hmp = [step[1]["return"] for step in ours if isinstance(step, list) and step
+           and step[0] == "human-monitor-command"]
+    assert hmp[0].startswith("Streaming device j1: Completed ") and hmp[1] == "No active jobs\r\n"
 
 
 def test_commit_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
@@ -292,6 +297,7 @@ def test_commit_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> N
             ("block-stream", {"job-id": "s1", "device": "top"}),
             ("block-commit", {"job-id": "c2", "device": "top"}),
             ("blockdev-del", {"node-name": "top"}),
+            ("human-monitor-command", {"command-line": "info block-jobs"}),
             ("block-job-cancel", {"device": "c1"}),
         ])
         _concluded(client, "c1")
@@ -310,6 +316,7 @@ def test_commit_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> N
     during = ours[12]
     assert during["base.qcow2"] == [100, 101, 103, 201, 203] and 200 in during["mid.qcow2"]
     assert ours[-1][0][0]["backing-filename"] == "@TMP@/base.qcow2"
+    assert ours[16][1]["return"].startswith("Type commit, device c1: Completed ")
     assert all(image[2] == 0 for image in ours[-1][:3])
 
 

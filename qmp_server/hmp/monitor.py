@@ -118,6 +118,8 @@ class HumanMonitor:
                       "info block [-n] [-v] [device] -- show info of one block device or all "
                       "block devices (-n: show named nodes; -v: show details)"),
             "blockstats": (self._info_blockstats, "info blockstats  -- show block device statistics"),
+            "block-jobs": (self._info_block_jobs, "info block-jobs  -- show progress of ongoing block "
+                                                  "device operations"),
             "cpus": (self._info_cpus, "info cpus  -- show infos for each CPU"),
             "iothreads": (self._info_iothreads, "info iothreads  -- show iothreads"),
             "migrate": (mig.info_migrate, "info migrate [-a] -- show migration status (-a: all "
@@ -280,6 +282,19 @@ class HumanMonitor:
         stats = await self.block.run_light(lambda: blockstats.query_blockstats(
             self.block.graph, [blk for blk, _ in devices.backends()], False))
         return blockstats.hmp_info_blockstats(stats)
+
+    async def _info_block_jobs(self, args: list[str]) -> str:
+        # hmp_info_block_jobs: query-block-jobs, a stream job worded apart from the others.
+        jobs = self.queries.get("query-block-jobs", list)()
+        if not jobs:
+            return "No active jobs\n"
+        text = ""
+        for job in jobs:
+            what = ("Streaming device" if job["type"] == "stream"
+                    else f"Type {job['type']}, device")
+            text += (f"{what} {job['device']}: Completed {job['offset']} of {job['len']} bytes, "
+                     f"speed limit {job['speed']} bytes/s\n")
+        return text
 
     async def _info_cpus(self, args: list[str]) -> str:
         # hmp_info_cpus: query-cpus-fast; '*' marks the monitor's current CPU, the first
