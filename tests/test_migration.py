@@ -319,7 +319,25 @@ def test_events_only_with_the_capability(tmp_path: Path, image: Path) -> None:
         dst.wait_for("RESUME")
         wait_until(lambda: src.status() == "postmigrate", what="postmigrate")
         assert src.cmd("query-migrate")["status"] == "completed"
-        assert src.settle() == ["STOP"] and dst.settle() == ["RESUME"]
+        # Only the destination's setup event, which QEMU sends regardless.
+        assert src.settle() == ["STOP"] and dst.settle() == ["MIGRATION:setup", "RESUME"]
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+@pytest.mark.parametrize("events", [False, True], ids=["plain", "events"])
+def test_migrate_incoming_announces_its_setup(tmp_path: Path, qemu: bool, events: bool) -> None:
+    # qemu_start_incoming_migration: MIGRATION setup goes out once whether or not the
+    # 'events' capability is on (kept for compatibility), and nothing else before a source.
+    if qemu:
+        qemu_tools.require("qemu-system-x86_64")
+    server = start_server(["-incoming", "defer"], tmp_path, "dst", qemu=qemu)
+    try:
+        if events:
+            server.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+        assert server.cmd("migrate-incoming", uri=f"unix:{tmp_path / 'mig.sock'}") == {}
+        assert server.settle(0.3) == ["MIGRATION:setup"]
+    finally:
+        server.close()
 
 
 # Command errors -------------------------------------------------------------------------------

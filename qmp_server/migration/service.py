@@ -83,6 +83,10 @@ class MigrationService(MigrationCore):
         self.incoming = Incoming(exit_on_error=exit_on_error, started=True,
                                  socket_addresses=addresses)
         self.set_incoming_status(MigrationStatus.SETUP)
+        if not self.options.events:
+            # qemu_start_incoming_migration sends this one event even without the
+            # 'events' capability, for compatibility (10.x: once the URI parsed).
+            self.vm.events.emit("MIGRATION", {"status": str(MigrationStatus.SETUP)})
 
     async def migrate_incoming(self, uri: str | None, exit_on_error: bool) -> None:
         """``migrate-incoming``: listen now, take the migration in the background."""
