@@ -274,3 +274,52 @@ def test_domain_flow(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None
     mine, qemus = ours["domblkstat"].splitlines(), theirs["domblkstat"].splitlines()
     assert mine[2:] == qemus[2:]
     assert int(qemus[0].split()[-1]) > 2 and int(qemus[1].split()[-1]) > 12288
+
+
+def _destroy_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
+    """Start a domain, check its disk is locked, destroy it while it runs, check again."""
+    folder.mkdir()
+    disk = _disk(folder / "disk.qcow2")
+    ide_disk = folder / "ide.raw"
+    ide_disk.write_bytes(bytes(1 << 20))
+    xml = folder / "domain.xml"
+    uuid = "6f1e0d3a-5b7c-4c2e-9a8b-0d1c2e3f4a5" + ("b" if "qmp" in name else "c")
+    xml.write_text(DOMAIN_XML.format(name=name, uuid=uuid, emulator=emulator, disk=disk,
+                                      ide_disk=ide_disk))
+    replacements = {str(folder): "DIR", name: "DOMAIN", uuid: "UUID"}
+    seen: dict[str, str] = {}
+
+    def writer() -> str:
+        # What another program sees when it tries to write the domain's disk.
+        assert QEMU_IMG is not None
+        qemu_io = shutil.which("qemu-io")
+        assert qemu_io is not None
+        result = subprocess.run([qemu_io, "-f", "qcow2", "-c", "write 0 4k", str(disk)],
+                                capture_output=True, text=True)
+        return _normalize(result.stdout + result.stderr, replacements).splitlines()[0]
+
+    libvirtd.virsh("define", str(xml))
+    try:
+        libvirtd.virsh("start", name)
+        seen["domstate-running"] = libvirtd.virsh("domstate", name).stdout.strip()
+        seen["writer-while-running"] = writer()
+        seen["destroy"] = _normalize(libvirtd.virsh("destroy", name).stdout, replacements)
+        seen["domstate-destroyed"] = libvirtd.virsh("domstate", name).stdout.strip()
+        seen["writer-after-destroy"] = writer()
+    finally:
+        libvirtd.virsh("destroy", name, check=False)
+        libvirtd.virsh("undefine", name, check=False)
+    return seen
+
+
+def test_destroy_a_running_domain(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
+    """`virsh destroy` of a running domain stops the emulator and frees its disk's locks,
+    as with QEMU: another writer is refused while it runs and allowed afterwards."""
+    ours = _destroy_flow(libvirtd, tmp_path / "ours", "qmp-destroy", str(emulator))
+    assert ours["domstate-running"] == "running"
+    assert "Failed to get \"write\" lock" in ours["writer-while-running"]
+    assert ours["destroy"] == "Domain 'DOMAIN' destroyed"
+    assert ours["domstate-destroyed"] == "shut off"
+    assert ours["writer-after-destroy"].startswith("wrote 4096/4096 bytes")
+    if QEMU is not None:
+        assert ours == _destroy_flow(libvirtd, tmp_path / "qemu", "qemu-destroy", QEMU)
