@@ -10,6 +10,10 @@ blockdev.c drive_new), checked against it in tests/test_frontends.py.
 There is no guest to acknowledge a PCI unplug: the guest we stand in for ejects at once,
 so ``device_del`` completes right after its reply (DEVICE_DELETED follows), where QEMU
 without a guest would wait forever.
+
+A SCSI controller (virtio-scsi-pci) has no disk of its own: it is there to give scsi-hd
+disks a bus (``ID.0``, or ``scsi.N`` when it has no id), with QEMU's target/LUN addressing
+(hw/scsi/scsi-bus.c). Unplugging a disk from it needs no guest in QEMU either.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 #: qdev's aliases (qdev_alias_table) for the devices we model, on a PCI machine.
-_DEVICE_ALIASES = {"virtio-blk": "virtio-blk-pci"}
+_DEVICE_ALIASES = {"virtio-blk": "virtio-blk-pci", "virtio-scsi": "virtio-scsi-pci"}
 #: The protocol drivers we have: named as a -drive's format, they are its top node.
 _PROTOCOL_DRIVERS = ("file", "null-co")
 
@@ -54,9 +58,22 @@ _IF_NUMBER = {"none": 0, "ide": 1, "scsi": 2, "floppy": 3, "pflash": 4, "mtd": 5
 #: The bus each modelled device plugs into (its DeviceClass bus_type), as QEMU names it
 #: in "No 'X' bus found".
 _BUS_TYPE = {"virtio-blk-pci": "PCI", "virtio-blk-device": "virtio-bus", "scsi-hd": "SCSI",
-             "ide-hd": "IDE"}
+             "ide-hd": "IDE", "virtio-scsi-pci": "PCI", "virtio-scsi-device": "virtio-bus"}
 #: Devices whose disk is a child object (the virtio transport's backend device).
 _BACKEND_CHILD = {"virtio-blk-pci": ("virtio-backend", "virtio-blk-device")}
+#: The virtio transports' child device (``virtio-backend`` in the QOM tree).
+TRANSPORT_CHILD = {"virtio-blk-pci": "virtio-blk-device", "virtio-scsi-pci": "virtio-scsi-device"}
+#: Controllers: devices without a disk that provide a bus of this type.
+_CONTROLLERS = {"virtio-scsi-pci": "SCSI", "virtio-scsi-device": "SCSI"}
+#: virtio-scsi's addressing limits (VIRTIO_SCSI_MAX_CHANNEL/TARGET/LUN).
+_SCSI_MAX_CHANNEL, _SCSI_MAX_TARGET, _SCSI_MAX_LUN = 0, 255, 16383
+#: scsi-id/lun's default (uint32 -1): the first free one.
+_SCSI_ANY = 0xFFFFFFFF
+
+
+def _signed(value: int) -> str:
+    """A uint32 as QEMU's "%d" prints it."""
+    return str(value - (1 << 32) if value >= 1 << 31 else value)
 #: Properties every device takes besides its own (qdev_device_add consumes them).
 _GENERIC = frozenset({"driver", "id", "bus"})
 
@@ -133,6 +150,23 @@ def _id_wellformed(name: str) -> bool:
             and all(c.isascii() and (c.isalnum() or c in "-._") for c in name))
 
 
+def _scsi_property(props: dict[str, Any], name: str, default: int) -> int:
+    """A SCSI address property (qdev uint32): a JSON number or a keyval string."""
+    value = props.get(name)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        # The keyval visitor: a number out of range is "uint32_t", anything else "integer".
+        if re.fullmatch(r"[+-]?[0-9]+", value) is None:
+            raise QMPError(f"Parameter '{name}' expects integer")
+        value = int(value)
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise QMPError(f"Parameter '{name}' expects integer")
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise QMPError(f"Parameter '{name}' expects uint32_t")
+    return value
+
+
 def _bool_property(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -155,16 +189,21 @@ def _buses(machine_type: str) -> dict[str, list[str]]:
 
 @dataclass(eq=False)
 class Device:
-    """One realized disk frontend."""
+    """One realized disk frontend, or a controller that gives disks a bus."""
 
     driver: str
     id: str | None
     path: str
-    backend: BlockBackend
+    #: None for a controller: it has no disk of its own.
+    backend: BlockBackend | None
     #: The backend is the -drive's, deleted with the device (blockdev_auto_del).
     legacy_drive: bool
     hotpluggable: bool
     bus: str
+    #: A controller's bus (``scsi0.0``), which its disks name as their ``bus``.
+    child_bus: str | None = None
+    #: A SCSI disk's (channel, target, LUN) on its bus.
+    scsi_address: tuple[int, int, int] | None = None
 
     @property
     def qdev(self) -> str:
@@ -196,15 +235,32 @@ class Devices:
         self.objects: Objects | None = None
         #: -no-acpi / -machine acpi=off: an i440fx pci.0 without ACPI has no hot-plug.
         self.acpi = True
+        #: qbus_init_internal's global counter per bus type, for buses of devices without
+        #: an id ("scsi.0", "scsi.1", ...).
+        self._anon_buses: dict[str, int] = {}
+
+    @property
+    def disks(self) -> list[Device]:
+        """The devices that have a disk (not the controllers), in creation order."""
+        return [d for d in self.devices if d.backend is not None]
+
+    def _bus_map(self) -> dict[str, list[str]]:
+        """Bus type -> bus names: the board's, then the controllers', newest first, as
+        qbus_find_recursive meets them (bus_add_child puts new devices at the head)."""
+        buses = {kind: list(names) for kind, names in _buses(self.machine_type).items()}
+        for device in reversed(self.devices):
+            if device.child_bus is not None:
+                buses.setdefault(_CONTROLLERS[device.driver], []).append(device.child_bus)
+        return buses
 
     # Queries ----------------------------------------------------------------------------
 
     def backends(self) -> list[tuple[BlockBackend, Device | None]]:
         """Backends query-block reports: named ones, then anonymous ones of devices."""
-        by_backend = {id(d.backend): d for d in self.devices}
+        by_backend = {id(d.backend): d for d in self.disks}
         result: list[tuple[BlockBackend, Device | None]] = [
             (blk, by_backend.get(id(blk))) for blk in self.named.values()]
-        result += [(d.backend, d) for d in self.devices if not d.backend.name]
+        result += [(d.backend, d) for d in self.disks if d.backend is not None and not d.backend.name]
         return result
 
     def device_name(self, node: BlockNode) -> str:
@@ -507,16 +563,21 @@ class Devices:
             raise QMPError(f"'{driver}' is not a valid device model name")
         if entry.abstract:
             raise QMPError("Parameter 'driver' expects a non-abstract device type")
-        buses = _buses(self.machine_type).get(_BUS_TYPE[driver], [])
+        bus_map = self._bus_map()
+        bus_type = _BUS_TYPE[driver]
+        buses = bus_map.get(bus_type, [])
         bus_name = props.get("bus")
         if bus_name is not None:
-            all_buses = [b for names in _buses(self.machine_type).values() for b in names]
-            if bus_name not in all_buses:
+            owner = next((kind for kind, names in bus_map.items() if bus_name in names), None)
+            if owner is None:
                 raise QMPError(f"Bus '{bus_name}' not found")
             if bus_name not in buses:
-                raise QMPError(f"Device '{driver}' can't go on {bus_name.split('.')[0].upper()} bus")
+                raise QMPError(f"Device '{driver}' can't go on {owner} bus")
         elif not buses:
-            raise QMPError(f"No '{_BUS_TYPE[driver]}' bus found for device '{driver}'")
+            raise QMPError(f"No '{bus_type}' bus found for device '{driver}'")
+        elif bus_type == "SCSI":
+            # The newest controller's bus: qbus_find_recursive meets it first.
+            bus_name = buses[0]
         else:
             # qbus_find_recursive picks the last IDE bus with a free unit for hotplug.
             bus_name = buses[-1] if hotplug else buses[0]
@@ -542,12 +603,22 @@ class Devices:
         if "iothread" in props:
             # Set before drive and share-rw: the first in QEMU's QDict order of properties.
             self._check_iothread(props["iothread"])
+        if driver in _CONTROLLERS:
+            device = Device(driver=driver, id=dev_id, path=path, backend=None, legacy_drive=False,
+                            hotpluggable=hotpluggable, bus=bus_name,
+                            child_bus=self._controller_bus(driver, dev_id))
+            self.devices.append(device)
+            return device
         share_rw = _bool_property(props.get("share-rw", False), "share-rw")
         backend_type = _BACKEND_CHILD.get(driver, (None, driver))[1]
+        scsi = (_scsi_property(props, "channel", 0), _scsi_property(props, "scsi-id", _SCSI_ANY),
+                _scsi_property(props, "lun", _SCSI_ANY)) if bus_type == "SCSI" else None
         blk, legacy = self._set_drive(props.get("drive"), backend_type)
         device = Device(driver=driver, id=dev_id, path=path, backend=blk, legacy_drive=legacy,
                         hotpluggable=hotpluggable, bus=bus_name)
         try:
+            if scsi is not None:
+                device.scsi_address = self._scsi_address(bus_name, *scsi)
             self._realize(device, share_rw)
         except BaseException:
             if not legacy:
@@ -555,6 +626,42 @@ class Devices:
             raise
         self.devices.append(device)
         return device
+
+    def _controller_bus(self, driver: str, dev_id: str | None) -> str:
+        """qbus_init_internal's name for a controller's bus: ``ID.0``, else the bus type
+        in lower case with a global counter (``scsi.0``), used up even if realize fails."""
+        if dev_id is not None:
+            return f"{dev_id}.0"
+        kind = _CONTROLLERS[driver].lower()
+        number = self._anon_buses.get(kind, 0)
+        self._anon_buses[kind] = number + 1
+        return f"{kind}.{number}"
+
+    def _scsi_address(self, bus: str, channel: int, target: int, lun: int) -> tuple[int, int, int]:
+        """scsi_bus_check_address, then scsi_qdev_realize's choice of a free target/LUN."""
+        used = {d.scsi_address: d for d in self.devices if d.bus == bus and d.scsi_address}
+        if channel > _SCSI_MAX_CHANNEL:
+            raise QMPError(f"bad scsi channel id: {_signed(channel)}")
+        if target != _SCSI_ANY and target > _SCSI_MAX_TARGET:
+            raise QMPError(f"bad scsi device id: {_signed(target)}")
+        if lun != _SCSI_ANY and lun > _SCSI_MAX_LUN:
+            raise QMPError(f"bad scsi device lun: {_signed(lun)}")
+        if target != _SCSI_ANY and lun != _SCSI_ANY:
+            holder = used.get((channel, target, lun))
+            if holder is not None:
+                # QEMU prints the holder's id with %s: glibc's "(null)" when it has none.
+                raise QMPError(f"lun already used by '{holder.id if holder.id is not None else '(null)'}'")
+            return channel, target, lun
+        if target == _SCSI_ANY:
+            lun = 0 if lun == _SCSI_ANY else lun
+            free = next((t for t in range(_SCSI_MAX_TARGET + 1) if (channel, t, lun) not in used), None)
+            if free is None:
+                raise QMPError("no free target")
+            return channel, free, lun
+        free = next((n for n in range(_SCSI_MAX_LUN + 1) if (channel, target, n) not in used), None)
+        if free is None:
+            raise QMPError("no free lun")
+        return channel, target, free
 
     def _bus_hotpluggable(self, bus: str) -> bool:
         """qbus_is_hotpluggable: q35's PCIe root bus never is (devices go behind root
@@ -598,7 +705,7 @@ class Devices:
             raise QMPError("Parameter 'drive' expects a string")
         named = self.named.get(drive)
         if named is not None:
-            if named.dev is not None or any(d.backend is named for d in self.devices):
+            if named.dev is not None or any(d.backend is named for d in self.disks):
                 raise QMPError(f"Drive '{drive}' is already in use by another device")
             return named, True
         node = self.block.graph.find(drive)
@@ -610,6 +717,7 @@ class Devices:
 
     def _realize(self, device: Device, share_rw: bool) -> None:
         blk = device.backend
+        assert blk is not None
         node = blk.node
         assert node is not None
         # blk_attach_dev first (it names the backend in errors), then
@@ -634,23 +742,35 @@ class Devices:
             raise QMPError(f"Device '{ident}' not found", "DeviceNotFound")
         if not device.hotpluggable:
             raise QMPError(f"Bus '{device.bus}' does not support hotplugging")
-        # The guest acknowledges the unplug at once (there is none to wait for).
+        # The guest acknowledges the unplug at once (there is none to wait for). A
+        # controller's disks go first, newest first: bus_unparent unplugs a bus's children
+        # (bus_add_child put each new one at the head) before the device holding the bus.
+        events: list[dict[str, Any]] = []
+        if device.child_bus is not None:
+            for disk in [d for d in reversed(self.devices) if d.bus == device.child_bus]:
+                events += self._unplug(disk)
+        return events + self._unplug(device)
+
+    def _unplug(self, device: Device) -> list[dict[str, Any]]:
+        """Remove one device and its backend; its DEVICE_DELETED data, child first."""
         self.devices.remove(device)
         blk = device.backend
-        _call(blk.detach_dev)
-        if device.legacy_drive:
-            # blockdev_auto_del: a -drive's backend (and its nodes) go with the device.
-            del self.named[blk.name]
-            self._drive_units.pop(blk.name, None)
-            node = blk.node
-            _call(blk.remove)
-            if node is not None and not node.parents:
-                self._close_tree(node.name)
-        else:
-            _call(blk.remove)
+        if blk is not None:
+            _call(blk.detach_dev)
+            if device.legacy_drive:
+                # blockdev_auto_del: a -drive's backend (and its nodes) go with the device.
+                del self.named[blk.name]
+                self._drive_units.pop(blk.name, None)
+                node = blk.node
+                _call(blk.remove)
+                if node is not None and not node.parents:
+                    self._close_tree(node.name)
+            else:
+                _call(blk.remove)
         events: list[dict[str, Any]] = []
-        if device.qdev != device.path:
-            events.append({"path": device.qdev})
+        if device.driver in TRANSPORT_CHILD:
+            # The transport's virtio-backend child has no id: its path alone.
+            events.append({"path": f"{device.path}/virtio-backend"})
         data: dict[str, Any] = {}
         if device.id is not None:
             data["device"] = device.id

@@ -217,6 +217,10 @@ DEVICE_BASE_PROPERTIES: list[dict[str, Any]] = [
 # concludes they are absent.
 # Descriptions QEMU attaches to recurring property kinds.
 _ON_OFF = "on/off"
+    QOMType("virtio-scsi-pci-base", "virtio-pci", abstract=True),
+    QOMType("virtio-scsi-pci", "virtio-scsi-pci-base"),
+    QOMType("virtio-scsi-common", "virtio-device", abstract=True),
+    QOMType("virtio-scsi-device", "virtio-scsi-common"),
 _ON_OFF_AUTO = "on/off/auto"
 _ERROR_POLICY = "Error handling policy, report/ignore/enospc/stop/auto"
 _BLOCK_SIZE = "A power of two between 512 B and 2 MiB"
@@ -348,6 +352,11 @@ OBJECT_PROPERTIES: dict[str, list[dict[str, Any]]] = {
     "memory-backend-file": [*_MEMORY_BACKEND_PROPERTIES, *[
     {"name": "readonly", "type": "bool"},
     {"name": "align", "type": "int"},
+    # virtio-scsi's queues (hw/scsi/virtio-scsi.c virtio_scsi_properties).
+    _prop("num_queues", "uint32", 4294967295),
+    _prop("virtqueue_size", "uint32", 256),
+    _prop("max_sectors", "uint32", 65535),
+    _prop("cmd_per_lun", "uint32", 128),
     {"name": "pmem", "type": "bool"},
     {"name": "mem-path", "type": "string"},
     {"name": "discard-data", "type": "bool"},
@@ -378,6 +387,9 @@ OBJECT_PROPERTIES: dict[str, list[dict[str, Any]]] = {
     "throttle-group": [{"name": "type", "type": "string"}, *(
         {"name": name, "type": "ThrottleLimits" if name == "limits" else "int"} for name in (
             "x-bps-write-max-length", "x-iops-total-max-length", "x-iops-size", "limits", "x-bps-total",
+    # The SCSI controller: its PCI address, iothread and queues; no disk of its own.
+    "virtio-scsi-pci": _props("addr num_queues max_sectors iothread virtqueue_size cmd_per_lun"),
+    "virtio-scsi-device": _props("num_queues max_sectors iothread virtqueue_size cmd_per_lun"),
             "x-iops-read-max-length", "x-bps-write", "x-iops-write-max-length", "x-bps-read-max",
             "x-iops-read-max", "x-bps-total-max", "x-bps-read-max-length", "x-iops-read", "x-bps-read",
             "x-bps-write-max", "x-iops-total-max", "x-iops-total", "x-iops-write", "x-bps-total-max-length",
@@ -464,6 +476,8 @@ COMMAND_LINE_OPTIONS: dict[str, list[tuple[str, str]]] = {
 
 # ---------------------------------------------------------------- vCPUs
 # No vCPU runs, but a machine has them: libvirt checks that query-cpus-fast lists as many
+    "virtio-scsi-device": 'name "virtio-scsi-device", bus virtio-bus',
+    "virtio-scsi-pci": 'name "virtio-scsi-pci", bus PCI, alias "virtio-scsi"',
 # as the domain has (it refuses to start the domain otherwise) and matches them with
 # query-hotpluggable-cpus by QOM path.
 

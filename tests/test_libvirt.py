@@ -323,3 +323,74 @@ def test_destroy_a_running_domain(libvirtd: Libvirtd, emulator: Path, tmp_path: 
     assert ours["writer-after-destroy"].startswith("wrote 4096/4096 bytes")
     if QEMU is not None:
         assert ours == _destroy_flow(libvirtd, tmp_path / "qemu", "qemu-destroy", QEMU)
+
+
+SCSI_XML = """\
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <controller type='scsi' index='0' model='virtio-scsi'/>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='sda' bus='scsi'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def _scsi_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
+    """A domain whose disks sit on a virtio-scsi controller: start, hot-plug and unplug a
+    second SCSI disk (SCSI unplug needs no guest, in QEMU either), what the monitor shows."""
+    folder.mkdir()
+    disk, extra = _disk(folder / "disk.qcow2"), _disk(folder / "extra.qcow2")
+    xml = folder / "domain.xml"
+    xml.write_text(SCSI_XML.format(name=name, emulator=emulator, disk=disk))
+    replacements = {str(folder): "DIR", name: "DOMAIN"}
+    seen: dict[str, str] = {}
+
+    def run(key: str, *args: str) -> str:
+        seen[key] = _normalize(libvirtd.virsh(*args).stdout, replacements)
+        return seen[key]
+
+    libvirtd.virsh("define", str(xml))
+    try:
+        libvirtd.virsh("start", name)
+        run("domblklist", "domblklist", name)
+        run("attach", "attach-disk", name, str(extra), "sdb", "--driver", "qemu",
+            "--subdriver", "qcow2", "--targetbus", "scsi", "--live")
+        run("domblklist-attached", "domblklist", name)
+        blocks = json.loads(libvirtd.virsh("qemu-monitor-command", name,
+                                           '{"execute":"query-block"}').stdout)["return"]
+        seen["qdevs"] = " ".join(sorted(block["qdev"] for block in blocks))
+        seen["info-block"] = _normalize(re.sub(r"#block\d+", "#block", libvirtd.virsh(
+            "qemu-monitor-command", name, "--hmp", "info block").stdout), replacements)
+        run("detach", "detach-disk", name, "sdb", "--live")
+        # The unplug ends with DEVICE_DELETED, which libvirt waits for.
+        deadline = time.monotonic() + 5
+        while "sdb" in run("domblklist-detached", "domblklist", name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        libvirtd.virsh("destroy", name, check=False)
+        libvirtd.virsh("undefine", name, check=False)
+    return seen
+
+
+def test_scsi_disks(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
+    """libvirt's virtio-scsi controller and SCSI disks, hot-plug and unplug included, as
+    libvirt sees them on QEMU."""
+    ours = _scsi_flow(libvirtd, tmp_path / "ours", "qmp-scsi", str(emulator))
+    assert ours["domblklist"].splitlines()[-1] == "sda DIR/disk.qcow2"
+    assert ours["domblklist-attached"].splitlines()[-2:] == ["sda DIR/disk.qcow2", "sdb DIR/extra.qcow2"]
+    assert ours["qdevs"] == "scsi0-0-0-0 scsi0-0-0-1"
+    assert ours["detach"] == "Disk detached successfully"
+    assert ours["domblklist-detached"] == ours["domblklist"]
+    if QEMU is not None:
+        assert ours == _scsi_flow(libvirtd, tmp_path / "qemu", "qemu-scsi", QEMU)

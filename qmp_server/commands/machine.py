@@ -11,6 +11,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from .. import machinemodel as model
+from ..devices import TRANSPORT_CHILD
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
 from ..objects import IdleThread, UserObject
@@ -57,8 +58,9 @@ def query_uuid(machine: Machine) -> dict[str, str]:
 
 @table.query("query-machines")
 def query_machines(machine: Machine) -> list[dict[str, Any]]:
-    """Every machine type the command line accepts (QEMU's qmp_query_machines)."""
-    return [entry.info() for entry in model.MACHINE_TYPES.values()]
+    """Every machine type the command line accepts (QEMU's qmp_query_machines), in the
+    order QEMU 10.1 lists them."""
+    return [entry.info() for entry in model.MACHINES_LISTED]
 
 
 def _topology(machine: Machine) -> model.CpuTopology:
@@ -269,7 +271,8 @@ def _tree(machine: Machine) -> dict[str, tuple[str, dict[str, str]]]:
         tree[f"/objects/{obj.id}"] = (obj.qom_type, {})
     for device in machine.devices.devices:
         # A virtio transport holds its disk as a child object (virtio-backend).
-        children = {} if device.qdev == device.path else {"virtio-backend": "virtio-blk-device"}
+        child = TRANSPORT_CHILD.get(device.driver)
+        children = {"virtio-backend": child} if child else {}
         tree[device.path] = (device.driver, children)
         for name, kind in children.items():
             tree[f"{device.path}/{name}"] = (kind, {})

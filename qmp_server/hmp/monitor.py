@@ -390,7 +390,7 @@ class HumanMonitor:
                 (d for d in self.devices.devices if d.qdev == device), None)
             if frontend is None:
                 return f"Error: Device '{device}' not found\n"
-            if device != frontend.qdev and frontend.qdev != frontend.path:
+            if frontend.backend is None or (device != frontend.qdev and frontend.qdev != frontend.path):
                 return "Error: Device does not have a block device backend\n"
             backend = frontend.backend
         else:
