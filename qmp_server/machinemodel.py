@@ -1,15 +1,17 @@
 """What the machine is made of, as QOM and QMP describe it: data only, no behaviour.
 
-The server stands in for QEMU 7.2's x86_64 system emulator without a guest: it has a
+The server stands in for QEMU's x86_64 system emulator without a guest: it has a
 machine object, QMP monitors (socket chardevs) and block devices, but no guest CPU,
 memory or bus.  Everything here is checked against a live QEMU 7.2 in
-tests/test_machine_commands.py; what is not listed here is not modelled, and the commands
-answer for it exactly as a QEMU that lacks it would (``Class 'x' not found``).
+tests/test_machine_commands.py; the machine types are QEMU 10.1's, the release we report,
+and are checked against its recorded query-machines as well.  What is not listed here is
+not modelled, and the commands answer for it exactly as a QEMU that lacks it would
+(``Class 'x' not found``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 #: query-target's ``arch``.
@@ -17,19 +19,6 @@ TARGET_ARCH = "x86_64"
 
 #: The machine type of QEMU's ``-machine none``: what the server is without a guest.
 NONE_MACHINE = "none"
-
-# QEMU 7.2's versioned PC machine types (hw/i386/pc_piix.c, pc_q35.c).  The newest of each
-# family is the one the unversioned alias names; i440fx is the default machine type.
-_I440FX_VERSIONS = [
-    "1.4", "1.5", "1.6", "1.7", "2.0", "2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8",
-    "2.9", "2.10", "2.11", "2.12", "3.0", "3.1", "4.0", "4.1", "4.2", "5.0", "5.1", "5.2", "6.0",
-    "6.1", "6.2", "7.0", "7.1", "7.2",
-]
-_Q35_VERSIONS = [
-    "2.4", "2.5", "2.6", "2.7", "2.8", "2.9", "2.10", "2.11", "2.12", "3.0", "3.1", "4.0", "4.0.1",
-    "4.1", "4.2", "5.0", "5.1", "5.2", "6.0", "6.1", "6.2", "7.0", "7.1", "7.2",
-]
-
 
 def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
@@ -46,6 +35,9 @@ class MachineType:
     deprecated: bool
     default_ram_id: str
     default_cpu_type: str | None = None
+    #: Whether the type has ACPI (MachineInfo's ``acpi``, since QEMU 8.0: the machine
+    #: class has an ``acpi`` property). A type property: ``-machine acpi=off`` leaves it.
+    acpi: bool = True
     alias: str | None = None
     is_default: bool = False
 
@@ -54,12 +46,24 @@ class MachineType:
         """The QOM class name, as qom-list-types and ``/machine``'s ``type`` say."""
         return f"{self.name}-machine"
 
+    @property
+    def family(self) -> str | None:
+        """``pc-i440fx`` or ``pc-q35`` for a versioned PC type; None for ``none``."""
+        family, _, version = self.name.rpartition("-")
+        return family if family and version[:1].isdigit() else None
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        """The QEMU release a versioned type keeps compatible with, e.g. (10, 1)."""
+        return _version_key(self.name.rpartition("-")[2])
+
     def info(self) -> dict[str, Any]:
         """query-machines' MachineInfo for this type."""
         info: dict[str, Any] = {
             "name": self.name, "hotpluggable-cpus": self.hotpluggable_cpus,
             "numa-mem-supported": self.numa_mem_supported, "cpu-max": self.cpu_max,
             "deprecated": self.deprecated, "default-ram-id": self.default_ram_id,
+            "acpi": self.acpi,
         }
         if self.alias is not None:
             info["alias"] = self.alias
@@ -70,34 +74,92 @@ class MachineType:
         return info
 
 
-def _pc_machine(family: str, version: str, newest: str) -> MachineType:
-    old = _version_key(version)
-    q35 = family == "q35"
-    return MachineType(
-        name=f"pc-{family}-{version}",
-        # pc_q35_2_7_machine_options and older keep the 255 limit of the i440fx family.
-        cpu_max=288 if q35 and old >= (2, 8) else 255,
-        hotpluggable_cpus=True,
-        # pc_*_5_0_machine_options keep numa_mem_supported for old guests.
-        numa_mem_supported=old < (5, 1),
-        # QEMU 7.2 deprecates the 1.x i440fx types.
-        deprecated=old < (2, 0),
-        default_ram_id="pc.ram",
-        default_cpu_type="qemu64-x86_64-cpu",
-        alias=("q35" if q35 else "pc") if version == newest else None,
-        is_default=not q35 and version == newest,
-    )
+def _pc(name: str, cpu_max: int, *, numa: bool = False, deprecated: bool = False) -> MachineType:
+    """A versioned i440fx or q35 PC: what all of them share, and the columns that differ."""
+    return MachineType(name, cpu_max, hotpluggable_cpus=True, numa_mem_supported=numa,
+                       deprecated=deprecated, default_ram_id="pc.ram",
+                       default_cpu_type="qemu64-x86_64-cpu")
 
 
+# QEMU 10.1's machine types of the families we model, as its query-machines answers, in
+# the order it lists them (its class table's). The source is libvirt's recorded probe of
+# QEMU 10.1.0, tests/qemucapabilitiesdata/caps_10.1.0_x86_64.replies in libvirt's
+# repository, copied to tests/data/query-machines-10.1.json. What the rows show, from
+# hw/i386/pc_piix.c and pc_q35.c of that release: the types before 4.2 are gone, those
+# before 7.2 are deprecated, only 5.0 and older keep numa-mem-supported, and q35 raised
+# its CPU limit from 288 to 1024 in 8.1 and to 4096 in 9.0 (i440fx stays at 255). Left
+# out, as before: isapc, microvm and x-remote (no board of theirs is modelled).
+_MACHINE_TABLE: tuple[MachineType, ...] = (
+    _pc("pc-q35-5.2", 288, deprecated=True),
+    _pc("pc-i440fx-6.2", 255, deprecated=True),
+    _pc("pc-q35-4.2", 288, numa=True, deprecated=True),
+    _pc("pc-i440fx-5.2", 255, deprecated=True),
+    _pc("pc-i440fx-4.2", 255, numa=True, deprecated=True),
+    _pc("pc-q35-9.1", 4096),
+    _pc("pc-q35-7.1", 288, deprecated=True),
+    _pc("pc-q35-8.1", 1024),
+    MachineType(NONE_MACHINE, cpu_max=1, hotpluggable_cpus=False, numa_mem_supported=False,
+                deprecated=False, default_ram_id="ram", acpi=False),
+    _pc("pc-i440fx-8.1", 255),
+    _pc("pc-q35-6.1", 288, deprecated=True),
+    _pc("pc-i440fx-9.1", 255),
+    _pc("pc-q35-10.0", 4096),
+    _pc("pc-i440fx-7.1", 255, deprecated=True),
+    _pc("pc-q35-5.1", 288, deprecated=True),
+    _pc("pc-i440fx-10.1", 255),
+    _pc("pc-i440fx-6.1", 255, deprecated=True),
+    _pc("pc-i440fx-5.1", 255, deprecated=True),
+    _pc("pc-q35-9.0", 4096),
+    _pc("pc-q35-7.0", 288, deprecated=True),
+    _pc("pc-q35-8.0", 288),
+    _pc("pc-i440fx-8.0", 255),
+    _pc("pc-q35-6.0", 288, deprecated=True),
+    _pc("pc-i440fx-9.0", 255),
+    _pc("pc-i440fx-7.0", 255, deprecated=True),
+    _pc("pc-q35-5.0", 288, numa=True, deprecated=True),
+    _pc("pc-i440fx-10.0", 255),
+    _pc("pc-q35-9.2", 4096),
+    _pc("pc-q35-7.2", 288),
+    _pc("pc-i440fx-6.0", 255, deprecated=True),
+    _pc("pc-q35-8.2", 1024),
+    _pc("pc-i440fx-8.2", 255),
+    _pc("pc-i440fx-5.0", 255, numa=True, deprecated=True),
+    _pc("pc-q35-6.2", 288, deprecated=True),
+    _pc("pc-i440fx-9.2", 255),
+    _pc("pc-q35-10.1", 4096),
+    _pc("pc-i440fx-7.2", 255),
+)
+
+#: The alias each family's newest type carries (pc_i440fx_machine_options and
+#: pc_q35_machine_options of the newest version set it); i440fx is QEMU's default.
+_FAMILY_ALIASES = {"pc-i440fx": "pc", "pc-q35": "q35"}
+_DEFAULT_FAMILY = "pc-i440fx"
+
+
+def _with_aliases(table: tuple[MachineType, ...]) -> tuple[MachineType, ...]:
+    """The table, each family's newest type with its alias (and the default flag)."""
+    newest = {family: max((m for m in table if m.family == family), key=lambda m: m.version)
+              for family in _FAMILY_ALIASES}
+    return tuple(replace(m, alias=_FAMILY_ALIASES[m.family], is_default=m.family == _DEFAULT_FAMILY)
+                 if m.family is not None and newest[m.family] is m else m for m in table)
+
+
+def _help_order(machine: MachineType) -> tuple[bool, str, list[int]]:
+    """QEMU's machine_class_cmp as a sort key: families alphabetically (``pc_piix`` before
+    ``pc_q35``, as ``pc-i440fx`` before ``pc-q35``), each newest first by class name
+    (strcmp, so ``9.2`` before ``10.1``), then the types without a family by name."""
+    name = [ord(char) for char in machine.qom_type]
+    if machine.family is None:
+        return True, "", name
+    return False, machine.family, [-code for code in name] + [1]
+
+
+#: Every machine type, in the order query-machines lists them (the table's).
+MACHINES_LISTED: tuple[MachineType, ...] = _with_aliases(_MACHINE_TABLE)
+
+#: Every machine type by name, in the order ``-machine help`` lists them.
 MACHINE_TYPES: dict[str, MachineType] = {
-    machine.name: machine
-    for machine in [
-        *(_pc_machine("i440fx", v, _I440FX_VERSIONS[-1]) for v in _I440FX_VERSIONS),
-        *(_pc_machine("q35", v, _Q35_VERSIONS[-1]) for v in _Q35_VERSIONS),
-        MachineType(NONE_MACHINE, cpu_max=1, hotpluggable_cpus=False, numa_mem_supported=False,
-                    deprecated=False, default_ram_id="ram"),
-    ]
-}
+    machine.name: machine for machine in sorted(MACHINES_LISTED, key=_help_order)}
 
 #: The machine type QEMU picks without -machine (the one flagged is-default).
 DEFAULT_MACHINE = next(m.name for m in MACHINE_TYPES.values() if m.is_default)
@@ -155,6 +217,10 @@ QOM_TYPES: dict[str, QOMType] = _types(
     QOMType("virtio-blk-pci", "virtio-blk-pci-base"),
     QOMType("virtio-device", "device", abstract=True),
     QOMType("virtio-blk-device", "virtio-device"),
+    QOMType("virtio-scsi-pci-base", "virtio-pci", abstract=True),
+    QOMType("virtio-scsi-pci", "virtio-scsi-pci-base"),
+    QOMType("virtio-scsi-common", "virtio-device", abstract=True),
+    QOMType("virtio-scsi-device", "virtio-scsi-common"),
     QOMType("scsi-device", "device", abstract=True),
     QOMType("scsi-disk-base", "scsi-device", abstract=True),
     QOMType("scsi-hd", "scsi-disk-base"),
@@ -217,10 +283,6 @@ DEVICE_BASE_PROPERTIES: list[dict[str, Any]] = [
 # concludes they are absent.
 # Descriptions QEMU attaches to recurring property kinds.
 _ON_OFF = "on/off"
-    QOMType("virtio-scsi-pci-base", "virtio-pci", abstract=True),
-    QOMType("virtio-scsi-pci", "virtio-scsi-pci-base"),
-    QOMType("virtio-scsi-common", "virtio-device", abstract=True),
-    QOMType("virtio-scsi-device", "virtio-scsi-common"),
 _ON_OFF_AUTO = "on/off/auto"
 _ERROR_POLICY = "Error handling policy, report/ignore/enospc/stop/auto"
 _BLOCK_SIZE = "A power of two between 512 B and 2 MiB"
@@ -290,6 +352,11 @@ _BLOCK_DEVICE_PROPERTIES: dict[str, dict[str, Any]] = {prop["name"]: prop for pr
     _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
     _prop("write-zeroes", "bool", True, _ON_OFF),
     _prop("wwn", "uint64", 0),
+    # virtio-scsi's queues (hw/scsi/virtio-scsi.c virtio_scsi_properties).
+    _prop("num_queues", "uint32", 4294967295),
+    _prop("virtqueue_size", "uint32", 256),
+    _prop("max_sectors", "uint32", 65535),
+    _prop("cmd_per_lun", "uint32", 128),
 )}
 
 
@@ -320,6 +387,9 @@ DEVICE_PROPERTIES: dict[str, list[dict[str, Any]]] = {
         "discard_granularity port_wwn port_index account-failed device_id backend_defaults "
         "bootindex"
     ),
+    # The SCSI controller: its PCI address, iothread and queues; no disk of its own.
+    "virtio-scsi-pci": _props("addr num_queues max_sectors iothread virtqueue_size cmd_per_lun"),
+    "virtio-scsi-device": _props("num_queues max_sectors iothread virtqueue_size cmd_per_lun"),
     "ide-hd": _props(
         "unit lsecs account-invalid model lheads rotation_rate drive serial logical_block_size ver "
         "share-rw write-cache heads wwn discard_granularity backend_defaults cyls lcyls opt_io_size "
@@ -352,11 +422,6 @@ OBJECT_PROPERTIES: dict[str, list[dict[str, Any]]] = {
     "memory-backend-file": [*_MEMORY_BACKEND_PROPERTIES, *[
     {"name": "readonly", "type": "bool"},
     {"name": "align", "type": "int"},
-    # virtio-scsi's queues (hw/scsi/virtio-scsi.c virtio_scsi_properties).
-    _prop("num_queues", "uint32", 4294967295),
-    _prop("virtqueue_size", "uint32", 256),
-    _prop("max_sectors", "uint32", 65535),
-    _prop("cmd_per_lun", "uint32", 128),
     {"name": "pmem", "type": "bool"},
     {"name": "mem-path", "type": "string"},
     {"name": "discard-data", "type": "bool"},
@@ -387,9 +452,6 @@ OBJECT_PROPERTIES: dict[str, list[dict[str, Any]]] = {
     "throttle-group": [{"name": "type", "type": "string"}, *(
         {"name": name, "type": "ThrottleLimits" if name == "limits" else "int"} for name in (
             "x-bps-write-max-length", "x-iops-total-max-length", "x-iops-size", "limits", "x-bps-total",
-    # The SCSI controller: its PCI address, iothread and queues; no disk of its own.
-    "virtio-scsi-pci": _props("addr num_queues max_sectors iothread virtqueue_size cmd_per_lun"),
-    "virtio-scsi-device": _props("num_queues max_sectors iothread virtqueue_size cmd_per_lun"),
             "x-iops-read-max-length", "x-bps-write", "x-iops-write-max-length", "x-bps-read-max",
             "x-iops-read-max", "x-bps-total-max", "x-bps-read-max-length", "x-iops-read", "x-bps-read",
             "x-bps-write-max", "x-iops-total-max", "x-iops-total", "x-iops-write", "x-bps-total-max-length",
@@ -414,6 +476,8 @@ DEVICE_HELP: dict[str, str] = {
     "scsi-hd": 'name "scsi-hd", bus SCSI, desc "virtual SCSI disk"',
     "virtio-blk-device": 'name "virtio-blk-device", bus virtio-bus',
     "virtio-blk-pci": 'name "virtio-blk-pci", bus PCI, alias "virtio-blk"',
+    "virtio-scsi-device": 'name "virtio-scsi-device", bus virtio-bus',
+    "virtio-scsi-pci": 'name "virtio-scsi-pci", bus PCI, alias "virtio-scsi"',
 }
 
 #: The block drivers (``-drive format=help``), as blocklayer's graph registers them.
@@ -476,8 +540,6 @@ COMMAND_LINE_OPTIONS: dict[str, list[tuple[str, str]]] = {
 
 # ---------------------------------------------------------------- vCPUs
 # No vCPU runs, but a machine has them: libvirt checks that query-cpus-fast lists as many
-    "virtio-scsi-device": 'name "virtio-scsi-device", bus virtio-bus',
-    "virtio-scsi-pci": 'name "virtio-scsi-pci", bus PCI, alias "virtio-scsi"',
 # as the domain has (it refuses to start the domain otherwise) and matches them with
 # query-hotpluggable-cpus by QOM path.
 
@@ -540,7 +602,7 @@ def cpu_topology(smp: str | None, machine: MachineType) -> CpuTopology:
         sockets, cores = sockets or 1, cores or 1
     else:
         max_cpus = max_cpus or cpus
-        if _version_key(machine.name.rpartition("-")[2]) < (6, 2):
+        if machine.version < (6, 2):
             cores = cores or 1
             sockets = sockets or max_cpus // (dies * clusters * cores * threads)
         else:
@@ -556,7 +618,9 @@ def cpu_topology(smp: str | None, machine: MachineType) -> CpuTopology:
     if max_cpus < cpus:
         raise ValueError(f"Invalid CPU topology: maxcpus must be equal to or greater than smp: "
                          f"{shape} == maxcpus ({max_cpus}) < smp_cpus ({cpus})")
-    if cpus > machine.cpu_max:
-        raise ValueError(f"Invalid SMP CPUs {cpus}. The max CPUs supported by machine "
+    # machine_parse_smp_config checks maxcpus, not cpus, against the type's limit (checked
+    # live: "-smp 2,maxcpus=300" on pc names 300).
+    if max_cpus > machine.cpu_max:
+        raise ValueError(f"Invalid SMP CPUs {max_cpus}. The max CPUs supported by machine "
                          f"'{machine.name}' is {machine.cpu_max}")
     return CpuTopology(cpus, max_cpus, sockets, dies, cores, threads)

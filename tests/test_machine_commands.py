@@ -7,16 +7,44 @@ properties), every entry it does answer must be QEMU's entry unchanged.
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import qemu_tools
-from server_support import Client, running
+from server_support import QEMU, SERVER, Client, running
 
-# Machine types QEMU 7.2 has that we do not offer: no PC variant but i440fx and q35.
+# Machine types QEMU has that we do not offer: no PC variant but i440fx and q35.
 NOT_MODELLED_MACHINES = {"isapc", "microvm", "x-remote"}
+
+#: QEMU 10.1's query-machines, recorded by libvirt (the file says where from): the machine
+#: types are those of the release the server reports.
+RECORDED_10_1 = json.loads((Path(__file__).parent / "data" / "query-machines-10.1.json").read_text())
+#: MachineInfo members QEMU 7.2 does not have (acpi: since 8.0).
+NEWER_MEMBERS = {"acpi"}
+#: Members of QEMU 10.1's reply that our schema does not declare yet (so we do not send them).
+UNDECLARED_MEMBERS: set[str] = set()
+#: The recorded entries of the machine types we model, in QEMU's order.
+RECORDED_OURS = [{key: value for key, value in entry.items() if key not in UNDECLARED_MEMBERS}
+                 for entry in RECORDED_10_1["return"] if entry["name"] not in NOT_MODELLED_MACHINES]
+#: Members that depend on the release: the alias and the default move to its newest types,
+#: and each release deprecates the types that grew too old.
+VERSIONED_MEMBERS = {"alias", "is-default", "deprecated"}
+
+
+def _release(client: Client) -> str:
+    """``MAJOR.MINOR`` of the QEMU a client talks to (query-version): its newest types' suffix."""
+    qemu = client.cmd("query-version")["qemu"]
+    return f"{qemu['major']}.{qemu['minor']}"
+
+
+def _version(name: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in name.rpartition("-")[2].split("."))
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +88,140 @@ def test_query_chardev(pair: tuple[Client, Client, Path]) -> None:
     assert ours == theirs
 
 
-def test_query_machines(pair: tuple[Client, Client, Path]) -> None:
-    theirs, ours = both(pair, "query-machines")
+def test_query_machines_is_qemu_10_1s(pair: tuple[Client, Client, Path]) -> None:
+    """Our machine types are those QEMU 10.1 has (the release we report), entry for entry,
+    in its order and with its member order: the recorded reply without the types whose
+    board is not modelled."""
+    _, ours, _ = pair
+    assert _release(ours) == "10.1"
+    reply = ours.execute("query-machines")["return"]
+    assert reply == RECORDED_OURS
+    assert [list(entry) for entry in reply] == [list(entry) for entry in RECORDED_OURS]
+    by_name = {entry["name"]: entry for entry in reply}
+    assert by_name["pc-i440fx-10.1"]["alias"] == "pc" and by_name["pc-i440fx-10.1"]["is-default"]
+    assert by_name["pc-q35-10.1"]["alias"] == "q35" and "is-default" not in by_name["pc-q35-10.1"]
+    # QEMU 10.1 no longer has the types before 4.2.
+    assert "pc-i440fx-4.1" not in by_name and "pc-q35-2.4" not in by_name
+
+
+def test_query_machines_against_live_qemu(pair: tuple[Client, Client, Path]) -> None:
+    """What does not depend on the release equals the live QEMU's (7.2 here): the types
+    both have, member for member; the alias and the default naming each side's newest."""
+    qemu, ours, _ = pair
+    theirs, mine = both(pair, "query-machines")
     qemu_by_name = {entry["name"]: entry for entry in theirs["return"]}
-    ours_by_name = {entry["name"]: entry for entry in ours["return"]}
-    assert set(ours_by_name) == set(qemu_by_name) - NOT_MODELLED_MACHINES
-    for name, entry in ours_by_name.items():
-        assert entry == qemu_by_name[name]
-    assert ours_by_name["pc-i440fx-7.2"]["alias"] == "pc" and ours_by_name["pc-q35-7.2"]["alias"] == "q35"
+    ours_by_name = {entry["name"]: entry for entry in mine["return"]}
+    common = set(ours_by_name) & set(qemu_by_name)
+    assert {"none", "pc-i440fx-7.2", "pc-q35-7.2", "pc-i440fx-4.2", "pc-q35-5.0"} <= common
+    for name in common:
+        keep = {key: value for key, value in ours_by_name[name].items()
+                if key not in NEWER_MEMBERS | VERSIONED_MEMBERS}
+        assert keep == {key: value for key, value in qemu_by_name[name].items()
+                        if key not in VERSIONED_MEMBERS}, name
+    for side, by_name in ((_release(qemu), qemu_by_name), (_release(ours), ours_by_name)):
+        aliases = {entry["alias"]: name for name, entry in by_name.items() if "alias" in entry}
+        assert aliases == {"pc": f"pc-i440fx-{side}", "q35": f"pc-q35-{side}"}
+        assert [name for name, entry in by_name.items() if entry.get("is-default")] == [f"pc-i440fx-{side}"]
+    # The live QEMU's other PC types are older than ours, or newer than any we have.
+    newest = max(_version(name) for name in ours_by_name if name != "none")
+    for name in set(qemu_by_name) - set(ours_by_name) - NOT_MODELLED_MACHINES:
+        assert _version(name) < (4, 2) or _version(name) > newest, name
+
+
+def _strcmp(a: str, b: str) -> int:
+    return (a > b) - (a < b)
+
+
+def _machine_class_cmp(a: dict[str, Any], b: dict[str, Any]) -> int:
+    """QEMU's machine_class_cmp (system/vl.c) on recorded entries: families (the PC
+    families are pc_piix and pc_q35) alphabetically, each by class name decreasing; the
+    types without a family after them, increasing."""
+    families = {"pc-i440fx": "pc_piix", "pc-q35": "pc_q35"}
+    fa, fb = (families.get(e["name"].rpartition("-")[0]) for e in (a, b))
+    ca, cb = (f"{e['name']}-machine" for e in (a, b))
+    if fa is None or fb is None:
+        return _strcmp(ca, cb) if fa is None and fb is None else (1 if fa is None else -1)
+    return _strcmp(fa, fb) or _strcmp(cb, ca)
+
+
+def _help_lines(entries: list[dict[str, Any]], descriptions: dict[str, str]) -> list[str]:
+    """``-machine help`` as QEMU prints it (machine_help_func) for these MachineInfo entries."""
+    lines = ["Supported machines are:"]
+    for entry in sorted(entries, key=functools.cmp_to_key(_machine_class_cmp)):
+        desc = descriptions[entry["name"].split("-")[1] if entry["name"] != "none" else "none"]
+        if "alias" in entry:
+            lines.append(f"{entry['alias']:<20} {desc} (alias of {entry['name']})")
+        flags = " (default)" if entry.get("is-default") else ""
+        flags += " (deprecated)" if entry["deprecated"] else ""
+        lines.append(f"{entry['name']:<20} {desc}{flags}")
+    return lines
+
+
+def test_machine_help_lists_qemu_10_1s_types(tmp_path: Path) -> None:
+    """``-machine help``: the recorded 10.1 types in QEMU's format and order (``pc`` and
+    ``pc-i440fx-10.1`` after ``pc-i440fx-4.2``: strcmp puts "10.1" after "4.2"). Lines of
+    types the live QEMU also has are its lines, once the release's flags are set aside."""
+    ours = subprocess.run([*SERVER, "-machine", "help"], capture_output=True, text=True, timeout=30)
+    assert ours.returncode == 0
+    descriptions = {"i440fx": "Standard PC (i440FX + PIIX, 1996)", "q35": "Standard PC (Q35 + ICH9, 2009)",
+                    "none": "empty machine"}
+    lines = ours.stdout.splitlines()
+    assert lines == _help_lines(RECORDED_OURS, descriptions)
+    assert lines.index("pc-i440fx-10.1       Standard PC (i440FX + PIIX, 1996) (default)") == \
+        lines.index("pc-i440fx-4.2        Standard PC (i440FX + PIIX, 1996) (deprecated)") + 2
+    qemu_tools.require("qemu-system-x86_64")
+    theirs = subprocess.run([QEMU[0], "-machine", "help"], capture_output=True, text=True, timeout=30)
+    flags = re.compile(r"( \(default\)| \(deprecated\))+$")
+    qemu_lines = {line.split()[0]: flags.sub("", line) for line in theirs.stdout.splitlines()[1:]}
+    shared = [line for line in lines[1:] if line.split()[0] in qemu_lines and "(alias of" not in line]
+    # 4.2 to 7.2 of each family, and none.
+    assert len(shared) == 21
+    for line in shared:
+        assert flags.sub("", line) == qemu_lines[line.split()[0]]
+
+
+@pytest.mark.parametrize(("machine", "maxcpus", "limit"), [
+    ("pc", 256, 255), ("q35", 4097, 4096), ("pc-q35-9.0", 4097, 4096), ("pc-q35-8.2", 1025, 1024),
+    ("pc-q35-8.0", 289, 288), ("pc-q35-4.2", 289, 288),
+])
+def test_smp_beyond_the_types_cpu_max(tmp_path: Path, machine: str, maxcpus: int, limit: int) -> None:
+    """``maxcpus`` is checked against the type's cpu-max (QEMU 10.1's: q35 has 4096 from 9.0
+    on, 1024 in 8.1 and 8.2, 288 before), with QEMU's text naming the resolved type."""
+    resolved = {"pc": "pc-i440fx-10.1", "q35": "pc-q35-10.1"}.get(machine, machine)
+    assert {e["name"]: e["cpu-max"] for e in RECORDED_OURS}[resolved] == limit
+    sock = f"unix:{tmp_path / 'x.sock'},server=on,wait=off"
+    result = subprocess.run([*SERVER, "-qmp", sock, "-machine", machine, "-smp", f"1,maxcpus={maxcpus}"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr == (f"qmp-server: Invalid SMP CPUs {maxcpus}. The max CPUs supported by "
+                             f"machine '{resolved}' is {limit}\n")
+
+
+def test_smp_up_to_the_types_cpu_max(tmp_path: Path) -> None:
+    """q35 is 10.1's, which takes 4096 CPU slots (7.2's took 288)."""
+    with running(["-S", "-machine", "q35", "-smp", "1,maxcpus=4096"], tmp_path) as (_, ours):
+        assert ours.cmd("qom-get", path="/machine", property="type") == "pc-q35-10.1-machine"
+        slots = ours.cmd("query-hotpluggable-cpus")
+        assert len(slots) == 4096 and "qom-path" in slots[-1] and "qom-path" not in slots[0]
+
+
+@pytest.mark.parametrize("smp", ["2,maxcpus=300", "256"])
+def test_smp_limit_checks_maxcpus_as_qemu(tmp_path: Path, smp: str) -> None:
+    """machine_parse_smp_config compares maxcpus (not cpus) with the limit, and names it;
+    the same text as the live QEMU's, but for the type's name (each side's newest i440fx)."""
+    qemu_tools.require("qemu-system-x86_64")
+    sock = f"unix:{tmp_path / 'x.sock'},server=on,wait=off"
+    args = ["-qmp", sock, "-machine", "pc", "-smp", smp]
+    ours = subprocess.run([*SERVER, *args], capture_output=True, text=True, timeout=30)
+    theirs = subprocess.run([*QEMU, "-accel", "tcg", *args], capture_output=True, text=True, timeout=30)
+    assert ours.returncode == theirs.returncode == 1
+    release = re.search(r"version (\d+\.\d+)", subprocess.run(
+        [QEMU[0], "-version"], capture_output=True, text=True, timeout=30).stdout)
+    assert release is not None
+    expected = theirs.stderr.replace("qemu-system-x86_64: ", "qmp-server: ").replace(
+        f"'pc-i440fx-{release[1]}'", "'pc-i440fx-10.1'")
+    assert ours.stderr == expected
+    assert "Invalid SMP CPUs 300." in expected or "Invalid SMP CPUs 256." in expected
 
 
 @pytest.mark.parametrize("args", [
@@ -80,8 +234,15 @@ def test_qom_list_types_subset_of_qemu(pair: tuple[Client, Client, Path], args: 
     theirs, ours = both(pair, "qom-list-types", args)
     qemu_by_name = {entry["name"]: entry for entry in theirs["return"]}
     assert ours["return"], args
+    # A machine class newer than the live QEMU's types is compared with its family's newest
+    # there (same parent, same flags).
+    live = _release(pair[0])
     for entry in ours["return"]:
-        assert entry == qemu_by_name.get(entry["name"]), args
+        name = entry["name"]
+        match = re.fullmatch(r"(pc-i440fx|pc-q35)-([0-9.]+)-machine", name)
+        if match and _version(f"x-{match[2]}") > _version(f"x-{live}"):
+            name = f"{match[1]}-{live}-machine"
+        assert {**entry, "name": name} == qemu_by_name.get(name), args
 
 
 def test_qom_list_types_what_we_model(pair: tuple[Client, Client, Path]) -> None:
@@ -89,6 +250,9 @@ def test_qom_list_types_what_we_model(pair: tuple[Client, Client, Path]) -> None
     names = {entry["name"] for entry in ours["return"]}
     assert {"tcg-accel", "none-machine", "pc-i440fx-7.2-machine", "pc-q35-7.2-machine",
             "virtio-blk-pci", "virtio-blk-device", "scsi-hd", "ide-hd"} <= names
+    # A class for each machine type query-machines lists, and for no other.
+    machines = {entry["name"] for entry in pair[1].cmd("qom-list-types", implements="machine")}
+    assert machines == {f"{entry['name']}-machine" for entry in RECORDED_OURS}
     assert "kvm-accel" not in names and "virtio-net-pci" not in names
     theirs, ours = both(pair, "qom-list-types", {"implements": "no-such-type"})
     assert ours == theirs == {"return": []}

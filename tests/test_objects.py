@@ -237,4 +237,7 @@ def test_startup_errors_in_qemus_format(args: list[str], tmp_path: Path) -> None
     theirs = subprocess.run([*QEMU, "-accel", "tcg", "-qmp", sock, *args], capture_output=True,
                             text=True, timeout=30)
     assert ours.returncode == theirs.returncode == 1
-    assert _PROGRAM.sub("", ours.stderr) == _PROGRAM.sub("", theirs.stderr)
+    # The machine an error names is each release's newest i440fx (pc resolved).
+    def newest(text: str) -> str:
+        return re.sub(r"'pc-i440fx-\d+\.\d+'", "'pc-i440fx-NEWEST'", _PROGRAM.sub("", text))
+    assert newest(ours.stderr) == newest(theirs.stderr)
