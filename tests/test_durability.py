@@ -99,10 +99,12 @@ def entries(raw: bytes) -> list[int]:
 
 
 class Image:
-    """Read-only view of a qcow2 image through ``read(offset, length)``."""
+    """Read-only view of a qcow2 image through ``read(offset, length)``; ``backing``
+    reads the backing file's bytes (zeroes past its end), for unallocated clusters."""
 
-    def __init__(self, read: Reader) -> None:
+    def __init__(self, read: Reader, backing: Reader | None = None) -> None:
         self.read = read
+        self.backing = backing
         self.layout = parse_header(read(0, HEADER_BYTES))
 
     def l1(self) -> list[int]:
@@ -136,9 +138,16 @@ class Image:
         return (byte >> shift) & ((1 << bits) - 1)
 
     def referenced(self) -> set[int]:
-        """Host offsets of every L2 table and standard data cluster the tables point at."""
+        """Host offsets of every cluster the image's tables point at: the clusters of the
+        L1 table and of the refcount table (the header points at them), the refcount
+        blocks, the L2 tables and the standard data clusters."""
         found: set[int] = set()
-        cs = self.layout.cluster_size
+        lay = self.layout
+        cs = lay.cluster_size
+        for start, length in ((lay.l1_offset, lay.l1_size * 8),
+                              (lay.reftable_offset, lay.reftable_clusters * cs)):
+            found.update(range(start & ~(cs - 1), start + length, cs))
+        found.update(block & ~0x1FF for block in self.reftable() if block & ~0x1FF)
         for l2 in self.l2_tables():
             found.add(l2)
             for entry in entries(self.read(l2, cs)):
@@ -147,7 +156,7 @@ class Image:
         return found
 
     def guest_read(self, offset: int, length: int) -> bytes:
-        """Guest bytes (no backing file, no compressed clusters in these tests)."""
+        """Guest bytes (no compressed clusters in these tests)."""
         lay = self.layout
         cs = lay.cluster_size
         l2_bits = lay.cluster_bits - 3
@@ -162,7 +171,9 @@ class Image:
             entry = struct.unpack(">Q", self.read(l2 + 8 * l2_index, 8))[0] if l2 else 0
             assert not entry & COMPRESSED
             host = entry & OFFSET_MASK
-            if entry & 1 or not host:
+            if not entry & 1 and not host and self.backing is not None:
+                out += self.backing(pos, n)
+            elif entry & 1 or not host:
                 out += bytes(n)
             else:
                 out += self.read(host + within, n)
@@ -483,7 +494,187 @@ def test_discard_and_zeroing_free_clusters_only_after_the_tables_forget_them(
     assert image.guest_read(7 * 4096, 4096) == pattern(8, 4096)
 
 
+# --- resize and copy-on-write ----------------------------------------------------------
+
+
+class Guest:
+    """A node, what the guest wrote to it, and what it had flushed; a power loss at each
+    fdatasync is checked with :func:`worst_power_loss`."""
+
+    def __init__(self, node: BlockNode, disk: PowerLossDisk, size: int,
+                 initial: bytes | None = None, backing: Reader | None = None) -> None:
+        self.node = node
+        self.size = size
+        self.model = bytearray(initial if initial is not None else bytes(size))
+        self.flushed = bytearray(self.model)
+        self.touched: list[tuple[int, int]] = []
+        self.crashes: list[str] = []
+        disk.on_sync = lambda d: worst_power_loss(d, self.size, self.flushed, self.touched,
+                                                  self.crashes, backing)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.node.pwrite(offset, data)
+        self.model[offset:offset + len(data)] = data
+        self.touched.append((offset, offset + len(data)))
+
+    def flush(self) -> None:
+        self.node.flush()
+        self.flushed[:] = self.model
+        self.touched.clear()
+
+    def resize(self, size: int) -> None:
+        """block_resize: the node's truncate. What is past the new end is gone; a grown
+        area reads as zeroes. The resize is durable when it returns (qcow2_co_truncate
+        flushes its header write). While it runs, what is past a new, smaller end may
+        read as before or as zeroes."""
+        if size < self.size:
+            self.touched.append((size, self.size))
+        self.node.truncate(size)
+        self.size = size
+        for buf in (self.model, self.flushed):
+            del buf[size:]
+            buf.extend(bytes(size - len(buf)))
+        self.touched = [(a, min(b, size)) for a, b in self.touched if a < size]
+
+
+def test_block_resize_grow_moves_the_l1_table_only_once_it_is_durable(
+        watched: Any, tmp_path: Path) -> None:
+    """Growing 4 MiB -> 16 MiB with 512-byte clusters: the L1 table (128 -> 512 entries)
+    moves to new clusters. Its copy and its refcount are durable before the header
+    points at it; the old table's refcount drops only once the durable header no longer
+    points at it; writes past the old end then allocate L2 tables in the new table."""
+    graph, node, disk = watched(size="4M")
+    guest = Guest(node, disk, 4 << 20)
+    for i in range(24):
+        guest.write(i * 160 * 1024 + 512 * (i % 3), pattern(i + 1, 900))
+    guest.flush()
+    old_l1 = parse_header(disk.durable[:HEADER_BYTES]).l1_offset
+    guest.resize(16 << 20)
+    layout = parse_header(disk.durable[:HEADER_BYTES])
+    assert (layout.l1_size, disk.pending) == (512, [])
+    assert layout.l1_offset != old_l1
+    for i in range(12):
+        guest.write((4 << 20) + i * (1 << 20) + 700, pattern(0x40 + i, 1200))
+        if i % 4 == 3:
+            guest.flush()
+    guest.flush()
+    graph.inactivate(node)
+    assert disk.violations == []
+    assert guest.crashes == []
+    assert disk.syncs > 10
+    graph.close_all()
+    path = tmp_path / "disk.qcow2"
+    assert_check_clean(path)
+    assert Image(reader_of(path.read_bytes())).guest_read(0, 16 << 20) == bytes(guest.model)
+
+
+def test_block_resize_shrink_unlinks_before_it_frees(watched: Any, tmp_path: Path) -> None:
+    """Shrinking 4 MiB -> 320 KiB with 512-byte clusters and 64-bit refcounts (a refcount
+    block covers 32 KiB of the file): the clusters past the end are
+    unmapped before their refcounts drop, the L1 entries past the end are zeroed durably
+    before their L2 tables are freed, and refcount blocks that count nothing leave the
+    durable refcount table before they are freed. What the guest flushed below the new
+    end survives a power loss at any point."""
+    graph, node, disk = watched("cluster_size=512,refcount_bits=64", size="4M")
+    guest = Guest(node, disk, 4 << 20)
+    for i in range(40):
+        guest.write(i * 100 * 1024 + 512 * (i % 5), pattern(i + 1, 2000))
+    guest.flush()
+    # Not flushed (may read old or new), in clusters allocated already.
+    guest.write(200 * 1024 + 1024, pattern(0x77, 2000))
+    before = parse_header(disk.durable[:HEADER_BYTES])
+    blocks_before = sum(1 for e in Image(reader_of(disk.durable)).reftable() if e)
+    guest.resize(320 * 1024)
+    assert disk.pending == []
+    after = Image(reader_of(disk.durable))
+    assert struct.unpack_from(">Q", disk.durable, 24)[0] == 320 * 1024
+    # 512-byte clusters: an L1 entry maps 32 KiB, so 10 entries stay.
+    assert all(e == 0 for e in after.l1()[10:]) and before.l1_size == after.layout.l1_size
+    assert sum(1 for e in after.reftable() if e) < blocks_before
+    guest.write(100 * 1024, pattern(0x99, 3000))
+    guest.flush()
+    graph.inactivate(node)
+    assert disk.violations == []
+    assert guest.crashes == []
+    graph.close_all()
+    path = tmp_path / "disk.qcow2"
+    assert_check_clean(path)
+    assert Image(reader_of(path.read_bytes())).guest_read(0, 320 * 1024) == bytes(guest.model)
+
+
+@pytest.mark.parametrize("cluster_size, lazy", [(512, False), (65536, False), (512, True),
+                                                (65536, True)])
+def test_copy_on_write_from_a_backing_file_is_durable_before_the_l2_entry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qemu_utils: None,
+        cluster_size: int, lazy: bool) -> None:
+    """Partial writes to clusters the backing file provides: the new cluster holds the
+    guest's bytes and the backing file's around them (QEMU's perform_cow). That copy is
+    data the guest already had, so it must be durable before an L2 entry points at the
+    new cluster (qcow2_cache_depends_on_flush): a power loss at any fdatasync keeps the
+    backing file's bytes around the guest's. With lazy refcounts no refcount flush comes
+    first: that dependency alone orders them."""
+    size = 1 << 20
+    base = tmp_path / "base.raw"
+    base_data = bytes((i * 7 + 3) % 251 for i in range(size))
+    base.write_bytes(base_data)
+    path = tmp_path / "disk.qcow2"
+    opts = f"cluster_size={cluster_size}" + (",lazy_refcounts=on" if lazy else "")
+    qemu_img("create", "-f", "qcow2", "-o", opts, "-b", str(base),
+             "-F", "raw", str(path), str(size)).check_returncode()
+    disk = PowerLossDisk(path, monkeypatch)
+    graph = BlockGraph()
+    try:
+        node = graph.open({"driver": "qcow2", "node-name": "d",
+                           "file": {"driver": "file", "filename": str(path)}})
+        guest = Guest(node, disk, size, base_data, reader_of(base_data))
+        clusters = size // cluster_size
+        for i in range(24):
+            offset = (i * 5 % clusters) * cluster_size + 100 + 37 * i
+            guest.write(offset, pattern(0xA0 + i, 300 + 11 * i))
+            if i % 3 == 2:
+                guest.flush()
+        guest.flush()
+        graph.inactivate(node)
+    finally:
+        graph.close_all()
+        disk.close()
+    assert disk.violations == []
+    assert guest.crashes == []
+    assert Image(reader_of(path.read_bytes()), reader_of(base_data)).guest_read(0, size) == \
+        bytes(guest.model)
+    assert_check_clean(path)
+
+
 # --- a property: any power loss keeps what the guest flushed ---------------------------
+
+
+def worst_power_loss(disk: PowerLossDisk, size: int, flushed: bytes | bytearray,
+                     touched: list[tuple[int, int]], crashes: list[str],
+                     backing: Reader | None = None) -> None:
+    """The worst power loss for metadata, as of now: every volatile metadata write reached
+    the disk, no volatile data write did. The guest must still read what it had flushed
+    (``flushed``; a backing file's bytes count as flushed); the ranges in ``touched``,
+    written since the last flush, may read old or new. Failures go to ``crashes``."""
+    current = Image(disk.current)
+    lay = current.layout
+    cs = lay.cluster_size
+    meta = [(0, cs), (lay.l1_offset, lay.l1_size * 8),
+            (lay.reftable_offset, lay.reftable_clusters * cs)]
+    meta += [(t, cs) for t in current.l2_tables()]
+    meta += [(b & ~0x1FF, cs) for b in current.reftable() if b & ~0x1FF]
+
+    def is_meta(offset: int, data: bytes) -> bool:
+        return any(o < offset + len(data) and offset < o + n for o, n in meta)
+
+    crashed = Image(reader_of(disk.crash_image(is_meta)), backing)
+    seen = crashed.guest_read(0, size)
+    expected = bytearray(flushed)
+    for start, end in touched:
+        expected[start:end] = seen[start:end]
+    if expected != seen:
+        first = next(i for i in range(size) if expected[i] != seen[i])
+        crashes.append(f"guest byte {first:#x} reads {seen[first]:#x}, "
+                       f"flushed {flushed[first]:#x} (after {disk.syncs} fdatasyncs)")
 
 OPS = st.lists(
     st.tuples(st.sampled_from(["write", "write", "write", "zero", "discard", "flush"]),
@@ -513,29 +704,7 @@ def test_power_loss_at_any_fdatasync_keeps_flushed_data(
         crashes: list[str] = []
 
         def metadata_only(disk: PowerLossDisk) -> None:
-            # The worst power loss for metadata: every volatile metadata write reached
-            # the disk, no volatile data write did.
-            current = Image(disk.current)
-            lay = current.layout
-            cs = lay.cluster_size
-            meta = [(0, cs), (lay.l1_offset, lay.l1_size * 8),
-                    (lay.reftable_offset, lay.reftable_clusters * cs)]
-            meta += [(t, cs) for t in current.l2_tables()]
-            meta += [(b & ~0x1FF, cs) for b in current.reftable() if b & ~0x1FF]
-
-            def is_meta(offset: int, data: bytes) -> bool:
-                return any(o < offset + len(data) and offset < o + n for o, n in meta)
-
-            crashed = Image(reader_of(disk.crash_image(is_meta)))
-            seen = crashed.guest_read(0, size)
-            # Bytes written since the guest's last flush may read old or new.
-            expected = bytearray(flushed)
-            for start, end in touched:
-                expected[start:end] = seen[start:end]
-            if expected != seen:
-                first = next(i for i in range(size) if expected[i] != seen[i])
-                crashes.append(f"guest byte {first:#x} reads {seen[first]:#x}, "
-                               f"flushed {flushed[first]:#x}")
+            worst_power_loss(disk, size, flushed, touched, crashes)
 
         disk.on_sync = metadata_only
         try:

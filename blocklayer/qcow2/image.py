@@ -29,7 +29,7 @@ from .errors import Qcow2Corruption, c_hex
 from .l2 import L1E_OFFSET_MASK, OFLAG_COPIED, CompressedLayout
 from .options import Qcow2Options, cache_sizes, parse_options
 from .refcount import REFT_OFFSET_MASK, RefcountManager
-from .snapshot import Snapshot, SnapshotTable, read_snapshot_table
+from .snapshot import Snapshot, SnapshotTable, read_table, table_of
 from .tables import U64, RefBlockCodec, be_array, be_array_trimmed, be_bytes
 from .tracked import TrackedFile
 
@@ -126,7 +126,7 @@ class Qcow2Image:
         self.l2_cache.pre_write = lambda off, n: self.check_overlap(off, n, OL.ACTIVE_L2)
         self.refcounts.cache.pre_write = lambda off, n: self.check_overlap(off, n, OL.REFCOUNT_BLOCK)
         self.snapshots = SnapshotTable(hdr.snapshots_offset, 0, ())
-        #: The snapshot entries, read on first use (snapshotops.load).
+        #: The snapshot entries (read at open by open_image; None: not read yet).
         self.snapshot_list: list[Snapshot] | None = None
         self._metadata: OL.MetadataMap | None = None
         self.clean_timer = CleanTimer(opts.cache_clean_interval)
@@ -173,6 +173,8 @@ class Qcow2Image:
             meta.add_range(self.bitmap_directory_offset, self.bitmap_directory_size,
                            OL.BITMAP_DIRECTORY)
         if self.opts.overlap_check != "constant":
+            # As the entries say, unvalidated (qcow2_check_metadata_overlap): a huge or
+            # misplaced snapshot L1 table makes writes fail instead of landing on it.
             for l1_offset, l1_size in self.snapshots.l1_tables:
                 meta.add_range(l1_offset, l1_size * 8, OL.INACTIVE_L1)
             for entry in self.l1:
@@ -350,20 +352,40 @@ class Qcow2Image:
         if new_offset == 0:
             # Free refcounts for cluster 0 mean the refcounts are wrong (QEMU's l2_allocate).
             raise Qcow2Corruption("Preventing invalid allocation of L2 table at offset 0")
-        # The new table's refcount must be on disk before the table is referenced
-        # (this also writes out L2 changes the refcounts depend on).
-        self.refcounts.cache.flush()
-        if old_offset:
-            table = self.file.pread(old_offset, cs)
-        else:
-            table = bytes(cs)
-        self.check_overlap(new_offset, cs, OL.ACTIVE_L2)
-        self.file.pwrite(new_offset, table)
-        self.file.flush()
-        for pos in range(0, cs, self.slice_bytes):
-            self.l2_cache.put(new_offset + pos, be_array(table[pos:pos + self.slice_bytes]),
-                              dirty=False)
-        self.write_l1_entry(l1_index, new_offset | OFLAG_COPIED)
+        old_entry = self.l1[l1_index]
+        written = False
+        try:
+            # The new table's refcount must be on disk before the table is referenced
+            # (this also writes out L2 changes the refcounts depend on).
+            self.refcounts.cache.flush()
+            if old_offset:
+                table = self.file.pread(old_offset, cs)
+            else:
+                table = bytes(cs)
+            self.check_overlap(new_offset, cs, OL.ACTIVE_L2)
+            self.file.pwrite(new_offset, table)
+            written = True
+            self.file.flush()
+            for pos in range(0, cs, self.slice_bytes):
+                self.l2_cache.put(new_offset + pos,
+                                  be_array(table[pos:pos + self.slice_bytes]), dirty=False)
+            self.write_l1_entry(l1_index, new_offset | OFLAG_COPIED)
+        except BlockError:
+            # l2_allocate's failure path: the L1 entry keeps the old table and the new
+            # cluster is freed, and discarded at once (QCOW2_DISCARD_ALWAYS) when the copy
+            # was written there, so a refused L1 write (overlap) leaves no copy of the
+            # table behind, as in QEMU. Deliberately unlike QEMU, a cluster the overlap
+            # check refused is not discarded: the refcounts that offered it are wrong,
+            # and it holds metadata (QEMU 7.2 punches a hole in it, e.g. in the snapshot
+            # table).
+            self.l1[l1_index] = old_entry
+            self._forget_l2_cluster(new_offset)
+            try:
+                self.refcounts.free_clusters(new_offset, cs, discard=written)
+                self.refcounts.process_discards()
+            except BlockError:
+                pass  # the first failure is the one reported
+            raise
         self._metadata = None
         if old_offset:
             self.refcounts.free_clusters(old_offset, cs, self.opts.pass_discard_other)
@@ -385,18 +407,6 @@ def _read_table(file: TrackedFile, offset: int, length: int, what: str) -> bytes
     except BlockError as exc:
         code = exc.errno or errno.EIO
         raise BlockError(f"{what}: {os.strerror(code)}", code) from exc
-
-
-def _read_snapshots(file: TrackedFile, hdr: H.Header) -> SnapshotTable:
-    """The snapshot table as far as it can be trusted (QEMU reads it at open too)."""
-    try:
-        return read_snapshot_table(file, hdr.snapshots_offset, hdr.nb_snapshots, validate=False)
-    except Qcow2Corruption:
-        # Unreadable entries: protect at least the table's fixed-size part.
-        return SnapshotTable(hdr.snapshots_offset, hdr.nb_snapshots * H.SNAPSHOT_HEADER_SIZE, ())
-    except BlockError as exc:
-        code = exc.errno or errno.EIO
-        raise BlockError(f"Failed to read snapshot table: {os.strerror(code)}", code) from exc
 
 
 def open_image(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
@@ -425,7 +435,12 @@ def open_image(child: ChildIO, options: Mapping[str, Any], *, read_only: bool,
         img.bitmap_directory_size = ext.directory_size
     stale_bitmaps = ext is None and hdr.bitmaps_ext is not None
     if hdr.nb_snapshots:
-        img.snapshots = _read_snapshots(file, hdr)
+        # qcow2_read_snapshots, at open as in qcow2_do_open: an entry QEMU refuses
+        # refuses the open, and every snapshot L1 table, however absurd, is protected
+        # by the overlap checks exactly as the table describes it.
+        snaps, length = read_table(file, hdr.snapshots_offset, hdr.nb_snapshots, hdr.size)
+        img.snapshot_list = snaps
+        img.snapshots = table_of(snaps, hdr.snapshots_offset, length)
     # qcow2_do_open: unknown autoclear bits are cleared by a writer (that is how it tells
     # others their structures are stale); a stale bitmaps extension is dropped. The
     # rewrite waits until the bitmaps are loaded (the driver's step, as in QEMU).

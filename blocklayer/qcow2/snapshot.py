@@ -113,34 +113,71 @@ def read_snapshot_table(file: ChildIO, offset: int, count: int,
     return SnapshotTable(offset, pos - offset, tuple(l1s))
 
 
+class _TableReader:
+    """Reads the table through a window of at least 64 KiB: one pread for the usual
+    table instead of several per entry. Bytes past the end of the file read as zeroes,
+    as the file driver returns them (QEMU's bdrv_pread does the same)."""
+
+    __slots__ = ("data", "file", "start")
+
+    WINDOW = 65536
+
+    def __init__(self, file: ChildIO) -> None:
+        self.file = file
+        self.start = 0
+        self.data = b""
+
+    def read(self, pos: int, length: int) -> bytes:
+        if not self.start <= pos or pos + length > self.start + len(self.data):
+            size = max(length, self.WINDOW)
+            try:
+                data = self.file.pread(pos, size)
+            except BlockError:
+                # Only what QEMU reads may fail the open (the window may reach past
+                # the largest offset a request may have).
+                size = length
+                try:
+                    data = self.file.pread(pos, size)
+                except BlockError as exc:
+                    raise _read_failed(exc) from exc
+            self.start = pos
+            self.data = data + bytes(size - len(data))
+        return self.data[pos - self.start:pos - self.start + length]
+
+
 def read_snapshots(file: ChildIO, offset: int, count: int, disk_size: int) -> list[Snapshot]:
-    """The whole table, as QEMU's qcow2_read_snapshots reads it (its texts on failure).
+    """The whole table, as QEMU's qcow2_read_snapshots reads it (its texts on failure)."""
+    return read_table(file, offset, count, disk_size)[0]
+
+
+def read_table(file: ChildIO, offset: int, count: int,
+               disk_size: int) -> tuple[list[Snapshot], int]:
+    """The entries and the table's length in bytes (QEMU's snapshots_size), as
+    qcow2_read_snapshots reads them when the image is opened, with its texts and hints.
 
     ``count`` is at most MAX_SNAPSHOTS (the header validation), every entry is at most
-    40 + 1024 + 2 * 65535 bytes, and the table may not exceed MAX_TABLE_SIZE.
+    40 + 1024 + 2 * 65535 bytes, and the table may not exceed MAX_TABLE_SIZE: at most
+    64 MiB plus one entry is ever read. The snapshots' L1 tables are not validated here
+    (QEMU checks them only when a snapshot is used, deleted or checked); the overlap
+    checks protect them as they are.
     """
     snaps: list[Snapshot] = []
+    reader = _TableReader(file)
     pos = offset
     length = 0
-    for i in range(min(count, MAX_SNAPSHOTS)):
+    count = min(count, MAX_SNAPSHOTS)
+    for i in range(count):
         pos = (pos + 7) & ~7
         length = (length + 7) & ~7
-        try:
-            head = file.pread(pos, _ENTRY.size)
-        except BlockError as exc:
-            raise _read_failed(exc) from exc
-        if len(head) < _ENTRY.size:
-            raise BlockError("Failed to read snapshot table: " + os.strerror(errno.EIO), errno.EIO)
         (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_size,
-         extra_len) = _ENTRY.unpack(head)
+         extra_len) = _ENTRY.unpack(reader.read(pos, _ENTRY.size))
         pos += _ENTRY.size
         if extra_len > MAX_EXTRA_DATA:
-            raise BlockError(f"Too much extra metadata in snapshot table entry {i}", errno.EFBIG)
-        try:
-            rest = file.pread(pos, extra_len + id_len + name_len)
-        except BlockError as exc:
-            raise _read_failed(exc) from exc
-        rest = rest + bytes(extra_len + id_len + name_len - len(rest))
+            err = BlockError(f"Too much extra metadata in snapshot table entry {i}",
+                             errno.EFBIG)
+            err.add_note("You can force-remove this extra metadata with qemu-img check -r all")
+            raise err
+        rest = reader.read(pos, extra_len + id_len + name_len)
         known = rest[:min(_EXTRA.size, extra_len)] + bytes(max(0, _EXTRA.size - extra_len))
         large, disk, icount = _EXTRA.unpack(known)
         if extra_len >= 8:
@@ -156,8 +193,12 @@ def read_snapshots(file: ChildIO, offset: int, count: int, disk_size: int) -> li
         pos += extra_len + id_len + name_len
         length += _ENTRY.size + extra_len + id_len + name_len
         if length > MAX_TABLE_SIZE:
-            raise BlockError("Snapshot table is too big", errno.EFBIG)
-    return snaps
+            err = BlockError("Snapshot table is too big", errno.EFBIG)
+            err.add_note(f"You can force-remove all {count - i} overhanging snapshots with "
+                         "qemu-img check -r all")
+            raise err
+    # snapshots_size: up to the end of the last entry (no padding after it).
+    return snaps, pos - offset
 
 
 def _read_failed(exc: BlockError) -> BlockError:
@@ -190,4 +231,4 @@ def table_of(snaps: list[Snapshot], offset: int, length: int) -> SnapshotTable:
 
 __all__ = ["HEADER_SNAPSHOT_FIELDS", "MAX_EXTRA_DATA", "MAX_L1_BYTES", "MAX_SNAPSHOTS",
            "MAX_TABLE_SIZE", "NO_ICOUNT", "Snapshot", "SnapshotTable", "encode_table",
-           "read_snapshot_table", "read_snapshots", "table_of"]
+           "read_snapshot_table", "read_snapshots", "read_table", "table_of"]
