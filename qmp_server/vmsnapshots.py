@@ -191,9 +191,17 @@ def _inserted(node: BlockNode) -> bool:
 
 
 def _can_snapshot(node: BlockNode) -> bool:
-    """bdrv_can_snapshot: inserted, writable, and a driver with snapshots (or a fallback)."""
+    """bdrv_can_snapshot: inserted, writable, and a driver with snapshots (or a fallback).
+
+    Writable is bdrv_is_writable, read-write *and active*, as in the QEMU 7.2 installed
+    (Debian's build carries the 7.2.9 stable release's change to bdrv_can_snapshot): a
+    node that is inactive (a destination before its migration completes, a source after
+    it) cannot take, load or delete a snapshot, and since bdrv_all_snapshots_includes_bs
+    still counts it (it only checks read-only), the operation fails with "Device '…' is
+    writable but does not support snapshots" (compared with QEMU live).
+    """
     for _ in range(64):
-        if not _inserted(node) or node.read_only:
+        if not _inserted(node) or not node.writable:
             return False
         if hasattr(node.driver, "snapshot_create"):
             return True
@@ -202,6 +210,16 @@ def _can_snapshot(node: BlockNode) -> bool:
             return False
         node = child.child
     return False
+
+
+class VmStateSaves(Protocol):
+    """The migration state a savevm goes through (MigrationService)."""
+
+    def begin_vm_state_save(self) -> None:
+        """Start of qemu_savevm_state (QMPError if a migration runs)."""
+
+    def end_vm_state_save(self, ok: bool) -> None:
+        """End of qemu_savevm_state: completed, or failed."""
 
 
 class InternalSnapshots:
@@ -216,6 +234,8 @@ class InternalSnapshots:
         #: The configuration section's machine name (QEMU checks it on load).
         self.machine_type = machine_type
         self.clock = VirtualClock(vm)
+        #: The machine's migration state, which a savevm moves (None: nobody to tell).
+        self.migration: VmStateSaves | None = None
 
     # bdrv_first / bdrv_all_* (the caller holds the graph lock) ---------------------
 
@@ -355,11 +375,9 @@ class InternalSnapshots:
             node = child.child
         raise QMPError("Block driver does not support snapshots")
 
-    def create_all(self, name: str, date_sec: int, date_nsec: int, clock: int,
-                   vm_node: BlockNode, vm_state: bytes, devices: list[str] | None) -> None:
-        """save_snapshot's block part: the VM state into ``vm_node`` first, then
-        bdrv_all_create_snapshot (each node's own id; the VM state size on ``vm_node``
-        only, 0 on the others)."""
+    @staticmethod
+    def write_vm_state(vm_node: BlockNode, vm_state: bytes) -> None:
+        """save_snapshot's qemu_savevm_state into ``vm_node``'s VM state area."""
         vm_target = _snapshot_driver(vm_node)
         if vm_target is None:
             raise QMPError("Could not open VM state file")
@@ -369,6 +387,11 @@ class InternalSnapshots:
             raise QMPError(err.message) from err
         finally:
             _changed(vm_target[0])
+
+    def create_all(self, name: str, date_sec: int, date_nsec: int, clock: int,
+                   vm_node: BlockNode, vm_state: bytes, devices: list[str] | None) -> None:
+        """save_snapshot's bdrv_all_create_snapshot, after the VM state was written (each
+        node's own id; the VM state size on ``vm_node`` only, 0 on the others)."""
         for member in self._selected(devices):
             target = _snapshot_driver(member.node)
             size = len(vm_state) if member.node is vm_node else 0
@@ -414,6 +437,19 @@ class InternalSnapshots:
             tag = tag.encode("utf-8", "surrogateescape")[:255].decode("utf-8", "surrogateescape")
             clock = self.clock.now_ns()
             stream = vm_state_stream(self.machine_type, runstate, clock)
+            # qemu_savevm_state is a migration into the VM state area: refused while a
+            # migration runs, and query-migrate shows it afterwards (QEMU 7.2 live).
+            migration = self.migration
+            if migration is not None:
+                migration.begin_vm_state_save()
+            try:
+                await run(self.write_vm_state, vm_member.node, stream)
+            except QMPError:
+                if migration is not None:
+                    migration.end_vm_state_save(False)
+                raise
+            if migration is not None:
+                migration.end_vm_state_save(True)
             try:
                 await run(self.create_all, tag, date_sec, date_nsec, clock, vm_member.node,
                           stream, devices)
@@ -485,4 +521,5 @@ class InternalSnapshots:
         return everywhere, images
 
 
-__all__ = ["NO_ICOUNT", "InternalSnapshots", "SnapshotInfo", "VirtualClock", "vm_state_stream"]
+__all__ = ["NO_ICOUNT", "InternalSnapshots", "SnapshotInfo", "VirtualClock", "VmStateSaves",
+           "vm_state_stream"]

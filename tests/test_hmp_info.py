@@ -86,3 +86,26 @@ def test_help_with_a_command_prints_only_that_command(tmp_path: Path) -> None:
     assert seen["ours"] == seen["qemu"]
     assert seen["ours"][2] == "cont|c  -- resume emulation\r\n"
     assert seen["ours"][7] == "unknown command: 'nosuch'\r\n"
+
+
+#: info subcommands without arguments, given one (or, for ``info migrate``, anything but
+#: 10.1's ``-a``), and the migration info commands without one.
+EXTRA_ARGUMENT_LINES = ["info status x", "info name x", "info version x", "info cpus x",
+                        "info iothreads x", "info blockstats x", "info block-jobs x",
+                        "info snapshots x", "info migrate x", "info migrate -d",
+                        "info migrate -a x", "info migrate_capabilities x",
+                        "info migrate_parameters on", "help info migrate_capabilities",
+                        "help info migrate_parameters"]
+
+
+def test_info_commands_refuse_arguments_as_qemu(tmp_path: Path) -> None:
+    """monitor_parse_arguments: "NAME: extraneous characters at the end of line" and the
+    "Try help" line, as QEMU 7.2 answers."""
+    qemu_tools.require("qemu-system-x86_64")
+    seen = {}
+    for name in ("qemu", "ours"):
+        with running([], tmp_path, name, qemu=name == "qemu") as (_, client):
+            seen[name] = [client.hmp(line) for line in EXTRA_ARGUMENT_LINES]
+    assert seen["ours"] == seen["qemu"]
+    assert seen["ours"][0] == ('status: extraneous characters at the end of line\r\n'
+                               'Try "help info status" for more information\r\n')

@@ -7,6 +7,7 @@ checked against 10.1's layout and its content against QMP's ``query-migrate``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -18,7 +19,7 @@ import pytest
 from migration_support import Server, blockdev, is_writer, qemu_img_create, start_server
 from qemu_tools import require
 
-from qmp_server.hmp.migration import size_to_str
+from qmp_server.hmp.migration import ENUM_PARAMETERS, size_to_str
 
 SAME_AS_QEMU = [
     "migrate_set_capability bogus on",
@@ -55,6 +56,71 @@ def test_argument_and_error_texts_match_qemu(tmp_path: Path) -> None:
     finally:
         ours.close()
         qemu.close()
+
+
+#: Values read as QEMU 7.2's hmp_migrate_set_parameter reads each parameter's type: the
+#: bandwidths in MiB by default ("Invalid size"), uint8/uint32 (C integers, base 0, "-1"
+#: wraps), sizes (out of range apart), enums, the mapping only over QMP. Then QMP's checks.
+SET_PARAMETER_LINES = [f"migrate_set_parameter {name} {value}" for name, values in {
+    "max-bandwidth": ["-1", "1Q", "99999999999999999999", "abc", "8E", "16E",
+                      "9223372036854775807", "9223372036854775808b", "1", "1.5k", "0x10"],
+    "multifd-channels": ["256", "abc", "1k", "-1", "08", "18446744073709551616", "0x10", "010"],
+    "downtime-limit": ["-5", "1.5", "16E", "99999999999999999999", "18446744073709551615",
+                       "2000000"],
+    "xbzrle-cache-size": ["1Q", "9223372036854775808", "8E", "16E", "8k"],
+    "announce-initial": ["foo", "-1", "100001", "60"],
+    "x-checkpoint-delay": ["4294967296", "-1", "1k", "4294967295"],
+    "throttle-trigger-threshold": ["300", "0", "70"],
+    "max-postcopy-bandwidth": ["-3", "1k"],
+    "cpu-throttle-tailslow": ["maybe", "yes"],
+    "multifd-compression": ["foo", "zlib"],
+    "block-bitmap-mapping": ["x"],
+}.items() for value in values]
+
+#: Parameters only one of QEMU 7.2 and this server (QEMU 10.x's set) has.
+_ONLY_7_2 = {"compress-level", "compress-threads", "compress-wait-thread",
+             "decompress-threads", "block-incremental"}
+_ONLY_10 = {"avail-switchover-bandwidth", "zero-page-detection", "x-vcpu-dirty-limit-period",
+            "vcpu-dirty-limit", "mode", "direct-io"}
+
+
+def _common_lines(text: str, leave_out: set[str]) -> list[str]:
+    return [line for line in text.split("\r\n") if line.split(":")[0] not in leave_out]
+
+
+def test_set_parameter_reads_values_as_qemu(tmp_path: Path) -> None:
+    """Each line's text and the values it leaves (query-migrate-parameters, HMP's info
+    migrate_parameters) as QEMU 7.2's, but for the parameters only one of us has."""
+    require("qemu-system-x86_64")
+    ours = start_server([], tmp_path, "ours")
+    qemu = start_server([], tmp_path, "qemu", qemu=True)
+    try:
+        for line in SET_PARAMETER_LINES:
+            assert ours.hmp(line) == qemu.hmp(line), line
+        mine = ours.cmd("query-migrate-parameters")
+        theirs = qemu.cmd("query-migrate-parameters")
+        assert {k: v for k, v in mine.items() if k in theirs} == \
+            {k: v for k, v in theirs.items() if k in mine}
+        assert mine["max-bandwidth"] == 16 << 20 and mine["multifd-channels"] == 8  # 0x10 MiB, 010
+        shown = ours.hmp("info migrate_parameters")
+        assert _common_lines(shown, _ONLY_10) == \
+            _common_lines(qemu.hmp("info migrate_parameters"), _ONLY_7_2)
+        assert "avail-switchover-bandwidth: 0 bytes/second\r\n" in shown
+        assert "multifd-zlib-level" not in shown
+    finally:
+        ours.close()
+        qemu.close()
+
+
+def test_enum_parameters_are_the_schemas() -> None:
+    # HMP reads the enum parameters with its own table; it must be the schema's.
+    types = json.loads((Path(__file__).parent.parent / "schema" / "types.json").read_text())
+    defs = types.get("$defs", types)
+    assert ENUM_PARAMETERS == {
+        "multifd-compression": tuple(defs["MultiFDCompression"]["enum"]),
+        "mode": tuple(defs["MigMode"]["enum"]),
+        "zero-page-detection": tuple(defs["ZeroPageDetection"]["enum"]),
+    }
 
 
 def _poll(server: Server, line: str, wanted: str, timeout: float = 20.0) -> str:

@@ -2,12 +2,13 @@
 
 ``migrate [-d] uri``, ``migrate_cancel``, ``migrate_start_postcopy``, ``migrate_incoming uri``,
 ``migrate_set_capability name on|off``, ``migrate_set_parameter name value``,
-``info migrate``, ``info migrate_capabilities``. Each is the QMP command underneath;
-errors print as hmp_handle_error does (``Error: <desc>``).
+``info migrate``, ``info migrate_capabilities``, ``info migrate_parameters``. Each is the QMP
+command underneath; errors print as hmp_handle_error does (``Error: <desc>``).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..errors import QMPError
 from ..migration.service import MigrationService
 from ..migration.state import MigrationStatus
 from .args import HmpArgumentError, parse_arguments
-from .sizes import SizeError, qemu_strtosz
+from .sizes import INT64_MAX, SizeError, qemu_strtosz, qemu_strtosz_mib, qemu_strtou64
 
 #: How often ``migrate`` without ``-d`` looks whether the migration ended (QEMU's
 #: hmp_migrate_status_cb polls every second; less keeps an HMP client waiting less).
@@ -95,31 +96,24 @@ class MigrationCommands:
         return ""
 
     async def set_parameter(self, args: str) -> str:
-        """``migrate_set_parameter name value``: the value read as its type reads a string
-        (QEMU's string input visitor: sizes with suffixes, on/off, plain strings)."""
+        """``migrate_set_parameter name value``: the value read as hmp_migrate_set_parameter
+        reads each parameter (QEMU's string input visitor for its QAPI type, MiB by
+        default for the bandwidths), then QMP's checks on the result."""
         try:
             parsed = parse_arguments("migrate_set_parameter", "parameter:s,value:s", args)
         except HmpArgumentError as err:
             return err.monitor_text
         name, text = str(parsed["parameter"]), str(parsed["value"])
         current = self.migration.query_parameters()
+        if name == "block-bitmap-mapping":
+            return "Error: The block-bitmap-mapping parameter can only be set through QMP\n"
         if name not in current:
             return f"Error: invalid parameter value: {name}\n"
-        value: Any
-        if isinstance(current[name], bool):
-            if text not in _TRUE + _FALSE:
-                return f"Error: Parameter '{name}' expects 'on' or 'off'\n"
-            value = text in _TRUE
-        elif isinstance(current[name], int):
-            try:
-                value = qemu_strtosz(text)
-            except SizeError:
-                return (f"Error: Parameter '{name}' expects a non-negative number below 2^64\n"
-                        + _SIZE_HINT)
-        elif isinstance(current[name], str):
-            value = text
-        else:
-            return f"Error: invalid parameter value: {name}\n"
+        try:
+            value = parameter_value(name, text, current[name])
+        except ParameterError as err:
+            # hmp_handle_error: the error, then its hint if it has one.
+            return f"Error: {err}\n{err.hint}"
         try:
             self.migration.set_parameters({name: value})
         except QMPError as err:
@@ -141,27 +135,117 @@ class MigrationCommands:
         return format_parameters(self.migration.query_parameters())
 
 
-#: Units hmp_info_migrate_parameters prints after some values (QEMU 7.2's layout).
-_UNITS = {"announce-initial": " ms", "announce-max": " ms", "announce-step": " ms",
-          "downtime-limit": " ms", "x-checkpoint-delay": " ms",
-          "max-bandwidth": " bytes/second", "xbzrle-cache-size": " bytes"}
+#: How hmp_migrate_set_parameter reads the integer parameters that are no byte sizes:
+#: visit_type_uint8 / visit_type_uint32 (a C integer, then the type's range).
+_UINT_TYPES = {"throttle-trigger-threshold": ("uint8_t", 0xFF),
+               "cpu-throttle-initial": ("uint8_t", 0xFF),
+               "cpu-throttle-increment": ("uint8_t", 0xFF),
+               "max-cpu-throttle": ("uint8_t", 0xFF),
+               "multifd-channels": ("uint8_t", 0xFF),
+               "multifd-zlib-level": ("uint8_t", 0xFF),
+               "multifd-qatzip-level": ("uint8_t", 0xFF),
+               "multifd-zstd-level": ("uint8_t", 0xFF),
+               "x-checkpoint-delay": ("uint32_t", 0xFFFF_FFFF)}
+#: Read with qemu_strtosz_MiB: a number without a suffix counts MiB.
+_MIB_SIZES = frozenset({"max-bandwidth", "avail-switchover-bandwidth"})
+#: The enum parameters and their values (the schema's MultiFDCompression, MigMode and
+#: ZeroPageDetection; tests/test_hmp_migration.py checks them against schema/).
+ENUM_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "multifd-compression": ("none", "zlib", "zstd"),
+    "mode": ("normal", "cpr-reboot", "cpr-transfer"),
+    "zero-page-detection": ("none", "legacy", "multifd"),
+}
+
+
+class ParameterError(ValueError):
+    """A value hmp_migrate_set_parameter refuses: its error text and error hint."""
+
+    def __init__(self, text: str, hint: str = "") -> None:
+        super().__init__(text)
+        self.hint = hint
+
+
+def _expects(name: str, what: str) -> ParameterError:
+    return ParameterError(f"Parameter '{name}' expects {what}")
+
+
+def parameter_value(name: str, text: str, current: object) -> Any:
+    """One parameter's value from HMP text as QEMU 7.2's hmp_migrate_set_parameter reads
+    it, with its error texts (raised as ParameterError; recorded from QEMU 7.2, whose texts
+    10.x keeps): a string input visitor for the parameter's QAPI type."""
+    if name in _MIB_SIZES:
+        # qemu_strtosz_MiB with no end pointer, and at most INT64_MAX.
+        parsed = qemu_strtosz_mib(text)
+        if parsed is None or parsed[1] != len(text) or parsed[0] > INT64_MAX:
+            raise ParameterError(f"Invalid size {text}")
+        return parsed[0]
+    if name in _UINT_TYPES:
+        ctype, limit = _UINT_TYPES[name]
+        number = qemu_strtou64(text)
+        if number is None:
+            raise _expects(name, "uint64")
+        if number > limit:
+            raise _expects(name, ctype)
+        return number
+    if name in ENUM_PARAMETERS:
+        if text not in ENUM_PARAMETERS[name]:
+            raise ParameterError(f"Parameter '{name}' does not accept value '{text}'")
+        return text
+    if isinstance(current, bool):
+        if text not in _TRUE + _FALSE:
+            raise _expects(name, "'on' or 'off'")
+        return text in _TRUE
+    if isinstance(current, int):
+        # visit_type_size: parse_option_size's two texts (out of range, anything else).
+        try:
+            size = qemu_strtosz(text)
+        except SizeError as err:
+            if err.errno == errno.ERANGE:
+                raise ParameterError(f"Value '{text}' is out of range for parameter '{name}'") from err
+            raise ParameterError(f"Parameter '{name}' expects a non-negative number below 2^64",
+                                 _SIZE_HINT) from err
+        if name == "xbzrle-cache-size" and size > INT64_MAX:
+            raise ParameterError(f"Invalid size {text}")
+        return size
+    if isinstance(current, str):
+        return text
+    raise ParameterError(f"invalid parameter value: {name}")
+
+
+#: What hmp_info_migrate_parameters prints, in its order, with the unit after each value.
+#: QEMU 7.2's lines for the parameters it has (compared live, tests/test_hmp_migration.py);
+#: the later ones where QEMU 9.x/10.0 prints them, except that the last four come before
+#: the ``block-bitmap-mapping`` tree here (7.2 ends with it; 10.x prints them after it).
+#: The multifd compression levels are not printed, as in QEMU.
+_PARAMETER_LINES: tuple[tuple[str, str], ...] = (
+    ("announce-initial", " ms"), ("announce-max", " ms"), ("announce-rounds", ""),
+    ("announce-step", " ms"), ("throttle-trigger-threshold", ""),
+    ("cpu-throttle-initial", ""), ("cpu-throttle-increment", ""),
+    ("cpu-throttle-tailslow", ""), ("max-cpu-throttle", ""), ("tls-creds", ""),
+    ("tls-hostname", ""), ("max-bandwidth", " bytes/second"),
+    ("avail-switchover-bandwidth", " bytes/second"), ("downtime-limit", " ms"),
+    ("x-checkpoint-delay", " ms"), ("multifd-channels", ""), ("multifd-compression", ""),
+    ("zero-page-detection", ""), ("xbzrle-cache-size", " bytes"),
+    ("max-postcopy-bandwidth", ""), ("tls-authz", ""),
+    ("x-vcpu-dirty-limit-period", " ms"), ("vcpu-dirty-limit", " MB/s"), ("mode", ""),
+    ("direct-io", ""),
+)
 
 
 def format_parameters(params: dict[str, Any]) -> str:
-    """``info migrate_parameters``: one ``name: value`` line per parameter, then the
-    ``block-bitmap-mapping`` tree when one is set (QEMU's layout for it)."""
+    """``info migrate_parameters``: hmp_info_migrate_parameters' lines (the TLS strings
+    quoted, booleans as on/off), then the ``block-bitmap-mapping`` tree when one is set."""
     lines: list[str] = []
-    for name, value in params.items():
-        if name == "block-bitmap-mapping":
+    for name, unit in _PARAMETER_LINES:
+        if name not in params:
             continue
+        value = params[name]
         if isinstance(value, bool):
             text = "on" if value else "off"
-        elif isinstance(value, str):
-            text = f"'{value}'" if name.startswith("tls-") else value
-        elif isinstance(value, (int, float)):
-            text = f"{value}{_UNITS.get(name, '')}"
+        elif name.startswith("tls-"):
+            text = f"'{value}'"
         else:
-            continue
+            text = f"{value}{unit}"
         lines.append(f"{name}: {text}")
     mapping = params.get("block-bitmap-mapping")
     if isinstance(mapping, list):

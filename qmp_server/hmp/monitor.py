@@ -46,6 +46,12 @@ def _warnings_text(warnings: list[tuple[str, str]]) -> str:
     return "".join(f"warning: {message}\n{hint}\n" for message, hint in warnings)
 
 
+#: The info subcommands without arguments (their args_type is empty in QEMU).
+_INFO_WITHOUT_ARGUMENTS = frozenset({"status", "name", "version", "blockstats", "block-jobs",
+                                     "cpus", "iothreads", "migrate_capabilities",
+                                     "migrate_parameters"})
+
+
 class HumanMonitor:
     """Dispatches HMP command lines."""
 
@@ -106,6 +112,11 @@ class HumanMonitor:
                                        "passed via SCM rights"),
         }
         snap = SnapshotCommands(vm, snapshots) if snapshots is not None else None
+        if snapshots is not None and snapshots.migration is None:
+            # A savevm (HMP's or snapshot-save's) is a migration into the image, which
+            # query-migrate shows (qemu_savevm_state). Machine builds both services and
+            # hands them to the monitor; this is the one place that has both.
+            snapshots.migration = migration
         if snap is not None:
             self.commands.update({"savevm": (snap.savevm, SNAPSHOT_HELP["savevm"]),
                                   "loadvm": (snap.loadvm, SNAPSHOT_HELP["loadvm"]),
@@ -232,6 +243,12 @@ class HumanMonitor:
         entry = self.info_commands.get(words[0])
         if entry is None:
             return f"unknown command: 'info {words[0]}'\n"
+        if len(words) > 1 and (words[0] in _INFO_WITHOUT_ARGUMENTS
+                               or (words[0] == "migrate" and words[1:] != ["-a"])):
+            # monitor_parse_arguments: an info command whose args_type is empty (``info
+            # migrate``: only 10.1's -a) refuses anything after its name (QEMU 7.2 live).
+            return HmpArgumentError(f"{words[0]}: extraneous characters at the end of line",
+                                    f"info {words[0]}").monitor_text
         return await entry[0](words[1:])
 
     async def _info_status(self, args: list[str]) -> str:

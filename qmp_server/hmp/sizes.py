@@ -23,6 +23,7 @@ __all__ = [
     "format_size",
     "qemu_strtosz",
     "qemu_strtosz_mib",
+    "qemu_strtou64",
 ]
 
 INT64_MAX = (1 << 63) - 1
@@ -32,6 +33,7 @@ _UINT64_LIMIT = 1 << 64
 C_SPACE = frozenset(" \t\n\v\f\r")
 _DEC_DIGITS = frozenset("0123456789")
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_OCT_DIGITS = frozenset("01234567")
 
 # What strtod() consumes when it starts at the '.' of "1.5k": digits, then an exponent
 # only if digits follow the 'e'. ("." alone is no number at all.)
@@ -140,6 +142,35 @@ def _parse(text: str, warn: Callable[[str], None] | None,
         if value >= _UINT64_LIMIT:
             return errno.ERANGE, end, 0
     return 0, end, value
+
+
+def qemu_strtou64(text: str) -> int | None:
+    """QEMU 7.2's ``qemu_strtou64(text, NULL, 0, &value)``: C's ``strtoull`` in base 0
+    (``0x`` hex, a leading ``0`` octal), the whole string consumed; a minus sign wraps
+    ("-1" is 2^64 - 1), as strtoull's does. None where QEMU fails (nothing converted,
+    characters left over, or a magnitude beyond 64 bits)."""
+    n = len(text)
+    i = 0
+    while i < n and text[i] in C_SPACE:
+        i += 1
+    negative = i < n and text[i] == "-"
+    if i < n and text[i] in "+-":
+        i += 1
+    base, digits = 10, _DEC_DIGITS
+    if text[i : i + 2] in ("0x", "0X") and i + 2 < n and text[i + 2] in _HEX_DIGITS:
+        base, digits = 16, _HEX_DIGITS
+        i += 2
+    elif text[i : i + 1] == "0":
+        base, digits = 8, _OCT_DIGITS
+    start = i
+    while i < n and text[i] in digits:
+        i += 1
+    if i == start or i < n:
+        return None
+    value = int(text[start:i], base)
+    if value >= _UINT64_LIMIT:
+        return None
+    return -value % _UINT64_LIMIT if negative else value
 
 
 def qemu_strtosz_mib(text: str) -> tuple[int, int] | None:
