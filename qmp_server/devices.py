@@ -204,6 +204,30 @@ class Device:
     child_bus: str | None = None
     #: A SCSI disk's (channel, target, LUN) on its bus.
     scsi_address: tuple[int, int, int] | None = None
+    #: Added by device_add (qdev's ``hotplugged``), not by -device/-drive.
+    hotplugged: bool = False
+    #: ``share-rw`` as realized.
+    share_rw: bool = False
+
+    def qom_property(self, name: str) -> Any:
+        """The value qom-get reads for ``name`` on the device (or its virtio backend, to
+        which the transport aliases its disk properties); KeyError if not modelled."""
+        if name == "realized":
+            return True
+        if name == "hotplugged":
+            return self.hotplugged
+        if name == "hotpluggable":
+            return self.hotpluggable
+        if self.backend is not None:
+            if name == "drive":
+                # qdev's get_drive: the backend's name, else its root node's.
+                node = self.backend.node
+                return self.backend.name or (node.name if node is not None else "")
+            if name == "share-rw":
+                return self.share_rw
+        if self.scsi_address is not None and name in ("channel", "scsi-id", "lun"):
+            return self.scsi_address[("channel", "scsi-id", "lun").index(name)]
+        raise KeyError(name)
 
     @property
     def qdev(self) -> str:
@@ -281,6 +305,25 @@ class Devices:
             if ident in (device.id, device.path):
                 return device
         return None
+
+    def resolve(self, ident: str) -> tuple[Device, str] | None:
+        """find_device_state as blk_by_qdev_id uses it: an id, else a QOM path, absolute
+        or partial (its last components; ambiguous or none: not found), of a device or of
+        a virtio transport's backend child. Returns the device and the path matched."""
+        device = self.find(ident)
+        if device is not None:
+            return device, device.path
+        candidates = [(d, d.path) for d in self.devices]
+        candidates += [(d, f"{d.path}/virtio-backend") for d in self.devices
+                       if d.driver in TRANSPORT_CHILD]
+        if ident.startswith("/"):
+            canonical = "/" + "/".join(part for part in ident.split("/") if part)
+            return next(((d, p) for d, p in candidates if p == canonical), None)
+        parts = [part for part in ident.split("/") if part]
+        if not parts:
+            return None
+        matches = [(d, p) for d, p in candidates if p.split("/")[-len(parts):] == parts]
+        return matches[0] if len(matches) == 1 else None
 
     def peripherals(self, anonymous: bool) -> dict[str, str]:
         """Children of /machine/peripheral(-anon): name -> QOM type."""
@@ -605,7 +648,7 @@ class Devices:
             self._check_iothread(props["iothread"])
         if driver in _CONTROLLERS:
             device = Device(driver=driver, id=dev_id, path=path, backend=None, legacy_drive=False,
-                            hotpluggable=hotpluggable, bus=bus_name,
+                            hotpluggable=hotpluggable, bus=bus_name, hotplugged=hotplug,
                             child_bus=self._controller_bus(driver, dev_id))
             self.devices.append(device)
             return device
@@ -615,7 +658,8 @@ class Devices:
                 _scsi_property(props, "lun", _SCSI_ANY)) if bus_type == "SCSI" else None
         blk, legacy = self._set_drive(props.get("drive"), backend_type)
         device = Device(driver=driver, id=dev_id, path=path, backend=blk, legacy_drive=legacy,
-                        hotpluggable=hotpluggable, bus=bus_name)
+                        hotpluggable=hotpluggable, bus=bus_name, hotplugged=hotplug,
+                        share_rw=share_rw)
         try:
             if scsi is not None:
                 device.scsi_address = self._scsi_address(bus_name, *scsi)

@@ -126,3 +126,24 @@ def test_scsi_disk_locks_the_image(tmp_path: Path, qemu_img: str) -> None:
             seen.append(locked(image))
     assert seen[0] == seen[1]
     assert {101, 201} <= set(seen[1])  # it writes, and nobody else may
+
+
+def test_qom_get_on_devices_and_partial_qdev_paths(tmp_path: Path, raws: None) -> None:
+    """qom-get of a disk device's properties (``drive`` names the backend, else the node;
+    the virtio transport aliases its backend's), and HMP qemu-io -d with a partial QOM
+    path (blk_by_qdev_id's find_device_state), as QEMU."""
+    args = [*_disks(2), "-drive", "if=none,id=dr,file={dir}/r2.raw,format=raw",
+            "-device", "virtio-blk-pci,drive=f0,id=vd0,share-rw=on", "-device", "virtio-scsi-pci",
+            "-device", "scsi-hd,drive=dr,id=sd,lun=3", "-device", "scsi-hd,drive=f1"]
+    gets = [("/machine/peripheral/vd0", "drive"), ("vd0/virtio-backend", "drive"),
+            ("/machine/peripheral/vd0/virtio-backend", "share-rw"), ("vd0", "share-rw"),
+            ("sd", "drive"), ("sd", "lun"), ("sd", "scsi-id"), ("sd", "channel"), ("sd", "hotplugged"),
+            ("sd", "realized"), ("/machine/peripheral-anon/device[0]", "drive"),
+            ("/machine/peripheral-anon/device[1]", "drive"), ("sd", "nosuch")]
+    with both(args, tmp_path) as (qemu, ours):
+        for path, prop in gets:
+            query = {"path": path, "property": prop}
+            assert ours.execute("qom-get", query) == qemu.execute("qom-get", query), query
+        for target in ("vd0/virtio-backend", "vd0", "virtio-backend", "sd", "nosuch/virtio-backend"):
+            line = f'qemu-io -d {target} "read 0 512"'
+            assert ours.hmp(line) == qemu.hmp(line), line

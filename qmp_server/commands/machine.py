@@ -334,6 +334,10 @@ async def qom_get(ctx: CommandContext, args: dict[str, Any]) -> Any:
     if user_object is not None:
         with contextlib.suppress(KeyError):
             return user_object.get(name)
+    found = ctx.machine.devices.resolve(path)
+    if found is not None:
+        with contextlib.suppress(KeyError):
+            return found[0].qom_property(name)
     raise QMPError(f"Property '{kind}.{name}' not found")
 
 

@@ -403,11 +403,11 @@ class HumanMonitor:
         if qdev:
             # blk_by_qdev_id: the device that holds the backend. For virtio-blk-pci that is
             # its virtio-backend child, named by QOM path; the proxy itself has none.
-            frontend = self.devices.find(device) or next(
-                (d for d in self.devices.devices if d.qdev == device), None)
-            if frontend is None:
+            found = self.devices.resolve(device)
+            if found is None:
                 return f"Error: Device '{device}' not found\n"
-            if frontend.backend is None or (device != frontend.qdev and frontend.qdev != frontend.path):
+            frontend, matched = found
+            if frontend.backend is None or matched != frontend.qdev:
                 return "Error: Device does not have a block device backend\n"
             backend = frontend.backend
         else:
