@@ -161,7 +161,8 @@ class App:
             for listener in self.hmp_listeners:
                 nursery.start_soon(_serve_hmp_listener, machine, listener)
             if self.qtest is not None:
-                nursery.start_soon(serve_qtest, self.qtest)
+                nursery.start_soon(serve_qtest, self.qtest, machine.internal_snapshots.clock,
+                                   self.options.accel == "qtest")
             await serve(machine, self.dispatcher, self.listeners, poll_max_ns=self.options.poll_max_ns)
             nursery.cancel_scope.cancel()
         return machine.vm.exit_code

@@ -2,26 +2,67 @@
 
 QEMU's test harnesses (``QEMUQtestMachine``) open a qtest channel beside the monitor and
 wait for the emulator to connect to it. Its commands read and write guest memory and
-I/O ports, step the virtual clock, and so on (QEMU's qtest_process_command). There is no
-guest here: every command gets QEMU's answer to a command it cannot run, ``FAIL`` with a
-reason, so a harness that only opens the channel works and one that needs a guest fails
-loudly instead of hanging.
+I/O ports, step the virtual clock, and so on (QEMU's qtest_process_command). Answered
+here as QEMU 7.2 answers them: ``endianness`` (x86: little), and with ``-accel qtest``
+``clock_step [NS]`` and ``clock_set NS``, which move the virtual clock (the one internal
+snapshots record) and reply with its value. There is no guest memory or I/O space: those
+commands get ``FAIL`` with a reason, so a harness that needs a guest fails loudly instead
+of hanging.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Protocol
+
 import trio
 
 
-def answer(line: bytes) -> bytes:
-    """The reply to one qtest command line."""
+class Clock(Protocol):
+    """The virtual clock qtest moves (QEMU_CLOCK_VIRTUAL)."""
+
+    def now_ns(self) -> int: ...
+
+    def set_ns(self, value: int) -> None: ...
+
+
+def _integer(word: str) -> int | None:
+    """qemu_strtoi64 with base 0: decimal, 0x hex or 0 octal, optional sign."""
+    try:
+        return int(word, 0) if not re.fullmatch(r"[+-]?0[0-7]+", word) else int(word, 8)
+    except ValueError:
+        return None
+
+
+def answer(line: bytes, clock: Clock | None = None, qtest_accel: bool = False) -> bytes:
+    """The reply to one qtest command line (qtest_process_command)."""
     words = line.decode("utf-8", errors="replace").split()
     if not words:
         return b""
-    return f"FAIL Unknown command '{words[0]}'\n".encode()
+    command = words[0]
+    if command == "endianness":
+        return b"OK little\n"
+    if qtest_accel and clock is not None and command in ("clock_step", "clock_set"):
+        now = clock.now_ns()
+        if command == "clock_step":
+            # No argument: up to the next virtual-clock timer; there are none here, so
+            # the clock stays (qemu_clock_deadline_ns_all is -1).
+            step = _integer(words[1]) if len(words) > 1 else -1
+            target = None if step is None else now + step
+        else:
+            target = _integer(words[1]) if len(words) > 1 else None
+        if target is None:
+            # QEMU asserts here and dies; a harness gets a reason instead.
+            return f"FAIL {command} needs a number of nanoseconds\n".encode()
+        # qtest_clock_warp only ever moves the clock forward.
+        if target > now:
+            clock.set_ns(target)
+        return f"OK {clock.now_ns()}\n".encode()
+    return f"FAIL Unknown command '{command}'\n".encode()
 
 
-async def serve_qtest(stream: trio.abc.Stream) -> None:
+async def serve_qtest(stream: trio.abc.Stream, clock: Clock | None = None,
+                      qtest_accel: bool = False) -> None:
     """Answer qtest command lines from ``stream`` until it ends."""
     pending = b""
     async with stream:
@@ -34,7 +75,7 @@ async def serve_qtest(stream: trio.abc.Stream) -> None:
                 replies = b""
                 while b"\n" in pending:
                     line, _, pending = pending.partition(b"\n")
-                    replies += answer(line)
+                    replies += answer(line, clock, qtest_accel)
                 if replies:
                     await stream.send_all(replies)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

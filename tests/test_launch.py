@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import qemu_tools
-from server_support import QEMU, SERVER
+from server_support import QEMU, SERVER, Client
 
 #: The program name starts QEMU's error lines; compared without it.
 _PROGRAM = re.compile(r"^(qemu-system-x86_64|qmp-server): ", re.M)
@@ -234,6 +235,70 @@ def test_qtest_channel_is_connected_and_answers(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def _qtest_session(tmp_path: Path, program: list[str], accel: str, lines: list[bytes],
+                   monitor: list[str] | None = None) -> tuple[list[bytes], list[str]]:
+    """Start ``program`` with a qtest channel; send ``lines`` one by one, then HMP
+    ``monitor`` commands; the replies."""
+    folder = Path(tempfile.mkdtemp(prefix="qt", dir="/tmp"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(folder / "qtest.sock"))
+    listener.listen(1)
+    listener.settimeout(20)
+    sock = folder / "qmp.sock"
+    disk = tmp_path / f"{accel}-{Path(program[0]).name}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
+    proc = _start(program, "-machine", "none", "-accel", accel, "-qtest",
+                  f"unix:path={folder / 'qtest.sock'}", "-qmp", f"unix:{sock},server=on,wait=off",
+                  "-drive", f"file={disk},format=qcow2,if=none,id=d0")
+    replies: list[bytes] = []
+    texts: list[str] = []
+    try:
+        channel, _ = listener.accept()
+        channel.settimeout(20)
+        reader = channel.makefile("rb")
+        for line in lines:
+            channel.sendall(line + b"\n")
+            replies.append(reader.readline())
+        if monitor:
+            client = Client(str(sock))
+            client.execute("qmp_capabilities")
+            texts = [client.hmp(command) for command in monitor]
+            client.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        listener.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    return replies, texts
+
+
+def test_qtest_clock_and_endianness(tmp_path: Path) -> None:
+    """With -accel qtest the virtual clock moves only by qtest's clock_step/clock_set
+    (forward only; no timers, so a bare clock_step stays), and a snapshot records it
+    (QEMU 7.2's qtest_process_command; Debian's QEMU lacks the qtest accelerator, so not
+    compared live)."""
+    replies, texts = _qtest_session(
+        tmp_path, SERVER, "qtest",
+        [b"endianness", b"clock_step 1000", b"clock_step", b"clock_set 500", b"clock_set 0x1000000",
+         b"clock_step 010", b"readb 0x0"],
+        ["savevm a", "info snapshots"])
+    assert replies == [b"OK little\n", b"OK 1000\n", b"OK 1000\n", b"OK 1000\n", b"OK 16777216\n",
+                       b"OK 16777224\n", b"FAIL Unknown command 'readb'\n"]
+    assert " 00:00:00.016 " in texts[1]
+
+
+def test_qtest_without_the_qtest_accelerator_as_qemu(tmp_path: Path) -> None:
+    """Under tcg the clock commands are unknown, endianness answers (compared live)."""
+    lines = [b"endianness", b"clock_step 1000", b"clock_set 5"]
+    ours, _ = _qtest_session(tmp_path, SERVER, "tcg", lines)
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    theirs, _ = _qtest_session(tmp_path, [qemu, "-nodefaults", "-display", "none"], "tcg", lines)
+    assert ours == theirs == [b"OK little\n", b"FAIL Unknown command 'clock_step'\n",
+                              b"FAIL Unknown command 'clock_set'\n"]
 
 
 HARNESS = os.environ.get("QMP_SERVER_QEMU_PYTHON")
