@@ -7,6 +7,7 @@ query-cpus-fast / query-iothreads instead, and the rest of the text compared wit
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,36 @@ def test_info_commands_refuse_arguments_as_qemu(tmp_path: Path) -> None:
     assert seen["ours"] == seen["qemu"]
     assert seen["ours"][0] == ('status: extraneous characters at the end of line\r\n'
                                'Try "help info status" for more information\r\n')
+
+
+def test_info_block_verbose_nodes_and_node_names_as_qemu(tmp_path: Path, qemu_img: str) -> None:
+    """``info block`` with ``-v`` (the images as qemu-img info prints them: backing chain,
+    snapshot list, format-specific data in QEMU's QDict order, bitmaps), with ``-n``, and
+    with a node name that is no backend (QEMU then lists that node, after a blank line
+    when it is not the first node): the same text as QEMU 7.2 prints."""
+    qemu_tools.require("qemu-system-x86_64")
+
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    subprocess.run([qemu_img, "snapshot", "-c", "snap1", str(base)], check=True)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)],
+                   check=True)
+    subprocess.run([qemu_img, "bitmap", "--add", str(top), "bm0"], check=True)
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(65536))
+    # Both processes open the same files read-only, without locks: the same sizes and dates.
+    args = ["-machine", "pc", "-S",
+            "-blockdev", f"driver=file,node-name=f,filename={top},locking=off,read-only=on",
+            "-blockdev", "driver=qcow2,node-name=q,file=f,read-only=on",
+            "-device", "virtio-blk-pci,drive=q,id=vd0",
+            "-drive", f"if=none,id=dr,file={raw},format=raw,readonly=on,file.locking=off"]
+    lines = ["info block", "info block -v", "info block -n", "info block -n -v", "info block q",
+             "info block -v q", "info block f", "info block dr", "info block -n dr", "info block nosuch"]
+    texts = []
+    for qemu in (True, False):
+        with running(args, tmp_path, "qemu" if qemu else "ours", qemu=qemu) as (_, client):
+            texts.append([re.sub(r"#block\d+", "#block", client.hmp(line)) for line in lines])
+    for line, theirs, mine in zip(lines, *texts, strict=True):
+        assert mine == theirs, line
+    assert "\r\nImages:\r\nimage: " in texts[1][1]
+    assert texts[1][4].startswith("\r\nq: ")

@@ -23,6 +23,7 @@ from ..runstate import VM
 from ..version import PACKAGE, version_string
 from ..vmsnapshots import InternalSnapshots
 from .args import HmpArgumentError, hmp_string, parse_arguments, skip_space
+from .blocktext import info_block_text
 from .migration import MigrationCommands
 from .sizes import INT64_MAX, qemu_strtosz_mib
 from .snapshots import HELP as SNAPSHOT_HELP
@@ -266,32 +267,19 @@ class HumanMonitor:
         return f"{version_string()} ({PACKAGE})\n"
 
     async def _info_block(self, args: list[str]) -> str:
-        # hmp_info_block: without -n the BlockBackends (query-block), with -n the nodes.
+        # hmp_info_block: "info block [-n] [-v] [device]".
         wanted = [a for a in args if not a.startswith("-")]
-        if "-n" in args:
+        device = wanted[0] if wanted else None
+        nodes_only = "-n" in args
+        backends = [] if nodes_only else await self.block.run_light(self.devices.query_block)
+        nodes = None
+        if device is not None or nodes_only:
             try:
-                nodes = await self.block.query_named_block_nodes(True)
+                # qmp_query_named_block_nodes without flat: images with their backing.
+                nodes = await self.block.query_named_block_nodes(False)
             except QMPError:
-                return ""  # hmp_info_block ignores the error (an ejected node): no lines
-            return "\n".join(_block_text(info, info["node-name"], "") for info in nodes
-                             if not wanted or info["node-name"] in wanted)
-        blocks = []
-        for backend in await self.block.run_light(self.devices.query_block):
-            name = backend["device"]
-            if wanted and name not in wanted:
-                continue
-            inserted = backend.get("inserted")
-            if inserted is None:
-                blocks.append(f"{name}: [not inserted]\n")
-                continue
-            prefix = f"{name} ({inserted['node-name']})" if name else inserted["node-name"]
-            extra = ""
-            if "qdev" in backend:
-                extra += f"    Attached to:      {backend['qdev']}\n"
-            if backend["removable"]:
-                extra += "    Removable device: not locked, tray closed\n"
-            blocks.append(_block_text(inserted, prefix, extra))
-        return "\n".join(blocks)
+                nodes = []  # hmp_info_block ignores the error (an ejected node): no lines
+        return info_block_text(backends, nodes, device, nodes_only=nodes_only, verbose="-v" in args)
 
     async def _info_blockstats(self, args: list[str]) -> str:
         # hmp_info_blockstats: query-blockstats' backends, one line each.
@@ -435,26 +423,6 @@ class HumanMonitor:
 def _unknown_command(words: list[str], index: int) -> str:
     """help_cmd_dump's "Command not found": the words up to the unknown one, quoted."""
     return "unknown command: '" + " ".join(words[:index + 1]) + "'\n"
-
-
-def _block_text(info: dict[str, Any], prefix: str, extra: str) -> str:
-    """print_block_info: the lines of one backend or node."""
-    text = f"{prefix}: {info['file']} ({info['drv']}"
-    text += ", read-only)" if info["ro"] else ")"
-    if not info["active"]:
-        text += " [inactive]"
-    text += "\n" + extra
-    cache = info["cache"]
-    mode = "writeback" if cache["writeback"] else "writethrough"
-    if cache["direct"]:
-        mode += ", direct"
-    if cache["no-flush"]:
-        mode += ", ignore flushes"
-    text += f"    Cache mode:       {mode}\n"
-    if "backing_file" in info:
-        depth = info["backing_file_depth"]
-        text += f"    Backing file:     {info['backing_file']} (chain depth: {depth})\n"
-    return text
 
 
 __all__ = ["HumanMonitor"]
