@@ -374,3 +374,31 @@ def test_corruption_event_names_the_block_backend(tmp_path: Path, frontend: str,
                                "metadata (overlaps with refcount table); further corruption "
                                "events will be suppressed\nwrite failed: Input/output error\n")
     assert seen["ours"][1]["device"] == device
+
+
+@pytest.mark.parametrize("mode", ["none", "constant", "cached", "all"])
+def test_overlap_check_modes_as_qemu(tmp_path: Path, mode: str) -> None:
+    """A data cluster mapped onto a refcount block: ``overlap-check=constant`` (and
+    ``none``) does not guard refcount blocks and lets the write through, as QEMU does;
+    ``cached`` and ``all`` refuse it and mark the image corrupt. The bytes left are QEMU's."""
+    require("qemu-system-x86_64")
+    images = {}
+    for side in ("ours", "theirs"):
+        image = tmp_path / f"{side}.qcow2"
+        qemu_img_create(image, MiB)
+        qemu_io(image, "write -P 0x11 0 512")
+        assert _u64(image, 0x40000) == (1 << 63) | 0x50000  # L2 entry 0 -> data cluster
+        _poke(image, 0x40000, struct.pack(">Q", (1 << 63) | 0x20000))  # -> refcount block
+        images[side] = image
+    theirs = run("qemu-io", "--image-opts",
+                 f"driver=qcow2,file.filename={images['theirs']},overlap-check={mode}",
+                 "-c", "write -P 0x33 0 512", check=False)
+    with running([], tmp_path, name="ours") as (_, client):
+        assert client.execute("blockdev-add", {**_blockdev(images["ours"]),
+                                               "overlap-check": mode}) == {"return": {}}
+        ours = client.qemu_io('disk0 "write -P 0x33 0 512"')
+        assert client.execute("blockdev-del", {"node-name": "disk0"}) == {"return": {}}
+    written = "wrote 512/512 bytes at offset 0" in theirs.stdout
+    assert written == (mode in ("none", "constant"))
+    assert ("wrote 512/512 bytes at offset 0" in ours) == written
+    assert images["ours"].read_bytes() == images["theirs"].read_bytes()
