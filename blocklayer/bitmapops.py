@@ -162,12 +162,15 @@ def query(node: BlockNode) -> list[dict[str, object]]:
     """bdrv_query_dirty_bitmaps: BlockDirtyInfo, newest first, members in QEMU 7.2's order."""
     out: list[dict[str, object]] = []
     for bitmap in node.dirty_bitmaps:
+        # A block job's own bitmap (active commit's) has no name, and no member for it.
         info: dict[str, object] = {"name": bitmap.name, "recording": bitmap.recording,
                                    "persistent": bitmap.persistent and not bitmap.skip_store,
                                    "busy": bitmap.busy,
                                    "granularity": bitmap.granularity, "count": bitmap.count()}
         if bitmap.inconsistent:
             info["inconsistent"] = True
+        if not bitmap.name:
+            del info["name"]
         out.append(info)
     return out
 

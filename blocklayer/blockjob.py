@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 
-from .blockstatus import is_allocated, is_allocated_above
-from .driver import whole_sectors
+from .blockstatus import block_status_above, is_allocated, is_allocated_above
+from .dirtybitmap import DirtyBitmap
+from .driver import BLOCK_DATA, BLOCK_ZERO, whole_sectors
 from .graph import BlockGraph
 from .node import BlockNode
 from .protocols import path_has_protocol as has_protocol
@@ -19,6 +20,10 @@ from .protocols import path_has_protocol as has_protocol
 #: QEMU's STREAM_CHUNK and COMMIT_BUFFER_SIZE: the most one step looks at.
 STREAM_CHUNK = 512 * 1024
 COMMIT_BUFFER = 512 * 1024
+#: block/mirror.c's MAX_IO_BYTES and DEFAULT_MIRROR_BUF_SIZE (16 requests of 1 MiB): the
+#: most one request of active commit copies, and the most one iteration looks at.
+MIRROR_IO = 1 << 20
+MIRROR_BUFFER = 16 * MIRROR_IO
 
 
 def backing(node: BlockNode) -> BlockNode | None:
@@ -175,3 +180,86 @@ def set_backing_file(graph: BlockGraph, node: BlockNode, base: BlockNode | None,
     node.backing_file = node.auto_backing_file = filename
     node.touch()
     graph.refresh_filenames([node])
+
+
+# Active commit: QEMU runs it as a mirror job (block/mirror.c) ---------------------------
+
+
+def mirror_dirty_init(top: BlockNode, base_overlay: BlockNode, bitmap: DirtyBitmap) -> None:
+    """mirror_dirty_init: every part that the chain from ``top`` down to ``base_overlay``
+    defines is dirty (whole granules), so it gets copied into the base."""
+    total = length(top)
+    offset = 0
+    while offset < total:
+        depth, count = is_allocated_above(top, base_overlay, True, offset, total - offset)
+        if count <= 0:
+            break
+        if depth > 0:
+            bitmap.set_range(offset, count)
+        offset += count
+
+
+def next_dirty(bitmap: DirtyBitmap, start: int) -> int | None:
+    """bdrv_dirty_iter_next from ``start``, wrapping to the start once (mirror_iteration):
+    the offset of the first dirty granule, or None when the bitmap is clean."""
+    granularity = bitmap.granularity
+    for first in (start, 0):
+        offset = first - first % granularity
+        while offset < bitmap.size:
+            if bitmap.get(offset):
+                return offset
+            offset += granularity
+    return None
+
+
+def mirror_step(top: BlockNode, base: BlockNode, bitmap: DirtyBitmap, start: int,
+                zero_unmaps: bool) -> tuple[int, list[int], list[int]]:
+    """One mirror_iteration of active commit from the dirty iterator at ``start``: the
+    run of dirty granules that follows the first one (at most the buffer) is cleared,
+    then copied into ``base`` request by request as ``top`` shows it. Parts that read as
+    zeroes become zero writes (with unmap), parts with no data anywhere discards, when
+    they cover whole clusters of the base; the rest is copied.
+
+    Returns (where the iterator goes on, the bytes of each request for the progress,
+    the bytes of each request for the rate limit: none for a zero write or discard when
+    ``zero_unmaps``, as bdrv_can_write_zeroes_with_unmap decides)."""
+    total = length(top)
+    offset = next_dirty(bitmap, start)
+    if offset is None:
+        return 0, [], []
+    granularity = bitmap.granularity
+    chunks = 1
+    while chunks * granularity < MIRROR_BUFFER:
+        following = offset + chunks * granularity
+        if following >= total or not bitmap.get(following):
+            break
+        chunks += 1
+    bitmap.reset_range(offset, chunks * granularity)
+    done: list[int] = []
+    accounted: list[int] = []
+    base_cluster = cluster_size(base)
+    while chunks > 0 and offset < total:
+        status = block_status_above(top, offset, chunks * granularity)
+        count = status.pnum
+        data = bool(status.flags & BLOCK_DATA)
+        if data:
+            count = min(count, MIRROR_IO)
+        count -= count % granularity
+        method = "copy"
+        if count < granularity:
+            count = granularity
+        elif not data and offset % base_cluster == 0 and count % base_cluster == 0:
+            # bdrv_round_to_clusters on the target leaves the request as it is.
+            method = "zero" if status.flags & BLOCK_ZERO else "discard"
+        count = min(count, total - offset)  # mirror_clip_bytes
+        if method == "copy":
+            base.pwrite(offset, top.pread(offset, count))
+        elif method == "zero":
+            base.pwrite_zeroes(offset, count, may_unmap=True)
+        else:
+            base.pdiscard(offset, count)
+        done.append(count)
+        accounted.append(0 if method != "copy" and zero_unmaps else count)
+        offset += count
+        chunks -= -(-count // granularity)
+    return offset, done, accounted

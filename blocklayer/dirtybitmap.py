@@ -94,6 +94,14 @@ class DirtyBitmap:
         end = min(offset + length, self.size)
         self._fill(offset >> self.shift, ((end - 1) >> self.shift) + 1, True)
 
+    def reset_range(self, offset: int, length: int) -> None:
+        """Mark the granules touching [offset, offset+length) clean (hbitmap_reset; its
+        callers pass whole granules)."""
+        if length <= 0 or offset >= self.size:
+            return
+        end = min(offset + length, self.size)
+        self._fill(offset >> self.shift, ((end - 1) >> self.shift) + 1, False)
+
     def _fill(self, first: int, stop: int, value: bool) -> None:
         bits = self.bits
         if first >= stop:

@@ -549,7 +549,7 @@ class BlockGraph:
     def delete(self, name: str) -> None:
         """``blockdev-del``: QEMU's checks in QEMU's order, then close the node tree."""
         node = self.lookup(name)
-        if any(e.parent is None and not e.job for e in node.parents):
+        if not node.under_job_filter and any(e.parent is None and not e.job for e in node.parents):
             raise BlockError(f"Node {name} is in use")
         if not node.monitor_owned:
             raise BlockError(f"Node {name} is not owned by the monitor")
@@ -752,6 +752,37 @@ class BlockGraph:
         old.touch()
         self._loosen([old, overlay])
         self.refresh_filenames([overlay, old])
+
+    def replace_node(self, old: BlockNode, new: BlockNode) -> None:
+        """QEMU's bdrv_replace_node as a mirror job's completion uses it (active commit's
+        pivot): every user of ``old`` except block jobs (child_job stays at its node)
+        uses ``new`` instead, in one permission transaction; on a conflict (QEMU's text)
+        nothing changed. ``old`` closes if nothing holds it any more, and with it the
+        nodes only it kept open."""
+        moved = [edge for edge in old.parents
+                 if not edge.job and (edge.parent is None or not self._reaches(new, edge.parent))]
+        for edge in moved:
+            old.parents.remove(edge)
+            edge.child = new
+            new.parents.insert(0, edge)
+            if edge.parent is not None:
+                edge.parent.touch()
+        old.touch()
+        new.touch()
+        try:
+            self.refresh_perms([old, new])
+        except BlockError:
+            for edge in moved:
+                new.parents.remove(edge)
+                edge.child = old
+                old.parents.append(edge)
+            self._loosen([new])
+            raise
+        # The old node's own needs of its children change with its users: one
+        # transaction over both subtrees.
+        self._loosen([old, new])
+        self.refresh_filenames([new])
+        self._release(old)
 
     def set_read_only(self, node: BlockNode) -> None:
         """QEMU's bdrv_reopen_set_read_only(bs, true), as external_snapshot_commit uses it.

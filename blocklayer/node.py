@@ -103,6 +103,9 @@ class BlockNode:
     #: QEMU's op blockers set by block jobs (block_job_add_bdrv), newest first: the
     #: reason each one gives ("block device is in use by block job: stream").
     blockers: list[str] = field(default_factory=list)
+    #: A block job's filter node sits above this one (active commit's mirror_top): in
+    #: QEMU the node's BlockBackends are the filter's while it is there (bdrv_has_blk).
+    under_job_filter: bool = False
     #: QEMU's bs->write_threshold_offset (block-set-write-threshold; 0: off) and who is
     #: told, with (node, amount exceeded, threshold), when a write passes it.
     write_threshold: int = 0

@@ -11,12 +11,21 @@ busy (QEMU's op blockers: blockdev-del, another job and external snapshots are r
 with QEMU's text), takes the permissions QEMU's job takes (the lock bytes another process
 sees), and reopens a read-only node it writes into read-write, and back when it ends.
 
+Active commit (``top`` being the active layer, or a node something writes) runs as QEMU
+runs it, as a mirror job of type ``commit`` (block/mirror.c, commit_active_start): a dirty
+bitmap of the top node starts with what the chain above the base holds and records every
+write meanwhile; the job copies dirty parts into the base until none is left, goes
+``ready`` (BLOCK_JOB_READY) and keeps copying new writes; ``block-job-complete`` moves the
+top's users onto the base (the pivot), a cancel of a ready job ends it as a success
+without the pivot.
+
 Differences from QEMU 7.2, all invisible in the images: QEMU inserts a filter node for
 the job's lifetime (``copy-on-read`` above a streamed node, ``commit_top`` above the
-committed one), which query-named-block-nodes lists meanwhile; here the filter is only
-what it does to permissions (:attr:`blocklayer.node.Edge.fixed_perm`). ``on-error``
-other than ``report`` is accepted but every I/O error is reported (the job fails).
-Active commit (``top`` being the active layer) is refused: see docs/block-layer.md.
+committed one, ``mirror_top`` above an actively committed one), which
+query-named-block-nodes lists meanwhile; here the filter is only what it does to
+permissions (:attr:`blocklayer.node.Edge.fixed_perm`). ``on-error`` other than
+``report`` is accepted but every I/O error is reported (the job fails). Data moves one
+request at a time, where QEMU has up to 16 in flight.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blocklayer import blockjob as BJ
+from blocklayer.bitmapops import default_granularity
+from blocklayer.dirtybitmap import DirtyBitmap
 from blocklayer.errors import BlockError
 from blocklayer.node import BlockNode, Edge
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
@@ -124,7 +135,10 @@ class BlockJob(JobDriver):
         self.blocked.clear()
         for edge in self.filtered:
             edge.fixed_perm = None
-        touched = [edge.child for edge in self.filtered if edge.child.name in graph.nodes]
+        # The parent of a filtered edge asks its usual permissions again.
+        touched = [node for edge in self.filtered
+                   for node in ([edge.parent] if edge.parent is not None else []) + [edge.child]
+                   if node.name in graph.nodes]
         self.filtered.clear()
         for edge in reversed(self.users):
             if edge in edge.child.parents:
@@ -231,6 +245,79 @@ class CommitRequest:
     speed: int
     auto_finalize: bool
     auto_dismiss: bool
+    #: ``top`` is the active layer or has a writer: QEMU's commit_active_start.
+    active: bool = False
+
+
+@dataclass(eq=False)
+class ActiveCommit(BlockJob):
+    """Active commit's driver: QEMU's mirror job with commit_active_job_driver."""
+
+    #: The node copied from (mirror_top_bs's child) and the job's dirty bitmap on it.
+    top: BlockNode | None = None
+    bitmap: DirtyBitmap | None = None
+    #: block-job-complete was accepted: the job ends with the pivot.
+    should_complete: bool = False
+    #: mirror_exit_common ran (prepare, or abort).
+    prepared: bool = False
+    #: Where the dirty bitmap's iterator stands (bdrv_dirty_iter_next).
+    position: int = 0
+
+    def ready(self, job: Job) -> None:
+        """BLOCK_JOB_READY (block_job_event_ready), with the job's progress."""
+        self.jobs.events.emit("BLOCK_JOB_READY", _event_data(self._progress(job)))
+
+    def complete(self, job: Job) -> None:
+        """mirror_complete: the job ends, with the pivot, once it is in sync again."""
+        self.should_complete = True
+
+    def cancel(self, job: Job, force: bool) -> bool:
+        """commit_active_cancel: only a ready job can be cancelled softly."""
+        return force or job.status not in (JobStatus.READY, JobStatus.STANDBY)
+
+    def _exit(self, abort: bool) -> None:
+        # mirror_exit_common: the bitmap and the job's uses go, then (completed, not
+        # aborted) every user of the top node uses the base instead; the base stays
+        # read-write either way (commit_active_start only restores it on failure).
+        if self.prepared:
+            return
+        self.prepared = True
+        top, base, graph = self.top, self.base, self.jobs.block.graph
+        assert top is not None and base is not None
+        if self.bitmap is not None and self.bitmap in top.dirty_bitmaps:
+            top.dirty_bitmaps.remove(self.bitmap)
+        self.release()
+        top.under_job_filter = False
+        if self.should_complete and not abort and top.name in graph.nodes:
+            if top.read_only and not base.read_only:
+                graph.set_read_only(base)
+            elif base.read_only and not top.read_only:
+                graph.reopen_read_write(base)
+            graph.replace_node(top, base)
+
+    def prepare(self, job: Job) -> str | None:
+        """mirror_prepare: the pivot of a completed job, under the graph lock."""
+        try:
+            self.jobs.block.locked(self._exit, False)
+        except (QMPError, BlockError) as err:
+            return err.desc if isinstance(err, QMPError) else str(err)
+        return None
+
+    def abort(self, job: Job) -> None:
+        """mirror_abort: the job's uses go, the graph stays as it was."""
+        self.jobs.block.locked(self._exit, True)
+
+    def clean(self, job: Job) -> None:
+        """Nothing is left to undo: the base stays read-write (QEMU)."""
+        self.jobs.block.locked(self.release)
+
+    def info(self, job: Job) -> dict[str, Any]:
+        """BlockJobInfo; between the end of its work and its graph change the job keeps
+        its node drained (mirror_run's in_drain), which counts as a pause."""
+        values = super().info(job)
+        if job.finished and not self.prepared:
+            values["paused"] = True
+        return values
 
 
 class BlockJobs:
@@ -355,16 +442,22 @@ class BlockJobs:
             driver.use(root, job_id, 0, ALL)
             # commit_top_bs above ``top``: the overlay's backing link asks nothing of
             # ``top`` while it is there (commit_top_child_perm).
+            self._reopen_rw(driver, base)
+            # bdrv_append(commit_top_bs, top) comes after the base's reopen; it updates
+            # the overlay's permissions at once, so that a reader of the overlay (a
+            # device) no longer asks ``top`` for consistent read when the job unshares it.
             edge = overlay.child("backing")
             if edge is not None:
                 edge.fixed_perm = (0, ALL)
                 driver.filtered.append(edge)
-            self._reopen_rw(driver, base)
+                graph.refresh_perms([overlay])
             node: BlockNode | None = top
             while node is not None and node is not base:
                 driver.use(node, job_id, 0, WRITE_UNCHANGED | WRITE)
                 node = BJ.backing(node)
-            driver.use(base, job_id, CONSISTENT_READ | WRITE | RESIZE, CONSISTENT_READ | WRITE_UNCHANGED)
+            # The base BlockBackend asks to resize only a base shorter than the top.
+            resize = RESIZE if BJ.length(base) < BJ.length(top) else 0
+            driver.use(base, job_id, CONSISTENT_READ | WRITE | resize, CONSISTENT_READ | WRITE_UNCHANGED)
             total = BJ.length(top)
         except BaseException:
             driver.release()
@@ -375,7 +468,10 @@ class BlockJobs:
         return job_id, driver, base_overlay, total
 
     async def commit(self, request: CommitRequest) -> None:
-        """block-commit of a node below the active layer: start the job."""
+        """block-commit: start the job (active commit when ``request.active``)."""
+        if request.active:
+            await self._active_commit(request)
+            return
         job_id, driver, base_overlay, total = await self.block.run_light(self._start_commit, request)
         top, base = request.top, request.base
 
@@ -398,3 +494,108 @@ class BlockJobs:
 
         self.jobs.create(job_id, "commit", run, auto_finalize=request.auto_finalize,
                          auto_dismiss=request.auto_dismiss, progress=(0, total), driver=driver)
+
+    # Active commit -------------------------------------------------------------------------
+
+    def _start_active_commit(self, request: CommitRequest) -> tuple[str, ActiveCommit, BlockNode]:
+        # commit_active_start and mirror_start_job, under the graph lock.
+        graph = self.block.graph
+        top, base = request.top, request.base
+        base_overlay = BJ.find_overlay(top, base)
+        if base_overlay is None:
+            raise QMPError(f"Could not find overlay image for {top.filename}:")
+        driver = ActiveCommit(self, "commit", speed=request.speed)
+        try:
+            self._reopen_rw(driver, base)
+            # The job is named after the device even when ``top`` is below it (qmp_block_commit).
+            job_id = self._job_id(request.job_id, request.root)
+            # mirror_top_bs above ``top`` (bdrv_append): the top asks no consistent read of
+            # the nodes below it any more (bdrv_mirror_top_child_perm for commit).
+            edge = top.child("backing")
+            if edge is not None:
+                edge.fixed_perm = (0, ALL)
+                driver.filtered.append(edge)
+                graph.refresh_perms([top])
+            # The job's BlockBackend on the filter and its "source" use: no resize of the top.
+            driver.use(top, job_id, 0, CONSISTENT_READ | WRITE_UNCHANGED | WRITE)
+            # The target BlockBackend: write (and resize for a shorter base), the others may
+            # do anything but resize.
+            resize = RESIZE if BJ.length(base) < BJ.length(top) else 0
+            driver.use(base, job_id, WRITE | resize, CONSISTENT_READ | WRITE_UNCHANGED | WRITE,
+                       block=False)
+            driver.use(base, job_id, 0, ALL)
+            node = BJ.backing(top)
+            while node is not None and node is not base:
+                driver.use(node, job_id, 0, WRITE_UNCHANGED | WRITE)
+                node = BJ.backing(node)
+            bitmap = DirtyBitmap("", default_granularity(base), top.getlength())
+        except BaseException:
+            driver.release()
+            if driver.reopened is not None:
+                graph.set_read_only(driver.reopened)
+            raise
+        # The base stays read-write whatever the end (only a failed start restores it).
+        driver.reopened = None
+        top.dirty_bitmaps.insert(0, bitmap)
+        top.under_job_filter = True
+        driver.top, driver.base, driver.bitmap = top, base, bitmap
+        return job_id, driver, base_overlay
+
+    async def _active_commit(self, request: CommitRequest) -> None:
+        job_id, driver, base_overlay = await self.block.run_light(self._start_active_commit, request)
+        top, base, bitmap = request.top, request.base, driver.bitmap
+        assert bitmap is not None
+        jobs = self.jobs
+
+        def ready(job: Job) -> bool:
+            return job.status in (JobStatus.READY, JobStatus.STANDBY)
+
+        async def run(job: Job) -> None:
+            # mirror_run
+            if job.cancelled:
+                return
+            length = BJ.length(top)
+            if length > BJ.length(base):
+                # Active commit grows a shorter base to the top's length.
+                await self.block.run(base.truncate, length)
+            if length == 0:
+                jobs.set_ready(job)
+                while not job.cancel_requested and not driver.should_complete:
+                    await jobs.pause_point(job, SLICE)
+                return
+            await self.block.run(BJ.mirror_dirty_init, top, base_overlay, bitmap)
+            zero_unmaps = base.options.discard_unmap
+            delay = 0.0
+            while True:
+                await jobs.pause_point(job, delay)
+                if job.cancelled:
+                    return
+                delay = 0.0
+                dirty = bitmap.count()
+                # job_progress_set_remaining: what is dirty is what is left.
+                job.total_progress = job.current_progress + dirty
+                if dirty:
+                    job.busy = True
+                    try:
+                        driver.position, done, accounted = await self.block.run(
+                            BJ.mirror_step, top, base, bitmap, driver.position, zero_unmaps)
+                    finally:
+                        job.busy = False
+                    job.current_progress += sum(done)
+                    for count in accounted:
+                        delay = driver.limit.delay(count)
+                    continue
+                if not ready(job):
+                    # In sync for the first time: flush the base, then say so.
+                    await self.block.run(base.flush)
+                    jobs.set_ready(job)
+                if driver.should_complete or job.cancel_requested:
+                    # The last check, drained: nothing new is dirty, the base is durable.
+                    if bitmap.count() == 0:
+                        await self.block.run(base.flush)
+                        return
+                    continue
+                delay = SLICE
+
+        jobs.create(job_id, "commit", run, auto_finalize=request.auto_finalize,
+                    auto_dismiss=request.auto_dismiss, driver=driver)

@@ -13,8 +13,12 @@ points (the block jobs, between chunks) call :meth:`JobService.pause_point`; for
 others ``job-pause`` only records the request, as QEMU does for a job that never reaches
 one.
 
-Not modelled: transactions of several jobs (each job is its own transaction),
-``standby``.
+Cancelling follows QEMU's two flags: a cancel request (``cancel_requested``, QEMU's
+job->cancelled) and a forced cancel (``cancelled``, job->force_cancel). A kind whose
+driver says a cancel is soft (a ready active commit, commit_active_cancel) only gets the
+request: it ends as a success, without its graph change.
+
+Not modelled: transactions of several jobs (each job is its own transaction).
 """
 
 from __future__ import annotations
@@ -78,6 +82,11 @@ VERBS: dict[str, frozenset[JobStatus]] = {
 }
 
 
+#: job_pause_point_locked: the status a pausing job takes, and back on resume.
+_PAUSED_AS = {S.RUNNING: S.PAUSED, S.READY: S.STANDBY}
+_RESUMED_AS = {S.PAUSED: S.RUNNING, S.STANDBY: S.READY}
+
+
 def id_wellformed(name: str) -> bool:
     """QEMU's id_wellformed: an ASCII letter, then letters, digits, '-', '.', '_'."""
     if not name or not (name[0].isascii() and name[0].isalpha()):
@@ -127,6 +136,11 @@ class JobDriver:
         """job_complete on a ready job; raise QMPError when the kind cannot."""
         raise QMPError(f"The active block job '{job.id}' cannot be completed")
 
+    def cancel(self, job: Job, force: bool) -> bool:
+        """JobDriver.cancel: whether a cancel asked with ``force`` is a forced one. A
+        kind without one is always force-cancelled (job_cancel_async_locked)."""
+        return True
+
 
 @dataclass(eq=False)
 class Job:
@@ -143,7 +157,10 @@ class Job:
     error: str | None = None
     #: job->ret != 0
     failed: bool = False
+    #: QEMU's job->force_cancel (job_is_cancelled): the job stops and aborts.
     cancelled: bool = False
+    #: QEMU's job->cancelled (job_cancel_requested): set by soft cancels too.
+    cancel_requested: bool = False
     #: The work has returned (job->deferred_to_main_loop).
     finished: bool = False
     user_paused: bool = False
@@ -322,20 +339,26 @@ class JobService:
         self._apply_verb(job, "finalize")
         self._finalize(job)
 
-    def cancel(self, job_id: str, force: bool = False) -> None:
-        """job-cancel (job_user_cancel_locked -> job_cancel_locked).
+    def cancel(self, job_id: str, force: bool = True) -> None:
+        """job-cancel (job_user_cancel_locked -> job_cancel_locked); job-cancel always
+        forces, block-job-cancel passes its ``force``.
 
-        No job kind here has a soft cancel, so every cancel is forced (as QEMU treats a
-        job driver without ``.cancel``). A running job's work cannot be interrupted in its
+        The kind's driver decides whether the cancel is forced (only a ready active
+        commit takes a soft one). A running job's work cannot be interrupted in its
         worker thread: a job with pause points stops at the next one, the others' result
-        is dropped when their work returns; either way the job aborts.
+        is dropped when their work returns; either way a forced cancel aborts the job.
         """
         job = self.find(job_id)
         self._apply_verb(job, "cancel")
-        job.cancelled = True
+        # job_cancel_async_locked
+        force = job.driver.cancel(job, force)
         job.user_paused = False
+        if force or not job.finished:
+            # Soft cancels of a job whose work already returned are ignored.
+            job.cancel_requested = True
+            job.cancelled = job.cancelled or force
         job.kicked.set()
-        if job.finished:
+        if job.finished and job.cancelled:
             # Deferred to the main loop already (waiting/pending): abort right away.
             self._abort(job)
 
@@ -346,10 +369,10 @@ class JobService:
         if job.user_paused:
             raise QMPError("Job is already paused")
         job.user_paused = True
-        if job.driver.pause_points and job.status is S.RUNNING and not job.busy:
+        if job.driver.pause_points and job.status in _PAUSED_AS and not job.busy:
             # job_pause_locked enters a sleeping job, which stops at its pause point
-            # before the command returns.
-            self._transition(job, S.PAUSED)
+            # before the command returns (a ready job goes to standby).
+            self._transition(job, _PAUSED_AS[job.status])
         job.kicked.set()
 
     def resume(self, job_id: str) -> None:
@@ -360,9 +383,9 @@ class JobService:
             raise QMPError("Can't resume a job that was not paused")
         self._apply_verb(job, "resume")
         job.user_paused = False
-        if job.status is S.PAUSED:
+        if job.status in _RESUMED_AS:
             # job_resume_locked enters the job, which leaves its pause point at once.
-            self._transition(job, S.RUNNING)
+            self._transition(job, _RESUMED_AS[job.status])
         job.kicked.set()
 
     async def pause_point(self, job: Job, delay: float = 0.0) -> None:
@@ -374,13 +397,14 @@ class JobService:
                 await job.kicked.wait()
         job.kicked = trio.Event()
         while job.user_paused and not job.cancelled:
-            if job.status is S.RUNNING:
-                self._transition(job, S.PAUSED)
+            # job_pause_point_locked: running -> paused, ready -> standby, and back.
+            if job.status in _PAUSED_AS:
+                self._transition(job, _PAUSED_AS[job.status])
             await job.kicked.wait()
             job.kicked = trio.Event()
-        if job.status is S.PAUSED:
-            self._transition(job, S.RUNNING)
-        if job.status is S.RUNNING:
+        if job.status in _RESUMED_AS:
+            self._transition(job, _RESUMED_AS[job.status])
+        if job.status in (S.RUNNING, S.READY):
             await trio.lowlevel.checkpoint()
 
     async def cancel_all_at_exit(self) -> None:
@@ -390,8 +414,8 @@ class JobService:
         until the process ends (their work is one worker call)."""
         jobs = [job for job in self.jobs if job.driver.pause_points and not job.finished]
         for job in jobs:
-            if job.status is S.RUNNING:
-                self._transition(job, S.PAUSED)
+            if job.status in _PAUSED_AS:
+                self._transition(job, _PAUSED_AS[job.status])
         for job in jobs:
             if job.status in VERBS["cancel"] and not job.cancelled:
                 self.cancel(job.id, force=True)
@@ -405,8 +429,13 @@ class JobService:
         job.driver.ready(job)
 
     def complete(self, job_id: str) -> None:
-        """job-complete: only ready jobs accept it; the kind completes them."""
+        """job-complete: only ready jobs accept it; the kind completes them
+        (job_complete_locked: not one whose cancel was asked for)."""
         job = self.find(job_id)
         self._apply_verb(job, "complete")
+        if job.cancel_requested:
+            raise QMPError(f"The active block job '{job.id}' cannot be completed")
         job.driver.complete(job)
-        job.kicked.set()
+        if not job.user_paused:
+            # mirror_complete enters the job unless it is paused.
+            job.kicked.set()

@@ -408,3 +408,118 @@ def test_scsi_disks(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
     assert ours["domblklist-detached"] == ours["domblklist"]
     if QEMU is not None:
         assert ours == _scsi_flow(libvirtd, tmp_path / "qemu", "qemu-scsi", QEMU)
+
+
+BLOCKCOMMIT_XML = """\
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def _blockcommit_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
+    """virsh blockcommit on a domain whose disk is top over mid over base: mid into base
+    (below the active layer, issue 10), then the active layer into the base with --pivot,
+    then a new overlay (a disk-only snapshot) committed with --active --wait and pivoted
+    with blockjob --pivot. virsh's answers, the chain in the domain XML, the images."""
+    assert QEMU_IMG is not None
+    qemu_io = shutil.which("qemu-io")
+    assert qemu_io is not None
+    folder.mkdir()
+
+    def image(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, cwd=folder)
+
+    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "base.qcow2", "16M")
+    image(qemu_io, "-c", "write -P 0x11 0 1M", "base.qcow2")
+    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2")
+    image(qemu_io, "-c", "write -P 0x22 512k 1M", "mid.qcow2")
+    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2")
+    image(qemu_io, "-c", "write -P 0x33 1M 1M", "top.qcow2")
+    xml = folder / "domain.xml"
+    xml.write_text(BLOCKCOMMIT_XML.format(name=name, emulator=emulator, disk=folder / "top.qcow2"))
+    replacements = {str(folder): "DIR", name: "DOMAIN"}
+    seen: dict[str, str] = {}
+
+    def run(key: str, *args: str) -> str:
+        result = libvirtd.virsh(*args, check=False)
+        seen[key] = _normalize(result.stdout + result.stderr, replacements)
+        return seen[key]
+
+    def chain(key: str) -> None:
+        # The disk's source and its backing chain as the domain XML lists them.
+        domain = ET.fromstring(libvirtd.virsh("dumpxml", name).stdout)
+        disk = domain.find("devices/disk")
+        assert disk is not None
+        files = []
+        while disk is not None and disk.find("source") is not None:
+            files.append(disk.find("source").get("file", ""))  # type: ignore[union-attr]
+            disk = disk.find("backingStore")
+        seen[key] = _normalize(" ".join(files), replacements)
+
+    def guest_write(command: str) -> None:
+        libvirtd.virsh("qemu-monitor-command", name, "--hmp",
+                       f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{command}"')
+
+    libvirtd.virsh("define", str(xml))
+    try:
+        libvirtd.virsh("start", name)
+        chain("chain")
+        run("commit-mid", "blockcommit", name, "vda", "--top", str(folder / "mid.qcow2"), "--wait")
+        chain("chain-after-commit")
+        guest_write("write -P 0x44 3M 64k")
+        run("commit-active", "blockcommit", name, "vda", "--active", "--pivot", "--wait")
+        run("domblklist-pivoted", "domblklist", name)
+        chain("chain-pivoted")
+        run("snapshot", "snapshot-create-as", name, "s1", "--disk-only", "--no-metadata",
+            "--diskspec", f"vda,file={folder / 'over.qcow2'}")
+        guest_write("write -P 0x55 5M 64k")
+        run("commit-ready", "blockcommit", name, "vda", "--active", "--wait")
+        run("blockjob-info", "blockjob", name, "vda", "--info")
+        run("blockjob-pivot", "blockjob", name, "vda", "--pivot")
+        deadline = time.monotonic() + 10
+        while "over.qcow2" in run("domblklist-final", "domblklist", name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        chain("chain-final")
+        run("blockjob-none", "blockjob", name, "vda", "--info")
+    finally:
+        libvirtd.virsh("destroy", name, check=False)
+        libvirtd.virsh("undefine", name, check=False)
+    # The base holds everything the guest saw; every image is consistent.
+    for pattern, offset, length in (("0x11", "0", "512k"), ("0x22", "512k", "512k"), ("0x33", "1M", "1M"),
+                                    ("0x44", "3M", "64k"), ("0x55", "5M", "64k"), ("0", "6M", "1M")):
+        result = subprocess.run([qemu_io, "-r", "-c", f"read -P {pattern} {offset} {length}",
+                                 str(folder / "base.qcow2")], capture_output=True, text=True)
+        seen[f"read-{offset}"] = _normalize(result.stdout.splitlines()[0] + result.stderr, replacements)
+    for file in ("base.qcow2", "mid.qcow2", "top.qcow2", "over.qcow2"):
+        check = subprocess.run([QEMU_IMG, "check", str(folder / file)], capture_output=True, text=True)
+        seen[f"check-{file}"] = str(check.returncode)
+    return seen
+
+
+def test_blockcommit(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
+    """`virsh blockcommit` below the active layer, `--active --pivot`, and `--active`
+    followed by `blockjob --pivot`, as libvirt does them on QEMU."""
+    ours = _blockcommit_flow(libvirtd, tmp_path / "ours", "qmp-commit", str(emulator))
+    assert ours["chain"] == "DIR/top.qcow2 DIR/mid.qcow2 DIR/base.qcow2"
+    assert ours["chain-after-commit"] == "DIR/top.qcow2 DIR/base.qcow2"
+    assert ours["chain-pivoted"] == "DIR/base.qcow2"
+    assert ours["chain-final"] == "DIR/base.qcow2"
+    assert ours["commit-active"] == "Successfully pivoted"
+    assert all(value == "0" for key, value in ours.items() if key.startswith("check-"))
+    if QEMU is not None:
+        theirs = _blockcommit_flow(libvirtd, tmp_path / "qemu", "qemu-commit", QEMU)
+        assert ours == theirs

@@ -586,7 +586,8 @@ def test_commands_and_flags(schema: Schema) -> None:
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",
                                   "BLOCK_IMAGE_CORRUPTED", "BLOCK_WRITE_THRESHOLD", "POWERDOWN", "RESET",
                                   "DEVICE_DELETED", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED",
-                                  "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_PENDING"}
+                                  "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_PENDING",
+                                  "BLOCK_JOB_READY"}
     assert not any(info.allow_oob for info in schema.commands.values())
     preconfig = {name for name, info in schema.commands.items() if info.allow_preconfig}
     assert {"qmp_capabilities", "blockdev-add", "blockdev-set-active", "query-status"} <= preconfig

@@ -137,19 +137,21 @@ def _commit_request(machine: Machine, args: dict[str, Any]) -> CommitRequest:
     if top is base:
         raise QMPError("cannot commit an image into itself")
     perm, _ = top.cumulative_perms()
-    if perm & WRITE or top is root:
+    active = bool(perm & WRITE) or top is root
+    if active:
+        # Active commit (commit_active_start), a mirror job.
         if "backing-file" in args:
             if top is root:
                 raise QMPError("'backing-file' specified, but 'top' is the active layer")
             raise QMPError("'backing-file' specified, but 'top' has a writer on it")
-        raise QMPError("Active commit (committing the active layer) is not supported by qmp-server")
-    overlay = BJ.find_overlay(root, top)
-    if overlay is not None:
-        graph.check_no_job(overlay)
+    else:
+        overlay = BJ.find_overlay(root, top)
+        if overlay is not None:
+            graph.check_no_job(overlay)
     return CommitRequest(job_id=args.get("job-id"), root=root, top=top, base=base,
                          backing_file=args.get("backing-file"), speed=args.get("speed", 0),
                          auto_finalize=args.get("auto-finalize", True),
-                         auto_dismiss=args.get("auto-dismiss", True))
+                         auto_dismiss=args.get("auto-dismiss", True), active=active)
 
 
 @table.command("block-commit")
@@ -190,7 +192,7 @@ async def block_job_resume(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 @table.command("block-job-complete")
 async def block_job_complete(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """Completes a ready job (none of the kinds here gets ready)."""
+    """Completes a ready job (active commit: the device's image becomes the base)."""
     job, _ = ctx.machine.blockjobs.find(args["device"])
     ctx.machine.jobs.complete(job.id)
 

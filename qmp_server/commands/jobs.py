@@ -36,7 +36,7 @@ def _by_id(verb: Callable[[JobService, str], None]) -> Handler:
 # job-dismiss: a concluded job leaves query-jobs; job-finalize: a pending job concludes;
 # job-cancel: the job aborts (at once, or when its running work returns); job-pause and
 # job-resume record or withdraw a pause request (no job kind here has a pause point);
-# job-complete completes a ready job (none ever is here).
+# job-complete completes a ready job (an active commit once in sync).
 for _name, _verb in (("job-dismiss", JobService.dismiss), ("job-finalize", JobService.finalize),
                      ("job-cancel", JobService.cancel), ("job-pause", JobService.pause),
                      ("job-resume", JobService.resume), ("job-complete", JobService.complete)):
