@@ -594,3 +594,26 @@ def test_persistent_bitmap_on_read_only_node_is_lost_with_qemus_message(
             output = client.output.all()
         assert message in output, (name, output)
         assert path.read_bytes() == before
+
+
+def test_writes_through_an_nbd_export_mark_the_bitmaps_as_in_qemu(tmp_path: Path, image: Path) -> None:
+    """A writable NBD export is a user of the node like a device: a client's writes and
+    zeroes through it mark every enabled bitmap (not the disabled one), exactly as QEMU's."""
+    seen = []
+    with both(tmp_path, image) as ((qemu, theirs), (ours, mine)):
+        for client, copy, name in ((qemu, theirs, "qemu"), (ours, mine, "ours")):
+            assert _add(client, copy) == {"return": {}}
+            sock = tmp_path / f"{name}-nbd.sock"
+            client.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+            client.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "d"}, writable=True)
+            uri = f"nbd+unix:///d?socket={sock}"
+            out = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 64k 4k", "-c",
+                                  "write -z 2M 256k", "-c", "write -P 0x5b 4095k 1k", uri],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0 and "failed" not in out.stdout + out.stderr, out.stderr
+            seen.append({"dirty": _dirty(client), "sha": {b: _sha(client, b) for b in ("b0", "b1", "off")}})
+            client.cmd("block-export-del", id="e1")
+            client.cmd("nbd-server-stop")
+    assert seen[1] == seen[0]
+    counts = {b["name"]: b["count"] for b in seen[1]["dirty"]}  # type: ignore[index]
+    assert counts["off"] == 0 and counts["b0"] > 0 and counts["b1"] > 0
