@@ -61,6 +61,8 @@ class App:
         self.stdio_streams: list[trio.abc.Stream] = []
         #: HMP monitors on listening sockets.
         self.hmp_listeners: list[trio.SocketListener] = []
+        #: The listeners and streams of ``pretty=on`` QMP monitors (-qmp-pretty).
+        self.pretty: list[trio.SocketListener | trio.abc.Stream] = []
         self.qtest: trio.abc.Stream | None = None
         self._socket_files: list[SocketFile] = []
 
@@ -71,6 +73,7 @@ class App:
         config = MachineConfig(name=options.name, start_paused=options.start_paused,
                                incoming=options.incoming, machine_type=options.machine_type,
                                uuid=options.uuid or MachineConfig.uuid, no_shutdown=options.no_shutdown,
+                               no_reboot=options.no_reboot,
                                smp=options.smp,
                                chardevs=[(device.id, device.filename(connected=True),
                                           f"chardev-{device.backend}")
@@ -135,8 +138,12 @@ class App:
             endpoint = opened[monitor.chardev.id]
             if endpoint.listener is not None:
                 (self.listeners if monitor.control else self.hmp_listeners).append(endpoint.listener)
+                if monitor.pretty:
+                    self.pretty.append(endpoint.listener)
             elif endpoint.stream is not None:
                 self.streams.append((endpoint.stream, monitor.control))
+                if monitor.pretty:
+                    self.pretty.append(endpoint.stream)
                 if monitor.chardev.backend == "stdio":
                     self.stdio_streams.append(endpoint.stream)
 
@@ -152,7 +159,8 @@ class App:
                 if control:
                     stdio = any(stream is shared for shared in self.stdio_streams)
                     connection = Connection(machine, self.dispatcher, stream, self.options.poll_max_ns,
-                                            shares_stdio=stdio)
+                                            shares_stdio=stdio,
+                                            pretty=any(stream is p for p in self.pretty))
                     if stdio:
                         machine.hmp.console.shares_stdio(connection.drained)
                     nursery.start_soon(connection.run)
@@ -163,7 +171,9 @@ class App:
             if self.qtest is not None:
                 nursery.start_soon(serve_qtest, self.qtest, machine.internal_snapshots.clock,
                                    self.options.accel == "qtest")
-            await serve(machine, self.dispatcher, self.listeners, poll_max_ns=self.options.poll_max_ns)
+            await serve(machine, self.dispatcher, self.listeners, poll_max_ns=self.options.poll_max_ns,
+                        pretty=[listener for listener in self.listeners
+                                if any(listener is p for p in self.pretty)])
             nursery.cancel_scope.cancel()
         return machine.vm.exit_code
 

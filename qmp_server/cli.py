@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from typing import Any
 
 from blocklayer.lockbytes import lock_byte
 
 from .chardev import Chardev, ChardevError, Chardevs, parse_bool, split_options
-from .errorreport import program_name
+from .errorreport import configure_messages, location, program_name, warn_report
+from .errors import QMPError
+from .keyval import parse_keyval
 from .machinemodel import (
     DEFAULT_MACHINE,
     DEVICE_HELP,
     FORMATS,
     MACHINE_TYPES,
+    NONE_MACHINE,
     MachineType,
+    cpu_topology,
     machine_description,
     machine_type,
 )
@@ -36,7 +42,8 @@ _FLAGS = {
 }
 #: Flags that set an option of the same meaning.
 _FLAG_FIELDS = {"S": "start_paused", "daemonize": "daemonize", "no-shutdown": "no_shutdown",
-                "nodefaults": "nodefaults", "nographic": "nographic"}
+                "nodefaults": "nodefaults", "nographic": "nographic", "no-reboot": "no_reboot",
+                "preconfig": "preconfig"}
 #: Machine properties of the types we advertise (libvirt sets these); values are not used.
 _MACHINE_PROPERTIES = {"accel", "usb", "dump-guest-core", "memory-backend", "mem-merge", "vmport",
                        "smm", "kernel-irqchip", "graphics", "suppress-vmdesc", "hpet", "acpi",
@@ -64,9 +71,13 @@ Machine:
   -accel tcg|qtest      the accelerator (there is no guest to accelerate; kvm is refused)
   -uuid UUID            the VM UUID (query-uuid)
   -no-shutdown          a guest power-off leaves the VM in 'shutdown' instead of exiting
+  -no-reboot            system_reset shuts the VM down instead
+  -msg timestamp=on     stderr messages start with the time (UTC), as QEMU's
   -smp N[,maxcpus=M,sockets=S,cores=C,threads=T]   the vCPUs (query-cpus-fast)
-  -m, -cpu, -rtc, -boot, -audiodev, -msg, -overcommit, -sandbox, -vga, -serial,
-  -no-acpi, -nodefaults, -no-user-config, -display, -nographic   accepted (no guest)
+  -m, -cpu, -rtc, -boot, -overcommit, -sandbox, -vga, -global   checked as QEMU
+                        checks them; nothing to act on (there is no guest)
+  -audiodev, -serial, -no-acpi, -nodefaults, -no-user-config, -display, -nographic
+                        accepted (no guest); -preconfig is refused
   -object qom-type=TYPE,id=ID,...   secret, memory-backend-*, iothread, throttle-group
 Block devices and migration:
   -blockdev OPTIONS     add a block node (key=value,... or JSON), as blockdev-add
@@ -131,6 +142,16 @@ class Options:
         self.nographic = False
         #: Whether any monitor option was given (-qmp, -monitor, -mon): no default socket then.
         self.monitor_options = False
+        #: ``-no-reboot``: a reset request shuts the VM down instead (QEMU's reboot_action).
+        self.no_reboot = False
+        #: Guest options with nothing to act on, kept (as typed, with the option) for the
+        #: checks QEMU makes once every option is read (:func:`_check_guest_options`).
+        self.cpu: str | None = None
+        self.vga: str | None = None
+        self.rtc: dict[str, str] = {}
+        self.boot: dict[str, Any] = {}
+        self.sandbox: list[tuple[str, dict[str, str]]] = []
+        self.preconfig = False
 
 
 def _machine_help() -> str:
@@ -171,6 +192,10 @@ def _help_query(name: str, value: str) -> str | None:
     if name == "drive" and "format=help" in split_options(value):
         formats = " ".join(sorted(FORMATS))
         return f"Supported formats: {formats}\n"
+    if name == "cpu" and value in ("help", "?"):
+        from . import cpumodels  # start-up time: only -cpu pays for the table
+
+        return cpumodels.HELP
     if name == "accel" and value in ("help", "?"):
         return "Accelerators supported in QEMU binary:\ntcg\nqtest\n"
     return None
@@ -252,6 +277,205 @@ def _qtest(options: Options, option: str, value: str) -> None:
     options.qtest = device
 
 
+def _qemu_opts(option: str, value: str, keys: dict[str, str], implied: str | None = None) -> dict[str, str]:
+    """``value`` parsed as QEMU's QemuOpts (qemu_opts_parse_noisily) for an option list
+    whose parameters are ``keys`` (name: ``"bool"`` or ``"string"``); the last value of a
+    name counts. Checked item by item as opts_do_parse does, so the first bad one is the
+    one reported: ``Invalid parameter 'x'``, ``Parameter 'x' expects 'on' or 'off'``. A
+    bare ``name`` (``noname``) gets QEMU's deprecation warning and means ``name=on``
+    (``off``). ``implied``: the name of a first item without ``=`` (QEMU's
+    implied_opt_name)."""
+    items = split_options(value)
+    if items and items[-1] == "":
+        items.pop()  # a trailing comma ends the list (opts_do_parse stops at the NUL)
+    result: dict[str, str] = {}
+    for index, item in enumerate(items):
+        name, has_value, setting = item.partition("=")
+        if not has_value:
+            if index == 0 and implied is not None:
+                name, setting = implied, item
+            else:
+                # get_opt_name_value: the short form, deprecated since QEMU 6.0.
+                name, setting = (item[2:], "off") if item.startswith("no") else (item, "on")
+                with location(option):
+                    warn_report(f"short-form boolean option '{item}' deprecated",
+                                f"Please use {name}={setting} instead\n")
+        kind = keys.get(name)
+        if kind is None:
+            raise UsageError(f"{option}: Invalid parameter '{name}'")
+        if kind == "bool":
+            parse_bool(setting, name, option)
+        result[name] = setting
+    return result
+
+
+_RTC_KEYS = {"base": "string", "clock": "string", "driftfix": "string"}
+_NAME_KEYS = {"guest": "string", "process": "string", "debug-threads": "bool"}
+_MSG_KEYS = {"timestamp": "bool", "guest-name": "bool"}
+_OVERCOMMIT_KEYS = {"mem-lock": "bool", "cpu-pm": "bool"}
+_SANDBOX_KEYS = {"enable": "bool", "obsolete": "string", "elevateprivileges": "string",
+                 "spawn": "string", "resourcecontrol": "string"}
+_GLOBAL_KEYS = {"driver": "string", "property": "string", "value": "string"}
+#: parse_sandbox: the values each setting takes (checked only with the sandbox enabled).
+_SANDBOX_VALUES = {"obsolete": ("allow", "deny"), "elevateprivileges": ("deny", "children", "allow"),
+                   "spawn": ("deny", "allow"), "resourcecontrol": ("deny", "allow")}
+#: qemu_global_option's sscanf("%63[^.=].%63[^=]%n") followed by '=': DRIVER.PROP=VALUE.
+_GLOBAL_SHORT = re.compile(r"[^.=]{1,63}\.[^=]{1,63}=")
+#: The BootConfiguration members (qapi/machine.json) in the order QEMU's visitor takes them.
+_BOOT_MEMBERS = {"order": "string", "once": "string", "menu": "bool", "splash": "string",
+                 "splash-time": "int", "reboot-timeout": "int", "strict": "bool"}
+#: select_vgahw's x86 types that exist in this QEMU build (-vga help).
+_VGA_TYPES = ("none", "std", "cirrus", "vmware", "qxl", "virtio")
+#: configure_rtc_base_datetime's sscanf("%d-%d-%d"): three numbers, then anything.
+_RTC_DATE = re.compile(r"\s*[-+]?\d+-\s*[-+]?\d+-\s*[-+]?\d+")
+
+
+def _global(option: str, value: str) -> None:
+    """``-global DRIVER.PROP=VALUE`` or ``-global driver=D,property=P,value=V`` (QEMU's
+    qemu_global_option). Which drivers and properties exist is not checked (QEMU warns
+    about unknown ones once the machine is built, without failing)."""
+    if _GLOBAL_SHORT.match(value):
+        return
+    settings = _qemu_opts(option, value, _GLOBAL_KEYS)
+    if not all(key in settings for key in _GLOBAL_KEYS):
+        raise UsageError(f"{option}: options 'driver', 'property', and 'value' are required")
+
+
+def _boot(options: Options, option: str, value: str) -> None:
+    """``-boot``: keyval with ``order`` implied (machine_parse_property_opt); the members
+    are checked later, with the machine (:func:`_check_boot`)."""
+    try:
+        options.boot.update(parse_keyval(value, "order"))
+    except QMPError as err:
+        raise UsageError(f"{option}: {err.desc}") from None
+
+
+def _check_boot(boot: dict[str, Any]) -> None:
+    # machine_set_boot: the BootConfiguration visitor (members in schema order, then
+    # anything left is unexpected), then validate_bootdevices on order and once.
+    for member, kind in _BOOT_MEMBERS.items():
+        text = boot.get(member)
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise UsageError(f"Parameter 'boot.{member}' expects {'a string' if kind == 'string' else kind}")
+        if kind == "bool" and text not in ("on", "off", "yes", "no", "true", "false", "y", "n"):
+            raise UsageError(f"Parameter 'boot.{member}' expects 'on' or 'off'")
+        if kind == "int":
+            try:
+                int(text, 0)
+            except ValueError:
+                raise UsageError(f"Parameter 'boot.{member}' expects integer") from None
+    for member in boot:
+        if member not in _BOOT_MEMBERS:
+            raise UsageError(f"Parameter 'boot.{member}' is unexpected")
+    for member in ("order", "once"):
+        seen: set[str] = set()
+        for device in boot.get(member, ""):
+            if not "a" <= device <= "p":
+                raise UsageError(f"Invalid boot device '{device}'")
+            if device in seen:
+                raise UsageError(f"Boot device '{device}' was given twice")
+            seen.add(device)
+
+
+def _sockets_first_machine() -> MachineType:
+    """A PC type that resolves ``-smp`` as QEMU 7.2's ``none`` does: missing sockets
+    derived first (``-smp 1,cores=2`` gives 0 sockets, as the PC types before 6.2)."""
+    for machine in MACHINE_TYPES.values():
+        family, _, version = machine.name.rpartition("-")
+        parts = version.split(".")
+        if family == "pc-i440fx" and all(p.isdigit() for p in parts) and \
+                tuple(int(p) for p in parts) < (6, 2):
+            return machine
+    return MACHINE_TYPES[DEFAULT_MACHINE]
+
+
+def _check_smp_on_none(smp: str | None) -> None:
+    """``-smp`` on the machine ``none``: QEMU resolves it as for any machine (the
+    resolver's topology errors), then refuses more than the one vCPU ``none`` allows."""
+    if smp is None:
+        return
+    counts = parse_keyval(smp, "cpus")
+    for level in ("dies", "clusters"):
+        # machine_parse_smp_config: levels the machine's topology does not have.
+        if counts.get(level, "1") != "1":
+            raise UsageError(f"{level} not supported by this machine's CPU topology")
+    try:
+        topology = cpu_topology(smp, _sockets_first_machine())
+        max_cpus = topology.max_cpus
+    except ValueError as err:
+        if not str(err).startswith("Invalid SMP CPUs"):
+            # The PC's texts name its dies; a machine without them does not.
+            raise UsageError(str(err).replace(" * dies (1)", "")) from None
+        # More than the PC allows, so more than one; QEMU names maxcpus (else cpus).
+        max_cpus = int(counts.get("maxcpus") or counts.get("cpus") or "0", 0)
+        if not max_cpus:  # only the topology given: its product
+            max_cpus = 1
+            for key in ("sockets", "dies", "clusters", "cores", "threads"):
+                max_cpus *= int(counts.get(key) or "1", 0)
+    if max_cpus > 1:
+        raise UsageError(f"Invalid SMP CPUs {max_cpus}. The max CPUs supported by machine "
+                         f"'{NONE_MACHINE}' is 1")
+
+
+def _check_guest_options(options: Options) -> None:
+    """What QEMU's qemu_init checks once every option is read, in its order: the
+    option combinations (qemu_validate_options), -sandbox (the early options), -rtc
+    (configure_rtc), -vga (the default devices), the machine's -boot and -smp, then
+    -cpu."""
+    if options.incoming is not None and options.loadvm is not None:
+        raise UsageError("'incoming' and 'loadvm' options are mutually exclusive")
+    if options.preconfig and options.loadvm is not None:
+        raise UsageError("'preconfig' and 'loadvm' options are mutually exclusive")
+    if options.preconfig and options.incoming not in (None, "defer"):
+        raise UsageError("'preconfig' supports '-incoming defer' only")
+    if options.preconfig:
+        # QEMU's -preconfig stops before the machine is built, for x-exit-preconfig; we
+        # have no machine construction to pause (docs/command-line.md).
+        raise UsageError("-preconfig: not supported by qmp-server: there is no machine "
+                         "initialization to pause; leave -preconfig out")
+    for option, settings in options.sandbox:
+        if parse_bool(settings.get("enable", "off"), "enable", option):
+            for key, allowed in _SANDBOX_VALUES.items():
+                if key in settings and settings[key] not in allowed:
+                    raise UsageError(f"{option}: invalid argument for {key}")
+    base = options.rtc.get("base")
+    if base is not None and base not in ("utc", "localtime") and not _RTC_DATE.match(base):
+        raise UsageError("invalid datetime format\nvalid formats: '2006-06-17T16:01:21' or '2006-06-17'")
+    for key, allowed in (("clock", ("host", "rt", "vm")), ("driftfix", ("slew", "none"))):
+        if options.rtc.get(key, allowed[0]) not in allowed:
+            raise UsageError(f"invalid option value '{options.rtc[key]}'")
+    if options.vga is not None and options.vga not in _VGA_TYPES:
+        # qemu_create_default_devices, before the machine's properties are applied.
+        if options.vga in ("tcx", "cg3"):
+            # Sun framebuffers: known to select_vgahw, not built for x86.
+            name = "TCX" if options.vga == "tcx" else "CG3"
+            raise UsageError(f"type is NULL\n{program_name()}: {name} framebuffer not available")
+        raise UsageError(f"unknown vga type: {options.vga}")
+    _check_boot(options.boot)
+    if options.machine_type == NONE_MACHINE:
+        _check_smp_on_none(options.smp)
+    if options.cpu is not None:
+        _check_cpu(options.cpu, options.machine_type)
+
+
+def _check_cpu(value: str, machine: str) -> None:
+    """``-cpu MODEL[,features]``: QEMU's parse_cpu_option finds the model (features are
+    not checked here); the machine ``none`` then fails to create its CPU with it (QEMU
+    7.2's x86 CPUs need an APIC id only a PC board assigns); a PC refuses ``host``
+    without KVM, which is never available here."""
+    from . import cpumodels  # start-up time: only -cpu pays for the table
+
+    model = value.split(",")[0]
+    if model not in cpumodels.MODELS:
+        raise UsageError(f"unable to find CPU model '{model}'")
+    if machine == NONE_MACHINE:
+        raise UsageError("apic-id property was not initialized properly")
+    if model == "host":
+        raise UsageError("CPU model 'host' requires KVM or HVF")
+
+
 def parse_args(argv: list[str]) -> Options:
     """Parse QEMU-style options; raise UsageError with QEMU's text where QEMU fails."""
     options = Options()
@@ -309,6 +533,13 @@ def parse_args(argv: list[str]) -> Options:
             options.monitor_options = True
     except ChardevError as err:
         raise UsageError(str(err)) from None
+    try:
+        _check_guest_options(options)
+    except ChardevError as err:
+        raise UsageError(str(err)) from None
+    if options.vga not in (None, "none") and options.machine_type == NONE_MACHINE:
+        warn_report("A -vga option was passed but this machine type does not use that option; "
+                    "No VGA device has been created")
     if not options.monitor_options:
         chardevs.parse_legacy(f"unix:{DEFAULT_SOCKET},server=on,wait=off", control=True)
         options.default_socket = True
@@ -334,12 +565,29 @@ def _apply(options: Options, chardevs: Chardevs, name: str, option: str, value: 
                              "or chardev:ID are accepted")
     elif name == "name":
         # QEMU: the first element is the implied 'guest' key.
-        for item in split_options(value):
-            key, has_value, setting = item.partition("=")
-            if not has_value:
-                options.name = item
-            elif key == "guest":
-                options.name = setting
+        settings = _qemu_opts(option, value, _NAME_KEYS, implied="guest")
+        if "guest" in settings:
+            options.name = settings["guest"]
+            configure_messages(name=options.name)  # -msg guest-name=on names it
+    elif name == "msg":
+        # configure_msg at once: what is reported from now on has the prefixes.
+        settings = _qemu_opts(option, value, _MSG_KEYS)
+        configure_messages(timestamp=parse_bool(settings.get("timestamp", "off"), "timestamp", option),
+                           guest_name=parse_bool(settings.get("guest-name", "off"), "guest-name", option))
+    elif name == "rtc":
+        options.rtc.update(_qemu_opts(option, value, _RTC_KEYS))
+    elif name == "overcommit":
+        _qemu_opts(option, value, _OVERCOMMIT_KEYS)
+    elif name == "sandbox":
+        options.sandbox.append((option, _qemu_opts(option, value, _SANDBOX_KEYS, implied="enable")))
+    elif name == "global":
+        _global(option, value)
+    elif name == "boot":
+        _boot(options, option, value)
+    elif name == "cpu":
+        options.cpu = value
+    elif name == "vga":
+        options.vga = value
     elif name == "incoming":
         options.incoming = value
     elif name == "loadvm":
@@ -361,6 +609,10 @@ def _apply(options: Options, chardevs: Chardevs, name: str, option: str, value: 
     elif name == "drive":
         options.drives.append(value)
     elif name == "smp":
+        try:
+            parse_keyval(value, "cpus")  # machine_parse_property_opt: the syntax, at once
+        except QMPError as err:
+            raise UsageError(f"{option}: {err.desc}") from None
         options.smp = value
     elif name == "object":
         options.objects.append(value)
@@ -371,8 +623,9 @@ def _apply(options: Options, chardevs: Chardevs, name: str, option: str, value: 
         if not (value.isascii() and value.isdigit()) or int(value) > 1_000_000_000:
             raise UsageError(f"{option}: expected nanoseconds from 0 to 1000000000")
         options.poll_max_ns = int(value)
-    # The options for a guest (-smp, -cpu, -rtc, -boot, -audiodev, -msg, -overcommit, -sandbox,
-    # -vga, -global, -parallel) and -display: accepted, there is nothing to act on.
+    # -audiodev, -parallel and -display: accepted, there is nothing to act on. The other
+    # options for a guest (-cpu, -rtc, -boot, -sandbox, -vga, -global, -overcommit) are
+    # checked as QEMU checks them, and otherwise have nothing to act on either.
 
 
 class PidFileError(Exception):

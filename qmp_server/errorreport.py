@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime
 import logging
 import os
 import sys
@@ -20,9 +21,61 @@ def program_name() -> str:
     return "qmp-server" if name in ("", "__main__.py", "-c") else name
 
 
+class _MessageOptions:
+    """``-msg timestamp=on,guest-name=on`` and the ``-name`` guest name (QEMU's globals
+    message_with_timestamp, error_with_guestname and error_guest_name)."""
+
+    timestamp = False
+    guest_name = False
+    name: str | None = None
+
+
+def configure_messages(*, timestamp: bool | None = None, guest_name: bool | None = None,
+                       name: str | None = None) -> None:
+    """Apply ``-msg`` (or ``-name``, which names the guest) from now on, as QEMU's
+    configure_msg does while it parses the command line: what was reported before stays
+    as it was."""
+    if timestamp is not None:
+        _MessageOptions.timestamp = timestamp
+    if guest_name is not None:
+        _MessageOptions.guest_name = guest_name
+    if name is not None:
+        _MessageOptions.name = name
+
+
+def _iso8601_now() -> str:
+    # GLib's g_date_time_format_iso8601 on a UTC time, which QEMU's real_time_iso8601
+    # uses: microseconds only when there are some, "Z" for UTC.
+    now = datetime.datetime.now(datetime.UTC)
+    text = now.strftime("%Y-%m-%dT%H:%M:%S")
+    if now.microsecond:
+        text += f".{now.microsecond:06d}"
+    return text + "Z"
+
+
+def message_prefix() -> str:
+    """What QEMU's vreport prints before a message: the timestamp (``-msg timestamp=on``),
+    the guest name (``-msg guest-name=on`` with ``-name``), then ``<program>: ``."""
+    prefix = ""
+    if _MessageOptions.timestamp:
+        prefix = _iso8601_now() + " "
+    if _MessageOptions.guest_name and _MessageOptions.name is not None:
+        prefix += _MessageOptions.name + " "
+    return prefix + program_name() + ": "
+
+
 def error_report(message: str) -> None:
     """Print ``message`` on stderr as QEMU's error_report does."""
-    sys.stderr.write(f"{program_name()}: {message}\n")
+    sys.stderr.write(f"{message_prefix()}{message}\n")
+    sys.stderr.flush()
+
+
+def warn_report(message: str, hint: str = "") -> None:
+    """Print a warning as QEMU's warn_report does (in the current :func:`location`),
+    then ``hint`` as it is (QEMU's error_printf: no prefix, no timestamp)."""
+    where = _LOCATION.get()
+    located = f"{where}: " if where else ""
+    sys.stderr.write(f"{message_prefix()}{located}warning: {message}\n{hint}")
     sys.stderr.flush()
 
 
@@ -61,7 +114,7 @@ class _QemuStyle(logging.Formatter):
         if getattr(record, HINT, False):
             return message
         where = _LOCATION.get()
-        prefix = f"{program_name()}: {where}: " if where else f"{program_name()}: "
+        prefix = f"{message_prefix()}{where}: " if where else message_prefix()
         if record.levelno < logging.ERROR:
             # warn_report (and info_report, which QEMU prints the same way)
             return f"{prefix}warning: {message}"

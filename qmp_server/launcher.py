@@ -69,7 +69,7 @@ def _flush_standard_streams() -> bool:
 def run() -> NoReturn:
     """Entry point of the ``qmp-server`` script and ``python -m qmp_server``."""
     try:
-        main(on_serving=_collect_from_now_on)
+        main(on_serving=_collect_from_now_on, report_signals=True)
         status = 0
     except SystemExit as exit_request:
         status = _exit_status(exit_request.code)

@@ -34,6 +34,8 @@ class MachineConfig:
     #: ``-no-shutdown``: a guest power-off stops the VM (run state ``shutdown``) instead
     #: of ending the process.
     no_shutdown: bool = False
+    #: ``-no-reboot``: a reset request shuts the VM down instead.
+    no_reboot: bool = False
     #: ``-smp`` as typed: the vCPUs query-cpus-fast lists (machinemodel.cpu_topology).
     smp: str | None = None
     #: The character devices (-chardev, and one per -qmp/-monitor), in command-line order:
@@ -51,7 +53,8 @@ class Machine:
         self.events = EventBus()
         # The wiring: each service gets the narrow parts it needs, lower layers first.
         self.vm = VM(self.events, start_paused=config.start_paused,
-                     incoming=config.incoming is not None, no_shutdown=config.no_shutdown)
+                     incoming=config.incoming is not None, no_shutdown=config.no_shutdown,
+                     no_reboot=config.no_reboot)
         # The fd sets (add-fd) open /dev/fdset/N file names for the block layer.
         fdsets = fdsets_of(self)
         fdsets.running = lambda: self.vm.running
@@ -78,5 +81,8 @@ class Machine:
                                                     config.machine_type)
         #: The NBD server and its block exports.
         self.nbd = NbdService(self.block, self.events)
+        # A savevm (HMP's or snapshot-save's) is a migration into the image, which
+        # query-migrate shows (qemu_savevm_state).
+        self.internal_snapshots.migration = self.migration
         self.hmp = HumanMonitor(self.vm, self.block, self.devices, self.migration, config.name,
                                 self.internal_snapshots)

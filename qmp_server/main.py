@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -20,7 +22,7 @@ import trio
 from .app import App, SetupError
 from .chardev import ChardevError
 from .cli import Options, PidFile, PidFileError, UsageError, parse_args
-from .errorreport import program_name, report_log_records
+from .errorreport import error_report, message_prefix, program_name, report_log_records
 from .errors import QMPError
 
 
@@ -48,9 +50,64 @@ def exposure_warnings(options: Options) -> list[str]:
 
 
 def fail(message: str) -> NoReturn:
-    """Print ``<program>: message`` to stderr and exit with status 1."""
-    print(f"{program_name()}: {message}", file=sys.stderr)
+    """Print ``<program>: message`` to stderr (as error_report) and exit with status 1."""
+    error_report(message)
     raise SystemExit(1)
+
+
+#: The signals QEMU's termination handler takes (os_setup_signal_handling): each asks
+#: for a shutdown, reported as "terminating on signal N from pid P (NAME)".
+_TERMINATION_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def _sender_name(pid: int) -> str:
+    """QEMU's qemu_get_pid_name: /proc/PID/cmdline, printed with %s (up to the first NUL,
+    so argv[0] as the sender was started)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return "<unknown process>"
+
+
+def termination_message(signo: int, pid: int) -> str:
+    """QEMU's qemu_kill_report text for a termination signal sent by ``pid`` (0: the
+    kernel, e.g. ^C at the terminal)."""
+    if pid == 0:
+        return f"terminating on signal {signo}"
+    return f"terminating on signal {signo} from pid {pid} ({_sender_name(pid)})"
+
+
+def _wait_for_termination_signals() -> None:
+    """The reporter thread: take each termination signal with its sender, report the
+    first one as QEMU does, then hand the signal on to its handler."""
+    reported = False
+    while True:
+        info = signal.sigwaitinfo(_TERMINATION_SIGNALS)
+        if not reported:
+            reported = True
+            error_report(termination_message(info.si_signo, info.si_pid))
+        # Raised again in this thread, with the signal unblocked here only: the C-level
+        # handler runs here, the Python one (Trio's, which requests the shutdown) in the
+        # main thread as for any signal; without one, the default action ends the process.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {info.si_signo})
+        signal.raise_signal(info.si_signo)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {info.si_signo})
+
+
+def report_termination_signals() -> None:
+    """Print QEMU's ``terminating on signal N from pid P (NAME)`` for a termination signal.
+
+    Python's handlers are not given the sender (no siginfo), so the signals are blocked
+    in this thread, and in every thread started later (they inherit the mask), and a
+    dedicated thread takes them with sigwaitinfo, which does give it. Call it before any
+    other thread is started (a thread with the signals unblocked could take one, which
+    would then go unreported) and after the last fork (-daemonize: a fork keeps only the
+    forking thread). The price: processes started later inherit the blocked mask too
+    (``exec:`` migration commands), unless whoever starts them unblocks it.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATION_SIGNALS)
+    threading.Thread(target=_wait_for_termination_signals, name="termination-signals", daemon=True).start()
 
 
 def _daemonize() -> int:
@@ -75,11 +132,15 @@ def _daemonize() -> int:
     return write_end
 
 
-def main(argv: list[str] | None = None, *, on_serving: Callable[[], None] | None = None) -> None:
+def main(argv: list[str] | None = None, *, on_serving: Callable[[], None] | None = None,
+         report_signals: bool = False) -> None:
     """Run the server (``qmp-server`` and ``python -m qmp_server`` go through
     :mod:`qmp_server.launcher`); ends with ``SystemExit`` carrying the exit status.
 
     ``on_serving`` is called once set-up is over, just before serving starts.
+    ``report_signals``: report termination signals with their sender, as QEMU does
+    (:func:`report_termination_signals`; it changes the process's signal mask, so only
+    for a process of its own).
     """
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
@@ -87,8 +148,11 @@ def main(argv: list[str] | None = None, *, on_serving: Callable[[], None] | None
         fail(str(err))
     report_log_records()
     for warning in exposure_warnings(options):
-        print(f"{program_name()}: {warning}", file=sys.stderr)
+        print(f"{message_prefix()}{warning}", file=sys.stderr)
     report_fd = _daemonize() if options.daemonize else None
+    if report_signals and options.qtest is None:
+        # QEMU is silent about the signal under a qtest driver (qemu_kill_report).
+        report_termination_signals()
     pidfile: PidFile | None = None
     try:
         # Before any socket exists (qemu_init writes the pidfile before creating chardevs):
@@ -103,7 +167,7 @@ def main(argv: list[str] | None = None, *, on_serving: Callable[[], None] | None
     except (SetupError, QMPError, PidFileError, ChardevError) as err:
         if pidfile is not None:
             pidfile.remove()
-        message = f"{program_name()}: {err}\n"
+        message = f"{message_prefix()}{err}\n"
         if report_fd is not None:
             os.write(report_fd, message.encode())
             os._exit(1)

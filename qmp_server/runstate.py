@@ -94,10 +94,13 @@ class VM:
     """The virtual machine's run state, as ``query-status``, ``stop`` and ``cont`` see it."""
 
     def __init__(self, events: EventBus, *, start_paused: bool = False, incoming: bool = False,
-                 no_shutdown: bool = False) -> None:
+                 no_shutdown: bool = False, no_reboot: bool = False) -> None:
         self.events = events
-        #: ``-no-shutdown``: a guest power-off stops the VM instead of ending the process.
+        #: ``-no-shutdown``: a shutdown request (but ``quit`` or a signal) stops the VM
+        #: instead of ending the process.
         self.no_shutdown = no_shutdown
+        #: ``-no-reboot``: a reset request is a shutdown request instead.
+        self.no_reboot = no_reboot
         #: Set when the process should end (``quit``, a signal, a guest power-off, a
         #: failed ``-incoming``); the server stops serving and exits with ``exit_code``.
         self.exit_requested = trio.Event()
@@ -168,17 +171,33 @@ class VM:
     async def shutdown(self, reason: str, *, guest: bool = False) -> bool:
         """A shutdown request, as QEMU's main_loop_should_exit handles it.
 
-        SHUTDOWN is emitted at once. A host request (``quit``, a signal) always ends the
-        process: qmp_quit and qemu_system_killed force the power-off action. A guest
-        power-off with ``-no-shutdown`` stops the VM in ``shutdown`` instead. Returns
-        whether the caller should now request the exit (QMP ``quit`` does it after its
-        reply).
+        SHUTDOWN is emitted at once. ``quit`` and a signal always end the process:
+        qmp_quit and qemu_system_killed force the power-off action. Any other request (a
+        guest power-off, a reset with ``-no-reboot``) with ``-no-shutdown`` stops the VM
+        in ``shutdown`` instead. Returns whether the caller should now request the exit
+        (QMP ``quit`` does it after its reply).
         """
         self.events.emit("SHUTDOWN", {"guest": guest, "reason": reason})
-        if guest and self.no_shutdown:
+        if self.no_shutdown and reason not in ("host-qmp-quit", "host-signal"):
             await self.vm_stop(RunState.SHUTDOWN)
             return False
         return True
+
+    async def reset_request(self, reason: str) -> bool:
+        """A reset request (``system_reset``), as QEMU's qemu_system_reset_request and
+        main_loop_should_exit handle it: RESET, after which any state but running,
+        inmigrate and finish-migrate becomes prelaunch (so a shut down VM can ``cont``).
+        With ``-no-reboot`` (reboot_action shutdown) it is a shutdown request instead
+        (:meth:`shutdown`). Returns whether the caller should request the exit after
+        its reply.
+        """
+        guest = reason.startswith("guest-")
+        if self.no_reboot:
+            return await self.shutdown(reason, guest=guest)
+        self.events.emit("RESET", {"guest": guest, "reason": reason})
+        if self.state not in (RunState.RUNNING, RunState.INMIGRATE, RunState.FINISH_MIGRATE):
+            self.set_state(RunState.PRELAUNCH)
+        return False
 
     async def stop(self) -> None:
         """The ``stop`` command."""

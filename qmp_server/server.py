@@ -16,7 +16,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -87,9 +87,10 @@ class Connection:
 
     def __init__(self, machine: Machine, dispatcher: Dispatcher, stream: trio.abc.Stream,
                  poll_max_ns: int = DEFAULT_POLL_MAX_NS, fds: MonitorFds | None = None,
-                 *, shares_stdio: bool = False) -> None:
+                 *, shares_stdio: bool = False, pretty: bool = False) -> None:
         """``shares_stdio``: the client is the process's stdin/stdout, whose output other
-        parts of the server (error_report's stderr lines, HMP qemu-io) interleave with."""
+        parts of the server (error_report's stderr lines, HMP qemu-io) interleave with.
+        ``pretty``: the monitor has ``pretty=on`` (QEMU's pretty-printed JSON)."""
         self.machine = machine
         # QEMU writes a monitor's reply before it runs the next command, so on a shared
         # terminal or pipe a command's stderr lines (qcow2_signal_corruption's, say)
@@ -99,7 +100,7 @@ class Connection:
         self.fds = fds if fds is not None else MonitorFds()
         self.dispatcher = dispatcher
         self.stream = stream
-        self.session = QMPSession(dispatcher.plain_queries())
+        self.session = QMPSession(dispatcher.plain_queries(), pretty=pretty)
         # Output is bytes to write, or an action to run once everything before it is written.
         self._out_send, self._out_recv = trio.open_memory_channel[bytes | Callable[[], None]](math.inf)
         self._in_send, self._in_recv = trio.open_memory_channel[Request](INBAND_QUEUE_MAX)
@@ -483,17 +484,19 @@ async def _accept_loop(listener: trio.SocketListener, nursery: trio.Nursery,
 
 async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.SocketListener],
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED, *,
-                poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
+                poll_max_ns: int = DEFAULT_POLL_MAX_NS,
+                pretty: Collection[trio.SocketListener] = ()) -> None:
     """Serve every listener until the machine asks to exit.
 
     ``poll_max_ns``: how long to poll a client's socket for its next request after
-    answering it (0: never poll).
+    answering it (0: never poll). ``pretty``: the listeners of ``pretty=on`` monitors.
     """
 
     connections: set[Connection] = set()
 
-    async def handle(stream: trio.SocketStream, named: dict[str, int]) -> None:
-        connection = Connection(machine, dispatcher, stream, poll_max_ns, MonitorFds(named))
+    async def handle(stream: trio.SocketStream, named: dict[str, int], pretty: bool) -> None:
+        connection = Connection(machine, dispatcher, stream, poll_max_ns, MonitorFds(named),
+                                pretty=pretty)
         connections.add(connection)
         try:
             await connection.run()
@@ -505,7 +508,8 @@ async def serve(machine: Machine, dispatcher: Dispatcher, listeners: list[trio.S
         for listener in listeners:
             # Each monitor's named descriptors (getfd) outlive its clients, as in QEMU.
             named: dict[str, int] = {}
-            nursery.start_soon(_accept_loop, listener, nursery, partial(handle, named=named))
+            nursery.start_soon(_accept_loop, listener, nursery,
+                               partial(handle, named=named, pretty=any(listener is p for p in pretty)))
         task_status.started()
         await machine.vm.exit_requested.wait()
         # qemu_cleanup: running block jobs are cancelled (their events go out too).

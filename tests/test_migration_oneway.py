@@ -250,3 +250,19 @@ def test_mapped_ram_is_refused_clearly(tmp_path: Path) -> None:
         assert src.status() == "running"
     finally:
         src.close()
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["ours", "qemu"])
+def test_an_exec_command_starts_with_no_signal_blocked(tmp_path: Path, qemu: bool) -> None:
+    """The ``exec:`` command can be stopped by SIGTERM as QEMU's: it starts with no signal
+    blocked, although the server keeps its termination signals for a reporter thread."""
+    image = tmp_path / "disk.qcow2"
+    qemu_img_create(image)
+    mask = tmp_path / "mask"
+    src = start_server(blockdev(image), tmp_path, "src", qemu=qemu)
+    try:
+        src.cmd("migrate", uri=f"exec:grep SigBlk /proc/self/status > {mask}; cat > /dev/null")
+        assert _wait_migration(src)["status"] == "completed"
+    finally:
+        src.close()
+    assert mask.read_text().split() == ["SigBlk:", "0000000000000000"]

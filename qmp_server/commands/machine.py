@@ -345,14 +345,13 @@ async def qom_get(ctx: CommandContext, args: dict[str, Any]) -> Any:
 async def system_reset(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Reset the machine: RESET; a VM that is not running comes back in prelaunch.
 
-    QEMU's main_loop_should_exit: after qemu_system_reset, any state but running,
-    inmigrate and finish-migrate becomes prelaunch (so a shut down VM can ``cont``).  The
-    main loop handles the request before the reply goes out, so the event comes first.
+    With ``-no-reboot`` a shutdown instead: SHUTDOWN, then the exit after the reply (or,
+    with ``-no-shutdown``, run state ``shutdown``). QEMU's main loop handles the request
+    before the reply goes out, so the events come first (VM.reset_request).
     """
-    machine = ctx.machine
-    machine.events.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
-    if machine.vm.state not in (RunState.RUNNING, RunState.INMIGRATE, RunState.FINISH_MIGRATE):
-        machine.vm.set_state(RunState.PRELAUNCH)
+    vm = ctx.machine.vm
+    if await vm.reset_request("host-qmp-system-reset"):
+        ctx.after_reply.append(lambda: vm.request_exit(0))
 
 
 @table.command("system_powerdown")

@@ -113,11 +113,6 @@ class HumanMonitor:
                                        "passed via SCM rights"),
         }
         snap = SnapshotCommands(vm, snapshots) if snapshots is not None else None
-        if snapshots is not None and snapshots.migration is None:
-            # A savevm (HMP's or snapshot-save's) is a migration into the image, which
-            # query-migrate shows (qemu_savevm_state). Machine builds both services and
-            # hands them to the monitor; this is the one place that has both.
-            snapshots.migration = migration
         if snap is not None:
             self.commands.update({"savevm": (snap.savevm, SNAPSHOT_HELP["savevm"]),
                                   "loadvm": (snap.loadvm, SNAPSHOT_HELP["loadvm"]),

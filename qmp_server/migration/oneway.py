@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import signal
 import stat
 import subprocess
 
@@ -135,14 +136,23 @@ class OneWayStream(trio.abc.Stream):
                         await process.wait()
 
 
+def _default_signal_mask() -> None:
+    # In the child, before exec: the server blocks its termination signals in every
+    # thread (main.report_termination_signals takes them with sigwaitinfo), and a child
+    # inherits the mask; the command must be stoppable by SIGTERM as under QEMU.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 async def _spawn(command: str, *, outgoing: bool) -> trio.Process:
     # QEMU's exec_start_outgoing/incoming_migration: argv {"/bin/sh", "-c", command}; the
     # stream goes to its stdin (outgoing) or comes from its stdout (incoming).
     argv = ["/bin/sh", "-c", command]
     try:
         if outgoing:
-            return await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE)
-        return await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
+            return await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE,
+                                                    preexec_fn=_default_signal_mask)
+        return await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE,
+                                                preexec_fn=_default_signal_mask)
     except OSError as err:
         raise OneWayError(f"Failed to execute child process: {_strerror(err)}") from err
 

@@ -176,3 +176,42 @@ def encode_text(message: Any, *, floats: bool = True) -> str:
         # DEL is outside what QEMU passes through unescaped; json leaves it raw.
         text = text.replace("\x7f", "\\u007F")
     return text
+
+
+# ------------------------------------------------------------------- pretty printing
+
+#: A compact output's tokens: a string, a bracket, the ", " between members or elements,
+#: or a run of anything else (numbers, literals, ": ", the line end).
+_PRETTY_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]]|, |[^"{}\[\],]+')
+
+
+def prettify(data: bytes) -> bytes:
+    """Compact output (one or more lines of :func:`encode`) as a ``pretty=on`` monitor
+    writes it: QEMU's qobject_to_json_pretty puts each member and element on a line of its
+    own, indented four spaces a level, the closing bracket on a line of its own (an
+    empty object too: ``{``, then ``}`` on the next line), and the monitor turns every
+    newline into CRLF. The tokens themselves are left as they are (same numbers and
+    escapes as the compact form)."""
+    out: list[str] = []
+    depth = 0
+    just_opened = False
+    for token in _PRETTY_TOKEN.findall(data.decode("ascii")):
+        first = token[0]
+        if first in "{[":
+            depth += 1
+            out.append(token)
+            out.append("\r\n" + "    " * depth)
+            just_opened = True
+            continue
+        if first in "}]":
+            depth -= 1
+            if just_opened:
+                out.pop()
+            out.append("\r\n" + "    " * depth)
+            out.append(token)
+        elif token == ", ":
+            out.append(",\r\n" + "    " * depth)
+        else:
+            out.append(token)
+        just_opened = False
+    return "".join(out).encode("ascii")

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from ..errors import CommandNotFound, QMPError
 from ..version import version_info
-from .encoding import encode
+from .encoding import encode, prettify
 from .fastpath import FastPath
 from .framing import JSONParseError, JSONStreamer
 from .requests import Request, check_request, read_request
@@ -63,7 +63,11 @@ class QMPSession:
     commands must give the same result through the general path.
     """
 
-    def __init__(self, queries: Mapping[str, Callable[[], Any]] | None = None) -> None:
+    def __init__(self, queries: Mapping[str, Callable[[], Any]] | None = None, *,
+                 pretty: bool = False) -> None:
+        #: ``pretty=on`` (``-qmp-pretty``, ``-mon ...,pretty=on``): everything sent is
+        #: pretty-printed (:func:`.encoding.prettify`) as it is handed out.
+        self.pretty = pretty
         self._streamer = JSONStreamer()
         self.mode = Mode.NEGOTIATION
         self.oob_enabled = False
@@ -81,7 +85,7 @@ class QMPSession:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        return data
+        return prettify(data) if self.pretty else data
 
     # ------------------------------------------------------------------- input
 
