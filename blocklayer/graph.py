@@ -12,9 +12,10 @@ import logging
 import os
 import random
 from collections.abc import Callable, Container, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .driver import BlockDriver
+from .driver import BackingRequest, BlockDriver
 from .drivers.file import FileDriver
 from .drivers.null import NullDriver
 from .drivers.raw import RawDriver
@@ -93,6 +94,35 @@ def _open_options(options: Mapping[str, Any], spelled: Mapping[str, Any] | None)
             else:
                 flat[f"{prefix}{key}"] = value if given is None or isinstance(given, Mapping) else given
     return flat
+
+
+@dataclass(frozen=True)
+class BackingOptions:
+    """Options for the backing file an image names itself, given without saying which
+    file or format that is: a ``-drive``'s ``backing.*`` options (``backing.node-name=``,
+    ``backing.file.filename=``, ``backing.driver=``...), which QEMU's
+    bdrv_open_backing_file lays over what the image header says.
+
+    ``options`` are as given (a keyval tree of strings, not yet checked: the driver that
+    decides what they may be is only known once the header is read). ``open_options``
+    turns them, completed with the header's file and format, into the typed blockdev
+    options to open and the same options as spelled (for file names), raising
+    :class:`BlockError` with QEMU's text when they are wrong for that driver.
+    """
+
+    options: Mapping[str, Any]
+    open_options: Callable[[dict[str, Any]], tuple[dict[str, Any], Mapping[str, Any]]]
+
+
+def _merged(low: Mapping[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+    """``high`` over ``low``, nested dicts merged (qdict_join of flattened options)."""
+    out = dict(low)
+    for key, value in high.items():
+        below = out.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping):
+            value = _merged(below, value)
+        out[key] = value
+    return out
 
 
 def _id_wellformed(name: str) -> bool:
@@ -231,6 +261,9 @@ class BlockGraph:
         created.append(node)
         if driver.supports_backing:
             self._open_backing(node, options, inactive, created, _spelled_child(spelled, "backing"))
+        elif isinstance(options.get("backing"), BackingOptions):
+            # bdrv_open_backing_file on a node whose driver has no backing child.
+            raise BlockError("Driver doesn't support backing files", errno.EINVAL)
         self.refresh_filenames([node])
         return node
 
@@ -289,36 +322,73 @@ class BlockGraph:
         request = node.driver.backing_request()
         # qcow2_do_open: both start as the header's name.
         node.backing_file = node.auto_backing_file = request.filename if request is not None else ""
-        if "backing" in options:
-            ref = options["backing"]
-            if ref is None:
-                return
-            child = self._child_node(ref, node.options, inactive, created, backing=True,
-                                     spelled=spelled)
-        else:
-            if request is None:
-                return
-            try:
-                if request.filename.startswith("json:"):
-                    spec = self._json_backing(request.filename, request.format)
-                else:
-                    # bdrv_fill_options: a protocol prefix (file:, null-co://) names the
-                    # protocol node; the format is the header's, else probed on it.
-                    protocol = protocol_options(request.path)
-                    path = protocol.get("filename")
-                    fmt = request.format or (self._probe_format(path) if isinstance(path, str) else "raw")
-                    spec = {"driver": fmt, "file": protocol}
-                child = self._child_node(spec, node.options, inactive, created, backing=True)
-            except BlockError as err:
-                # bdrv_open_backing_file prefixes what opening the backing chain said.
-                if err.message.startswith("Could not open backing file: "):
-                    raise
-                raise BlockError(f"Could not open backing file: {err.message}", err.errno) from err
+        ref = options.get("backing")
+        if "backing" in options and ref is None:
+            return
+        if ref is None and request is None:
+            return
+        try:
+            if isinstance(ref, BackingOptions):
+                typed, spelled = ref.open_options(self._backing_spec(request, ref.options))
+                child = self._child_node(typed, node.options, inactive, created, backing=True,
+                                         spelled=spelled)
+            elif ref is not None:
+                child = self._child_node(ref, node.options, inactive, created, backing=True,
+                                         spelled=spelled)
+            else:
+                assert request is not None
+                child = self._child_node(self._backing_spec(request, {}), node.options, inactive,
+                                         created, backing=True)
+        except BlockError as err:
+            # bdrv_open_backing_file prefixes whatever opening the backing node said, once
+            # per level of the chain.
+            raise BlockError(f"Could not open backing file: {err.message}", err.errno) from err
+        if ref is None:
             # bdrv_open_backing_file: a backing node opened as the header says is what the
-            # header means, whatever its file name (implicit_backing).
+            # header means, whatever its file name (implicit_backing). Options given for
+            # it (BackingOptions) make it an explicit one: auto_backing_file stays.
             node.auto_backing_file = child.filename
         self._attach(node, child, "backing", ChildRole.COW)
         node.driver.backing = child
+
+    def _backing_spec(self, request: BackingRequest | None, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The options bdrv_open_backing_file opens a backing node with: the header's file
+        name (bdrv_fill_options: a protocol prefix such as file: or null-co:// names the
+        protocol node), its backing format or else the probed one, and ``given`` (a
+        -drive's ``backing.*``) over them. A ``file.filename`` given replaces the
+        header's file; the format is still the header's unless ``driver`` is given."""
+        file_given = given.get("file")
+        has_filename = isinstance(file_given, Mapping) and "filename" in file_given
+        if request is None and not has_filename:
+            # No file name from anywhere (bdrv_fill_options, then bdrv_open_inherit).
+            if "driver" not in given:
+                raise BlockError("Must specify either driver or file", errno.EINVAL)
+            factory = self.drivers.get(str(given["driver"]))
+            if factory is not None and not factory().protocol:
+                raise BlockError('A block device must be specified for "file"', errno.EINVAL)
+            return dict(given)
+        if has_filename:
+            assert isinstance(file_given, Mapping)
+            # An option filename is the file driver's, its protocol prefix not parsed
+            # (bdrv_find_protocol without allow_protocol_prefix).
+            protocol: dict[str, Any] = {"driver": "file", **file_given}
+            spec = {k: v for k, v in given.items() if k != "file"}
+        else:
+            assert request is not None
+            if request.filename.startswith("json:"):
+                return _merged(self._json_backing(request.filename, request.format), given)
+            protocol = protocol_options(request.path)
+            spec = dict(given)
+        fmt = given.get("driver") or (request.format if request is not None else None)
+        if fmt is None:
+            path = protocol.get("filename")
+            fmt = "raw"
+            if protocol["driver"] == "file" and isinstance(path, str):
+                fmt = self._probe_format(path)
+        spec.pop("driver", None)
+        if has_filename:
+            return {"driver": fmt, "file": protocol, **spec}
+        return _merged({"driver": fmt, "file": protocol}, spec)
 
     def _json_backing(self, filename: str, fmt: str | None) -> dict[str, Any]:
         """Blockdev options from a ``json:{...}`` backing file name (parse_json_filename).
@@ -330,10 +400,9 @@ class BlockGraph:
         try:
             tree = json.loads(filename[len("json:"):])
         except ValueError as err:
-            raise BlockError(f"Could not open backing file: Could not parse the JSON options: {err}",
-                             errno.EINVAL) from err
+            raise BlockError(f"Could not parse the JSON options: {err}", errno.EINVAL) from err
         if not isinstance(tree, dict):
-            raise BlockError("Could not open backing file: Invalid JSON object given", errno.EINVAL)
+            raise BlockError("Invalid JSON object given", errno.EINVAL)
         options: dict[str, Any] = {}
         for key, value in tree.items():  # dotted keys to nested dicts (qdict_crumple)
             parts = str(key).split(".")
@@ -341,7 +410,7 @@ class BlockGraph:
             for part in parts[:-1]:
                 nested = target.setdefault(part, {})
                 if not isinstance(nested, dict):
-                    raise BlockError(f"Could not open backing file: Invalid option '{key}'", errno.EINVAL)
+                    raise BlockError(f"Invalid option '{key}'", errno.EINVAL)
                 target = nested
             target[parts[-1]] = value
         if "filename" in options and "file" not in options and options.get("driver") != "file":
@@ -361,8 +430,7 @@ class BlockGraph:
         try:
             return probe_format(path)
         except OSError as err:
-            raise BlockError(f"Could not open backing file: Could not open '{path}': "
-                             f"{os.strerror(err.errno or 0)}", err.errno) from err
+            raise BlockError(f"Could not open '{path}': {os.strerror(err.errno or 0)}", err.errno) from err
 
     # File names -------------------------------------------------------------------------
 

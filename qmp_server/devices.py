@@ -18,6 +18,7 @@ disks a bus (``ID.0``, or ``scsi.N`` when it has no id), with QEMU's target/LUN 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 
 from blocklayer.backend import BlockBackend
 from blocklayer.errors import BlockError
-from blocklayer.graph import probe_format
+from blocklayer.graph import BackingOptions, probe_format
 from blocklayer.node import BlockNode
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 from blocklayer.protocols import protocol_options
@@ -373,7 +374,7 @@ class Devices:
         blk.perm, blk.shared = CONSISTENT_READ, ALL
         if tree is not None:
             # bs->options of a -drive's nodes hold QemuOpts' strings (file names show them).
-            node = _call(graph.open, self._typed(tree), inactive=self._inmigrate(),
+            node = _call(graph.open, self._typed_drive(tree), inactive=self._inmigrate(),
                          spelled=_as_spelled(tree))
             # drive_new's tree belongs to its BlockBackend, not to the monitor.
             node.monitor_owned = False
@@ -389,6 +390,32 @@ class Devices:
         elif interface == "ide":
             self.device_add({"driver": "ide-hd", "drive": name, "bus": f"ide.{bus_id}",
                              "unit": str(unit_id)}, hotplug=False)
+
+    def _typed_drive(self, tree: dict[str, Any]) -> dict[str, Any]:
+        """The typed blockdev options of a -drive's node tree. Its ``backing.*`` options
+        are for the backing file the image names (bdrv_open_backing_file), which the
+        block layer completes from the header and then has typed here, level by level
+        (:class:`BackingOptions`); ``backing=`` names a node, or none when empty."""
+        backing = tree.get("backing")
+        if backing == "":
+            # bdrv_open_inherit still takes the old spelling of "no backing file".
+            log.warning('Use of "backing": "" is deprecated; use "backing": null instead')
+            typed = self._typed({key: value for key, value in tree.items() if key != "backing"})
+            typed["backing"] = None
+            return typed
+        if not isinstance(backing, dict):
+            return self._typed(tree)
+        typed = self._typed({key: value for key, value in tree.items() if key != "backing"})
+        typed["backing"] = BackingOptions(backing, self._typed_backing)
+        return typed
+
+    def _typed_backing(self, tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        # BackingOptions.open_options: what no driver of the backing node takes fails
+        # there, with the block layer's prefix for the backing file.
+        try:
+            return self._typed_drive(tree), _as_spelled(tree)
+        except QMPError as err:
+            raise BlockError(err.desc, errno.EINVAL) from err
 
     def _typed(self, tree: dict[str, Any]) -> dict[str, Any]:
         # blockdev_init hands the rest to bdrv_open, which names what no driver took.

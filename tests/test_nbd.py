@@ -313,3 +313,88 @@ def test_a_bug_in_a_request_fails_the_request_not_the_server(tmp_path: Path) -> 
     finally:
         proc.kill()
         proc.wait()
+
+
+def _hmp(client: Client, line: str) -> list[Any]:
+    """An HMP command's text and the events it caused."""
+    text = client.hmp(line)
+    events = [e["event"] + ":" + str(e.get("data")) for e in client.events]
+    client.events.clear()
+    return [line, text, events]
+
+
+def _exports(client: Client) -> list[Any]:
+    """query-block-exports, the generated node names (random in both) made equal."""
+    return [re.sub(r"#block\d+", "#block", str(e)) for e in client.cmd("query-block-exports")]
+
+
+def _hmp_scenario(proc: subprocess.Popen[bytes], c: Client, work: Path) -> list[Any]:
+    # HMP's NBD commands (hmp_nbd_server_*): their texts, errors included, the exports
+    # they make, and QEMU's tools reading and writing through them.
+    image, sock = work / "d.qcow2", str(work / "nbd.sock")
+    url = f"nbd+unix:///{{}}?socket={sock}"
+    steps: list[Any] = [
+        _hmp(c, f"drive_add 0 if=none,id=drive0,file={image}"),
+        _hmp(c, "drive_add 0 if=none,id=empty0"),
+        _hmp(c, f"drive_add 0 if=none,id=ro0,file={image},readonly=on,file.locking=off"),
+        _hmp(c, "nbd_server_stop"),
+        _hmp(c, "nbd_server_add drive0"),
+        _hmp(c, "nbd_server_remove x"),
+        _hmp(c, "nbd_server_start"),
+        _hmp(c, "nbd_server_start -w unix:" + sock),
+        _hmp(c, "nbd_server_start bogus"),
+        _hmp(c, "nbd_server_start unix:"),
+        _hmp(c, "nbd_server_start fd:nope"),
+        _hmp(c, f"nbd_server_start unix:{work}/no/s"),
+        _hmp(c, "nbd_server_start unix:" + sock),
+        _hmp(c, "nbd_server_start unix:" + sock),
+        _hmp(c, "nbd_server_add"),
+        _hmp(c, "nbd_server_add nosuch"),
+        _hmp(c, "nbd_server_add empty0"),
+        _hmp(c, "nbd_server_add drive0 a b"),
+        _hmp(c, "nbd_server_add -w drive0"),
+        _hmp(c, "nbd_server_add drive0"),
+        _hmp(c, "nbd_server_add -w ro0 second"),  # a read-only node: exported read-only
+        _exports(c),
+        _run("qemu-nbd", "--list", "-k", sock),
+        _run("qemu-io", "-f", "raw", url.format("drive0"), "-c", "write -P 0x5a 0 64k"),
+        _run("qemu-io", "-f", "raw", url.format("second"), "-c", "read 0 1"),  # read-only export
+        _run("qemu-io", "-f", "raw", "-r", url.format("second"), "-c", "read -P 0x5a 0 64k"),
+        _hmp(c, "nbd_server_remove"),
+        _hmp(c, "nbd_server_remove nosuch"),
+    ]
+    # A connected client keeps an export unless -f forces it out.
+    client = nbd_client.connect(sock)
+    _go(client, b"second", structured=True)
+    steps.append(_hmp(c, "nbd_server_remove second"))
+    forced = c.hmp("nbd_server_remove -f second")
+    client.close()
+    # QEMU deletes the export once the client is gone (its event may come later).
+    steps.append(["nbd_server_remove -f second", forced, c.wait_event("BLOCK_EXPORT_DELETED")["data"]])
+    steps += [
+        _hmp(c, "nbd_server_remove drive0"),
+        _hmp(c, "nbd_server_stop"),
+        _hmp(c, "nbd_server_stop"),
+        # -a: every drive with a medium, named as the drive; -w makes them writable.
+        _hmp(c, "nbd_server_start -a -w unix:" + sock),
+        _exports(c),
+        _run("qemu-nbd", "--list", "-k", sock),
+        _hmp(c, "nbd_server_stop"),
+        _hmp(c, "nbd_server_start -a unix:" + sock),
+        _run("qemu-nbd", "--list", "-k", sock),
+        _hmp(c, "nbd_server_stop"),
+        *[_hmp(c, f"help {name}") for name in ("nbd_server_start", "nbd_server_add",
+                                                "nbd_server_remove", "nbd_server_stop")],
+        _quit(c),
+    ]
+    proc.wait(timeout=20)
+    steps.append(_run("qemu-img", "check", str(image)))
+    return steps
+
+
+def test_hmp_nbd_commands_as_qemu(tmp_path: Path, qemu_system: str, qemu_io: str) -> None:
+    theirs, ours = _both(tmp_path, _hmp_scenario)
+    assert ours == theirs
+    flat = str(ours)
+    assert "wrote 65536/65536 bytes at offset 0" in flat and "read 65536/65536 bytes" in flat
+    assert "Error: export 'second' still in use" in flat

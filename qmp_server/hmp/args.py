@@ -80,7 +80,8 @@ def parse_arguments(command: str, spec: str, text: str) -> dict[str, str | bool]
     """The arguments of ``command`` per its args_type ``spec`` (``"detach:-d,uri:s"``).
 
     Flags come first and are True when given; strings (``s``, block device names ``B``)
-    and booleans (``b``) are required.
+    and booleans (``b``) are required, except an optional string (``s?``), absent from the
+    result when the line has no more words.
     Raises :class:`HmpArgumentError` with QEMU's text.
     """
     text = text.split("\0", 1)[0]
@@ -109,6 +110,8 @@ def parse_arguments(command: str, spec: str, text: str) -> dict[str, str | bool]
             if parsed is None or parsed[0] not in ("on", "off"):
                 raise HmpArgumentError("Expected 'on' or 'off'", command, "".join(stdout))
             result[name] = parsed[0] == "on"
+        elif parsed is None and kind.endswith("?") and skip_space(text, pos) >= len(text):
+            break  # an optional argument (``s?``) that is not there, nor any after it
         else:
             if parsed is None:
                 # A block device name ("B" in args_type) has its own "expected" text.

@@ -19,12 +19,15 @@ from ..errors import QMPError, with_hints
 from ..fdsets import NO_FD, MonitorFds
 from ..keyval import parse_keyval
 from ..migration.service import MigrationService
+from ..nbd.service import NbdService
 from ..runstate import VM
 from ..version import PACKAGE, version_string
 from ..vmsnapshots import InternalSnapshots
 from .args import HmpArgumentError, hmp_string, parse_arguments, skip_space
 from .blocktext import info_block_text
 from .migration import MigrationCommands
+from .nbd import HELP as NBD_HELP
+from .nbd import NbdCommands
 from .sizes import INT64_MAX, qemu_strtosz_mib
 from .snapshots import HELP as SNAPSHOT_HELP
 from .snapshots import INFO_HELP as SNAPSHOT_INFO_HELP
@@ -57,7 +60,8 @@ class HumanMonitor:
     """Dispatches HMP command lines."""
 
     def __init__(self, vm: VM, block: BlockService, devices: Devices, migration: MigrationService,
-                 name: str | None, snapshots: InternalSnapshots | None = None) -> None:
+                 name: str | None, snapshots: InternalSnapshots | None = None,
+                 nbd: NbdService | None = None) -> None:
         self.vm = vm
         self.block = block
         self.devices = devices
@@ -117,6 +121,12 @@ class HumanMonitor:
             self.commands.update({"savevm": (snap.savevm, SNAPSHOT_HELP["savevm"]),
                                   "loadvm": (snap.loadvm, SNAPSHOT_HELP["loadvm"]),
                                   "delvm": (snap.delvm, SNAPSHOT_HELP["delvm"])})
+        if nbd is not None:
+            nbd_cmds = NbdCommands(nbd, block, devices, _MONITOR_FDS.get)
+            self.commands.update({"nbd_server_start": (nbd_cmds.start, NBD_HELP["nbd_server_start"]),
+                                  "nbd_server_add": (nbd_cmds.add, NBD_HELP["nbd_server_add"]),
+                                  "nbd_server_remove": (nbd_cmds.remove, NBD_HELP["nbd_server_remove"]),
+                                  "nbd_server_stop": (nbd_cmds.stop, NBD_HELP["nbd_server_stop"])})
         self.info_commands: dict[str, tuple[Callable[[list[str]], Awaitable[str]], str]] = {
             "status": (self._info_status, "info status  -- show the current VM status (running|paused)"),
             "name": (self._info_name, "info name  -- show the current VM name"),

@@ -159,8 +159,10 @@ class NbdService:
         listener."""
         if not self.running or self._scope is None or self._stopped is None:
             raise QMPError("NBD server not running")
-        # blk_exp_close_all_type first: clients go, then the exports.
-        for export in list(self.exports):
+        # blk_exp_close_all_type first: clients go, then the exports. It asks the newest
+        # first to shut down, and the deletions it schedules run last-scheduled first
+        # (QEMU's bottom halves): the oldest export is deleted, and announced, first.
+        for export in reversed(self.exports):
             for scope in export.connections:
                 scope.cancel()
             await self._delete(export)
