@@ -290,3 +290,18 @@ def apply_op(drv: BlockDriver | None, model: bytearray | None, op: tuple[str, in
                 drv.discard(offset, length)
     if model is not None:
         model[offset:offset + length] = data
+
+
+def read_u64(path: Path, offset: int) -> int:
+    """The big-endian u64 at ``offset`` of the file (a qcow2 header field or table entry)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        value: int = int.from_bytes(f.read(8), "big")
+        return value
+
+
+def poke(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite ``data`` at ``offset`` of the file (crafting a damaged image)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)

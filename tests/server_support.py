@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import qemu_tools
 import schema_conformance
 
 #: Our server as the tests start it: with QEMU's guest-less machine, like the QEMU command
@@ -209,3 +210,21 @@ def running(args: list[str], tmp_path: Path, name: str = "vm", *, qemu: bool = F
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+#: The machine the frontend tests compare on: a PC that runs no guest code.
+PC = ["-machine", "pc", "-S"]
+
+
+@contextmanager
+def both(args: list[str], tmp_path: Path) -> Iterator[tuple[Client, Client]]:
+    """QEMU and the server started with ``PC + args``, each on its own copy of the
+    images (``{dir}`` in ``args`` names ``tmp_path/qemu`` or ``tmp_path/ours``)."""
+    qemu_tools.require("qemu-system-x86_64")
+    with ExitStack() as stack:
+        clients = []
+        for name in ("qemu", "ours"):
+            own = [a.replace("{dir}", str(tmp_path / name)) for a in args]
+            _, client = stack.enter_context(running(PC + own, tmp_path, name, qemu=name == "qemu"))
+            clients.append(client)
+        yield clients[0], clients[1]

@@ -14,16 +14,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import qemu_tools
-from server_support import Client, running
-
-PC = ["-machine", "pc", "-S"]
+from server_support import PC, Client, both
 
 
 def _image(qemu_img: str, path: Path, *options: str, size: str = "1M") -> None:
@@ -47,19 +43,6 @@ def chains(tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
                        check=True, capture_output=True)
         _image(qemu_img, folder / "orig.raw", "-f", "raw")
         _image(qemu_img, folder / "orig.qcow2", "-f", "qcow2", "-b", "orig.raw", "-F", "raw")
-
-
-@contextmanager
-def both(args: list[str], tmp_path: Path) -> Iterator[tuple[Client, Client]]:
-    """QEMU and the server, each on its own copy of the images (``{dir}`` in ``args``)."""
-    qemu_tools.require("qemu-system-x86_64")
-    with ExitStack() as stack:
-        clients = []
-        for name in ("qemu", "ours"):
-            own = [a.replace("{dir}", str(tmp_path / name)) for a in args]
-            _, client = stack.enter_context(running(PC + own, tmp_path, name, qemu=name == "qemu"))
-            clients.append(client)
-        yield clients[0], clients[1]
 
 
 def _normal(value: Any) -> Any:

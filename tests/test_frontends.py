@@ -14,36 +14,19 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import qemu_tools
 from lock_probe import locked
-from server_support import Client, running
-
-PC = ["-machine", "pc", "-S"]
+from server_support import PC, both, running
 
 
 def _blockdevs(image: Path, fmt: str, read_only: bool = False) -> list[str]:
     ro = ",read-only=on" if read_only else ""
     return ["-blockdev", f"driver=file,node-name=f0,filename={image}{ro}",
             "-blockdev", f"driver={fmt},node-name=d0,file=f0{ro}"]
-
-
-@contextmanager
-def both(args: list[str], tmp_path: Path) -> Iterator[tuple[Client, Client]]:
-    """QEMU and the server, each on its own copy of the images (``{dir}`` in ``args``)."""
-    qemu_tools.require("qemu-system-x86_64")
-    with ExitStack() as stack:
-        clients = []
-        for name in ("qemu", "ours"):
-            own = [a.replace("{dir}", str(tmp_path / name)) for a in args]
-            _, client = stack.enter_context(running(PC + own, tmp_path, name, qemu=name == "qemu"))
-            clients.append(client)
-        yield clients[0], clients[1]
 
 
 def _normal(value: Any) -> Any:

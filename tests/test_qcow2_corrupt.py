@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qcow2_support import close_qcow2, open_qcow2, qemu_check, qemu_img_create, qemu_io, run
+from qcow2_support import close_qcow2, open_qcow2, poke, qemu_check, qemu_img_create, qemu_io, read_u64, run
 from qemu_tools import require
 from server_support import Client, running
 
@@ -31,25 +31,12 @@ MiB = 1 << 20
 CLUSTER = 65536
 
 
-def _u64(path: Path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        value: int = struct.unpack(">Q", f.read(8))[0]
-        return value
-
-
-def _poke(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
 def _reftable_past_eof(path: Path) -> None:
-    _poke(path, 48, struct.pack(">Q", 1 << 30))
+    poke(path, 48, struct.pack(">Q", 1 << 30))
 
 
 def _first_reftable_entry_zero(path: Path) -> None:
-    _poke(path, _u64(path, 48), bytes(8))
+    poke(path, read_u64(path, 48), bytes(8))
 
 
 # The two images of the report, with what QEMU 7.2 says about a write to them.
@@ -132,7 +119,7 @@ def test_reported_images_end_to_end(tmp_path: Path, case: str) -> None:
     data = ours.read_bytes()
     assert data == theirs.read_bytes()
     assert data[:72] == header
-    assert _u64(ours, 72) & 2
+    assert read_u64(ours, 72) & 2
     # Read-only still works, as in QEMU.
     assert "read 4096/4096 bytes" in qemu_io(ours, "read 0 4k", read_only=True)
 
@@ -142,8 +129,8 @@ def test_read_only_corruption_is_not_fatal(tmp_path: Path) -> None:
     image = tmp_path / "ro.qcow2"
     qemu_img_create(image, MiB)
     qemu_io(image, "write -P 1 0 64k")
-    l1 = _u64(image, 40)
-    _poke(image, l1, struct.pack(">Q", _u64(image, l1) + 512))
+    l1 = read_u64(image, 40)
+    poke(image, l1, struct.pack(">Q", read_u64(image, l1) + 512))
     before = image.read_bytes()
     qemu_out = qemu_io(image, "read 0 4k", "read 0 4k", read_only=True, check=False)
     assert qemu_out.count("read failed: Input/output error") == 2
@@ -204,7 +191,7 @@ def test_open_refusals_match_qemu(tmp_path: Path, case: str) -> None:
     image = tmp_path / "t.qcow2"
     qemu_img_create(image, MiB)
     qemu_io(image, "write -P 7 0 64k")
-    _poke(image, *OPEN_CASES[case])
+    poke(image, *OPEN_CASES[case])
     before = image.read_bytes()
     for read_only in (True, False):
         want = _qemu_open_error(image, read_only)
@@ -389,7 +376,7 @@ def test_damaged_images_never_get_worse(shapes: dict[str, Path], scratch: Path, 
         # A refused write leaves nothing worse behind than what was there, apart from
         # the corrupt bit (which, when a table overlaps the header, qemu-img check may
         # count as well: it is put back for the comparison).
-        _poke(scratch, 72, bytes(data[72:80]))
+        poke(scratch, 72, bytes(data[72:80]))
         corrupt_restored, _ = _check_counts(scratch)
         if corrupt_restored > corrupt_before:
             # Worse than before only where QEMU, given the same writes, leaves it as bad:
@@ -405,7 +392,7 @@ def _qemu_after(damaged: bytes, folder: Path) -> int:
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 64k 128k",
                     "-c", "write -P 0x23 3M 4k", "-c", "flush", str(copy)],
                    capture_output=True, timeout=60)
-    _poke(copy, 72, damaged[72:80])
+    poke(copy, 72, damaged[72:80])
     return _check_counts(copy)[0]
 
 
@@ -448,8 +435,8 @@ def test_overlap_check_modes_as_qemu(tmp_path: Path, mode: str) -> None:
         image = tmp_path / f"{side}.qcow2"
         qemu_img_create(image, MiB)
         qemu_io(image, "write -P 0x11 0 512")
-        assert _u64(image, 0x40000) == (1 << 63) | 0x50000  # L2 entry 0 -> data cluster
-        _poke(image, 0x40000, struct.pack(">Q", (1 << 63) | 0x20000))  # -> refcount block
+        assert read_u64(image, 0x40000) == (1 << 63) | 0x50000  # L2 entry 0 -> data cluster
+        poke(image, 0x40000, struct.pack(">Q", (1 << 63) | 0x20000))  # -> refcount block
         images[side] = image
     theirs = run("qemu-io", "--image-opts",
                  f"driver=qcow2,file.filename={images['theirs']},overlap-check={mode}",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qcow2_support import close_qcow2, open_qcow2, qemu_img_create, qemu_io, run
+from qcow2_support import close_qcow2, open_qcow2, poke, qemu_img_create, qemu_io, read_u64, run
 from qemu_tools import require
 from server_support import QEMU, SERVER, running
 
@@ -33,19 +33,6 @@ SNAPSHOTS_OFFSET = 64
 #: extra_data_size (u32) at 36.
 SN_L1_SIZE = 8
 SN_EXTRA = 36
-
-
-def _u64(path: Path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        value: int = struct.unpack(">Q", f.read(8))[0]
-        return value
-
-
-def _poke(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
 
 
 def _eof_cluster(path: Path) -> int:
@@ -70,13 +57,13 @@ def _image(path: Path) -> Path:
 
 
 def _entry(path: Path) -> int:
-    return _u64(path, SNAPSHOTS_OFFSET)
+    return read_u64(path, SNAPSHOTS_OFFSET)
 
 
 # -- open: qcow2_read_snapshots ---------------------------------------------------------
 
 def _extra_data_huge(path: Path) -> None:
-    _poke(path, _entry(path) + SN_EXTRA, struct.pack(">I", 0xFFFFFFFF))
+    poke(path, _entry(path) + SN_EXTRA, struct.pack(">I", 0xFFFFFFFF))
 
 
 def _extra_data_1025_second_entry(path: Path) -> None:
@@ -88,7 +75,7 @@ def _extra_data_1025_second_entry(path: Path) -> None:
     extra, = struct.unpack_from(">I", head, SN_EXTRA)
     id_len, name_len = struct.unpack_from(">HH", head, 12)
     second = (table + 40 + extra + id_len + name_len + 7) & ~7
-    _poke(path, second + SN_EXTRA, struct.pack(">I", 1025))
+    poke(path, second + SN_EXTRA, struct.pack(">I", 1025))
 
 
 def _table_too_big(path: Path) -> None:
@@ -100,7 +87,7 @@ def _table_too_big(path: Path) -> None:
         for i in range(600):
             f.seek(table + i * ((40 + 2 * 0xFFFF + 7) & ~7))
             f.write(entry)
-    _poke(path, NB_SNAPSHOTS, struct.pack(">IQ", 600, table))
+    poke(path, NB_SNAPSHOTS, struct.pack(">IQ", 600, table))
 
 
 OPEN_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
@@ -183,18 +170,18 @@ def test_snapshot_table_refusal_over_qmp_and_command_line(tmp_path: Path) -> Non
 def _set_l1(offset: Callable[[Path], int], size: int | None = None) -> Callable[[Path], None]:
     def craft(path: Path) -> None:
         entry = _entry(path)
-        _poke(path, entry, struct.pack(">Q", offset(path)))
+        poke(path, entry, struct.pack(">Q", offset(path)))
         if size is not None:
-            _poke(path, entry + SN_L1_SIZE, struct.pack(">I", size))
+            poke(path, entry + SN_L1_SIZE, struct.pack(">I", size))
     return craft
 
 
 def _set_l1_size(size: int) -> Callable[[Path], None]:
-    return lambda path: _poke(path, _entry(path) + SN_L1_SIZE, struct.pack(">I", size))
+    return lambda path: poke(path, _entry(path) + SN_L1_SIZE, struct.pack(">I", size))
 
 
 def _table_at(offset: Callable[[Path], int], count: int = 1) -> Callable[[Path], None]:
-    return lambda path: _poke(path, NB_SNAPSHOTS, struct.pack(">IQ", count, offset(path)))
+    return lambda path: poke(path, NB_SNAPSHOTS, struct.pack(">IQ", count, offset(path)))
 
 
 INACTIVE_L1 = "Preventing invalid write on metadata (overlaps with inactive L1 table)"
@@ -218,7 +205,7 @@ WRITE_CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "table-65536-at-next-allocation": (_table_at(_eof_cluster, 65536), "1M 64k",
                                        SNAPSHOT_TABLE),
     "table-far-past-eof": (_table_at(lambda p: 1 << 30, 65536), "1M 64k", ""),
-    "table-over-active-l2": (_table_at(lambda p: _u64(p, _u64(p, 40)) & ~(1 << 63)), "1M 64k",
+    "table-over-active-l2": (_table_at(lambda p: read_u64(p, read_u64(p, 40)) & ~(1 << 63)), "1M 64k",
                              SNAPSHOT_TABLE),
 }
 
@@ -261,7 +248,7 @@ def test_writes_never_land_on_snapshot_metadata(tmp_path: Path, case: str) -> No
         assert printed.splitlines() == ["write failed: Input/output error", line]
         assert result == f"{message} (5)"
         assert [r.stderr_line for r in reports] == [line + "\n"]
-        assert _u64(ours, 72) & 2  # the corrupt bit
+        assert read_u64(ours, 72) & 2  # the corrupt bit
     else:
         assert printed.startswith(f"wrote {length}/{length} bytes")
         assert result == "ok" and reports == []
@@ -304,7 +291,7 @@ def test_refused_l1_write_discards_the_new_l2_table(tmp_path: Path) -> None:
     again, as QEMU does: the same bytes as QEMU leaves, the old L2 table in force."""
     require("qemu-io")
     ours = _fresh_snapshot(tmp_path / "ours.qcow2")
-    _table_at(lambda p: _u64(p, 40))(ours)
+    _table_at(lambda p: read_u64(p, 40))(ours)
     theirs = tmp_path / "theirs.qcow2"
     shutil.copy(ours, theirs)
     printed = qemu_io(theirs, "write -P 0x33 1M 64k", check=False)
@@ -325,8 +312,8 @@ def test_cluster_refused_by_the_overlap_check_is_not_discarded(tmp_path: Path) -
     require("qemu-io")
     ours = _fresh_snapshot(tmp_path / "ours.qcow2")
     table = _entry(ours)
-    refblock = _u64(ours, _u64(ours, 48))
-    _poke(ours, refblock + 2 * (table // CLUSTER), bytes(2))  # 16-bit refcount: 0
+    refblock = read_u64(ours, read_u64(ours, 48))
+    poke(ours, refblock + 2 * (table // CLUSTER), bytes(2))  # 16-bit refcount: 0
     theirs = tmp_path / "theirs.qcow2"
     shutil.copy(ours, theirs)
     before = ours.read_bytes()
@@ -340,6 +327,6 @@ def test_cluster_refused_by_the_overlap_check_is_not_discarded(tmp_path: Path) -
     start = table & ~(CLUSTER - 1)
     assert after[:start] + after[start + CLUSTER:] == qemus[:start] + qemus[start + CLUSTER:]
     assert after[start:start + CLUSTER] == before[start:start + CLUSTER]
-    assert _u64(ours, 72) == 2  # corrupt
+    assert read_u64(ours, 72) == 2  # corrupt
     listed = run("qemu-img", "snapshot", "-l", "-U", str(ours)).stdout
     assert "s1" in listed

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 from lock_probe import locked
-from server_support import running
-from test_frontends import PC, _hmp_normal, _normal, both
+from server_support import PC, both, running
+from test_frontends import _hmp_normal, _normal
 
 
 def _disks(count: int) -> list[str]:
