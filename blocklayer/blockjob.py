@@ -13,6 +13,7 @@ import os
 from .blockstatus import block_status_above, is_allocated, is_allocated_above
 from .dirtybitmap import DirtyBitmap
 from .driver import BLOCK_DATA, BLOCK_ZERO, whole_sectors
+from .errors import BlockError
 from .graph import BlockGraph
 from .node import BlockNode
 from .protocols import path_has_protocol as has_protocol
@@ -176,10 +177,53 @@ def set_backing_file(graph: BlockGraph, node: BlockNode, base: BlockNode | None,
     filename = (name if name is not None else base.filename) if base is not None else ""
     fmt = base.driver.name if base is not None else ""
     graph.set_backing(node, base)
-    node.driver.change_backing_file(filename, fmt)
+    # bdrv_backing_update_filename: a read-only overlay (a middle layer's, as libvirt
+    # opens every backing node) is writable only for the header's rewrite, and read-only
+    # again right after. The graph change above stays even when this fails, as in
+    # bdrv_drop_intermediate.
+    reopened = node.read_only
+    if reopened:
+        _reopen_for_header(graph, node)
+    try:
+        node.driver.change_backing_file(filename, fmt)
+    finally:
+        if reopened:
+            try:
+                graph.set_read_only(node)
+            except BlockError:
+                pass  # bdrv_reopen_set_read_only(parent, true, NULL): errors ignored
     node.backing_file = node.auto_backing_file = filename
     node.touch()
     graph.refresh_filenames([node])
+
+
+class HeaderReopenError(BlockError):
+    """A read-only overlay could not be made writable to rewrite its backing file name
+    (bdrv_backing_update_filename's reopen failed): QEMU reports the reopen's error on
+    stderr and the job fails with the errno's text."""
+
+
+def _reopen_for_header(graph: BlockGraph, node: BlockNode) -> None:
+    """bdrv_reopen_set_read_only(node, false) with the permissions a writable format
+    node asks of its file (write and resize: the lock bytes), one transaction: on a
+    failure the node is read-only again and :class:`HeaderReopenError` says why."""
+    try:
+        graph.reopen_read_write(node)
+        try:
+            graph.refresh_perms([node])
+        except BlockError:
+            try:
+                graph.set_read_only(node)
+            except BlockError:
+                pass  # the reopen's own failure is the one reported
+            raise
+    except HeaderReopenError:
+        raise
+    except BlockError as err:
+        failure = HeaderReopenError(err.message, err.errno)
+        for note in getattr(err, "__notes__", []):
+            failure.add_note(note)
+        raise failure from err
 
 
 # Active commit: QEMU runs it as a mirror job (block/mirror.c) ---------------------------

@@ -30,6 +30,8 @@ request at a time, where QEMU has up to 16 in flight.
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,7 @@ from blocklayer.errors import BlockError
 from blocklayer.node import BlockNode, Edge
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 
+from .errorreport import error_report
 from .errors import QMPError
 from .events import EventBus
 from .jobs import Job, JobDriver, JobService, JobStatus
@@ -158,7 +161,13 @@ class BlockJob(JobDriver):
         graph = self.jobs.block.graph
         # The job lets go of the nodes that are about to close first.
         self.release()
-        BJ.set_backing_file(graph, self.overlay, self.base, self.backing_file)
+        try:
+            BJ.set_backing_file(graph, self.overlay, self.base, self.backing_file)
+        except BJ.HeaderReopenError as err:
+            # bdrv_drop_intermediate: error_report_err(local_err), and the job ends with
+            # the reopen's return code (job_update_rc: strerror).
+            error_report("\n".join([err.message, *getattr(err, "__notes__", [])]))
+            raise QMPError(os.strerror(err.errno or errno.EIO)) from err
 
     def prepare(self, job: Job) -> str | None:
         """The graph change of a successful job, under the graph lock."""

@@ -598,3 +598,163 @@ def test_active_commit_grows_a_shorter_base(tmp_path: Path, qemu_system: str, qe
         seen.append(_norm(replies, work))
     assert seen[1] == seen[0]
     assert seen[1][-3:] == [4 << 20, 0, "Images are identical.\n"]
+
+
+# A read-only overlay above ``top`` (issue 11) ---------------------------------------------
+
+#: The four layers libvirt's `virsh blockcommit --top <s2>` works on, newest first.
+LAYERS = ("active", "s3", "s2", "base")
+
+
+def _libvirt_chain(work: Path) -> list[str]:
+    """Four qcow2 layers, each with data of its own, opened as libvirt opens them: a
+    named file node with auto-read-only under each format node, every backing format
+    node read-only, the active one under a guest disk."""
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, cwd=work)
+
+    args = ["-machine", "pc", "-S"]
+    below: str | None = None
+    for index, name in enumerate(reversed(LAYERS)):
+        create = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if below is not None:
+            create += ["-b", f"{below}.qcow2", "-F", "qcow2"]
+        run(*create, f"{name}.qcow2", "4M")
+        run("qemu-io", "-c", f"write -P 0x{index + 1}{index + 1} {index * 64}k 64k", f"{name}.qcow2")
+        storage = {"driver": "file", "filename": str(work / f"{name}.qcow2"),
+                   "node-name": f"{name}-storage", "auto-read-only": True, "discard": "unmap"}
+        fmt = {"node-name": f"{name}-format", "read-only": name != "active", "driver": "qcow2",
+               "file": f"{name}-storage", "backing": f"{below}-format" if below else None}
+        args += ["-blockdev", json.dumps(storage), "-blockdev", json.dumps(fmt)]
+        below = name
+    return [*args, "-device", "virtio-blk-pci,drive=active-format,id=vd0"]
+
+
+def _chain_locks(work: Path) -> dict[str, list[int]]:
+    deadline = time.monotonic() + 5
+    seen = {name: locked(work / f"{name}.qcow2") for name in LAYERS}
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = {name: locked(work / f"{name}.qcow2") for name in LAYERS}
+        if again == seen:
+            break
+        seen = again
+    return seen
+
+
+def _ro_view(client: Client) -> list[Any]:
+    # QEMU 7.2 also lists its commit_top filter node ("#block…") while the job runs; we
+    # have no such node (the filter is the job's fixed permissions): left out here.
+    return [(n["node-name"], n["ro"], n.get("backing_file"), n["image"].get("backing-filename-format"))
+            for n in client.cmd("query-named-block-nodes") if not n["node-name"].startswith("#")]
+
+
+def test_commit_below_a_read_only_overlay(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """libvirt's `blockcommit --top s2 --base base` on active <- s3 <- s2 <- base: s3,
+    whose header must name the base afterwards, is read-only. QEMU keeps it read-only for
+    the job (lock bytes, 'ro') and makes it writable only for the header's rewrite
+    (bdrv_backing_update_filename); the job completes, s3's header names the base with
+    its format, and the chain reads as before."""
+    seen = []
+    for qemu in (True, False):
+        work = tmp_path / ("qemu" if qemu else "ours")
+        work.mkdir()
+        with running(_libvirt_chain(work), work, qemu=qemu) as (proc, client):
+            result = _steps(client, work, [("block-commit", {
+                "job-id": "c1", "device": "active-format", "top-node": "s2-format",
+                "base-node": "base-format", "speed": 1})])
+            result.append(_settled(client, "c1"))
+            result += [_chain_locks(work), _ro_view(client)]
+            result += _steps(client, work, [("block-job-set-speed", {"device": "c1", "speed": 0})])
+            _concluded(client, "c1")
+            result += [_chain_locks(work), _ro_view(client), _strip(client.events)]
+            client.execute("quit")
+            proc.wait(timeout=20)
+        chain = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain",
+                                str(work / "active.qcow2")], capture_output=True, text=True, check=True)
+        result.append([{k: v for k, v in image.items() if k != "actual-size"}
+                       for image in json.loads(chain.stdout)])
+        result.append(subprocess.run(["qemu-img", "check", str(work / "s3.qcow2")],
+                                     capture_output=True, text=True).stdout)
+        for index in range(4):
+            out = subprocess.run(["qemu-io", "-c", f"read -P 0x{index + 1}{index + 1} {index * 64}k 64k",
+                                  str(work / "active.qcow2")], capture_output=True, text=True)
+            result.append(out.stdout.splitlines()[:1])
+        seen.append(_norm(result, work))
+    theirs, ours = seen
+    assert ours == theirs
+    assert not any("error" in e.get("data", {}) for e in ours[7])
+    assert ours[2]["s3"] == [100, 201, 203] and ours[5]["s3"] == [100, 201, 203]
+    assert ["s3-format", True, "@TMP@/base.qcow2", "qcow2"] in ours[6]
+    assert [image["filename"] for image in ours[8]] == ["@TMP@/active.qcow2", "@TMP@/s3.qcow2",
+                                                        "@TMP@/base.qcow2"]
+    assert ours[8][1]["backing-filename-format"] == "qcow2"
+    assert ours[10:] == [[f"read 65536/65536 bytes at offset {i * 65536}"] for i in range(4)]
+
+
+def test_commit_below_a_read_only_top(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """The overlay opened read-only by blockdev-add with an implicit file node (reopened
+    with it): commit of mid into base completes, the overlay's header names the base,
+    and the overlay is read-only again (its lock bytes and 'ro')."""
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        seen = _steps(client, work, [
+            ("blockdev-add", {"driver": "qcow2", "node-name": "top", "read-only": True,
+                              "file": _file("top.qcow2")}),
+            ("block-commit", {"job-id": "c1", "device": "top", "top": "@TMP@/mid.qcow2"})])
+        _concluded(client, "c1")
+        seen.append(_locks(work))
+        seen.append(_node_view(client))
+        return seen
+
+    theirs, ours = both(tmp_path, scenario)
+    assert ours == theirs
+    assert ours[2]["top.qcow2"] == [100, 201, 203]
+    assert ours[-1][0][0]["backing-filename"] == "@TMP@/base.qcow2"
+    assert not any("error" in e["data"] for e in ours[-2] if e["event"] == "BLOCK_JOB_COMPLETED")
+
+
+def test_read_only_overlay_held_by_another_reader(tmp_path: Path, qemu_utils: None) -> None:
+    """Another process reads s3 (unsharing write) when the commit ends: s3 cannot be made
+    writable for its header. QEMU 7.2 prints the reopen's error and then crashes
+    (SIGSEGV, checked live), so this is ours alone: the same message on stderr, the job
+    fails with the reopen's errno text (job_update_rc), s3 stays read-only with its lock
+    bytes and its header, and every image stays consistent."""
+    work = tmp_path / "ours"
+    work.mkdir()
+    with running(_libvirt_chain(work), work) as (proc, client):
+        assert client.execute("block-commit", {
+            "job-id": "c1", "device": "active-format", "top-node": "s2-format",
+            "base-node": "base-format", "speed": 1}) == {"return": {}}
+        _settled(client, "c1")
+        spec = {"driver": "qcow2", "backing": None,
+                "file": {"driver": "file", "filename": str(work / "s3.qcow2")}}
+        reader = subprocess.Popen(["qemu-io", "-r", "json:" + json.dumps(spec)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert reader.stdout is not None
+            # Its prompt comes once the image is open and its lock bytes are taken.
+            assert reader.stdout.read(len("qemu-io> ")) == b"qemu-io> "
+            client.cmd("block-job-set-speed", device="c1", speed=0)
+            _concluded(client, "c1")
+            completed = [e["data"] for e in client.events if e["event"] == "BLOCK_JOB_COMPLETED"]
+            view = _ro_view(client)
+        finally:
+            assert reader.stdin is not None
+            reader.stdin.close()
+            reader.wait(timeout=20)
+        locks = _chain_locks(work)
+        client.execute("quit")
+        proc.wait(timeout=20)
+    assert completed == [{"device": "c1", "len": 4 << 20, "offset": 4 << 20, "speed": 0, "type": "commit",
+                          "error": "Resource temporarily unavailable"}]
+    assert client.output.all() == ('qmp-server: Failed to get "write" lock\n'
+                                   f"Is another process using the image [{work / 's3.qcow2'}]?\n")
+    assert ["s3-format", True] == list(next(n for n in view if n[0] == "s3-format")[:2])
+    assert locks["s3"] == [100, 201, 203]
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(work / "s3.qcow2")],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["backing-filename"] == "s2.qcow2"
+    for name in LAYERS:
+        assert subprocess.run(["qemu-img", "check", str(work / f"{name}.qcow2")],
+                              capture_output=True).returncode == 0

@@ -523,3 +523,79 @@ def test_blockcommit(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None
     if QEMU is not None:
         theirs = _blockcommit_flow(libvirtd, tmp_path / "qemu", "qemu-commit", QEMU)
         assert ours == theirs
+
+
+def _commit_middle_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
+    """`virsh blockcommit --top s2 --base base --wait` on active <- s3 <- s2 <- base
+    (issue 11): libvirt opens s3 read-only, and s3's header must name the base at the
+    end. virsh's answers, domblklist, the chain in the domain XML, and once the domain
+    is gone what `qemu-img info --backing-chain` and qemu-io say of the images."""
+    assert QEMU_IMG is not None
+    qemu_io = shutil.which("qemu-io")
+    assert qemu_io is not None
+    folder.mkdir()
+
+    def image(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, cwd=folder)
+
+    layers = ("base", "s2", "s3", "active")
+    for index, layer in enumerate(layers):
+        backing = ["-b", f"{layers[index - 1]}.qcow2", "-F", "qcow2"] if index else []
+        image(QEMU_IMG, "create", "-q", "-f", "qcow2", *backing, f"{layer}.qcow2", "16M")
+        image(qemu_io, "-c", f"write -P 0x{index + 1}{index + 1} {index}M 1M", f"{layer}.qcow2")
+    xml = folder / "domain.xml"
+    xml.write_text(BLOCKCOMMIT_XML.format(name=name, emulator=emulator, disk=folder / "active.qcow2"))
+    replacements = {str(folder): "DIR", name: "DOMAIN"}
+    seen: dict[str, str] = {}
+
+    def run(key: str, *args: str) -> str:
+        result = libvirtd.virsh(*args, check=False)
+        seen[key] = _normalize(result.stdout + result.stderr, replacements)
+        return seen[key]
+
+    def chain(key: str) -> None:
+        domain = ET.fromstring(libvirtd.virsh("dumpxml", name).stdout)
+        disk = domain.find("devices/disk")
+        files = []
+        while disk is not None and disk.find("source") is not None:
+            files.append(disk.find("source").get("file", ""))  # type: ignore[union-attr]
+            disk = disk.find("backingStore")
+        seen[key] = _normalize(" ".join(files), replacements)
+
+    libvirtd.virsh("define", str(xml))
+    try:
+        libvirtd.virsh("start", name)
+        chain("chain")
+        run("commit", "blockcommit", name, "vda", "--top", str(folder / "s2.qcow2"),
+            "--base", str(folder / "base.qcow2"), "--wait")
+        run("domblklist", "domblklist", name)
+        chain("chain-after")
+        run("blockjob-none", "blockjob", name, "vda", "--info")
+    finally:
+        libvirtd.virsh("destroy", name, check=False)
+        libvirtd.virsh("undefine", name, check=False)
+    info = subprocess.run([QEMU_IMG, "info", "--backing-chain", str(folder / "active.qcow2")],
+                          capture_output=True, text=True)
+    seen["backing-chain"] = _normalize("\n".join(line for line in info.stdout.splitlines()
+                                                 if not line.startswith("disk size:")), replacements)
+    for index in range(4):
+        result = subprocess.run([qemu_io, "-r", "-c", f"read -P 0x{index + 1}{index + 1} {index}M 1M",
+                                 str(folder / "active.qcow2")], capture_output=True, text=True)
+        seen[f"read-{index}M"] = _normalize(result.stdout.splitlines()[0] + result.stderr, replacements)
+    for file in ("base.qcow2", "s3.qcow2", "active.qcow2"):
+        check = subprocess.run([QEMU_IMG, "check", str(folder / file)], capture_output=True, text=True)
+        seen[f"check-{file}"] = str(check.returncode)
+    return seen
+
+
+def test_blockcommit_below_a_read_only_overlay(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
+    """`virsh blockcommit --top <s2> --base <base>` on a four-layer chain: the job
+    completes although s3 (whose header changes) is read-only, as on QEMU."""
+    ours = _commit_middle_flow(libvirtd, tmp_path / "ours", "qmp-commit-mid", str(emulator))
+    assert ours["chain"] == "DIR/active.qcow2 DIR/s3.qcow2 DIR/s2.qcow2 DIR/base.qcow2"
+    assert ours["commit"] == "Commit complete"
+    assert ours["chain-after"] == "DIR/active.qcow2 DIR/s3.qcow2 DIR/base.qcow2"
+    assert "backing file: DIR/base.qcow2\nbacking file format: qcow2" in ours["backing-chain"]
+    assert all(value == "0" for key, value in ours.items() if key.startswith("check-"))
+    if QEMU is not None:
+        assert ours == _commit_middle_flow(libvirtd, tmp_path / "qemu", "qemu-commit-mid", QEMU)
