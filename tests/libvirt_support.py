@@ -168,3 +168,28 @@ class Libvirtd:
         """The domain's log: the emulator's command line and its standard error."""
         path = self.root / "cache/libvirt/qemu/log" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def domain_xml(name: str, emulator: str, disk: object, *, bus: str = "virtio") -> str:
+    """A minimal domain with one qcow2 disk: ``vda`` on virtio-blk, or ``sda`` on a
+    virtio-scsi controller (``bus='scsi'``)."""
+    controller = "    <controller type='scsi' index='0' model='virtio-scsi'/>\n" if bus == "scsi" else ""
+    target = "sda" if bus == "scsi" else "vda"
+    return f"""\
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>{emulator}</emulator>
+{controller}    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='{target}' bus='{bus}'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from libvirt_support import Libvirtd, installed_entry_point, libvirt_installed, user_namespaces_work
+from libvirt_support import (
+    Libvirtd,
+    domain_xml,
+    installed_entry_point,
+    libvirt_installed,
+    user_namespaces_work,
+)
 from lock_probe import locked
 from server_support import Client, running
 
@@ -392,26 +398,6 @@ def test_transaction_actions_not_implemented(tmp_path: Path) -> None:
         assert reply["error"]["desc"] == "Parameter 'type' does not accept value 'block-dirty-bitmap-add'"
 
 
-LIBVIRT_DOMAIN = """\
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>{emulator}</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
 def test_libvirt_disk_only_snapshot(tmp_path: Path, qemu_system: str, qemu_img: str) -> None:
     """virsh snapshot-create-as --disk-only: libvirt adds the overlay's file node, creates
     the qcow2 with a blockdev-create job (query-jobs, job-dismiss), adds it with backing
@@ -436,7 +422,7 @@ def test_libvirt_disk_only_snapshot(tmp_path: Path, qemu_system: str, qemu_img: 
             disk = work / "disk.qcow2"
             subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
             xml = work / "domain.xml"
-            xml.write_text(LIBVIRT_DOMAIN.format(name=name, emulator=emulator, disk=disk))
+            xml.write_text(domain_xml(name, emulator, disk))
             daemon.virsh("define", str(xml))
             daemon.virsh("start", name)
             seen = [daemon.virsh("snapshot-create-as", name, "s1", "--disk-only", "--diskspec",

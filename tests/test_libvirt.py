@@ -20,7 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from libvirt_support import Libvirtd, installed_entry_point, libvirt_installed, user_namespaces_work
+from libvirt_support import (
+    Libvirtd,
+    domain_xml,
+    installed_entry_point,
+    libvirt_installed,
+    user_namespaces_work,
+)
 
 QEMU = shutil.which("qemu-system-x86_64", path="/usr/bin:/usr/local/bin")
 QEMU_IMG = shutil.which("qemu-img")
@@ -339,34 +345,13 @@ def test_destroy_a_running_domain(libvirtd: Libvirtd, emulator: Path, tmp_path: 
         assert ours == _destroy_flow(libvirtd, tmp_path / "qemu", "qemu-destroy", QEMU)
 
 
-SCSI_XML = """\
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>{emulator}</emulator>
-    <controller type='scsi' index='0' model='virtio-scsi'/>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='sda' bus='scsi'/>
-    </disk>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
 def _scsi_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
     """A domain whose disks sit on a virtio-scsi controller: start, hot-plug and unplug a
     second SCSI disk (SCSI unplug needs no guest, in QEMU either), what the monitor shows."""
     folder.mkdir()
     disk, extra = _disk(folder / "disk.qcow2"), _disk(folder / "extra.qcow2")
     xml = folder / "domain.xml"
-    xml.write_text(SCSI_XML.format(name=name, emulator=emulator, disk=disk))
+    xml.write_text(domain_xml(name, emulator, disk, bus="scsi"))
     replacements = {str(folder): "DIR", name: "DOMAIN"}
     seen: dict[str, str] = {}
 
@@ -410,26 +395,6 @@ def test_scsi_disks(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
         assert ours == _scsi_flow(libvirtd, tmp_path / "qemu", "qemu-scsi", QEMU)
 
 
-BLOCKCOMMIT_XML = """\
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>{emulator}</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
 def _blockcommit_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
     """virsh blockcommit on a domain whose disk is top over mid over base: mid into base
     (below the active layer, issue 10), then the active layer into the base with --pivot,
@@ -450,7 +415,7 @@ def _blockcommit_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str
     image(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2")
     image(qemu_io, "-c", "write -P 0x33 1M 1M", "top.qcow2")
     xml = folder / "domain.xml"
-    xml.write_text(BLOCKCOMMIT_XML.format(name=name, emulator=emulator, disk=folder / "top.qcow2"))
+    xml.write_text(domain_xml(name, emulator, folder / "top.qcow2"))
     replacements = {str(folder): "DIR", name: "DOMAIN"}
     seen: dict[str, str] = {}
 
@@ -544,7 +509,7 @@ def _commit_middle_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: s
         image(QEMU_IMG, "create", "-q", "-f", "qcow2", *backing, f"{layer}.qcow2", "16M")
         image(qemu_io, "-c", f"write -P 0x{index + 1}{index + 1} {index}M 1M", f"{layer}.qcow2")
     xml = folder / "domain.xml"
-    xml.write_text(BLOCKCOMMIT_XML.format(name=name, emulator=emulator, disk=folder / "active.qcow2"))
+    xml.write_text(domain_xml(name, emulator, folder / "active.qcow2"))
     replacements = {str(folder): "DIR", name: "DOMAIN"}
     seen: dict[str, str] = {}
 
