@@ -395,6 +395,18 @@ def test_scsi_disks(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
         assert ours == _scsi_flow(libvirtd, tmp_path / "qemu", "qemu-scsi", QEMU)
 
 
+def _backing_chain(libvirtd: Libvirtd, name: str) -> str:
+    """The disk's source and its backing chain as the domain XML lists them."""
+    domain = ET.fromstring(libvirtd.virsh("dumpxml", name).stdout)
+    disk = domain.find("devices/disk")
+    assert disk is not None
+    files = []
+    while disk is not None and disk.find("source") is not None:
+        files.append(disk.find("source").get("file", ""))  # type: ignore[union-attr]
+        disk = disk.find("backingStore")
+    return " ".join(files)
+
+
 def _blockcommit_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
     """virsh blockcommit on a domain whose disk is top over mid over base: mid into base
     (below the active layer, issue 10), then the active layer into the base with --pivot,
@@ -425,15 +437,7 @@ def _blockcommit_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str
         return seen[key]
 
     def chain(key: str) -> None:
-        # The disk's source and its backing chain as the domain XML lists them.
-        domain = ET.fromstring(libvirtd.virsh("dumpxml", name).stdout)
-        disk = domain.find("devices/disk")
-        assert disk is not None
-        files = []
-        while disk is not None and disk.find("source") is not None:
-            files.append(disk.find("source").get("file", ""))  # type: ignore[union-attr]
-            disk = disk.find("backingStore")
-        seen[key] = _normalize(" ".join(files), replacements)
+        seen[key] = _normalize(_backing_chain(libvirtd, name), replacements)
 
     def guest_write(command: str) -> None:
         libvirtd.virsh("qemu-monitor-command", name, "--hmp",
@@ -519,13 +523,7 @@ def _commit_middle_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: s
         return seen[key]
 
     def chain(key: str) -> None:
-        domain = ET.fromstring(libvirtd.virsh("dumpxml", name).stdout)
-        disk = domain.find("devices/disk")
-        files = []
-        while disk is not None and disk.find("source") is not None:
-            files.append(disk.find("source").get("file", ""))  # type: ignore[union-attr]
-            disk = disk.find("backingStore")
-        seen[key] = _normalize(" ".join(files), replacements)
+        seen[key] = _normalize(_backing_chain(libvirtd, name), replacements)
 
     libvirtd.virsh("define", str(xml))
     try:
