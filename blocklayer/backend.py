@@ -106,6 +106,9 @@ class BlockBackend:
         #: (-drive cache.writeback, a device's write-cache property).
         self.enable_write_cache = True
         self._inmigrate = inmigrate
+        #: blk->force_allow_inactivate: a user that writes but lets its node be
+        #: inactivated anyway (an ``allow-inactive`` export).
+        self.force_allow_inactivate = False
         #: blk->stats: the I/O accounting query-blockstats reports.
         self.stats = BlockAcctStats()
 
@@ -117,8 +120,10 @@ class BlockBackend:
     def can_inactivate(self) -> bool:
         """blk_can_inactivate: devices' and monitor-named backends follow their node, and
         so does an anonymous one that does not write (a read-only NBD export); one that
-        writes (a writable export) keeps the node active."""
-        return self.dev is not None or bool(self.name) or not self.perm & (WRITE | WRITE_UNCHANGED)
+        writes (a writable export) keeps the node active unless it was told to allow
+        inactivation (blk_set_force_allow_inactivate)."""
+        return (self.dev is not None or bool(self.name) or not self.perm & (WRITE | WRITE_UNCHANGED)
+                or self.force_allow_inactivate)
 
     def describe(self) -> str:
         """blk_root_get_parent_desc: how permission errors name this backend."""

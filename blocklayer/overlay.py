@@ -83,6 +83,12 @@ class SnapshotAction:
     def _append(self) -> None:
         assert self.old is not None and self.overlay is not None
         check_overlay(self.overlay)
+        if self.old.inactive and not self.overlay.inactive:
+            # QEMU 10.0's external_snapshot_action: an active overlay on an inactive
+            # node is inactivated first (bdrv_inactivate), which keeps a snapshot taken
+            # while the images are inactive (after a migration to a file) working
+            # without giving an inactive node an active parent. Not undone on abort.
+            self.graph.inactivate(self.overlay)
         self.moved = self.graph.append_overlay(self.overlay, self.old)
 
     def prepare_snapshot(self, old: BlockNode, find_overlay: Callable[[], BlockNode]) -> None:

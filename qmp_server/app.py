@@ -26,11 +26,12 @@ from .commands import machine as machine_commands
 from .dispatcher import CommandTable, Dispatcher
 from .errorreport import location
 from .errors import QMPError, with_hints
-from .hmp.terminal import serve_terminal
+from .hmp.terminal import PROMPT, banner, serve_terminal
 from .keyval import blockdev_options_from_cli
 from .machine import Machine, MachineConfig
 from .migration import commands as migration_commands
-from .qtest import serve_qtest
+from .protocol.session import QMPSession
+from .qtest import QtestLog, serve_qtest
 from .schema import Schema
 from .schema_facts import check_all as check_schema_facts
 from .server import Connection, serve
@@ -64,6 +65,8 @@ class App:
         #: The listeners and streams of ``pretty=on`` QMP monitors (-qmp-pretty).
         self.pretty: list[trio.SocketListener | trio.abc.Stream] = []
         self.qtest: trio.abc.Stream | None = None
+        #: The qtest channel's log (QEMU's default: stderr).
+        self.qtest_log = QtestLog()
         self._socket_files: list[SocketFile] = []
 
     def setup(self) -> None:
@@ -105,23 +108,22 @@ class App:
             except QMPError as err:
                 raise SetupError(f"-blockdev {text}: {with_hints(err)}") from err
         # QEMU's order: -blockdev and -drive (configure_blockdev), then -device.
-        for flag, texts, make in (("-drive", options.drives, machine.devices.cli_drive),
-                                  ("-device", options.devices, machine.devices.cli_device)):
-            for text in texts:
-                try:
-                    with location(f"{flag} {text}"):
-                        machine.block.locked(make, text)
-                except QMPError as err:
-                    raise SetupError(f"{flag} {text}: {with_hints(err)}") from err
-        machine.internal_snapshots.clock.advances = options.accel != "qtest"
-        if options.loadvm is not None:
-            # qmp_x_exit_preconfig: load_snapshot(loadvm, ..., &error_fatal) after the
-            # devices, before the incoming migration and the start.
+        for text in options.drives:
             try:
-                machine.internal_snapshots.load_at_startup(options.loadvm)
+                with location(f"-drive {text}"):
+                    machine.block.locked(machine.devices.cli_drive, text)
             except QMPError as err:
-                raise SetupError(err.desc) from err
-        machine.migration.check_incoming_uri()
+                raise SetupError(f"-drive {text}: {with_hints(err)}") from err
+        machine.internal_snapshots.clock.advances = options.accel != "qtest"
+        # QEMU creates the monitors (qemu_create_late_backends) before -device, -loadvm
+        # and -incoming (qmp_x_exit_preconfig): a failure there comes after the greeting
+        # the monitors on a connected chardev already wrote. Ours are opened below, so
+        # such a failure is held until they exist.
+        late_error: SetupError | QMPError | None = None
+        try:
+            self._exit_preconfig(machine)
+        except (SetupError, QMPError) as err:
+            late_error = err
         # QEMU creates the chardevs (in order), then the monitors on them.
         opened: dict[str, Endpoint] = {}
         try:
@@ -132,6 +134,10 @@ class App:
             if options.qtest is not None:
                 qtest = opened.get(options.qtest.id) or open_chardev(options.qtest)
                 self.qtest = qtest.stream
+                if self.qtest is not None:
+                    # qtest_server_init (before the monitors): the connected channel's
+                    # CHR_EVENT_OPENED is logged at once.
+                    self.qtest_log.opened()
         except ChardevError as err:
             raise SetupError(str(err)) from err
         for monitor in options.chardevs.monitors:
@@ -146,6 +152,42 @@ class App:
                     self.pretty.append(endpoint.stream)
                 if monitor.chardev.backend == "stdio":
                     self.stdio_streams.append(endpoint.stream)
+        if late_error is not None:
+            trio.run(self._greet)
+            for socket_file in self._socket_files:
+                socket_file.remove()
+            raise late_error
+
+    def _exit_preconfig(self, machine: Machine) -> None:
+        """What QEMU does after its monitors exist (qmp_x_exit_preconfig): the -device
+        frontends, -loadvm, then -incoming."""
+        options = self.options
+        for text in options.devices:
+            try:
+                with location(f"-device {text}"):
+                    machine.block.locked(machine.devices.cli_device, text)
+            except QMPError as err:
+                raise SetupError(f"-device {text}: {with_hints(err)}") from err
+        if options.loadvm is not None:
+            # qmp_x_exit_preconfig: load_snapshot(loadvm, ..., &error_fatal) after the
+            # devices, before the incoming migration and the start.
+            try:
+                machine.internal_snapshots.load_at_startup(options.loadvm)
+            except QMPError as err:
+                raise SetupError(err.desc) from err
+        machine.migration.check_incoming_uri()
+
+    async def _greet(self) -> None:
+        """What each monitor on a connected chardev writes when it is created, for a
+        start-up that fails afterwards: QMP's greeting (monitor_qmp_event), HMP's banner
+        and prompt (monitor_event on CHR_EVENT_OPENED)."""
+        for stream, qmp in self.streams:
+            if qmp:
+                data = QMPSession(pretty=any(stream is p for p in self.pretty)).data_to_send()
+            else:
+                data = banner() + PROMPT
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(data)
 
     async def serve(self) -> int:
         """Serve until ``quit`` or a termination signal; returns the exit status."""
@@ -170,7 +212,7 @@ class App:
                 nursery.start_soon(_serve_hmp_listener, machine, listener)
             if self.qtest is not None:
                 nursery.start_soon(serve_qtest, self.qtest, machine.internal_snapshots.clock,
-                                   self.options.accel == "qtest")
+                                   self.options.accel == "qtest", self.qtest_log)
             await serve(machine, self.dispatcher, self.listeners, poll_max_ns=self.options.poll_max_ns,
                         pretty=[listener for listener in self.listeners
                                 if any(listener is p for p in self.pretty)])

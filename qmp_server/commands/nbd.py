@@ -50,7 +50,7 @@ def _check_id(machine: Machine, export_id: str) -> None:
 
 
 async def _export_add(machine: Machine, export_id: str, node: BlockNode, writable: bool,
-                      nbd_args: dict[str, Any]) -> None:
+                      nbd_args: dict[str, Any], allow_inactive: bool = False) -> None:
     # blk_exp_add's checks after the node lookup, then nbd_export_create's (NbdService.add).
     if node.read_only and writable:
         raise QMPError("Cannot export read-only node as writable")
@@ -58,7 +58,7 @@ async def _export_add(machine: Machine, export_id: str, node: BlockNode, writabl
         raise QMPError(f"iothread \"{nbd_args['iothread']}\" not found")
     await machine.nbd.add(export_id, node, name=nbd_args.get("name"),
                           description=nbd_args.get("description"), writable=writable,
-                          bitmaps=nbd_args.get("bitmaps", []))
+                          bitmaps=nbd_args.get("bitmaps", []), allow_inactive=allow_inactive)
 
 
 @table.command("nbd-server-add")
@@ -87,7 +87,8 @@ async def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     export_id: str = args["id"]
     _check_id(machine, export_id)
     node = lookup_bs(machine, None, args["node-name"])
-    await _export_add(machine, export_id, node, args.get("writable", False), args)
+    await _export_add(machine, export_id, node, args.get("writable", False), args,
+                      allow_inactive=args.get("allow-inactive", False))
 
 
 async def _export_del(machine: Machine, export_id: str, mode: str) -> None:

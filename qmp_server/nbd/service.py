@@ -245,15 +245,23 @@ class NbdService:
         return next((e for e in self.exports if e.id == export_id), None)
 
     async def add(self, export_id: str, node: BlockNode, *, name: str | None, description: str | None,
-                  writable: bool, bitmaps: list[Any]) -> None:
-        """blk_exp_add + nbd_export_create, after the id and node checks."""
+                  writable: bool, bitmaps: list[Any], allow_inactive: bool = False) -> None:
+        """blk_exp_add + nbd_export_create, after the id and node checks.
+
+        ``allow_inactive`` (QEMU 10.0's ``allow-inactive``): an inactive node stays
+        inactive, and the export does not keep it from being inactivated.
+        """
         graph = self.block.graph
 
         def create() -> tuple[BlockBackend, int]:
             # Exports serve non-shared storage migration: the node is activated first
-            # (blk_exp_add's bdrv_activate), then the BlockBackend takes its permissions.
-            graph.activate(node)
+            # (blk_exp_add's bdrv_activate), unless the export allows inactive nodes
+            # (NBD's export driver supports them), then the BlockBackend takes its
+            # permissions (none yet on an inactive node it may leave inactive).
+            if not allow_inactive:
+                graph.activate(node)
             backend = BlockBackend(graph)
+            backend.force_allow_inactivate = allow_inactive
             backend.perm = CONSISTENT_READ | (WRITE if writable else 0)
             backend.shared = ALL
             backend.insert(node)
@@ -324,6 +332,10 @@ def _do_request(export: Export, request: nbd.Request) -> bytes | list[tuple[int,
         raise BlockError("Cannot send after transport endpoint shutdown", errno.ESHUTDOWN)
     node = export.node
     command = request.command
+    if node.inactive and command != nbd.CMD_READ:
+        # nbd_handle_request (QEMU 10.0): on an inactive node (an allow-inactive
+        # export) only reads are served; everything else fails with EPERM.
+        raise BlockError("export is inactive", errno.EPERM)
     if command == nbd.CMD_READ:
         return node.pread(request.offset, request.length)
     if command == nbd.CMD_WRITE:
