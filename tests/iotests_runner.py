@@ -103,6 +103,7 @@ QEMU_IMG_SNAPSHOT_ROW = VersionDifference(
 #: and newer tests whose ``.out`` differs from this machine's 7.2 tools.
 VERSION_DIFFERENCES: dict[str, tuple[VersionDifference, ...]] = {
     "234": (MIGRATION_DEVICE, NO_SINGLESTEP),
+    "280": (MIGRATION_DEVICE, NO_SINGLESTEP),
     "qcow2-internal-snapshots": (QEMU_IMG_SNAPSHOT_HEADING, QEMU_IMG_SNAPSHOT_ROW),
 }
 

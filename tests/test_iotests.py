@@ -30,7 +30,7 @@ SAME_AS_QEMU = ["176", "117", "182", "060"]
 #: Tests that miss their 7.2.0 .out file only by the deliberate version differences the
 #: runner normalizes away for them (iotests_runner.VERSION_DIFFERENCES: QEMU 10.x's
 #: behaviour where it changed what a client sees; docs/conformance.md).
-VERSION_ONLY = ["234"]
+VERSION_ONLY = ["234", "280"]
 
 #: Near misses, each failing for the gaps named (docs/conformance.md lists more). Strict:
 #: when one passes, move it to PASSING.
