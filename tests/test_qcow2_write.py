@@ -460,3 +460,25 @@ def test_write_zeroes_on_a_v2_overlay_as_qemu(tmp_path: Path) -> None:
     raw.write_bytes(bytes(model))
     qemu_compare(images["ours"], raw)
     qemu_compare(images["ours"], images["qemu"], fmt_b="qcow2")
+
+
+def test_unmapping_zeroes_then_an_l2_allocation_in_one_request_as_qemu(tmp_path: Path) -> None:
+    """One write_zeroes with unmap over data (its clusters freed, their discards queued)
+    and on into a region without an L2 table (a table allocated, maybe in a cluster just
+    freed: its queued discard must be cancelled, QEMU's update_refcount). The image
+    equals QEMU's after the same request, maps alike and checks clean."""
+    size = 1024 * MiB
+    images = {}
+    for side in ("ours", "qemu"):
+        img = tmp_path / f"{side}.qcow2"
+        qemu_img_create(img, size)
+        qemu_io(img, "write -P 0x11 0 192k", "write -P 0x12 256k 64k")
+        images[side] = img
+    drv = open_qcow2(images["ours"], options={"discard": "unmap"})
+    drv.write_zeroes(0, 600 * MiB, may_unmap=True)
+    close_qcow2(drv)
+    qemu_io(images["qemu"], "write -z -u 0 600M")
+    assert_clean(images["ours"])
+    qemu_compare(images["ours"], images["qemu"], fmt_b="qcow2")
+    maps = [run("qemu-img", "map", "--output=json", str(images[side])).stdout for side in ("ours", "qemu")]
+    assert maps[0] == maps[1]
