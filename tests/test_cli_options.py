@@ -9,6 +9,7 @@ program name normalized.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -235,15 +236,21 @@ def _reset_transcript(qemu: bool, options: list[str], tmp_path: Path) -> tuple[l
             message = client.read()
             message.pop("timestamp", None)
             seen.append(message)
+        # A process that ends after the reply may still read one more command before it
+        # goes (in QEMU too): give it a moment to end before asking for its state.
+        status: int | None = None
         try:
-            seen.append(client.execute("query-status")["return"]["status"])
-        except (OSError, AssertionError, ValueError):
+            status = proc.wait(timeout=1.5)
             seen.append("closed")
-        client.close()
-        try:
-            status: int | None = proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            status = None
+            try:
+                seen.append(client.execute("query-status")["return"]["status"])
+                client.execute("quit")  # still running (status None): done with it
+            except (OSError, AssertionError, ValueError):
+                seen.append("closed")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    status = proc.wait(timeout=5)
+        client.close()
     return seen, status
 
 
