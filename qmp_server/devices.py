@@ -307,6 +307,28 @@ class Devices:
                 return device
         return None
 
+    def find_bs(self, device: str | None, node_name: str | None) -> BlockNode | None:
+        """bdrv_lookup_bs without an error: a named BlockBackend's node (None when it has
+        no medium) first, then a node called ``node_name``, else None."""
+        if device is not None:
+            for blk, _ in self.backends():
+                if blk.name and blk.name == device:
+                    return blk.node
+        return self.block.graph.find(node_name) if node_name is not None else None
+
+    def lookup_bs(self, device: str | None, node_name: str | None) -> BlockNode:
+        """bdrv_lookup_bs with QEMU's texts: a named BlockBackend's node, else a node."""
+        if device is not None:
+            for blk, _ in self.backends():
+                if blk.name and blk.name == device:
+                    if blk.node is None:
+                        raise QMPError(f"Device '{device}' has no medium")
+                    return blk.node
+        node = self.find_bs(None, node_name)
+        if node is None:
+            raise QMPError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+        return node
+
     def resolve(self, ident: str) -> tuple[Device, str] | None:
         """find_device_state as blk_by_qdev_id uses it: an id, else a QOM path, absolute
         or partial (its last components; ambiguous or none: not found), of a device or of

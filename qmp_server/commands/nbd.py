@@ -11,7 +11,6 @@ from blocklayer.node import BlockNode
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
 from ..fdsets import fd_param
-from ..jobs import id_wellformed
 from .lookup import lookup_bs
 
 if TYPE_CHECKING:
@@ -41,14 +40,6 @@ async def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
     await ctx.machine.nbd.stop()
 
 
-def _check_id(machine: Machine, export_id: str) -> None:
-    # blk_exp_add's first checks
-    if not id_wellformed(export_id):
-        raise QMPError("Invalid block export id")
-    if machine.nbd.find_by_id(export_id) is not None:
-        raise QMPError(f"Block export id '{export_id}' is already in use")
-
-
 async def _export_add(machine: Machine, export_id: str, node: BlockNode, writable: bool,
                       nbd_args: dict[str, Any], allow_inactive: bool = False) -> None:
     # blk_exp_add's checks after the node lookup, then nbd_export_create's (NbdService.add).
@@ -76,7 +67,7 @@ async def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
         nbd_args["description"] = args["description"]
     if "bitmap" in args:
         nbd_args["bitmaps"] = [args["bitmap"]]
-    _check_id(machine, name)
+    machine.nbd.check_id(name)
     await _export_add(machine, name, node, writable, nbd_args)
 
 
@@ -85,7 +76,7 @@ async def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Export a node (``type: nbd``, the only type here) through the NBD server."""
     machine = ctx.machine
     export_id: str = args["id"]
-    _check_id(machine, export_id)
+    machine.nbd.check_id(export_id)
     node = lookup_bs(machine, None, args["node-name"])
     await _export_add(machine, export_id, node, args.get("writable", False), args,
                       allow_inactive=args.get("allow-inactive", False))

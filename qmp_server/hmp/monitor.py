@@ -122,7 +122,7 @@ class HumanMonitor:
                                   "loadvm": (snap.loadvm, SNAPSHOT_HELP["loadvm"]),
                                   "delvm": (snap.delvm, SNAPSHOT_HELP["delvm"])})
         if nbd is not None:
-            nbd_cmds = NbdCommands(nbd, block, devices, _MONITOR_FDS.get)
+            nbd_cmds = NbdCommands(nbd, devices, _MONITOR_FDS.get)
             self.commands.update({"nbd_server_start": (nbd_cmds.start, NBD_HELP["nbd_server_start"]),
                                   "nbd_server_add": (nbd_cmds.add, NBD_HELP["nbd_server_add"]),
                                   "nbd_server_remove": (nbd_cmds.remove, NBD_HELP["nbd_server_remove"]),

@@ -11,13 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from blocklayer.node import BlockNode
-
-from ..blockservice import BlockService
 from ..devices import Devices
 from ..errors import QMPError, with_hints
 from ..fdsets import MonitorFds
-from ..jobs import id_wellformed
 from ..migration.uri import InetAddress, UnixAddress, parse_uri
 from ..nbd.service import NbdService
 from .args import HmpArgumentError, parse_arguments
@@ -58,10 +54,9 @@ def socket_address(uri: str) -> dict[str, Any]:
 class NbdCommands:
     """The HMP NBD commands over one machine's NBD service."""
 
-    def __init__(self, nbd: NbdService, block: BlockService, devices: Devices,
+    def __init__(self, nbd: NbdService, devices: Devices,
                  monitor_fds: Callable[[], MonitorFds | None]) -> None:
         self.nbd = nbd
-        self.block = block
         self.devices = devices
         #: The descriptors of the monitor running the command (fd:NAME addresses).
         self.monitor_fds = monitor_fds
@@ -78,28 +73,13 @@ class NbdCommands:
             raise QMPError(f"Invalid file descriptor number '{name}'")
         return int(name)
 
-    def _lookup(self, device: str) -> BlockNode:
-        # bdrv_lookup_bs(device, device): a named BlockBackend first, then a node.
-        for blk, _ in self.devices.backends():
-            if blk.name and blk.name == device:
-                if blk.node is None:
-                    raise QMPError(f"Device '{device}' has no medium")
-                return blk.node
-        node = self.block.graph.find(device)
-        if node is None:
-            raise QMPError(f"Cannot find device='{device}' nor node-name='{device}'")
-        return node
-
     async def _add(self, device: str, name: str | None, writable: bool) -> None:
         # qmp_nbd_server_add: the export's id and name are the device's unless named; a
         # read-only node is exported read-only rather than refused; then blk_exp_add's
         # id checks and nbd_export_create's.
-        node = self._lookup(device)
+        node = self.devices.lookup_bs(device, device)
         export_id = device if name is None else name
-        if not id_wellformed(export_id):
-            raise QMPError("Invalid block export id")
-        if self.nbd.find_by_id(export_id) is not None:
-            raise QMPError(f"Block export id '{export_id}' is already in use")
+        self.nbd.check_id(export_id)
         await self.nbd.add(export_id, node, name=export_id, description=None,
                            writable=writable and not node.read_only, bitmaps=[])
 

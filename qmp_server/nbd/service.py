@@ -32,6 +32,7 @@ from blocklayer.perm import ALL, CONSISTENT_READ, WRITE
 from ..blockservice import BlockService
 from ..errors import QMPError
 from ..events import EventBus
+from ..jobs import id_wellformed
 from ..unixsocket import LISTEN_BACKLOG, ListenError, SocketFile, bind_unix_file
 from . import protocol as nbd
 
@@ -243,6 +244,13 @@ class NbdService:
     def find_by_id(self, export_id: str) -> Export | None:
         """The export with this id (QEMU's blk_exp_find)."""
         return next((e for e in self.exports if e.id == export_id), None)
+
+    def check_id(self, export_id: str) -> None:
+        """blk_exp_add's first checks: a well-formed id no export has yet."""
+        if not id_wellformed(export_id):
+            raise QMPError("Invalid block export id")
+        if self.find_by_id(export_id) is not None:
+            raise QMPError(f"Block export id '{export_id}' is already in use")
 
     async def add(self, export_id: str, node: BlockNode, *, name: str | None, description: str | None,
                   writable: bool, bitmaps: list[Any], allow_inactive: bool = False) -> None:
