@@ -20,6 +20,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,14 @@ def _normal(value: Any) -> Any:
 def _run(program: list[str], cwd: Path, args: list[str], commands: list[dict[str, Any]]) -> Any:
     lines = [{"execute": "qmp_capabilities"}, *commands, {"execute": "quit"}]
     stdin = "".join(json.dumps(line) + "\n" for line in lines)
-    result = subprocess.run([*program, *BASE, *args], input=stdin, capture_output=True, text=True,
-                            timeout=60, cwd=cwd)
-    replies = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    # stdout goes to a file, not a pipe: QEMU drops monitor output still queued behind a
+    # full pipe when it quits (a 130-node reply cut at 64 KiB, seen in CI).
+    with tempfile.TemporaryFile("w+") as out:
+        result = subprocess.run([*program, *BASE, *args], input=stdin, stdout=out,
+                                stderr=subprocess.PIPE, text=True, timeout=60, cwd=cwd)
+        out.seek(0)
+        stdout = out.read()
+    replies = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     replies = [r for r in replies if "return" in r or "error" in r]
     stderr = re.sub(r"^(qemu-system-x86_64|qmp-server): ", "PROG: ", result.stderr, flags=re.M)
     return _normal([result.returncode, stderr, replies[1:-1]])
