@@ -16,6 +16,7 @@ from .driver import BLOCK_DATA, BLOCK_ZERO, whole_sectors
 from .errors import BlockError
 from .graph import BlockGraph
 from .node import BlockNode
+from .perm import ChildRole
 from .protocols import path_has_protocol as has_protocol
 
 #: QEMU's STREAM_CHUNK and COMMIT_BUFFER_SIZE: the most one step looks at.
@@ -43,6 +44,24 @@ def chain(node: BlockNode) -> list[BlockNode]:
         nodes.append(below)
         below = backing(below)
     return nodes
+
+
+def filter_chain(node: BlockNode) -> list[BlockNode]:
+    """``node`` and the nodes below it through primary children that are filtered (a
+    raw node without offset or size filters its file), top first."""
+    nodes = [node]
+    while True:
+        edge = next((e for e in node.children
+                     if e.role & ChildRole.PRIMARY and e.role & ChildRole.FILTERED), None)
+        if edge is None or edge.child in nodes:
+            return nodes
+        node = edge.child
+        nodes.append(node)
+
+
+def skip_filters(node: BlockNode) -> BlockNode:
+    """bdrv_skip_filters: the first node below ``node`` (or itself) that is no filter."""
+    return filter_chain(node)[-1]
 
 
 def chain_contains(top: BlockNode, node: BlockNode) -> bool:
@@ -226,7 +245,33 @@ def _reopen_for_header(graph: BlockGraph, node: BlockNode) -> None:
         raise failure from err
 
 
-# Active commit: QEMU runs it as a mirror job (block/mirror.c) ---------------------------
+# Mirror jobs, and active commit, which QEMU runs as one (block/mirror.c) ------------
+
+
+def _zero_may_unmap(node: BlockNode) -> bool:
+    # raw_open: the raw format passes on its file's supported_zero_flags.
+    if node.driver.name == "raw":
+        edge = node.child("file")
+        return edge is not None and _zero_may_unmap(edge.child)
+    return node.driver.zero_may_unmap()
+
+
+def can_write_zeroes_with_unmap(node: BlockNode) -> bool:
+    """bdrv_can_write_zeroes_with_unmap: opened with ``discard=unmap``, and a driver
+    whose zero writes may deallocate."""
+    return node.options.discard_unmap and _zero_may_unmap(node)
+
+
+def zero_target(target: BlockNode, total: int, granularity: int) -> None:
+    """mirror_dirty_init's initial zeroing of a ``sync: full`` target that can write
+    zeroes with unmap: the whole target in zero writes of at most INT_MAX bytes (whole
+    granules)."""
+    chunk = (2**31 - 1) - (2**31 - 1) % granularity
+    offset = 0
+    while offset < total:
+        count = min(total - offset, chunk)
+        target.pwrite_zeroes(offset, count, may_unmap=True)
+        offset += count
 
 
 def mirror_dirty_init(top: BlockNode, base_overlay: BlockNode, bitmap: DirtyBitmap) -> None:
@@ -257,10 +302,11 @@ def next_dirty(bitmap: DirtyBitmap, start: int) -> int | None:
 
 
 def mirror_step(top: BlockNode, base: BlockNode, bitmap: DirtyBitmap, start: int,
-                zero_unmaps: bool) -> tuple[int, list[int], list[int]]:
-    """One mirror_iteration of active commit from the dirty iterator at ``start``: the
-    run of dirty granules that follows the first one (at most the buffer) is cleared,
-    then copied into ``base`` request by request as ``top`` shows it. Parts that read as
+                zero_unmaps: bool, buffer: int = MIRROR_BUFFER) -> tuple[int, list[int], list[int]]:
+    """One mirror_iteration (a mirror job, or active commit) from the dirty iterator at
+    ``start``: the run of dirty granules that follows the first one (at most ``buffer``
+    bytes) is cleared, then copied into ``base`` (the target) request by request as
+    ``top`` (the source) shows it. Parts that read as
     zeroes become zero writes (with unmap), parts with no data anywhere discards, when
     they cover whole clusters of the base; the rest is copied.
 
@@ -273,7 +319,7 @@ def mirror_step(top: BlockNode, base: BlockNode, bitmap: DirtyBitmap, start: int
         return 0, [], []
     granularity = bitmap.granularity
     chunks = 1
-    while chunks * granularity < MIRROR_BUFFER:
+    while chunks * granularity < buffer:
         following = offset + chunks * granularity
         if following >= total or not bitmap.get(following):
             break

@@ -195,6 +195,11 @@ class BlockDriver(ABC):
     def discard(self, offset: int, length: int) -> None:
         """Advisory: the range may be deallocated. Default: do nothing."""
 
+    def zero_may_unmap(self) -> bool:
+        """Whether zero writes may deallocate (``BDRV_REQ_MAY_UNMAP`` in QEMU's
+        supported_zero_flags). Default: no."""
+        return False
+
     @abstractmethod
     def flush(self) -> None:
         """Write back every cache, then flush the child (or fdatasync the file)."""

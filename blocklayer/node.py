@@ -106,6 +106,9 @@ class BlockNode:
     #: A block job's filter node sits above this one (active commit's mirror_top): in
     #: QEMU the node's BlockBackends are the filter's while it is there (bdrv_has_blk).
     under_job_filter: bool = False
+    #: Called after each successful write or zero write with (offset, length, zero,
+    #: may_unmap): a write-blocking mirror job's filter copying it to its target.
+    write_hooks: list[Callable[[int, int, bool, bool], None]] = field(default_factory=list)
     #: QEMU's bs->write_threshold_offset (block-set-write-threshold; 0: off) and who is
     #: told, with (node, amount exceeded, threshold), when a write passes it.
     write_threshold: int = 0
@@ -292,6 +295,8 @@ class BlockNode:
         if self.dirty_bitmaps:
             self._grow_bitmaps(offset + len(data))
             set_dirty(self.dirty_bitmaps, offset, len(data))
+        for hook in tuple(self.write_hooks):
+            hook(offset, len(data), False, False)
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make the range read as zeroes."""
@@ -304,6 +309,8 @@ class BlockNode:
         if self.dirty_bitmaps:
             self._grow_bitmaps(offset + length)
             set_dirty(self.dirty_bitmaps, offset, length)
+        for hook in tuple(self.write_hooks):
+            hook(offset, length, True, may_unmap)
 
     def _grow_bitmaps(self, end: int) -> None:
         # bdrv_co_write_req_finish: a write past the end (a format driver growing its

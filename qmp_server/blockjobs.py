@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -118,11 +119,14 @@ class BlockJob(JobDriver):
 
     # Graph state ------------------------------------------------------------------------
 
-    def use(self, node: BlockNode, job_id: str, perm: int, shared: int, *, block: bool = True) -> None:
-        """block_job_add_bdrv: use ``node`` with ``perm``/``shared``, blocking it."""
+    def use(self, node: BlockNode, job_id: str, perm: int, shared: int, *, block: bool = True,
+            backend: bool = False) -> None:
+        """block_job_add_bdrv: use ``node`` with ``perm``/``shared``, blocking it.
+        ``backend``: a BlockBackend of the job's own (blk_new + blk_insert_bs), which is
+        a user like any other (blockdev-del says the node is in use)."""
         graph = self.jobs.block.graph
         edge = graph.add_user(node, f"{self.kind} job '{job_id}'", perm, shared)
-        edge.job = True
+        edge.job = not backend
         self.users.append(edge)
         if block:
             node.blockers.insert(0, f"block device is in use by block job: {self.kind}")
@@ -258,13 +262,44 @@ class CommitRequest:
     active: bool = False
 
 
-@dataclass(eq=False)
-class ActiveCommit(BlockJob):
-    """Active commit's driver: QEMU's mirror job with commit_active_job_driver."""
+@dataclass(frozen=True)
+class MirrorRequest:
+    """blockdev-mirror's arguments, the nodes looked up and the defaults applied."""
 
-    #: The node copied from (mirror_top_bs's child) and the job's dirty bitmap on it.
+    job_id: str | None
+    source: BlockNode
+    target: BlockNode
+    #: The node name the target replaces on completion (None: the source).
+    replaces: str | None
+    #: "full", "top" or "none" (a "top" of a node without backing is "full").
+    sync: str
+    speed: int
+    #: The dirty bitmap's granularity (0: the target's default).
+    granularity: int
+    #: The copy buffer (0: QEMU's default).
+    buf_size: int
+    write_blocking: bool
+    auto_finalize: bool
+    auto_dismiss: bool
+
+
+@dataclass(eq=False)
+class Mirror(BlockJob):
+    """A mirror job's driver (block/mirror.c's mirror_job_driver), and active commit's
+    (commit_active_job_driver: the target is the source's backing node)."""
+
+    #: The node copied from (mirror_top_bs's child), the node copied into (``base``),
+    #: and the job's dirty bitmap on the source.
     top: BlockNode | None = None
     bitmap: DirtyBitmap | None = None
+    #: The target is in the source's backing chain (active commit).
+    is_commit: bool = True
+    #: blockdev-mirror's ``replaces``, and the node it named at block-job-complete.
+    replaces: str | None = None
+    to_replace: BlockNode | None = None
+    #: copy-mode write-blocking: writes to the source reach the target before they
+    #: complete.
+    write_blocking: bool = False
     #: block-job-complete was accepted: the job ends with the pivot.
     should_complete: bool = False
     #: mirror_exit_common ran (prepare, or abort).
@@ -277,17 +312,46 @@ class ActiveCommit(BlockJob):
         self.jobs.events.emit("BLOCK_JOB_READY", _event_data(self._progress(job)))
 
     def complete(self, job: Job) -> None:
-        """mirror_complete: the job ends, with the pivot, once it is in sync again."""
+        """mirror_complete: the job ends, with the pivot, once it is in sync again; a
+        ``replaces`` node must still exist, and is blocked until then."""
+        if self.replaces is not None and self.to_replace is None:
+            node = self.jobs.block.graph.find(self.replaces)
+            if node is None:
+                raise QMPError(f"Node name '{self.replaces}' not found")
+            node.blockers.insert(0, _REPLACE_BLOCKER)
+            self.to_replace = node
         self.should_complete = True
 
     def cancel(self, job: Job, force: bool) -> bool:
-        """commit_active_cancel: only a ready job can be cancelled softly."""
+        """mirror_cancel / commit_active_cancel: only a ready job can be cancelled softly."""
         return force or job.status not in (JobStatus.READY, JobStatus.STANDBY)
+
+    def copy_write(self, offset: int, length: int, zero: bool, may_unmap: bool) -> None:
+        """copy-mode write-blocking (bdrv_mirror_top_do_write + do_sync_target_write): a
+        write to the source, once done, is written to the target too, and the granules it
+        covers whole are clean; a failure leaves them dirty for the background copy."""
+        top, target, bitmap = self.top, self.base, self.bitmap
+        if top is None or target is None or bitmap is None or self.prepared:
+            return
+        granularity = bitmap.granularity
+        first = -(-offset // granularity) * granularity
+        last = (offset + length) // granularity * granularity
+        try:
+            if zero:
+                target.pwrite_zeroes(offset, length, may_unmap=may_unmap)
+            else:
+                target.pwrite(offset, top.pread(offset, length))
+        except BlockError:
+            return
+        if last > first:
+            bitmap.reset_range(first, last - first)
 
     def _exit(self, abort: bool) -> None:
         # mirror_exit_common: the bitmap and the job's uses go, then (completed, not
-        # aborted) every user of the top node uses the base instead; the base stays
-        # read-write either way (commit_active_start only restores it on failure).
+        # aborted) every user of the source (or of ``replaces``) uses the target
+        # instead. Active commit's base stays read-write either way (commit_active_start
+        # only restores it on failure); a mirror's target takes the replaced node's
+        # read-only state.
         if self.prepared:
             return
         self.prepared = True
@@ -295,14 +359,40 @@ class ActiveCommit(BlockJob):
         assert top is not None and base is not None
         if self.bitmap is not None and self.bitmap in top.dirty_bitmaps:
             top.dirty_bitmaps.remove(self.bitmap)
+        if self.copy_write in top.write_hooks:
+            top.write_hooks.remove(self.copy_write)
         self.release()
         top.under_job_filter = False
-        if self.should_complete and not abort and top.name in graph.nodes:
-            if top.read_only and not base.read_only:
+        to_replace = self.to_replace
+        if to_replace is not None and _REPLACE_BLOCKER in to_replace.blockers:
+            to_replace.blockers.remove(_REPLACE_BLOCKER)
+        if not self.should_complete or abort:
+            return
+        if self.is_commit:
+            if top.name in graph.nodes:
+                if top.read_only and not base.read_only:
+                    graph.set_read_only(base)
+                elif base.read_only and not top.read_only:
+                    graph.reopen_read_write(base)
+                graph.replace_node(top, base)
+            return
+        old = to_replace or top
+        if old.name not in graph.nodes:
+            return
+        try:
+            # bdrv_reopen_set_read_only(target_bs, ro, NULL): a failure is ignored.
+            if old.read_only and not base.read_only:
                 graph.set_read_only(base)
-            elif base.read_only and not top.read_only:
+            elif base.read_only and not old.read_only:
                 graph.reopen_read_write(base)
-            graph.replace_node(top, base)
+        except BlockError:
+            pass
+        try:
+            graph.replace_node(old, base)
+        except BlockError as err:
+            # error_report_err, and the job ends with -EPERM.
+            error_report(err.message)
+            raise QMPError(os.strerror(errno.EPERM)) from err
 
     def prepare(self, job: Job) -> str | None:
         """mirror_prepare: the pivot of a completed job, under the graph lock."""
@@ -327,6 +417,10 @@ class ActiveCommit(BlockJob):
         if job.finished and not self.prepared:
             values["paused"] = True
         return values
+
+
+#: mirror_complete's op blocker on the node to be replaced.
+_REPLACE_BLOCKER = "block device is in use by block-job-complete"
 
 
 class BlockJobs:
@@ -506,14 +600,14 @@ class BlockJobs:
 
     # Active commit -------------------------------------------------------------------------
 
-    def _start_active_commit(self, request: CommitRequest) -> tuple[str, ActiveCommit, BlockNode]:
+    def _start_active_commit(self, request: CommitRequest) -> tuple[str, Mirror, BlockNode]:
         # commit_active_start and mirror_start_job, under the graph lock.
         graph = self.block.graph
         top, base = request.top, request.base
         base_overlay = BJ.find_overlay(top, base)
         if base_overlay is None:
             raise QMPError(f"Could not find overlay image for {top.filename}:")
-        driver = ActiveCommit(self, "commit", speed=request.speed)
+        driver = Mirror(self, "commit", speed=request.speed)
         try:
             self._reopen_rw(driver, base)
             # The job is named after the device even when ``top`` is below it (qmp_block_commit).
@@ -552,19 +646,27 @@ class BlockJobs:
 
     async def _active_commit(self, request: CommitRequest) -> None:
         job_id, driver, base_overlay = await self.block.run_light(self._start_active_commit, request)
-        top, base, bitmap = request.top, request.base, driver.bitmap
-        assert bitmap is not None
+        run = self._mirror_run(driver, base_overlay, sync_none=False, zero_target=False)
+        self.jobs.create(job_id, "commit", run, auto_finalize=request.auto_finalize,
+                         auto_dismiss=request.auto_dismiss, driver=driver)
+
+    def _mirror_run(self, driver: Mirror, base_overlay: BlockNode, *, sync_none: bool,
+                    zero_target: bool, buffer: int = BJ.MIRROR_BUFFER) -> Callable[[Job], Awaitable[None]]:
+        """mirror_run, from the source's length on: copy what the source shows (down to
+        ``base_overlay``; nothing with ``sync_none``) into the target, be ready once in
+        sync, keep copying new writes until completed or cancelled."""
+        top, base, bitmap = driver.top, driver.base, driver.bitmap
+        assert top is not None and base is not None and bitmap is not None
         jobs = self.jobs
 
         def ready(job: Job) -> bool:
             return job.status in (JobStatus.READY, JobStatus.STANDBY)
 
         async def run(job: Job) -> None:
-            # mirror_run
             if job.cancelled:
                 return
             length = BJ.length(top)
-            if length > BJ.length(base):
+            if driver.is_commit and length > BJ.length(base):
                 # Active commit grows a shorter base to the top's length.
                 await self.block.run(base.truncate, length)
             if length == 0:
@@ -572,7 +674,15 @@ class BlockJobs:
                 while not job.cancel_requested and not driver.should_complete:
                     await jobs.pause_point(job, SLICE)
                 return
-            await self.block.run(BJ.mirror_dirty_init, top, base_overlay, bitmap)
+            if zero_target and not sync_none:
+                # mirror_dirty_init: a target that cannot unmap zeroes gets everything.
+                if BJ.can_write_zeroes_with_unmap(base):
+                    await self.block.run(BJ.zero_target, base, length, bitmap.granularity)
+                    await self.block.run(BJ.mirror_dirty_init, top, base_overlay, bitmap)
+                else:
+                    bitmap.set_range(0, length)
+            elif not sync_none:
+                await self.block.run(BJ.mirror_dirty_init, top, base_overlay, bitmap)
             zero_unmaps = base.options.discard_unmap
             delay = 0.0
             while True:
@@ -587,7 +697,7 @@ class BlockJobs:
                     job.busy = True
                     try:
                         driver.position, done, accounted = await self.block.run(
-                            BJ.mirror_step, top, base, bitmap, driver.position, zero_unmaps)
+                            BJ.mirror_step, top, base, bitmap, driver.position, zero_unmaps, buffer)
                     finally:
                         job.busy = False
                     job.current_progress += sum(done)
@@ -595,16 +705,73 @@ class BlockJobs:
                         delay = driver.limit.delay(count)
                     continue
                 if not ready(job):
-                    # In sync for the first time: flush the base, then say so.
+                    # In sync for the first time: flush the target, then say so.
                     await self.block.run(base.flush)
                     jobs.set_ready(job)
                 if driver.should_complete or job.cancel_requested:
-                    # The last check, drained: nothing new is dirty, the base is durable.
+                    # The last check, drained: nothing new is dirty, the target is durable.
                     if bitmap.count() == 0:
                         await self.block.run(base.flush)
                         return
                     continue
                 delay = SLICE
 
-        jobs.create(job_id, "commit", run, auto_finalize=request.auto_finalize,
-                    auto_dismiss=request.auto_dismiss, driver=driver)
+        return run
+
+    # Mirror ---------------------------------------------------------------------------------
+
+    def _start_mirror(self, request: MirrorRequest) -> tuple[str, Mirror, BlockNode]:
+        # mirror_start_job, under the graph lock (blockdev_mirror_common's checks done).
+        source, target = request.source, request.target
+        granularity = request.granularity or default_granularity(target)
+        if request.buf_size < 0:
+            raise QMPError("Invalid parameter 'buf-size'")
+        if BJ.skip_filters(source) is BJ.skip_filters(target):
+            raise QMPError("Can't mirror node into itself")
+        if BJ.chain_contains(source, target):
+            # A target in the source's backing chain is a commit (target_is_backing).
+            raise QMPError("blockdev-mirror into the source's backing chain (a commit) "
+                           "is not supported here: use block-commit")
+        if BJ.chain_contains(source, BJ.skip_filters(target)):
+            raise QMPError("Cannot mirror to a filter on top of a node in the source's "
+                           "backing chain")
+        driver = Mirror(self, "mirror", speed=request.speed, is_commit=False,
+                        replaces=request.replaces, write_blocking=request.write_blocking)
+        try:
+            job_id = self._job_id(request.job_id, source)
+            # block_job_create on mirror_top_bs: consistent read of the source, which
+            # may not be resized meanwhile (the filter passes it down).
+            driver.use(source, job_id, CONSISTENT_READ, CONSISTENT_READ | WRITE_UNCHANGED | WRITE,
+                       block=False)
+            # The target BlockBackend: write; others may only write unchanged data.
+            driver.use(target, job_id, WRITE, WRITE_UNCHANGED, block=False, backend=True)
+            driver.use(source, job_id, 0, WRITE_UNCHANGED | WRITE | CONSISTENT_READ)
+            driver.use(target, job_id, 0, ALL)
+        except BaseException:
+            driver.release()
+            raise
+        bitmap = DirtyBitmap("", granularity, source.getlength())
+        source.dirty_bitmaps.insert(0, bitmap)
+        source.under_job_filter = True
+        driver.top, driver.base, driver.bitmap = source, target, bitmap
+        if request.write_blocking:
+            source.write_hooks.append(driver.copy_write)
+        # mirror_start: sync "top" copies down to the source itself, "full" the chain.
+        below = BJ.backing(source) if request.sync == "top" else None
+        base_overlay = BJ.find_overlay(source, below)
+        assert base_overlay is not None
+        return job_id, driver, base_overlay
+
+    async def mirror(self, request: MirrorRequest) -> None:
+        """blockdev-mirror: start the job (mirror_start_job's checks raise QEMU's errors)."""
+        job_id, driver, base_overlay = await self.block.run_light(self._start_mirror, request)
+        granularity = driver.bitmap.granularity if driver.bitmap is not None else 0
+        buffer = -(-(request.buf_size or BJ.MIRROR_BUFFER) // granularity) * granularity
+        # mirror_run's first checks run before its first yield: inside the command.
+        sizes = await self.block.run_light(
+            lambda: (BJ.length(request.source), BJ.length(request.target)))
+        early = "Source and target image have different sizes" if sizes[0] != sizes[1] else None
+        run = self._mirror_run(driver, base_overlay, sync_none=request.sync == "none",
+                               zero_target=request.sync == "full", buffer=buffer)
+        self.jobs.create(job_id, "mirror", run, auto_finalize=request.auto_finalize,
+                         auto_dismiss=request.auto_dismiss, driver=driver, early_error=early)

@@ -758,3 +758,87 @@ def test_read_only_overlay_held_by_another_reader(tmp_path: Path, qemu_utils: No
     for name in LAYERS:
         assert subprocess.run(["qemu-img", "check", str(work / f"{name}.qcow2")],
                               capture_output=True).returncode == 0
+
+
+# blockdev-mirror (virsh blockcopy) --------------------------------------------------------
+
+
+def _copy(work: Path, name: str, size: str = "4M", backing: str | None = None) -> None:
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        argv += ["-b", backing, "-F", "qcow2"]
+    subprocess.run([*argv, name, size], check=True, capture_output=True, cwd=work)
+
+
+def _copy_locks(work: Path, *names: str) -> dict[str, list[int]]:
+    return {name: locked(work / name) for name in names}
+
+
+COPY = ("blockdev-add", {"driver": "qcow2", "node-name": "copy", "file": _file("copy.qcow2")})
+MIRROR_ERRORS: list[tuple[str, dict[str, Any]]] = [
+    COPY,
+    ("blockdev-add", {"driver": "qcow2", "node-name": "small", "file": _file("small.qcow2")}),
+    ("blockdev-mirror", {"device": "nope", "target": "copy", "sync": "full"}),
+    ("blockdev-mirror", {"device": "vd0", "target": "copy", "sync": "full"}),
+    ("blockdev-mirror", {"device": "copy", "target": "nope", "sync": "full"}),
+    ("blockdev-mirror", {"device": "top", "target": "copy", "sync": "full", "granularity": 256}),
+    ("blockdev-mirror", {"device": "top", "target": "copy", "sync": "full", "granularity": 3072}),
+    ("blockdev-mirror", {"device": "top", "target": "copy", "sync": "incremental"}),
+    ("blockdev-mirror", {"device": "top", "target": "copy", "sync": "bitmap"}),
+    ("blockdev-mirror", {"device": "top", "target": "top", "sync": "full"}),
+    ("blockdev-mirror", {"device": "top", "target": "copy", "sync": "full", "replaces": "nope"}),
+    ("blockdev-mirror", {"device": "top", "target": "copy", "sync": "full", "replaces": "copy"}),
+    ("blockdev-mirror", {"device": "top", "target": "copy", "sync": "full", "buf-size": -1}),
+    ("blockdev-mirror", {"device": "top", "target": "copy", "sync": "full", "job-id": "1x"}),
+    ("blockdev-mirror", {"device": "top", "target": "copy", "sync": "full"}),
+    # A target of another size: the job starts and fails at once.
+    ("blockdev-mirror", {"job-id": "m0", "device": "top", "target": "small", "sync": "full"}),
+]
+
+
+def test_mirror_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """blockdev-mirror of a device's node into a new image (virsh blockcopy), rate-limited
+    first: QEMU's refusals, the lock bytes and the busy nodes while it runs, complete
+    refused before ready, BLOCK_JOB_READY, a guest write copied while ready, then
+    job-complete: the device uses the copy, the source stays open (the monitor owns it).
+    The copy reads as the source: qemu-img compare is clean."""
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        _copy(work, "copy.qcow2")
+        _copy(work, "small.qcow2", "1M")
+        seen = _steps(client, work, MIRROR_ERRORS)
+        _concluded(client, "m0")
+        seen += _steps(client, work, [
+            ("blockdev-mirror", {"job-id": "m", "device": "top", "target": "copy", "sync": "full",
+                                 "speed": 1}),
+        ])
+        seen.append(_settled(client, "m"))
+        seen.append(_copy_locks(work, "top.qcow2", "mid.qcow2", "copy.qcow2"))
+        seen += _steps(client, work, [
+            ("block-job-complete", {"device": "m"}),
+            ("blockdev-mirror", {"job-id": "m2", "device": "top", "target": "small", "sync": "full"}),
+            ("block-stream", {"job-id": "s", "device": "top"}),
+            ("blockdev-del", {"node-name": "copy"}),
+            ("blockdev-del", {"node-name": "top"}),
+            ("query-block", {}),
+            ("block-job-set-speed", {"device": "m", "speed": 0}),
+        ])
+        _until(client, "BLOCK_JOB_READY")
+        seen += _steps(client, work, [("query-block-jobs", {}), ("query-jobs", {})])
+        before = client.cmd("query-block-jobs")
+        seen += _steps(client, work, [("human-monitor-command", {
+            "command-line": "qemu-io -d vd0/virtio-backend \"write -P 0x44 4k 4k\""})])
+        seen.append(_jobs_changed(client, before))
+        seen += _steps(client, work, [("job-complete", {"id": "m"})])
+        _concluded(client, "m")
+        seen.append(_copy_locks(work, "top.qcow2", "mid.qcow2", "copy.qcow2"))
+        seen.append(_node_view(client))
+        seen += _steps(client, work, [("query-block", {}), ("blockdev-del", {"node-name": "top"}),
+                                      ("blockdev-del", {"node-name": "copy"})])
+        return seen
+
+    theirs, ours = both(tmp_path, scenario, _device)
+    assert _host_order_free(ours) == _host_order_free(theirs)
+    assert ours[-5][1]["return"][0]["inserted"]["file"] == "@TMP@/copy.qcow2"
+    identical = [0, "Images are identical.\n", [0, 0]]
+    assert _compare_and_check(tmp_path, "top.qcow2", "copy.qcow2") == [identical, identical]

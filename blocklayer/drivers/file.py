@@ -440,6 +440,10 @@ class FileDriver(BlockDriver):
         except OSError as exc:
             raise _io_error(exc) from exc
 
+    def zero_may_unmap(self) -> bool:
+        """raw_open_common: zero writes may punch holes."""
+        return True
+
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make the range read as zeroes, preferring fallocate over writing zeroes."""
         self._unflushed = True

@@ -182,6 +182,10 @@ class Qcow2Driver(BlockDriver):
         self._guard(img, lambda: datapath.write_zeroes(img, self.backing, offset, length,
                                                        may_unmap))
 
+    def zero_may_unmap(self) -> bool:
+        """qcow2_do_open: only version 3 images have zero clusters to unmap into."""
+        return self._img is not None and self._img.version >= 3
+
     def discard(self, offset: int, length: int) -> None:
         """Deallocate whole clusters in the range (QEMU's qcow2_co_pdiscard)."""
         img = self._writable_image(offset, length)

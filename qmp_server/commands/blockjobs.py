@@ -13,7 +13,7 @@ from blocklayer import blockjob as BJ
 from blocklayer.node import BlockNode
 from blocklayer.perm import WRITE
 
-from ..blockjobs import CommitRequest, StreamRequest
+from ..blockjobs import CommitRequest, MirrorRequest, StreamRequest
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
 from .lookup import find_bs, lookup_bs
@@ -161,6 +161,63 @@ async def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
     machine = ctx.machine
     request = await machine.block.run_light(_commit_request, machine, args)
     await machine.blockjobs.commit(request)
+
+
+def _get_root_bs(machine: Machine, name: str) -> BlockNode:
+    # qmp_get_root_bs.
+    node = lookup_bs(machine, name, name)
+    if not machine.block.graph.is_root(node):
+        raise QMPError("Need a root block node")
+    if node.driver.ejected:
+        raise QMPError("Device has no medium")
+    return node
+
+
+def _mirror_request(machine: Machine, args: dict[str, Any]) -> MirrorRequest:
+    # qmp_blockdev_mirror and blockdev_mirror_common's checks, in their order.
+    graph = machine.block.graph
+    source = _get_root_bs(machine, args["device"])
+    target = lookup_bs(machine, args["target"], args["target"])
+    granularity = args.get("granularity", 0)
+    if granularity and not 512 <= granularity <= 64 << 20:
+        raise QMPError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+    if granularity & (granularity - 1):
+        raise QMPError("Parameter 'granularity' expects a power of 2")
+    graph.check_no_job(source)
+    graph.check_no_job(target)
+    sync: str = args["sync"]
+    if sync == "top" and BJ.backing(source) is None:
+        sync = "full"
+    replaces: str | None = args.get("replaces")
+    if replaces is not None:
+        # check_to_replace_node, then the sizes.
+        to_replace = graph.find(replaces)
+        if to_replace is None:
+            raise QMPError(f"Failed to find node with node-name='{replaces}'")
+        graph.check_no_job(to_replace)
+        if to_replace not in BJ.filter_chain(source):  # bdrv_recurse_can_replace
+            raise QMPError(f"Cannot replace '{replaces}' by a node mirrored from '{source.name}', "
+                           "because it cannot be guaranteed that doing so would not lead to an "
+                           "abrupt change of visible data")
+        if BJ.length(source) != BJ.length(to_replace):
+            raise QMPError("cannot replace image with a mirror image of different size")
+    if sync in ("incremental", "bitmap"):
+        raise QMPError(f"Sync mode '{sync}' not supported")
+    return MirrorRequest(job_id=args.get("job-id"), source=source, target=target, replaces=replaces,
+                         sync=sync, speed=args.get("speed", 0), granularity=granularity,
+                         buf_size=args.get("buf-size", 0),
+                         write_blocking=args.get("copy-mode") == "write-blocking",
+                         auto_finalize=args.get("auto-finalize", True),
+                         auto_dismiss=args.get("auto-dismiss", True))
+
+
+@table.command("blockdev-mirror")
+async def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Copy a node's data into another one, keep them in sync, and on completion put the
+    copy where the original was."""
+    machine = ctx.machine
+    request = await machine.block.run_light(_mirror_request, machine, args)
+    await machine.blockjobs.mirror(request)
 
 
 @table.command("block-job-set-speed")
