@@ -108,12 +108,12 @@ class App:
             except QMPError as err:
                 raise SetupError(f"-blockdev {text}: {with_hints(err)}") from err
         # QEMU's order: -blockdev and -drive (configure_blockdev), then -device.
-        for text in options.drives:
+        for where, text in options.drives:
             try:
-                with location(f"-drive {text}"):
+                with location(where):
                     machine.block.locked(machine.devices.cli_drive, text)
             except QMPError as err:
-                raise SetupError(f"-drive {text}: {with_hints(err)}") from err
+                raise SetupError(f"{where}: {with_hints(err)}") from err
         machine.internal_snapshots.clock.advances = options.accel != "qtest"
         # QEMU creates the monitors (qemu_create_late_backends) before -device, -loadvm
         # and -incoming (qmp_x_exit_preconfig): a failure there comes after the greeting
@@ -162,12 +162,12 @@ class App:
         """What QEMU does after its monitors exist (qmp_x_exit_preconfig): the -device
         frontends, -loadvm, then -incoming."""
         options = self.options
-        for text in options.devices:
+        for where, text in options.devices:
             try:
-                with location(f"-device {text}"):
+                with location(where):
                     machine.block.locked(machine.devices.cli_device, text)
             except QMPError as err:
-                raise SetupError(f"-device {text}: {with_hints(err)}") from err
+                raise SetupError(f"{where}: {with_hints(err)}") from err
         if options.loadvm is not None:
             # qmp_x_exit_preconfig: load_snapshot(loadvm, ..., &error_fatal) after the
             # devices, before the incoming migration and the start.

@@ -10,10 +10,12 @@ from typing import Any
 from blocklayer.lockbytes import lock_byte
 
 from .chardev import Chardev, ChardevError, Chardevs, parse_bool, split_options
+from .driveopts import parse_qemu_opts
 from .errorreport import configure_messages, location, program_name, warn_report
 from .errors import QMPError
 from .keyval import parse_keyval
 from .machinemodel import (
+    BRIDGE_HELP,
     DEFAULT_MACHINE,
     DEVICE_HELP,
     FORMATS,
@@ -34,7 +36,7 @@ _WITH_ARG = {
     "qmp", "qmp-pretty", "monitor", "mon", "chardev", "serial", "parallel", "name", "incoming", "pidfile",
     "machine", "M", "accel", "blockdev", "device", "drive", "display", "vga", "m", "smp", "cpu",
     "uuid", "rtc", "boot", "audiodev", "msg", "overcommit", "sandbox", "object", "qtest", "global",
-    "poll-max-ns", "loadvm",
+    "poll-max-ns", "loadvm", "hda", "hdb", "hdc", "hdd", "set",
 }
 _FLAGS = {
     "S", "nodefaults", "nographic", "daemonize", "version", "help", "h", "no-user-config",
@@ -82,7 +84,9 @@ Machine:
 Block devices and migration:
   -blockdev OPTIONS     add a block node (key=value,... or JSON), as blockdev-add
   -drive OPTIONS        a block backend with its nodes (legacy)
-  -device DRIVER,...    a disk frontend (virtio-blk-pci, scsi-hd, ide-hd; -device help)
+  -hda FILE ... -hdd FILE, or FILE alone   a hard disk image (-drive media=disk,index=N)
+  -device DRIVER,...    a disk frontend, controller or PCI bridge (-device help)
+  -set GROUP.ID.NAME=VALUE   set NAME on an earlier -device or -drive with that id
   -incoming defer|unix:PATH|tcp:HOST:PORT  wait for an incoming migration
   -loadvm TAG           start from internal snapshot TAG (as HMP loadvm)
 Process:
@@ -115,8 +119,11 @@ class Options:
         self.loadvm: str | None = None
         self.blockdevs: list[str] = []
         #: ``-device`` and ``-drive`` arguments as typed (keyval, or JSON for -device), in order.
-        self.devices: list[str] = []
-        self.drives: list[str] = []
+        #: (the option as given, for error messages; its text with what -set added).
+        self.devices: list[tuple[str, str]] = []
+        #: (where it was given, for error messages; its QemuOpts text): ``-drive``,
+        #: ``-hda`` to ``-hdd`` and image files given as bare arguments.
+        self.drives: list[tuple[str, str]] = []
         #: ``-m`` in bytes, and ``-machine memory-backend=``: the guest RAM's backend object.
         self.ram_size: int | None = None
         self.memory_backend: str | None = None
@@ -172,9 +179,11 @@ def _machine_help() -> str:
 
 
 def _device_help() -> str:
-    lines = ["Storage devices:"]
-    for device in sorted(DEVICE_HELP):
-        lines.append(DEVICE_HELP[device])
+    # QEMU prints the categories in its DeviceCategory order, bridges before storage.
+    lines = ["Controller/Bridge/Hub devices:"]
+    lines += [BRIDGE_HELP[device] for device in sorted(BRIDGE_HELP)]
+    lines += ["", "Storage devices:"]
+    lines += [DEVICE_HELP[device] for device in sorted(DEVICE_HELP)]
     return "\n".join(lines) + "\n\n"
 
 
@@ -476,6 +485,61 @@ def _check_cpu(value: str, machine: str) -> None:
         raise UsageError("CPU model 'host' requires KVM or HVF")
 
 
+#: QEMU 7.2's option groups (vm_config_groups) other than those -set refuses outright.
+_OPTION_GROUPS = frozenset({
+    "drive", "chardev", "device", "netdev", "nic", "net", "rtc", "global", "mon", "trace",
+    "option-rom", "accel", "memory", "add-fd", "tpmdev", "overcommit", "msg", "name", "numa",
+    "icount", "semihosting-config", "fw_cfg", "action", "sandbox", "spice", "vnc",
+})
+_SET_SYNTAX = re.compile(r"([^.]{1,63})\.([^.]{1,63})\.([^=]{1,63})=")
+
+
+def _set_option(options: Options, value: str) -> None:
+    """``-set GROUP.ID.NAME=VALUE`` as QEMU's qemu_set_option: it adds NAME=VALUE to the
+    ``-device`` or ``-drive`` with that id given before it (the last value of a name
+    counts). Other groups' options are not kept as QemuOpts here: refused."""
+    match = _SET_SYNTAX.match(value)
+    if match is None:
+        raise UsageError(f'can\'t parse: "{value}"')
+    group, ident, name = match.groups()
+    if group in ("object", "machine", "smp-opts", "boot-opts"):
+        raise UsageError(f"-set is not supported with {group}")
+    if group not in _OPTION_GROUPS:
+        raise UsageError(f"There is no option group '{group}'")
+    setting = f",{name}={value[match.end():].replace(',', ',,')}"
+    if group == "device":
+        for index, (where, text) in enumerate(options.devices):
+            # A JSON -device is not a QemuOpts one: -set does not see it.
+            if not text.lstrip().startswith("{") and _opts_id(text, device=True) == ident:
+                options.devices[index] = (where, text + setting)
+                return
+    elif group == "drive":
+        for index, (where, text) in enumerate(options.drives):
+            if _opts_id(text, device=False) == ident:
+                options.drives[index] = (where, text + setting)
+                return
+    else:
+        raise UsageError(f"-set {group}: not supported by qmp-server (only device and drive)")
+    raise UsageError(f'there is no {group} "{ident}" defined')
+
+
+def _opts_id(text: str, *, device: bool) -> str | None:
+    """The ``id`` of a ``-device`` (its first element the driver) or ``-drive`` text."""
+    try:
+        found = parse_keyval(text, "driver") if device else parse_qemu_opts(text)
+    except QMPError:
+        return None  # the option's own error comes when it is used
+    ident = found.get("id")
+    return ident if isinstance(ident, str) else None
+
+
+def _hd_drive(index: int, image: str) -> str:
+    """``-hdX FILE`` as the ``-drive`` QEMU's drive_add makes of it: a disk at ``index``
+    on the machine's default interface (a comma in the file name doubled, as QemuOpts
+    reads it)."""
+    return f"media=disk,index={index},file={image.replace(',', ',,')}"
+
+
 def parse_args(argv: list[str]) -> Options:
     """Parse QEMU-style options; raise UsageError with QEMU's text where QEMU fails."""
     options = Options()
@@ -483,7 +547,12 @@ def parse_args(argv: list[str]) -> Options:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if not arg.startswith("-") or arg == "-":
+        if not arg.startswith("-"):
+            # QEMU's second option pass: a bare argument is the first hard disk's image.
+            options.drives.append((arg, _hd_drive(0, arg)))
+            i += 1
+            continue
+        if arg == "-":
             raise UsageError(f"{arg}: invalid option")
         name = arg[2:] if arg.startswith("--") else arg[1:]
         if name in _FLAGS:
@@ -605,9 +674,16 @@ def _apply(options: Options, chardevs: Chardevs, name: str, option: str, value: 
     elif name == "blockdev":
         options.blockdevs.append(value)
     elif name == "device":
-        options.devices.append(value)
+        options.devices.append((option, value))
     elif name == "drive":
-        options.drives.append(value)
+        options.drives.append((option, value))
+    elif name == "set":
+        try:
+            _set_option(options, value)
+        except UsageError as err:
+            raise UsageError(f"{option}: {err}") from None
+    elif name in ("hda", "hdb", "hdc", "hdd"):
+        options.drives.append((option, _hd_drive(ord(name[2]) - ord("a"), value)))
     elif name == "smp":
         try:
             parse_keyval(value, "cpus")  # machine_parse_property_opt: the syntax, at once

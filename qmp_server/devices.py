@@ -59,13 +59,37 @@ _IF_NUMBER = {"none": 0, "ide": 1, "scsi": 2, "floppy": 3, "pflash": 4, "mtd": 5
 #: The bus each modelled device plugs into (its DeviceClass bus_type), as QEMU names it
 #: in "No 'X' bus found".
 _BUS_TYPE = {"virtio-blk-pci": "PCI", "virtio-blk-device": "virtio-bus", "scsi-hd": "SCSI",
-             "ide-hd": "IDE", "virtio-scsi-pci": "PCI", "virtio-scsi-device": "virtio-bus"}
+             "ide-hd": "IDE", "virtio-scsi-pci": "PCI", "virtio-scsi-device": "virtio-bus",
+             "pcie-root-port": "PCI", "pci-bridge": "PCI", "pcie-pci-bridge": "PCI",
+             "i82801b11-bridge": "PCI", "ich9-ahci": "PCI"}
 #: Devices whose disk is a child object (the virtio transport's backend device).
 _BACKEND_CHILD = {"virtio-blk-pci": ("virtio-backend", "virtio-blk-device")}
 #: The virtio transports' child device (``virtio-backend`` in the QOM tree).
 TRANSPORT_CHILD = {"virtio-blk-pci": "virtio-blk-device", "virtio-scsi-pci": "virtio-scsi-device"}
 #: Controllers: devices without a disk that provide a bus of this type.
-_CONTROLLERS = {"virtio-scsi-pci": "SCSI", "virtio-scsi-device": "SCSI"}
+_CONTROLLERS = {"virtio-scsi-pci": "SCSI", "virtio-scsi-device": "SCSI", "pcie-root-port": "PCI",
+                "pci-bridge": "PCI", "pcie-pci-bridge": "PCI", "i82801b11-bridge": "PCI",
+                "ich9-ahci": "IDE"}
+#: The name of an anonymous controller's bus (qbus_init_internal: the bus type in lower
+#: case and a global counter per type): a root port's secondary bus is PCIe, a bridge's
+#: conventional PCI.
+_ANON_BUS_KIND = {"pcie-root-port": "pcie", "pci-bridge": "pci", "pcie-pci-bridge": "pci",
+                  "i82801b11-bridge": "pci", "ich9-ahci": "ide"}
+#: PCI bridges: their secondary bus takes the bridge's id as its name (pci_bridge_initfn).
+_PCI_BRIDGES = frozenset({"pcie-root-port", "pci-bridge", "pcie-pci-bridge", "i82801b11-bridge"})
+#: The AHCI ports of ich9-ahci (ICH_AHCI_NUM_PORTS), one IDE bus each.
+_AHCI_PORTS = 6
+#: The (non-)transitional virtio variants behave as their base device here (no guest
+#: drives the legacy interface either way).
+for _base in ("virtio-blk-pci", "virtio-scsi-pci"):
+    for _kind in ("transitional", "non-transitional"):
+        _variant = f"{_base}-{_kind}"
+        _BUS_TYPE[_variant] = _BUS_TYPE[_base]
+        TRANSPORT_CHILD[_variant] = TRANSPORT_CHILD[_base]
+        if _base in _BACKEND_CHILD:
+            _BACKEND_CHILD[_variant] = _BACKEND_CHILD[_base]
+        if _base in _CONTROLLERS:
+            _CONTROLLERS[_variant] = _CONTROLLERS[_base]
 #: virtio-scsi's addressing limits (VIRTIO_SCSI_MAX_CHANNEL/TARGET/LUN).
 _SCSI_MAX_CHANNEL, _SCSI_MAX_TARGET, _SCSI_MAX_LUN = 0, 255, 16383
 #: scsi-id/lun's default (uint32 -1): the first free one.
@@ -168,6 +192,26 @@ def _scsi_property(props: dict[str, Any], name: str, default: int) -> int:
     return value
 
 
+def _pci_devfn(value: Any, driver: str) -> int:
+    """The ``addr`` property (set_pci_devfn): ``SLOT[.FN]`` in hex, or the devfn as a
+    number (-1: any); QEMU's texts otherwise."""
+    if isinstance(value, str):
+        # sscanf's %x: optional blanks, sign and 0x; the whole text must be used.
+        number = r"\s*[+-]?(?:0[xX])?[0-9a-fA-F]+"
+        match = re.fullmatch(f"({number})(?:\\.({number}))?", value)
+        if match is not None:
+            slot = int(match[1].replace(" ", ""), 16) % (1 << 32)
+            function = int(match[2].replace(" ", ""), 16) % (1 << 32) if match[2] else 0
+            if slot <= 31 and function <= 7:
+                return slot << 3 | function
+        raise QMPError(f"Property '{driver}.addr' doesn't take value '{value}'")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QMPError("Parameter 'addr' expects int32")
+    if not -1 <= value <= 255:
+        raise QMPError("Parameter 'addr' expects a value between -1 and 255")
+    return value
+
+
 def _bool_property(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -188,6 +232,31 @@ def _buses(machine_type: str) -> dict[str, list[str]]:
     return {"PCI": ["pci.0"], "IDE": ["ide.0", "ide.1"]}
 
 
+@dataclass(frozen=True)
+class _BoardDevice:
+    """A PCI function the board itself puts on its root bus (not a peripheral)."""
+
+    driver: str
+    devfn: int
+    multifunction: bool = False
+    id: None = None
+
+
+def _board_devices(machine_type: str) -> tuple[_BoardDevice, ...]:
+    """The root bus's built-in functions as QEMU 7.2 names them in its errors, with
+    -nodefaults (libvirt's): i440fx's host bridge and PIIX3/4 in slot 1 (its USB
+    function only with ``usb=on``, not modelled), q35's MCH and ICH9's LPC, SATA and SMBus
+    in slot 31."""
+    found = model.machine_type(machine_type)
+    if found is None or found.name == model.NONE_MACHINE:
+        return ()
+    if "q35" in found.name:
+        return (_BoardDevice("mch", 0x00), _BoardDevice("ICH9-LPC", 0xf8, True),
+                _BoardDevice("ich9-ahci", 0xfa), _BoardDevice("ICH9-SMB", 0xfb))
+    return (_BoardDevice("i440FX", 0x00), _BoardDevice("PIIX3", 0x08, True),
+            _BoardDevice("piix3-ide", 0x09), _BoardDevice("PIIX4_PM", 0x0b))
+
+
 @dataclass(eq=False)
 class Device:
     """One realized disk frontend, or a controller that gives disks a bus."""
@@ -201,8 +270,15 @@ class Device:
     legacy_drive: bool
     hotpluggable: bool
     bus: str
-    #: A controller's bus (``scsi0.0``), which its disks name as their ``bus``.
-    child_bus: str | None = None
+    #: A controller's buses (``scsi0.0``; a bridge's is its id; ich9-ahci has six), which
+    #: its disks name as their ``bus``.
+    child_buses: tuple[str, ...] = ()
+    #: Slot and function (``addr``) on its PCI bus, allocated and checked as QEMU does.
+    devfn: int | None = None
+    #: The PCI ``multifunction`` property: function 0 of a slot that has others.
+    multifunction: bool = False
+    #: A root port's ``hotplug`` property (its slot's hot-plug capability).
+    slot_hotplug: bool = True
     #: A SCSI disk's (channel, target, LUN) on its bus.
     scsi_address: tuple[int, int, int] | None = None
     #: Added by device_add (qdev's ``hotplugged``), not by -device/-drive.
@@ -226,6 +302,8 @@ class Device:
                 return self.backend.name or (node.name if node is not None else "")
             if name == "share-rw":
                 return self.share_rw
+        if self.devfn is not None and name == "addr":
+            return self.devfn
         if self.scsi_address is not None and name in ("channel", "scsi-id", "lun"):
             return self.scsi_address[("channel", "scsi-id", "lun").index(name)]
         raise KeyError(name)
@@ -274,8 +352,8 @@ class Devices:
         qbus_find_recursive meets them (bus_add_child puts new devices at the head)."""
         buses = {kind: list(names) for kind, names in _buses(self.machine_type).items()}
         for device in reversed(self.devices):
-            if device.child_bus is not None:
-                buses.setdefault(_CONTROLLERS[device.driver], []).append(device.child_bus)
+            for bus in device.child_buses:
+                buses.setdefault(_CONTROLLERS[device.driver], []).append(bus)
         return buses
 
     # Queries ----------------------------------------------------------------------------
@@ -667,8 +745,9 @@ class Devices:
                 raise QMPError(f"Device '{driver}' can't go on {owner} bus")
         elif not buses:
             raise QMPError(f"No '{bus_type}' bus found for device '{driver}'")
-        elif bus_type == "SCSI":
-            # The newest controller's bus: qbus_find_recursive meets it first.
+        elif bus_type in ("SCSI", "PCI"):
+            # qbus_find_recursive meets the board's root bus first (PCI), the newest
+            # controller's bus first (SCSI).
             bus_name = buses[0]
         else:
             # qbus_find_recursive picks the last IDE bus with a free unit for hotplug.
@@ -692,13 +771,30 @@ class Devices:
         for key in props:
             if key not in _GENERIC and key not in known:
                 raise QMPError(f"Property '{driver}.{key}' not found")
+        addr = -1
+        if "addr" in props:
+            value = props["addr"]
+            if hotplug and isinstance(value, int) and not isinstance(value, bool):
+                # QEMU 7.2's device_add passes its arguments through QemuOpts: a number
+                # arrives as its decimal text, which set_pci_devfn reads as hex.
+                value = str(value)
+            addr = _pci_devfn(value, driver)
         if "iothread" in props:
             # Set before drive and share-rw: the first in QEMU's QDict order of properties.
             self._check_iothread(props["iothread"])
+        multifunction = _bool_property(props.get("multifunction", False), "multifunction")
         if driver in _CONTROLLERS:
+            slot_hotplug = _bool_property(props.get("hotplug", True), "hotplug")
+            if hotplug:
+                self._pre_plug(bus_name)
+            devfn = None
+            if bus_type == "PCI":
+                devfn = self._pci_devfn(bus_name, addr, driver, hotplug)
+                self._check_multifunction(bus_name, devfn, multifunction)
             device = Device(driver=driver, id=dev_id, path=path, backend=None, legacy_drive=False,
                             hotpluggable=hotpluggable, bus=bus_name, hotplugged=hotplug,
-                            child_bus=self._controller_bus(driver, dev_id))
+                            child_buses=self._controller_buses(driver, dev_id), devfn=devfn,
+                            slot_hotplug=slot_hotplug, multifunction=multifunction)
             self.devices.append(device)
             return device
         share_rw = _bool_property(props.get("share-rw", False), "share-rw")
@@ -708,8 +804,13 @@ class Devices:
         blk, legacy = self._set_drive(props.get("drive"), backend_type)
         device = Device(driver=driver, id=dev_id, path=path, backend=blk, legacy_drive=legacy,
                         hotpluggable=hotpluggable, bus=bus_name, hotplugged=hotplug,
-                        share_rw=share_rw)
+                        share_rw=share_rw, multifunction=multifunction)
         try:
+            if hotplug:
+                self._pre_plug(bus_name)
+            if bus_type == "PCI":
+                device.devfn = self._pci_devfn(bus_name, addr, driver, hotplug)
+                self._check_multifunction(bus_name, device.devfn, multifunction)
             if scsi is not None:
                 device.scsi_address = self._scsi_address(bus_name, *scsi)
             self._realize(device, share_rw)
@@ -720,15 +821,84 @@ class Devices:
         self.devices.append(device)
         return device
 
-    def _controller_bus(self, driver: str, dev_id: str | None) -> str:
-        """qbus_init_internal's name for a controller's bus: ``ID.0``, else the bus type
-        in lower case with a global counter (``scsi.0``), used up even if realize fails."""
+    def _controller_buses(self, driver: str, dev_id: str | None) -> tuple[str, ...]:
+        """qbus_init_internal's names for a controller's buses: a PCI bridge's is its id
+        (pci_bridge_initfn), others ``ID.N``; without an id, the bus type in lower case
+        with a global counter (``scsi.0``, ``pci.0``, ``pcie.0``; the board's own IDE
+        buses used the first ``ide.N``), used up even if realize fails. Checked against
+        QEMU 7.2 (qom-list of the controller) in tests/test_pcie.py."""
+        count = _AHCI_PORTS if driver == "ich9-ahci" else 1
         if dev_id is not None:
-            return f"{dev_id}.0"
-        kind = _CONTROLLERS[driver].lower()
-        number = self._anon_buses.get(kind, 0)
-        self._anon_buses[kind] = number + 1
-        return f"{kind}.{number}"
+            if driver in _PCI_BRIDGES:
+                return (dev_id,)
+            return tuple(f"{dev_id}.{n}" for n in range(count))
+        kind = _ANON_BUS_KIND.get(driver, _CONTROLLERS[driver].lower())
+        board = len(_buses(self.machine_type).get("IDE", [])) if kind == "ide" else 0
+        number = self._anon_buses.get(kind, board)
+        self._anon_buses[kind] = number + count
+        return tuple(f"{kind}.{n}" for n in range(number, number + count))
+
+    def _bridge(self, bus: str) -> Device | None:
+        """The root port or bridge whose secondary bus is ``bus``; None for the board's."""
+        return next((d for d in self.devices if d.driver in _PCI_BRIDGES and bus in d.child_buses),
+                    None)
+
+    def _pre_plug(self, bus: str) -> None:
+        """pcie_cap_slot_pre_plug_cb: a root port with ``hotplug=off`` takes no hot-plug."""
+        bridge = self._bridge(bus)
+        if bridge is not None and bridge.driver == "pcie-root-port" and not bridge.slot_hotplug:
+            raise QMPError(f"Hot-plug failed: unsupported by the port device '{bridge.id}'")
+
+    def _pci_functions(self, bus: str) -> dict[int, Device | _BoardDevice]:
+        """What sits on a PCI bus, by devfn: the board's own functions on its root bus."""
+        used: dict[int, Device | _BoardDevice] = {}
+        if self._bridge(bus) is None:
+            used = {d.devfn: d for d in _board_devices(self.machine_type)}
+        used.update({d.devfn: d for d in self.devices if d.bus == bus and d.devfn is not None})
+        return used
+
+    def _pci_devfn(self, bus: str, devfn: int, driver: str, hotplug: bool) -> int:
+        """do_pci_register_device's choice and checks of a slot/function (a PCIe root
+        port's bus takes 32 slots in QEMU 7.2, as any PCI bus)."""
+        used = self._pci_functions(bus)
+        if devfn < 0:
+            found = next((fn for fn in range(0, 256, 8) if fn not in used), None)
+            if found is None:
+                raise QMPError(f"PCI: no slot/function available for {driver}, all in use or reserved")
+            return found
+        holder = used.get(devfn)
+        slot, function = devfn >> 3, devfn & 7
+        if holder is not None:
+            # The holder's id with %s: glibc's "(null)" when it has none.
+            raise QMPError(f"PCI: slot {slot} function {function} not available for {driver}, in use "
+                           f"by {holder.driver},id={holder.id if holder.id is not None else '(null)'}")
+        # pci_get_function_0: behind a root port (an upstream port's bus) only devfn 0
+        # counts, whatever the slot asked for; elsewhere the slot's function 0.
+        bridge = self._bridge(bus)
+        upstream = bridge is not None and bridge.driver == "pcie-root-port"
+        first = used.get(0 if upstream else devfn & ~7)
+        if hotplug and first is not None:
+            raise QMPError(f"PCI: slot {(first.devfn or 0) >> 3} function 0 already occupied by "
+                           f"{first.driver}, new func {driver} cannot be exposed to guest.")
+        return devfn
+
+    def _check_multifunction(self, bus: str, devfn: int, multifunction: bool) -> None:
+        """pci_init_multifunction: a function other than 0 needs a multifunction function
+        0 when there is one; a single-function function 0 needs the others empty."""
+        used = self._pci_functions(bus)
+        slot, function = devfn >> 3, devfn & 7
+        if function:
+            first = used.get(devfn & ~7)
+            if first is not None and not first.multifunction:
+                raise QMPError(f"PCI: single function device can't be populated in function "
+                               f"{slot:x}.{function:x}")
+            return
+        if multifunction:
+            return
+        other = next((fn for fn in range(1, 8) if devfn + fn in used), None)
+        if other is not None:
+            raise QMPError(f"PCI: {slot:x}.0 indicates single function, but {slot:x}.{other:x} "
+                           "is already populated.")
 
     def _scsi_address(self, bus: str, channel: int, target: int, lun: int) -> tuple[int, int, int]:
         """scsi_bus_check_address, then scsi_qdev_realize's choice of a free target/LUN."""
@@ -758,7 +928,12 @@ class Devices:
 
     def _bus_hotpluggable(self, bus: str) -> bool:
         """qbus_is_hotpluggable: q35's PCIe root bus never is (devices go behind root
-        ports, not modelled); i440fx's pci.0 is through ACPI's hot-plug only."""
+        ports); i440fx's pci.0 is through ACPI's hot-plug only. A root port's bus always
+        has a hot-plug handler (its slot), a PCI bridge's its SHPC, the DMI-to-PCI bridge's
+        (i82801b11-bridge) q35's ACPI PCI hot-plug, even with ``acpi=off`` (as measured
+        with QEMU 7.2)."""
+        if self._bridge(bus) is not None:
+            return True
         if bus == "pcie.0":
             return False
         if bus == "pci.0":
@@ -838,10 +1013,13 @@ class Devices:
         # The guest acknowledges the unplug at once (there is none to wait for). A
         # controller's disks go first, newest first: bus_unparent unplugs a bus's children
         # (bus_add_child put each new one at the head) before the device holding the bus.
+        return self._unplug_tree(device)
+
+    def _unplug_tree(self, device: Device) -> list[dict[str, Any]]:
+        """Unplug ``device`` after everything on its buses, depth first (bus_unparent)."""
         events: list[dict[str, Any]] = []
-        if device.child_bus is not None:
-            for disk in [d for d in reversed(self.devices) if d.bus == device.child_bus]:
-                events += self._unplug(disk)
+        for child in [d for d in reversed(self.devices) if d.bus in device.child_buses]:
+            events += self._unplug_tree(child)
         return events + self._unplug(device)
 
     def _unplug(self, device: Device) -> list[dict[str, Any]]:

@@ -190,6 +190,9 @@ def _types(*entries: QOMType) -> dict[str, QOMType]:
     return {entry.name: entry for entry in entries}
 
 
+#: What a virtio PCI device that can sit on PCI or PCIe implements.
+_PCIE_AND_PCI = ("pci-express-device", "conventional-pci-device")
+
 # The classes of everything we model, with their ancestors and interfaces as QEMU 7.2
 # registers them (``accel`` is a concrete class there, hence not abstract here).
 QOM_TYPES: dict[str, QOMType] = _types(
@@ -211,14 +214,23 @@ QOM_TYPES: dict[str, QOMType] = _types(
       for m in MACHINE_TYPES.values()),
     QOMType("device", "object", abstract=True, interfaces=("vmstate-if", "resettable")),
     QOMType("pci-device", "device", abstract=True),
-    QOMType("virtio-pci", "pci-device", abstract=True,
-            interfaces=("pci-express-device", "conventional-pci-device")),
+    QOMType("virtio-pci", "pci-device", abstract=True),
     QOMType("virtio-blk-pci-base", "virtio-pci", abstract=True),
-    QOMType("virtio-blk-pci", "virtio-blk-pci-base"),
+    QOMType("virtio-blk-pci", "virtio-blk-pci-base", interfaces=_PCIE_AND_PCI),
+    # The (non-)transitional variants: the same device, with or without the legacy
+    # virtio interface (libvirt's probe reads their presence as "virtio-pci-non-
+    # transitional", and only then puts virtio devices on PCIe root ports of a q35).
+    # A transitional device is a conventional PCI device only (virtio_pci_types_register).
+    QOMType("virtio-blk-pci-transitional", "virtio-blk-pci-base",
+            interfaces=("conventional-pci-device",)),
+    QOMType("virtio-blk-pci-non-transitional", "virtio-blk-pci-base", interfaces=_PCIE_AND_PCI),
     QOMType("virtio-device", "device", abstract=True),
     QOMType("virtio-blk-device", "virtio-device"),
     QOMType("virtio-scsi-pci-base", "virtio-pci", abstract=True),
-    QOMType("virtio-scsi-pci", "virtio-scsi-pci-base"),
+    QOMType("virtio-scsi-pci", "virtio-scsi-pci-base", interfaces=_PCIE_AND_PCI),
+    QOMType("virtio-scsi-pci-transitional", "virtio-scsi-pci-base",
+            interfaces=("conventional-pci-device",)),
+    QOMType("virtio-scsi-pci-non-transitional", "virtio-scsi-pci-base", interfaces=_PCIE_AND_PCI),
     QOMType("virtio-scsi-common", "virtio-device", abstract=True),
     QOMType("virtio-scsi-device", "virtio-scsi-common"),
     QOMType("scsi-device", "device", abstract=True),
@@ -226,6 +238,20 @@ QOM_TYPES: dict[str, QOMType] = _types(
     QOMType("scsi-hd", "scsi-disk-base"),
     QOMType("ide-device", "device", abstract=True),
     QOMType("ide-hd", "ide-device"),
+    # q35's PCIe topology and its SATA controller, as libvirt builds a q35 domain from
+    # them (QEMU 7.2's hw/pci-bridge, hw/ide/ich.c): the root port's slot is a hot-plug
+    # handler (pcie-slot), the PCI bridges' SHPC one.
+    QOMType("base-pci-bridge", "pci-device", abstract=True),
+    QOMType("pcie-port", "base-pci-bridge", abstract=True),
+    QOMType("pcie-slot", "pcie-port", abstract=True, interfaces=("hotplug-handler",)),
+    QOMType("pcie-root-port-base", "pcie-slot", abstract=True, interfaces=("pci-express-device",)),
+    QOMType("pcie-root-port", "pcie-root-port-base"),
+    QOMType("pci-bridge", "base-pci-bridge",
+            interfaces=("hotplug-handler", "conventional-pci-device")),
+    QOMType("pcie-pci-bridge", "base-pci-bridge",
+            interfaces=("hotplug-handler", "pci-express-device")),
+    QOMType("i82801b11-bridge", "base-pci-bridge", interfaces=("conventional-pci-device",)),
+    QOMType("ich9-ahci", "pci-device", interfaces=("conventional-pci-device",)),
     QOMType("user-creatable", "interface", abstract=True),
     QOMType("memory-backend", "object", abstract=True, interfaces=("user-creatable",)),
     QOMType("memory-backend-ram", "memory-backend"),
@@ -352,6 +378,36 @@ _BLOCK_DEVICE_PROPERTIES: dict[str, dict[str, Any]] = {prop["name"]: prop for pr
     _prop("write-cache", "OnOffAuto", "auto", _ON_OFF_AUTO),
     _prop("write-zeroes", "bool", True, _ON_OFF),
     _prop("wwn", "uint64", 0),
+    # Every PCI device's (hw/pci/pci.c pci_props), then the bridges' and root ports'.
+    _prop("failover_pair_id", "str"),
+    _prop("romfile", "str"),
+    _prop("romsize", "uint32", 4294967295),
+    _prop("x-pcie-lnksta-dllla", "bool", True, _ON_OFF),
+    _prop("rombar", "uint32", 1),
+    _prop("x-pcie-extcap-init", "bool", True, _ON_OFF),
+    _prop("acpi-index", "uint32", 0),
+    _prop("multifunction", "bool", False, _ON_OFF),
+    _prop("ahci[0]", "child<memory-region>"),
+    _prop("ahci-idp[0]", "child<memory-region>"),
+    _prop("chassis_nr", "uint8", 0),
+    _prop("bus-reserve", "uint32", 4294967295),
+    _prop("mem-reserve", "size", 18446744073709551615),
+    _prop("pref64-reserve", "size", 18446744073709551615),
+    _prop("pref32-reserve", "size", 18446744073709551615),
+    _prop("io-reserve", "size", 18446744073709551615),
+    _prop("msi", "OnOffAuto", "auto", _ON_OFF_AUTO),
+    _prop("shpc", "bool", True, _ON_OFF),
+    _prop("port", "uint8", 0),
+    _prop("aer_log_max", "uint16", 8),
+    _prop("hotplug", "bool", True),
+    _prop("x-native-hotplug", "bool", True),
+    _prop("slot", "uint16", 0),
+    _prop("chassis", "uint8", 0),
+    _prop("power_controller_present", "bool", True, _ON_OFF),
+    _prop("disable-acs", "bool", False),
+    _prop("x-width", "PCIELinkWidth", "32", "1/2/4/8/12/16/32"),
+    _prop("x-migrate-msix", "bool", True),
+    _prop("x-speed", "PCIELinkSpeed", "16", "2_5/5/8/16"),
     # virtio-scsi's queues (hw/scsi/virtio-scsi.c virtio_scsi_properties).
     _prop("num_queues", "uint32", 4294967295),
     _prop("virtqueue_size", "uint32", 256),
@@ -365,14 +421,23 @@ def _props(names: str) -> list[dict[str, Any]]:
     return [_BLOCK_DEVICE_PROPERTIES[name] for name in names.split()]
 
 
-DEVICE_PROPERTIES: dict[str, list[dict[str, Any]]] = {
-    "virtio-blk-pci": _props(
+#: The properties every PCI device lists first (pci_props), in QEMU's order.
+_PCI_COMMON = ("failover_pair_id romfile addr romsize x-pcie-lnksta-dllla rombar x-pcie-extcap-init "
+               "acpi-index multifunction")
+
+_VIRTIO_PCI = {
+    "virtio-blk-pci":
         "addr share-rw lcyls queue-size lsecs heads account-invalid iothread lheads num-queues cyls "
         "secs min_io_size bootindex config-wce drive werror report-discard-granularity rerror "
         "write-cache physical_block_size opt_io_size logical_block_size max-discard-sectors discard "
         "discard_granularity write-zeroes max-write-zeroes-sectors account-failed backend_defaults "
-        "serial"
-    ),
+        "serial",
+    # The SCSI controller: its PCI address, iothread and queues; no disk of its own.
+    "virtio-scsi-pci": "addr num_queues max_sectors iothread virtqueue_size cmd_per_lun",
+}
+
+DEVICE_PROPERTIES: dict[str, list[dict[str, Any]]] = {
+    "virtio-blk-pci": _props(_VIRTIO_PCI["virtio-blk-pci"]),
     "virtio-blk-device": _props(
         "share-rw lcyls queue-size lsecs serial account-invalid iothread lheads num-queues cyls "
         "secs heads min_io_size config-wce drive werror report-discard-granularity rerror "
@@ -387,14 +452,31 @@ DEVICE_PROPERTIES: dict[str, list[dict[str, Any]]] = {
         "discard_granularity port_wwn port_index account-failed device_id backend_defaults "
         "bootindex"
     ),
-    # The SCSI controller: its PCI address, iothread and queues; no disk of its own.
-    "virtio-scsi-pci": _props("addr num_queues max_sectors iothread virtqueue_size cmd_per_lun"),
+    "virtio-scsi-pci": _props(_VIRTIO_PCI["virtio-scsi-pci"]),
     "virtio-scsi-device": _props("num_queues max_sectors iothread virtqueue_size cmd_per_lun"),
     "ide-hd": _props(
         "unit lsecs account-invalid model lheads rotation_rate drive serial logical_block_size ver "
         "share-rw write-cache heads wwn discard_granularity backend_defaults cyls lcyls opt_io_size "
         "rerror bios-chs-trans min_io_size account-failed physical_block_size secs werror bootindex"
     ),
+    # The PCI(e) controllers, with all their properties as QEMU 7.2 lists them (libvirt
+    # probes pcie-root-port's ``hotplug``).
+    "pcie-root-port": _props(
+        f"{_PCI_COMMON} port aer_log_max hotplug x-native-hotplug slot chassis "
+        "power_controller_present disable-acs mem-reserve pref64-reserve bus-reserve x-width "
+        "x-migrate-msix io-reserve x-speed pref32-reserve"
+    ),
+    "pci-bridge": _props(
+        f"{_PCI_COMMON} chassis_nr bus-reserve mem-reserve pref64-reserve io-reserve msi "
+        "pref32-reserve shpc"
+    ),
+    "pcie-pci-bridge": _props(f"{_PCI_COMMON} msi"),
+    # The (non-)transitional virtio variants list what their base does, but for the
+    # legacy switches (disable-legacy, disable-modern), which are not listed here anyway.
+    **{f"{base}-{kind}": _props(_VIRTIO_PCI[base]) for base in _VIRTIO_PCI
+       for kind in ("transitional", "non-transitional")},
+    "i82801b11-bridge": _props(_PCI_COMMON),
+    "ich9-ahci": _props(f"{_PCI_COMMON} ahci[0] ahci-idp[0]"),
 }
 
 
@@ -472,12 +554,24 @@ def machine_description(machine: MachineType) -> str:
 
 #: ``-device help`` lines of the devices we model, as QEMU 7.2 prints them.
 DEVICE_HELP: dict[str, str] = {
+    "ich9-ahci": 'name "ich9-ahci", bus PCI, alias "ahci"',
     "ide-hd": 'name "ide-hd", bus IDE, desc "virtual IDE disk"',
     "scsi-hd": 'name "scsi-hd", bus SCSI, desc "virtual SCSI disk"',
     "virtio-blk-device": 'name "virtio-blk-device", bus virtio-bus',
     "virtio-blk-pci": 'name "virtio-blk-pci", bus PCI, alias "virtio-blk"',
     "virtio-scsi-device": 'name "virtio-scsi-device", bus virtio-bus',
     "virtio-scsi-pci": 'name "virtio-scsi-pci", bus PCI, alias "virtio-scsi"',
+    **{f"{base}-{kind}": f'name "{base}-{kind}", bus PCI'
+       for base in ("virtio-blk-pci", "virtio-scsi-pci") for kind in ("transitional", "non-transitional")},
+}
+
+#: ``-device help`` lines of the bridges and root ports we model (QEMU's
+#: "Controller/Bridge/Hub devices" category), as QEMU 7.2 prints them.
+BRIDGE_HELP: dict[str, str] = {
+    "i82801b11-bridge": 'name "i82801b11-bridge", bus PCI',
+    "pci-bridge": 'name "pci-bridge", bus PCI, desc "Standard PCI Bridge"',
+    "pcie-pci-bridge": 'name "pcie-pci-bridge", bus PCI',
+    "pcie-root-port": 'name "pcie-root-port", bus PCI, desc "PCI Express Root Port"',
 }
 
 #: The block drivers (``-drive format=help``), as blocklayer's graph registers them.

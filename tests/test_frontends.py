@@ -190,6 +190,10 @@ def test_drive_probing_readonly_and_device_on_command_line(tmp_path: Path, image
     ["-drive", "if=none,file=FILE,format=raw,id=1a"],
     ["-drive", "if=none,format=raw"],
     ["-drive", "if=none,file=FILE,format=raw,id=d", "-drive", "if=none,file=FILE,format=raw,id=d"],
+    ["/nonexistent.qcow2"],
+    ["-hdb", "/nonexistent.qcow2"],
+    ["-hda", "FILE", "-hda", "FILE"],
+    ["-"],
 ])
 def test_startup_errors(tmp_path: Path, images: tuple[Path, Path], args: list[str]) -> None:
     qemu_tools.require("qemu-system-x86_64")
@@ -199,7 +203,7 @@ def test_startup_errors(tmp_path: Path, images: tuple[Path, Path], args: list[st
                  ["python3", "-m", "qmp_server"]):
         result = subprocess.run([*argv, *PC, *args], capture_output=True, text=True, timeout=30)
         assert result.returncode == 1
-        outputs.append(result.stderr.split(": ", 1)[1])
+        outputs.append(re.sub(r"^(qemu-system-x86_64|qmp-server): ", "", result.stderr, flags=re.M))
     assert outputs[1] == outputs[0]
 
 
@@ -282,6 +286,22 @@ def test_drive_legacy_options_as_qemu(tmp_path: Path, images: tuple[Path, Path])
             block.pop("qdev", None)
         assert mine == theirs
         assert [b["device"] for b in mine] == ["drive0", "drive1", "ide0-hd1"]
+
+
+def test_hard_disk_options_and_a_bare_image_argument_as_qemu(tmp_path: Path,
+                                                            images: tuple[Path, Path]) -> None:
+    """``-hdX FILE`` and an image given as a bare argument are QEMU's drive_add: a disk at
+    index 0 to 3 on the board's IDE, the file name taken whole (a comma in it too)."""
+    for name in ("qemu", "ours"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / name / "a,b.qcow2"),
+                        "1M"], check=True)
+    args = ["-hdc", "{dir}/a,b.qcow2", "{dir}/d.qcow2", "-hdb", "{dir}/r.raw"]
+    with both(args, tmp_path) as (qemu, ours):
+        mine, theirs = _normal(ours.cmd("query-block")), _normal(qemu.cmd("query-block"))
+        for block in mine + theirs:
+            block.pop("qdev", None)  # the board's IDE disks: see the test above
+        assert mine == theirs
+        assert [b["device"] for b in mine] == ["ide1-hd0", "ide0-hd0", "ide0-hd1"]
 
 
 def test_drive_with_a_protocol_driver_as_qemu(tmp_path: Path, images: tuple[Path, Path]) -> None:

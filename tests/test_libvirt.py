@@ -562,3 +562,91 @@ def test_blockcommit_below_a_read_only_overlay(libvirtd: Libvirtd, emulator: Pat
     assert all(value == "0" for key, value in ours.items() if key.startswith("check-"))
     if QEMU is not None:
         assert ours == _commit_middle_flow(libvirtd, tmp_path / "qemu", "qemu-commit-mid", QEMU)
+
+
+def _blockcopy_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
+    """virsh blockcopy (blockdev-mirror): the whole chain into a new qcow2 with --pivot,
+    then the copy's top into a pre-made image (--shallow --reuse-external) left in sync
+    and ended with blockjob --abort; guest writes meanwhile. virsh's answers, the chain in
+    the domain XML, and the images afterwards."""
+    assert QEMU_IMG is not None
+    qemu_io = shutil.which("qemu-io")
+    assert qemu_io is not None
+    folder.mkdir()
+
+    def image(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, cwd=folder)
+
+    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "base.qcow2", "16M")
+    image(qemu_io, "-c", "write -P 0x11 0 1M", "base.qcow2")
+    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+    image(qemu_io, "-c", "write -P 0x22 1M 1M", "top.qcow2")
+    xml = folder / "domain.xml"
+    xml.write_text(domain_xml(name, emulator, folder / "top.qcow2"))
+    replacements = {str(folder): "DIR", name: "DOMAIN"}
+    seen: dict[str, str] = {}
+
+    def run(key: str, *args: str) -> str:
+        result = libvirtd.virsh(*args, check=False)
+        seen[key] = _normalize(result.stdout + result.stderr, replacements)
+        return seen[key]
+
+    def chain(key: str) -> None:
+        seen[key] = _normalize(_backing_chain(libvirtd, name), replacements)
+
+    def guest_write(command: str) -> None:
+        libvirtd.virsh("qemu-monitor-command", name, "--hmp",
+                       f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{command}"')
+
+    libvirtd.virsh("define", str(xml))
+    try:
+        libvirtd.virsh("start", name)
+        guest_write("write -P 0x33 2M 64k")
+        run("copy", "blockcopy", name, "vda", str(folder / "copy.qcow2"), "--format", "qcow2",
+            "--transient-job", "--wait", "--pivot")
+        run("domblklist-copied", "domblklist", name)
+        chain("chain-copied")
+        guest_write("write -P 0x44 3M 64k")
+        image(QEMU_IMG, "create", "-q", "-f", "qcow2", "shallow.qcow2", "16M")
+        run("shallow", "blockcopy", name, "vda", str(folder / "shallow.qcow2"), "--format", "qcow2",
+            "--shallow", "--reuse-external", "--transient-job", "--wait")
+        run("blockjob-info", "blockjob", name, "vda", "--info")
+        guest_write("write -P 0x55 4M 64k")
+        run("abort", "blockjob", name, "vda", "--abort")
+        run("domblklist-final", "domblklist", name)
+        run("blockjob-none", "blockjob", name, "vda", "--info")
+    finally:
+        libvirtd.virsh("destroy", name, check=False)
+        libvirtd.virsh("undefine", name, check=False)
+    for file, pattern, offset in (("copy.qcow2", "0x11", "0"), ("copy.qcow2", "0x22", "1M"),
+                                  ("copy.qcow2", "0x33", "2M"), ("copy.qcow2", "0x44", "3M"),
+                                  ("copy.qcow2", "0x55", "4M"), ("shallow.qcow2", "0x44", "3M"),
+                                  ("shallow.qcow2", "0x55", "4M"), ("shallow.qcow2", "0x11", "0")):
+        result = subprocess.run([qemu_io, "-r", "-f", "qcow2", "-c", f"read -P {pattern} {offset} 64k",
+                                 str(folder / file)], capture_output=True, text=True)
+        seen[f"read-{file}-{offset}"] = _normalize(result.stdout.splitlines()[0] + result.stderr,
+                                                   replacements)
+    info = subprocess.run([QEMU_IMG, "info", "--backing-chain", str(folder / "copy.qcow2")],
+                          capture_output=True, text=True)
+    seen["copy-chain"] = _normalize("\n".join(line for line in info.stdout.splitlines()
+                                              if not line.startswith("disk size:")), replacements)
+    for file in ("base.qcow2", "top.qcow2", "copy.qcow2", "shallow.qcow2"):
+        check = subprocess.run([QEMU_IMG, "check", str(folder / file)], capture_output=True, text=True)
+        seen[f"check-{file}"] = str(check.returncode)
+    return seen
+
+
+def test_blockcopy(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
+    """`virsh blockcopy` with --pivot and with --shallow --reuse-external then
+    blockjob --abort, as libvirt does them on QEMU."""
+    ours = _blockcopy_flow(libvirtd, tmp_path / "ours", "qmp-copy", str(emulator))
+    if QEMU is not None:
+        assert ours == _blockcopy_flow(libvirtd, tmp_path / "qemu", "qemu-copy", QEMU)
+    assert ours["copy"] == "Successfully pivoted"
+    assert ours["domblklist-copied"].splitlines()[-1] == "vda DIR/copy.qcow2"
+    assert ours["blockjob-info"] == "Block Copy: [100 %]"
+    # The guest's writes reached both copies; --abort left the domain on copy.qcow2.
+    assert all(value.startswith("read 65536/65536") for key, value in ours.items()
+               if key.startswith("read-")), ours
+    assert ours["domblklist-final"].splitlines()[-1] == "vda DIR/copy.qcow2"
+    assert all(value == "0" for key, value in ours.items() if key.startswith("check-"))
