@@ -147,15 +147,22 @@ class BlockJob(JobDriver):
                    for node in ([edge.parent] if edge.parent is not None else []) + [edge.child]
                    if node.name in graph.nodes]
         self.filtered.clear()
+        used = []
         for edge in reversed(self.users):
             if edge in edge.child.parents:
                 graph.remove_user(edge)
+                used.append(edge.child)
         self.users.clear()
         if touched:
             try:
                 graph.refresh_perms(touched)
             except BlockError:
                 pass  # only loosens
+        # The job's references go (block_job_remove_all_bdrv -> bdrv_unref): a node only
+        # the job still held (a -drive whose device went meanwhile) closes now.
+        for node in used:
+            if graph.nodes.get(node.name) is node:
+                graph.release(node)
 
     def _prepare(self, job: Job) -> None:
         # stream_prepare / commit_prepare (bdrv_drop_intermediate): the overlay reads
@@ -432,6 +439,13 @@ class BlockJobs:
         self.events = events
 
     # Lookup and queries -----------------------------------------------------------------
+
+    def cancel_jobs_on(self, node: BlockNode) -> None:
+        """blockdev_auto_del: every block job that uses ``node`` is cancelled, softly
+        (job_cancel_locked(job, false): a ready mirror completes without its pivot)."""
+        for job in list(self.jobs.jobs):
+            if isinstance(job.driver, BlockJob) and any(edge.child is node for edge in job.driver.users):
+                self.jobs.cancel_job(job, False)
 
     def find(self, device: str) -> tuple[Job, BlockJob]:
         """find_block_job_locked: the block job ``device`` names, or QEMU's error."""

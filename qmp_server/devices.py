@@ -341,6 +341,9 @@ class Devices:
         #: qbus_init_internal's global counter per bus type, for buses of devices without
         #: an id ("scsi.0", "scsi.1", ...).
         self._anon_buses: dict[str, int] = {}
+        #: Called with a -drive's root node when its device goes (blockdev_auto_del: the
+        #: block jobs on it are cancelled; the wiring, machine.py, adds the listener).
+        self.auto_del_listeners: list[Callable[[BlockNode], None]] = []
 
     @property
     def disks(self) -> list[Device]:
@@ -1029,7 +1032,11 @@ class Devices:
         if blk is not None:
             _call(blk.detach_dev)
             if device.legacy_drive:
-                # blockdev_auto_del: a -drive's backend (and its nodes) go with the device.
+                # blockdev_auto_del: the jobs on the drive are cancelled, and its backend
+                # (and its nodes) go with the device.
+                if blk.node is not None:
+                    for listener in self.auto_del_listeners:
+                        listener(blk.node)
                 del self.named[blk.name]
                 self._drive_units.pop(blk.name, None)
                 node = blk.node

@@ -350,6 +350,20 @@ class JobService:
         """
         job = self.find(job_id)
         self._apply_verb(job, "cancel")
+        self._cancel(job, force)
+
+    def cancel_job(self, job: Job, force: bool) -> None:
+        """job_cancel_locked without a user's verb check, for the block layer's own
+        cancels (a -drive's device going, blockdev_auto_del): a concluded job is
+        dismissed, any other cancelled."""
+        if job not in self.jobs:
+            return
+        if job.status is JobStatus.CONCLUDED:
+            self._dismiss(job)
+            return
+        self._cancel(job, force)
+
+    def _cancel(self, job: Job, force: bool) -> None:
         # job_cancel_async_locked
         force = job.driver.cancel(job, force)
         job.user_paused = False

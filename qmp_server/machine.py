@@ -72,6 +72,7 @@ class Machine:
         #: -object / object-add objects (/objects in QOM).
         self.objects = Objects()
         self.vm.state_listeners.append(self.devices.vm_state_changed)
+        self.devices.auto_del_listeners.append(self.blockjobs.cancel_jobs_on)
         self.migration = MigrationService(self.vm, self.block, config.incoming)
         # Named BlockBackends, by which the dirty-bitmaps capability addresses bitmaps.
         self.migration.backends = lambda: [(blk.name, blk.node)

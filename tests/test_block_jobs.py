@@ -842,3 +842,50 @@ def test_mirror_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> N
     assert ours[-5][1]["return"][0]["inserted"]["file"] == "@TMP@/copy.qcow2"
     identical = [0, "Images are identical.\n", [0, 0]]
     assert _compare_and_check(tmp_path, "top.qcow2", "copy.qcow2") == [identical, identical]
+
+
+def test_a_drives_device_going_cancels_its_jobs(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """blockdev_auto_del (iotest 040's test_hot_unplug): device_del of the device of a
+    -drive cancels the block jobs on the drive (BLOCK_JOB_CANCELLED), and the drive's
+    nodes go once the job let them go: no node left, no lock held."""
+
+    def drive(work: Path) -> list[str]:
+        return ["-machine", "pc", "-S", "-drive",
+                f"if=none,id=drive0,file={work / 'top.qcow2'},node-name=top,backing.node-name=mid",
+                # A SCSI disk: QEMU unplugs it without a guest's help (a virtio-blk-pci
+                # would wait for the guest's acknowledgement, which ours gives at once).
+                "-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-hd,drive=drive0,id=vd0"]
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        seen = _steps(client, work, [
+            ("block-commit", {"device": "drive0", "top-node": "mid", "speed": 1}),
+            ("device_del", {"id": "vd0"}),
+        ])
+        _concluded(client, "drive0")
+        _until(client, "DEVICE_DELETED")
+        seen.append(_locks(work))
+        seen += _steps(client, work, [("query-block-jobs", {}), ("query-block", {})])
+        seen.append(_node_view(client))
+        return seen
+
+    def events(seen: list[Any]) -> list[Any]:
+        # How far the job got, and whether it was paused while QEMU drained the drive on
+        # its way out (DEVICE_DELETED then comes after the job's end), depend on timing.
+        kept = []
+        for event in seen[-2]:
+            if event["event"] == "JOB_STATUS_CHANGE" and event["data"]["status"] in ("paused", "running"):
+                continue
+            if event["event"] == "BLOCK_JOB_CANCELLED":
+                event = {**event, "data": {**event["data"], "offset": "OFFSET"}}
+            kept.append(event)
+        deleted = [e for e in kept if e["event"] == "DEVICE_DELETED"]
+        return [e for e in kept if e["event"] != "DEVICE_DELETED"] + deleted
+
+    theirs, ours = both(tmp_path, scenario, drive)
+    # Replies, lock bytes (none held), query-block-jobs, query-block, the nodes (none).
+    assert _host_order_free(ours[:-2]) == _host_order_free(theirs[:-2])
+    assert events(ours) == events(theirs)
+    assert "BLOCK_JOB_CANCELLED" in [e["event"] for e in ours[-2]]
+    assert ours[-3] == []
+    # Every image is consistent (qemu-img check), whatever the job copied before it went.
+    assert [image[2] for image in ours[-1][:len(IMAGES)]] == [0] * len(IMAGES)
