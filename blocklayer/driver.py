@@ -195,6 +195,11 @@ class BlockDriver(ABC):
     def discard(self, offset: int, length: int) -> None:
         """Advisory: the range may be deallocated. Default: do nothing."""
 
+    def make_empty(self) -> None:
+        """bdrv_make_empty: drop everything the image itself holds, so that it shows its
+        backing file again. Default: ENOTSUP (QEMU's drivers without .bdrv_make_empty)."""
+        raise BlockError(os.strerror(errno.ENOTSUP), errno.ENOTSUP)
+
     def zero_may_unmap(self) -> bool:
         """Whether zero writes may deallocate (``BDRV_REQ_MAY_UNMAP`` in QEMU's
         supported_zero_flags). Default: no."""

@@ -336,6 +336,14 @@ class BlockNode:
             if self.dirty_bitmaps:
                 set_dirty(self.dirty_bitmaps, offset, length)
 
+    def make_empty(self) -> None:
+        """bdrv_make_empty: the node drops what it holds itself (its driver's ENOTSUP
+        when it cannot); a write as far as flushing is concerned."""
+        self._check_writable()
+        self.touch()
+        self.write_gen += 1
+        self.driver.make_empty()
+
     def flush(self) -> None:
         """Flush caches and make the data durable; a no-op on nodes that cannot write."""
         if not self.writable or (self.options.cache_no_flush and self.driver.protocol):

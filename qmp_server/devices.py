@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from blocklayer.backend import BlockBackend
+from blocklayer.commit import commit_to_backing
 from blocklayer.errors import BlockError
 from blocklayer.graph import BackingOptions, probe_format
 from blocklayer.node import BlockNode
@@ -692,6 +693,23 @@ class Devices:
         self._drive_units.pop(name, None)
         if blk.dev is not None:
             blk.name = ""  # monitor_remove_blk: the device keeps an anonymous backend
+
+    def commit(self, name: str) -> None:
+        """HMP ``commit`` (hmp_commit): bdrv_commit of the backend named ``name``, or of
+        every backend whose node has a backing node (``all``, blk_commit_all). The caller
+        holds the graph lock."""
+        if name == "all":
+            nodes = [blk.node for blk, _ in self.backends() if blk.node is not None]
+            for node in nodes:
+                if node.child("backing") is not None:
+                    _call(commit_to_backing, self.block.graph, node)
+            return
+        blk = self.named.get(name)
+        if blk is None:
+            raise QMPError(f"Device '{name}' not found")
+        if blk.node is None:
+            raise QMPError(f"Device '{name}' has no medium")
+        _call(commit_to_backing, self.block.graph, blk.node)
 
     @staticmethod
     def _probe(protocol: dict[str, Any], *, warn: bool) -> str:

@@ -191,6 +191,15 @@ class Qcow2Driver(BlockDriver):
         img = self._writable_image(offset, length)
         self._guard(img, lambda: datapath.discard(img, self.backing, offset, length))
 
+    def make_empty(self) -> None:
+        """qcow2_make_empty's general path: every cluster of the image is discarded
+        (unallocated, references dropped), so reads go to the backing file. QEMU takes a
+        shortcut on v3 images without snapshots or bitmaps (make_completely_empty
+        rebuilds the metadata from scratch in a smaller file); the guest view and
+        ``qemu-img check`` are the same, the file keeps its length here."""
+        img = self._writable_image(0, 0)
+        self._guard(img, lambda: datapath.full_discard(img, 0, img.virtual_size))
+
     def block_status(self, want_zero: bool, offset: int, length: int,
                      allocated_file_size: Callable[[], int | None]) -> DriverStatus:
         """qcow2_co_block_status: what the L2 entries say about the range.

@@ -93,6 +93,8 @@ class HumanMonitor:
                                            "[,readonly=on|off][,copy-on-read=on|off] -- add drive "
                                            "to PCI storage controller"),
             "drive_del": (self._drive_del, "drive_del device -- remove host block device"),
+            "commit": (self._commit, "commit device|all -- commit changes to the disk images (if "
+                                     "-snapshot is used) or backing files"),
             "block_resize": (self._block_resize,
                              "block_resize device size -- resize a block image"),
             "migrate": (mig.migrate, "migrate [-d] uri -- migrate to URI (using -d to not wait "
@@ -352,6 +354,21 @@ class HumanMonitor:
             await self.block.run_light(self.devices.drive_del, str(parsed["id"]))
         except QMPError as err:
             return f"{err.desc}\n"
+        return ""
+
+    async def _commit(self, args: str) -> str:
+        # hmp_commit: "device:B"; the copy is I/O, done in a worker thread.
+        try:
+            parsed = parse_arguments("commit", "device:B", args)
+        except HmpArgumentError as err:
+            return err.monitor_text
+        device = str(parsed["device"])
+        try:
+            await self.block.run(self.devices.commit, device)
+        except QMPError as err:
+            if err.desc.startswith("Device '"):
+                return f"{err.desc}\n"
+            return f"'commit' error for '{device}': {err.desc}\n"
         return ""
 
     async def _block_resize(self, args: str) -> str:
