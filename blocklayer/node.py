@@ -109,6 +109,9 @@ class BlockNode:
     #: Called after each successful write or zero write with (offset, length, zero,
     #: may_unmap): a write-blocking mirror job's filter copying it to its target.
     write_hooks: list[Callable[[int, int, bool, bool], None]] = field(default_factory=list)
+    #: Called with (offset, length) before a write, zero write or discard changes the
+    #: range (a backup job's copy-before-write filter); an error fails the write.
+    before_write_hooks: list[Callable[[int, int], None]] = field(default_factory=list)
     #: QEMU's bs->write_threshold_offset (block-set-write-threshold; 0: off) and who is
     #: told, with (node, amount exceeded, threshold), when a write passes it.
     write_threshold: int = 0
@@ -283,6 +286,8 @@ class BlockNode:
     def pwrite(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``."""
         self._check_writable()
+        for before in tuple(self.before_write_hooks):
+            before(offset, len(data))
         self.check_write_threshold(offset, len(data))
         self.touch()
         self.write_gen += 1
@@ -301,6 +306,8 @@ class BlockNode:
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make the range read as zeroes."""
         self._check_writable()
+        for before in tuple(self.before_write_hooks):
+            before(offset, length)
         self.check_write_threshold(offset, length)
         self.touch()
         self.write_gen += 1
@@ -327,6 +334,8 @@ class BlockNode:
         self.touch()
         self.write_gen += 1
         if self.options.discard_unmap:
+            for before in tuple(self.before_write_hooks):
+                before(offset, length)
             # bdrv_co_pdiscard returns before bdrv_co_write_req_prepare without
             # discard=unmap, so only a performed discard passes the threshold check.
             self.check_write_threshold(offset, length)

@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blocklayer import blockjob as BJ
+from blocklayer.backup import NO_CLUSTER_SIZE_WARNING, CopyState, copy_cluster_size
 from blocklayer.bitmapops import default_granularity
-from blocklayer.dirtybitmap import DirtyBitmap
+from blocklayer.dirtybitmap import CHECK_DEFAULT, BitmapError, DirtyBitmap
 from blocklayer.errors import BlockError
 from blocklayer.node import BlockNode, Edge
 from blocklayer.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, WRITE_UNCHANGED
 
-from .errorreport import error_report
+from .errorreport import error_report, warn_report
 from .errors import QMPError
 from .events import EventBus
 from .jobs import Job, JobDriver, JobService, JobStatus
@@ -288,6 +289,98 @@ class MirrorRequest:
     write_blocking: bool
     auto_finalize: bool
     auto_dismiss: bool
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    """blockdev-backup's arguments, the nodes and bitmap looked up, ``incremental`` made
+    ``bitmap`` with bitmap-mode ``on-success`` (do_backup_common)."""
+
+    job_id: str | None
+    source: BlockNode
+    target: BlockNode
+    #: "full", "top", "none" or "bitmap".
+    sync: str
+    speed: int
+    bitmap: DirtyBitmap | None
+    bitmap_mode: str | None
+    compress: bool
+    max_workers: int
+    max_chunk: int
+    auto_finalize: bool
+    auto_dismiss: bool
+
+
+@dataclass(eq=False)
+class Backup(BlockJob):
+    """A backup job's driver (block/backup.c's backup_job_driver, with its
+    copy-before-write filter as a hook on the source's writes)."""
+
+    source: BlockNode | None = None
+    copy: CopyState | None = None
+    #: The bitmap ``bitmap`` names, frozen while the job runs, and its successor, which
+    #: records the writes meanwhile (bdrv_dirty_bitmap_create_successor).
+    sync_bitmap: DirtyBitmap | None = None
+    successor: DirtyBitmap | None = None
+    bitmap_mode: str = "on-success"
+    job: Job | None = None
+
+    def before_write(self, offset: int, length: int) -> None:
+        """cbw_do_copy_before_write: what a write is about to overwrite is copied to the
+        target first, if it still has to be; a failed copy fails the write."""
+        if self.copy is None:
+            return
+        copied = self.copy.copy(offset, length)
+        if self.job is not None:
+            self.job.current_progress += copied
+
+    def _bitmap_cleanup(self, success: bool) -> None:
+        # backup_cleanup_sync_bitmap: abdicate (the successor, with the writes since the
+        # start, becomes the bitmap) on success or with 'always', unless 'never'; else
+        # reclaim (the bitmap gets the writes too). 'always' after a failure adds back
+        # what was not copied.
+        parent, child = self.sync_bitmap, self.successor
+        if parent is None or child is None or self.source is None:
+            return
+        node = self.source
+        self.sync_bitmap = self.successor = None
+        sync = (success or self.bitmap_mode == "always") and self.bitmap_mode != "never"
+        parent.busy = False
+        if sync:
+            child.name, child.persistent = parent.name, parent.persistent
+            node.dirty_bitmaps.remove(child)
+            node.dirty_bitmaps[node.dirty_bitmaps.index(parent)] = child
+            kept = child
+        else:
+            parent.merge_from(child)
+            parent.disabled = child.disabled
+            node.dirty_bitmaps.remove(child)
+            kept = parent
+        if not success and self.bitmap_mode == "always" and self.copy is not None:
+            kept.merge_from(self.copy.bitmap)
+        node.touch()
+
+    def commit(self, job: Job) -> None:
+        """backup_commit: the bitmap as a success leaves it."""
+        self.jobs.block.locked(self._bitmap_cleanup, True)
+
+    def abort(self, job: Job) -> None:
+        """backup_abort: the bitmap as a failure leaves it."""
+        self.jobs.block.locked(self._bitmap_cleanup, False)
+
+    def clean(self, job: Job) -> None:
+        """backup_clean: the copy-before-write filter goes (bdrv_cbw_drop)."""
+
+        def drop() -> None:
+            source = self.source
+            if source is not None:
+                if self.before_write in source.before_write_hooks:
+                    source.before_write_hooks.remove(self.before_write)
+                source.under_job_filter = False
+            self.copy = None
+
+        self.jobs.block.locked(drop)
+        super().clean(job)
 
 
 @dataclass(eq=False)
@@ -789,3 +882,137 @@ class BlockJobs:
                                zero_target=request.sync == "full", buffer=buffer)
         self.jobs.create(job_id, "mirror", run, auto_finalize=request.auto_finalize,
                          auto_dismiss=request.auto_dismiss, driver=driver, early_error=early)
+
+    # Backup ---------------------------------------------------------------------------------
+
+    def _start_backup(self, request: BackupRequest) -> tuple[str, Backup]:
+        # backup_job_create, under the graph lock (do_backup_common's checks done).
+        source, target = request.source, request.target
+        graph = self.block.graph
+        if source is target:
+            raise QMPError("Source and target cannot be the same")
+        if request.compress:
+            raise QMPError("Compression is not supported for this drive "
+                           f"{self.block.device_name(target)}")
+        graph.check_no_job(source)
+        graph.check_no_job(target)
+        if not 1 <= request.max_workers <= 0x7FFFFFFF:
+            raise QMPError("max-workers must be between 1 and 2147483647")
+        if request.max_chunk < 0:
+            raise QMPError("max-chunk must be zero (which means no limit) or positive")
+        bitmap = request.bitmap
+        if bitmap is not None:
+            try:
+                if request.bitmap_mode != "never":
+                    bitmap.check(CHECK_DEFAULT)
+            except BitmapError as err:
+                raise QMPError(str(err)) from err
+        if BJ.length(source) != BJ.length(target):
+            raise QMPError("Source and target image have different sizes")
+        cluster, warn = copy_cluster_size(target)
+        if warn:
+            warn_report(NO_CLUSTER_SIZE_WARNING)
+        if request.max_chunk and request.max_chunk < cluster:
+            raise QMPError(f"Required max-chunk ({request.max_chunk}) is less than backup "
+                           f"cluster size ({cluster})")
+        driver = Backup(self, "backup", speed=request.speed)
+        try:
+            job_id = self._job_id(request.job_id, source)
+            # The copy-before-write filter's children: the source (read, and nobody may
+            # resize it), the target (written; others may write too, not resize). The
+            # job's op blocker is the filter's in QEMU, not the source's: another job may
+            # start on the source by its node name.
+            driver.use(source, job_id, CONSISTENT_READ, ALL & ~RESIZE, block=False)
+            driver.use(target, job_id, WRITE, ALL & ~RESIZE, block=False)
+            driver.use(target, job_id, 0, ALL)
+        except BaseException:
+            driver.release()
+            raise
+        copy = CopyState.create(source, target, cluster)
+        if request.max_chunk:
+            copy.chunk = request.max_chunk - request.max_chunk % cluster
+        if bitmap is not None:
+            # bdrv_dirty_bitmap_create_successor, then backup_init_bcs_bitmap: only what
+            # the bitmap marks is copied.
+            successor = DirtyBitmap("", bitmap.granularity, bitmap.size)
+            successor.disabled = bitmap.disabled
+            source.dirty_bitmaps.insert(0, successor)
+            bitmap.busy = bitmap.disabled = True
+            driver.sync_bitmap, driver.successor = bitmap, successor
+            driver.bitmap_mode = request.bitmap_mode or "on-success"
+            copy.bitmap.clear()
+            granularity = bitmap.granularity
+            offset = 0
+            while offset < bitmap.size:
+                if bitmap.get(offset):
+                    copy.bitmap.set_range(offset, granularity)
+                offset += granularity
+        source.before_write_hooks.append(driver.before_write)
+        source.under_job_filter = True
+        driver.source, driver.copy = source, copy
+        return job_id, driver
+
+    def prepare_backup(self, request: BackupRequest, taken: set[str]) -> tuple[str, Backup]:
+        """backup_job_create for a transaction, under the graph lock: the job exists (its
+        filter is in place) but has not started; ``taken`` holds the ids of the
+        transaction's earlier backups (their jobs exist in QEMU already)."""
+        if request.job_id is not None and request.job_id in taken:
+            raise QMPError(f"Job ID '{request.job_id}' already in use")
+        job_id, driver = self._start_backup(request)
+        if job_id in taken:
+            self.drop_backup(driver)
+            raise QMPError(f"Job ID '{job_id}' already in use")
+        return job_id, driver
+
+    def drop_backup(self, driver: Backup) -> None:
+        """A prepared backup of a transaction that failed: the filter goes, the bitmap is
+        as it was (the job never ran). Under the graph lock."""
+        driver._bitmap_cleanup(False)
+        source = driver.source
+        if source is not None:
+            if driver.before_write in source.before_write_hooks:
+                source.before_write_hooks.remove(driver.before_write)
+            source.under_job_filter = False
+        driver.release()
+
+    async def backup(self, request: BackupRequest) -> None:
+        """blockdev-backup: start the job (backup_job_create's checks raise QEMU's errors)."""
+        job_id, driver = await self.block.run_light(self._start_backup, request)
+        self.start_backup(job_id, driver, request)
+
+    def start_backup(self, job_id: str, driver: Backup, request: BackupRequest) -> None:
+        """job_start of a prepared backup; call from the event loop's thread."""
+        copy = driver.copy
+        assert copy is not None
+        jobs = self.jobs
+
+        async def run(job: Job) -> None:
+            # backup_run: sync 'top' first drops what the source itself does not hold;
+            # 'none' only serves copy-before-write until cancelled; else block_copy over
+            # the whole disk, a request at a time.
+            if request.sync == "top":
+                dropped = await self.block.run(copy.reset_unallocated)
+                job.total_progress = max(0, job.total_progress - dropped)
+            if request.sync == "none":
+                while not job.cancelled:
+                    await jobs.pause_point(job, SLICE)
+                return
+            position = 0
+            delay = 0.0
+            while position < copy.length:
+                await jobs.pause_point(job, delay)
+                if job.cancelled:
+                    return
+                job.busy = True
+                try:
+                    copied = await self.block.run(copy.copy, position, copy.chunk)
+                finally:
+                    job.busy = False
+                job.current_progress += copied
+                position += copy.chunk
+                delay = driver.limit.delay(copied) if copied else 0.0
+
+        job = self.jobs.create(job_id, "backup", run, auto_finalize=request.auto_finalize,
+                               auto_dismiss=request.auto_dismiss, driver=driver,
+                               progress=(0, copy.remaining()))
+        driver.job = job

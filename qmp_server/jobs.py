@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -96,6 +97,8 @@ def id_wellformed(name: str) -> bool:
 
 #: A job's work: returns normally on success, raises QMPError (its ``desc`` becomes the
 #: job's error) on failure.
+log = logging.getLogger(__name__)
+
 JobRun = Callable[["Job"], Awaitable[None]]
 
 
@@ -140,6 +143,15 @@ class JobDriver:
         """JobDriver.cancel: whether a cancel asked with ``force`` is a forced one. A
         kind without one is always force-cancelled (job_cancel_async_locked)."""
         return True
+
+
+def _guarded(job: Job, step: Callable[[Job], None]) -> None:
+    """One of a job kind's finishing steps: a failure there is a bug, reported on stderr
+    with its traceback; the job still concludes and the server goes on."""
+    try:
+        step(job)
+    except Exception:
+        log.exception("job '%s': %s failed", job.id, getattr(step, "__name__", "a step"))
 
 
 @dataclass(eq=False)
@@ -251,6 +263,16 @@ class JobService:
         trio.lowlevel.spawn_system_task(self._run, job, run, name=f"job {job_id}")
         return job
 
+    def create_aborted(self, job_id: str, job_type: str) -> None:
+        """A job a failed transaction had created and never started: created, then
+        cancelled (job_cancel_sync of a job not started: aborting, concluded, gone)."""
+        job = Job(id=job_id, type=job_type)
+        self.jobs.insert(0, job)
+        self._transition(job, S.CREATED)
+        self._transition(job, S.ABORTING)
+        self._transition(job, S.CONCLUDED)
+        self._dismiss(job)
+
     async def _run(self, job: Job, run: JobRun) -> None:
         # job_co_entry: the work, then job_exit -> job_completed in the main loop.
         error: str | None = None
@@ -303,11 +325,11 @@ class JobService:
         # job_finalize_single_locked: commit or abort, clean, the kind's events, conclude.
         self._update_rc(job)
         if job.failed:
-            job.driver.abort(job)
+            _guarded(job, job.driver.abort)
         else:
-            job.driver.commit(job)
-        job.driver.clean(job)
-        job.driver.finalized(job)
+            _guarded(job, job.driver.commit)
+        _guarded(job, job.driver.clean)
+        _guarded(job, job.driver.finalized)
         self._conclude(job)
 
     def _abort(self, job: Job) -> None:

@@ -650,3 +650,66 @@ def test_blockcopy(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
                if key.startswith("read-")), ours
     assert ours["domblklist-final"].splitlines()[-1] == "vda DIR/copy.qcow2"
     assert all(value == "0" for key, value in ours.items() if key.startswith("check-"))
+
+
+def _backup_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
+    """virsh backup-begin (push mode: libvirt creates the target with blockdev-create and
+    starts blockdev-backup in a transaction), a guest write while it may still run, then
+    what virsh says once it is over and what the backup holds."""
+    assert QEMU_IMG is not None
+    qemu_io = shutil.which("qemu-io")
+    assert qemu_io is not None
+    folder.mkdir()
+    disk = folder / "disk.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    subprocess.run([qemu_io, "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 8M 64k", str(disk)],
+                   check=True, capture_output=True)
+    xml = folder / "domain.xml"
+    xml.write_text(domain_xml(name, emulator, disk))
+    backup_xml = folder / "backup.xml"
+    backup_xml.write_text("<domainbackup><disks><disk name='vda' type='file'>"
+                          f"<target file='{folder}/backup.qcow2'/><driver type='qcow2'/>"
+                          "</disk></disks></domainbackup>")
+    replacements = {str(folder): "DIR", name: "DOMAIN"}
+    seen: dict[str, str] = {}
+
+    def run(key: str, *args: str) -> str:
+        result = libvirtd.virsh(*args, check=False)
+        seen[key] = _normalize(result.stdout + result.stderr, replacements)
+        return seen[key]
+
+    libvirtd.virsh("define", str(xml))
+    try:
+        libvirtd.virsh("start", name)
+        run("begin", "backup-begin", name, str(backup_xml))
+        deadline = time.monotonic() + 30
+        while "Backup" in run("jobinfo", "domjobinfo", name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        completed = run("jobinfo-completed", "domjobinfo", name, "--completed")
+        seen["jobinfo-completed"] = "\n".join(line for line in completed.splitlines()
+                                              if line.split(":")[0] in ("Job type", "Operation"))
+        libvirtd.virsh("qemu-monitor-command", name, "--hmp",
+                       'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x33 0 64k"')
+        run("domblklist", "domblklist", name)
+    finally:
+        libvirtd.virsh("destroy", name, check=False)
+        libvirtd.virsh("undefine", name, check=False)
+    for pattern, offset in (("0x11", "0"), ("0x22", "8M"), ("0", "9M")):
+        result = subprocess.run([qemu_io, "-r", "-f", "qcow2", "-c", f"read -P {pattern} {offset} 64k",
+                                 str(folder / "backup.qcow2")], capture_output=True, text=True)
+        seen[f"read-{offset}"] = _normalize(result.stdout.splitlines()[0] + result.stderr, replacements)
+    check = subprocess.run([QEMU_IMG, "check", str(folder / "backup.qcow2")], capture_output=True, text=True)
+    seen["check"] = str(check.returncode)
+    return seen
+
+
+def test_backup_begin(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
+    """`virsh backup-begin` in push mode, as libvirt does it on QEMU: the backup image
+    holds the disk as it was, the domain goes on."""
+    ours = _backup_flow(libvirtd, tmp_path / "ours", "qmp-backup", str(emulator))
+    assert ours["begin"] == "Backup started"
+    assert ours["jobinfo-completed"].split() == ["Job", "type:", "Completed", "Operation:", "Backup"]
+    assert all(ours[key].startswith("read 65536/65536") for key in ("read-0", "read-8M", "read-9M")), ours
+    assert ours["check"] == "0"
+    if QEMU is not None:
+        assert ours == _backup_flow(libvirtd, tmp_path / "qemu", "qemu-backup", QEMU)

@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from blocklayer import blockjob as BJ
+from blocklayer.dirtybitmap import CHECK_ALLOW_RO, BitmapError, DirtyBitmap
+from blocklayer.dirtybitmap import find as find_bitmap
 from blocklayer.node import BlockNode
 from blocklayer.perm import WRITE
 
-from ..blockjobs import CommitRequest, MirrorRequest, StreamRequest
+from ..blockjobs import BackupRequest, CommitRequest, MirrorRequest, StreamRequest
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
 from .lookup import find_bs, lookup_bs
@@ -266,3 +268,52 @@ async def block_job_finalize(ctx: CommandContext, args: dict[str, Any]) -> None:
     """A pending block job (auto-finalize off) changes the graph and concludes."""
     job, _ = ctx.machine.blockjobs.find(args["id"])
     ctx.machine.jobs.finalize(job.id)
+
+
+def backup_request(machine: Machine, args: dict[str, Any]) -> BackupRequest:
+    """blockdev-backup's arguments checked and looked up, QEMU's errors in its order."""
+    # blockdev_backup_prepare's lookups, then do_backup_common's checks, in their order.
+    source = lookup_bs(machine, args["device"], args["device"])
+    target = lookup_bs(machine, args["target"], args["target"])
+    sync: str = args["sync"]
+    name: str | None = args.get("bitmap")
+    mode: str | None = args.get("bitmap-mode")
+    perf = args.get("x-perf", {})
+    if sync in ("bitmap", "incremental") and name is None:
+        raise QMPError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise QMPError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
+        sync, mode = "bitmap", "on-success"
+    bitmap: DirtyBitmap | None = None
+    if name is not None:
+        bitmap = find_bitmap(source.dirty_bitmaps, name)
+        if bitmap is None:
+            raise QMPError(f"Bitmap '{name}' could not be found")
+        if mode is None:
+            raise QMPError("Bitmap sync mode must be given when providing a bitmap")
+        try:
+            bitmap.check(CHECK_ALLOW_RO)
+        except BitmapError as err:
+            raise QMPError(str(err)) from err
+        if sync == "none":
+            raise QMPError("sync mode 'none' does not produce meaningful bitmap outputs")
+        if mode == "never" and sync != "bitmap":
+            raise QMPError(f"Bitmap sync mode 'never' has no meaningful effect when combined "
+                           f"with sync mode '{sync}'")
+    elif mode is not None:
+        raise QMPError("Cannot specify bitmap sync mode without a bitmap")
+    return BackupRequest(job_id=args.get("job-id"), source=source, target=target, sync=sync,
+                         speed=args.get("speed", 0), bitmap=bitmap, bitmap_mode=mode,
+                         compress=args.get("compress", False),
+                         max_workers=perf.get("max-workers", 64), max_chunk=perf.get("max-chunk", 0),
+                         auto_finalize=args.get("auto-finalize", True),
+                         auto_dismiss=args.get("auto-dismiss", True))
+
+
+@table.command("blockdev-backup")
+async def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Copy the source as it is now into the target, while the guest goes on writing."""
+    machine = ctx.machine
+    request = await machine.block.run_light(backup_request, machine, args)
+    await machine.blockjobs.backup(request)

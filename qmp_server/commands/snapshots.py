@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from blocklayer import overlay as overlays
 
+from ..blockjobs import Backup, BackupRequest
 from ..dispatcher import CommandContext, CommandTable
 from ..errorreport import info_print
 from ..errors import QMPError
+from .blockjobs import backup_request
 from .lookup import lookup_bs
 
 if TYPE_CHECKING:
@@ -73,6 +75,13 @@ async def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
     commit, or, at the first failure, the prepared ones abort in reverse order."""
     machine = ctx.machine
     mode = args.get("properties", {}).get("completion-mode", "individual")
+    kinds = {action["type"] for action in args["actions"]}
+    if "blockdev-backup" in kinds:
+        if kinds - {"blockdev-backup", "abort"}:
+            raise QMPError("qmp-server: a transaction with blockdev-backup may only hold "
+                           "blockdev-backup and abort actions")
+        await _backup_transaction(machine, args["actions"], mode)
+        return
     prepares: list[overlays.Prepare] = []
     for action in args["actions"]:
         kind: str = action["type"]
@@ -93,3 +102,40 @@ def _refuse_mode(kind: str, mode: str) -> overlays.Prepare:
         raise QMPError(f"Action '{kind}' does not support Transaction property completion-mode = {mode}")
 
     return prepare
+
+
+async def _backup_transaction(machine: Machine, actions: list[dict[str, Any]], mode: str) -> None:
+    """qmp_transaction of blockdev-backup actions: each job is created in order (its
+    checks fail the transaction, and the jobs created before go), then all start."""
+    prepared: list[tuple[str, Backup, BackupRequest]] = []
+    created: list[str] = []
+
+    def prepare_all() -> None:
+        try:
+            for action in actions:
+                if action["type"] == "abort":
+                    raise QMPError("Transaction aborted using Abort action")
+                if mode != "individual":
+                    # QEMU fails every job of a grouped transaction when one fails; these
+                    # jobs end on their own.
+                    raise QMPError("qmp-server: completion-mode 'grouped' is not supported "
+                                   "for blockdev-backup")
+                request = backup_request(machine, action["data"])
+                job_id, driver = machine.blockjobs.prepare_backup(request, {p[0] for p in prepared})
+                prepared.append((job_id, driver, request))
+                created.append(job_id)
+        except BaseException:
+            for _, driver, _ in reversed(prepared):
+                machine.blockjobs.drop_backup(driver)
+            prepared.clear()
+            raise
+
+    try:
+        await machine.block.run_light(prepare_all)
+    except QMPError:
+        # The jobs created before the failure are cancelled (blockdev_backup_abort).
+        for job_id in created:
+            machine.jobs.create_aborted(job_id, "backup")
+        raise
+    for job_id, driver, request in prepared:
+        machine.blockjobs.start_backup(job_id, driver, request)
