@@ -76,13 +76,19 @@ def add(node: BlockNode, name: str, granularity: int | None, persistent: bool,
     return bitmap
 
 
-def remove(node: BlockNode, name: str) -> None:
-    """block_dirty_bitmap_remove with release: from the image at once if persistent."""
+def check_removable(node: BlockNode, name: str) -> DirtyBitmap:
+    """block_dirty_bitmap_remove's checks: the bitmap exists, is not busy nor read-only."""
     bitmap = lookup(node, name)
     try:
         bitmap.check(CHECK_BUSY | CHECK_RO)
     except BitmapError as exc:
         raise _error(exc) from exc
+    return bitmap
+
+
+def remove(node: BlockNode, name: str) -> None:
+    """block_dirty_bitmap_remove with release: from the image at once if persistent."""
+    bitmap = check_removable(node, name)
     if bitmap.persistent:
         drop = getattr(node.driver, "remove_persistent_dirty_bitmap", None)
         if callable(drop):

@@ -70,10 +70,15 @@ class SnapshotAction:
     """One external snapshot as a transaction action (QEMU's ExternalSnapshotState):
     :meth:`prepare` does everything that can fail, up to and including bdrv_append;
     then either :meth:`commit` (the old top goes read-only) or :meth:`abort` (the graph
-    as before); :meth:`clean` always last."""
+    as before); :meth:`clean` always last.
+
+    Other kinds of action (bitmaps, backups) use it for their own steps: what to take
+    back on abort (``undo``, run newest first) and what to do on commit (``later``)."""
 
     def __init__(self, graph: BlockGraph) -> None:
         self.graph = graph
+        self.undo: list[Callable[[], None]] = []
+        self.later: list[Callable[[], None]] = []
         self.old: BlockNode | None = None
         self.overlay: BlockNode | None = None
         #: The overlay was opened by this action (snapshot-sync): ours to let go of.
@@ -139,7 +144,10 @@ class SnapshotAction:
 
     def commit(self) -> None:
         """external_snapshot_commit: the old top is reopened read-only."""
-        assert self.old is not None
+        for step in self.later:
+            step()
+        if self.old is None:
+            return
         try:
             self.graph.set_read_only(self.old)
         except BlockError:
@@ -147,6 +155,9 @@ class SnapshotAction:
 
     def abort(self) -> None:
         """external_snapshot_abort: undo bdrv_append if it happened."""
+        for step in reversed(self.undo):
+            step()
+        self.undo.clear()
         if self.moved is not None and self.overlay is not None and self.old is not None:
             self.graph.remove_overlay(self.overlay, self.old, self.moved)
             self.moved = None

@@ -392,10 +392,10 @@ def test_transaction_all_or_nothing(tmp_path: Path, qemu_system: str, qemu_utils
 def test_transaction_actions_not_implemented(tmp_path: Path) -> None:
     """Actions we do not have are refused by the argument check (QEMU has them)."""
     with running([], tmp_path) as (_, client):
-        reply = client.execute("transaction", {"actions": [{"type": "block-dirty-bitmap-add",
-                                                            "data": {"node": "x", "name": "b"}}]})
+        reply = client.execute("transaction", {"actions": [{"type": "drive-backup", "data": {
+            "device": "x", "target": "/tmp/x", "sync": "full"}}]})
         # QEMU's text for an unknown union tag names the member without its path.
-        assert reply["error"]["desc"] == "Parameter 'type' does not accept value 'block-dirty-bitmap-add'"
+        assert reply["error"]["desc"] == "Parameter 'type' does not accept value 'drive-backup'"
 
 
 def test_libvirt_disk_only_snapshot(tmp_path: Path, qemu_system: str, qemu_img: str) -> None:

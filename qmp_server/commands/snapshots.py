@@ -6,6 +6,7 @@ create and write a new image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from blocklayer import overlay as overlays
@@ -14,6 +15,7 @@ from ..blockjobs import Backup, BackupRequest
 from ..dispatcher import CommandContext, CommandTable
 from ..errorreport import info_print
 from ..errors import QMPError
+from . import bitmaps
 from .blockjobs import backup_request
 from .lookup import lookup_bs
 
@@ -69,31 +71,91 @@ def _abort(action: overlays.SnapshotAction) -> None:
     raise QMPError("Transaction aborted using Abort action")
 
 
+#: The bitmap actions: (kind, the change made at prepare, returning its undo).
+_BITMAP_ACTIONS: dict[str, Callable[[Machine, dict[str, Any]], Callable[[], None]]] = {
+    "block-dirty-bitmap-add": bitmaps.apply_add,
+    "block-dirty-bitmap-clear": bitmaps.apply_clear,
+    "block-dirty-bitmap-enable": lambda machine, data: bitmaps.apply_enable(machine, data, True),
+    "block-dirty-bitmap-disable": lambda machine, data: bitmaps.apply_enable(machine, data, False),
+    "block-dirty-bitmap-merge": bitmaps.apply_merge,
+}
+
+
+def _bitmap_action(machine: Machine, kind: str, data: dict[str, Any]) -> overlays.Prepare:
+    """A bitmap action: the change at prepare (undone on abort); a removal at commit."""
+
+    def prepare(action: overlays.SnapshotAction) -> None:
+        if kind == "block-dirty-bitmap-remove":
+            action.later.append(bitmaps.check_remove(machine, data))
+        else:
+            action.undo.append(_BITMAP_ACTIONS[kind](machine, data))
+
+    return prepare
+
+
+class _Backups:
+    """The backup jobs a transaction creates: started once it has committed."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.prepared: list[tuple[str, Backup, BackupRequest]] = []
+        #: Every job id created, for the events of those a failure cancels.
+        self.created: list[str] = []
+
+    def action(self, data: dict[str, Any]) -> overlays.Prepare:
+        """blockdev_backup_prepare: the job is created (not started); abort drops it."""
+
+        def prepare(action: overlays.SnapshotAction) -> None:
+            request = backup_request(self.machine, data)
+            taken = {entry[0] for entry in self.prepared}
+            job_id, driver = self.machine.blockjobs.prepare_backup(request, taken)
+            entry = (job_id, driver, request)
+            self.prepared.append(entry)
+            self.created.append(job_id)
+
+            def undo() -> None:
+                self.machine.blockjobs.drop_backup(driver)
+                self.prepared.remove(entry)
+
+            action.undo.append(undo)
+
+        return prepare
+
+
 @table.command("transaction")
 async def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
     """qmp_transaction with the actions we have: every action prepares in order, then all
-    commit, or, at the first failure, the prepared ones abort in reverse order."""
+    commit, or, at the first failure, the prepared ones abort in reverse order. Backup
+    jobs start once all committed."""
     machine = ctx.machine
     mode = args.get("properties", {}).get("completion-mode", "individual")
-    kinds = {action["type"] for action in args["actions"]}
-    if "blockdev-backup" in kinds:
-        if kinds - {"blockdev-backup", "abort"}:
-            raise QMPError("qmp-server: a transaction with blockdev-backup may only hold "
-                           "blockdev-backup and abort actions")
-        await _backup_transaction(machine, args["actions"], mode)
-        return
+    backups = _Backups(machine)
     prepares: list[overlays.Prepare] = []
     for action in args["actions"]:
         kind: str = action["type"]
         if kind == "abort":
             prepares.append(_abort)
             continue
-        make = _snapshot if kind == "blockdev-snapshot" else _snapshot_sync
-        prepare = make(machine, action["data"])
         if mode != "individual":
-            prepare = _refuse_mode(kind, mode)
-        prepares.append(prepare)
-    await machine.block.run(overlays.run_actions, prepares, machine.block.graph)
+            # QEMU runs the backup jobs of a grouped transaction as one; ours end alone.
+            prepares.append(_refuse_mode(kind, mode))
+        elif kind == "blockdev-backup":
+            prepares.append(backups.action(action["data"]))
+        elif kind in _BITMAP_ACTIONS or kind == "block-dirty-bitmap-remove":
+            prepares.append(_bitmap_action(machine, kind, action["data"]))
+        elif kind == "blockdev-snapshot":
+            prepares.append(_snapshot(machine, action["data"]))
+        else:
+            prepares.append(_snapshot_sync(machine, action["data"]))
+    try:
+        await machine.block.run(overlays.run_actions, prepares, machine.block.graph)
+    except QMPError:
+        # The backup jobs created before the failure are cancelled (blockdev_backup_abort).
+        for job_id in backups.created:
+            machine.jobs.create_aborted(job_id, "backup")
+        raise
+    for job_id, driver, request in backups.prepared:
+        machine.blockjobs.start_backup(job_id, driver, request)
 
 
 def _refuse_mode(kind: str, mode: str) -> overlays.Prepare:
@@ -102,40 +164,3 @@ def _refuse_mode(kind: str, mode: str) -> overlays.Prepare:
         raise QMPError(f"Action '{kind}' does not support Transaction property completion-mode = {mode}")
 
     return prepare
-
-
-async def _backup_transaction(machine: Machine, actions: list[dict[str, Any]], mode: str) -> None:
-    """qmp_transaction of blockdev-backup actions: each job is created in order (its
-    checks fail the transaction, and the jobs created before go), then all start."""
-    prepared: list[tuple[str, Backup, BackupRequest]] = []
-    created: list[str] = []
-
-    def prepare_all() -> None:
-        try:
-            for action in actions:
-                if action["type"] == "abort":
-                    raise QMPError("Transaction aborted using Abort action")
-                if mode != "individual":
-                    # QEMU fails every job of a grouped transaction when one fails; these
-                    # jobs end on their own.
-                    raise QMPError("qmp-server: completion-mode 'grouped' is not supported "
-                                   "for blockdev-backup")
-                request = backup_request(machine, action["data"])
-                job_id, driver = machine.blockjobs.prepare_backup(request, {p[0] for p in prepared})
-                prepared.append((job_id, driver, request))
-                created.append(job_id)
-        except BaseException:
-            for _, driver, _ in reversed(prepared):
-                machine.blockjobs.drop_backup(driver)
-            prepared.clear()
-            raise
-
-    try:
-        await machine.block.run_light(prepare_all)
-    except QMPError:
-        # The jobs created before the failure are cancelled (blockdev_backup_abort).
-        for job_id in created:
-            machine.jobs.create_aborted(job_id, "backup")
-        raise
-    for job_id, driver, request in prepared:
-        machine.blockjobs.start_backup(job_id, driver, request)
