@@ -96,6 +96,11 @@ def _open_options(options: Mapping[str, Any], spelled: Mapping[str, Any] | None)
     return flat
 
 
+def flatten_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options as a node holds them (bs->options): flattened, without its children."""
+    return _open_options(options, None)
+
+
 @dataclass(frozen=True)
 class BackingOptions:
     """Options for the backing file an image names itself, given without saying which

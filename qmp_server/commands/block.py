@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from blocklayer.reopen import reopen
+
 from .. import blockresize, blockstats
 from ..dispatcher import CommandContext, CommandTable
 from ..protocol.encoding import PreEncoded
@@ -21,6 +23,14 @@ async def blockdev_add(ctx: CommandContext, args: dict[str, Any]) -> None:
 async def blockdev_del(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Close a monitor-owned node that nothing else uses."""
     await ctx.machine.block.blockdev_del(args["node-name"])
+
+
+@table.command("blockdev-reopen")
+async def blockdev_reopen(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Give nodes a complete new set of options, all or none (only ``read-only`` may
+    differ here; docs/block-layer.md)."""
+    block = ctx.machine.block
+    await block.run(reopen, block.graph, args["options"])
 
 
 @table.command("blockdev-set-active")
