@@ -14,12 +14,15 @@ and QEMU is then probed for TCG alone, as our server. See docs/libvirt.md.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 #: The uid/gid the daemon gets inside the user namespace when the tests run as root.
 _NAMESPACE_ID = 1000
@@ -193,3 +196,27 @@ def domain_xml(name: str, emulator: str, disk: object, *, bus: str = "virtio") -
   </devices>
 </domain>
 """
+
+
+def require_libvirt() -> None:
+    """Skip without libvirt, except in CI (QMP_SERVER_REQUIRE_QEMU=1: .ci/run installs it)."""
+    problem = None
+    if not libvirt_installed():
+        problem = "libvirtd/virsh are not installed"
+    elif os.geteuid() == 0 and not user_namespaces_work():
+        problem = "as root, the session-mode libvirtd needs user namespaces (unshare --user)"
+    elif shutil.which("qemu-img") is None:
+        problem = "qemu-img is needed to create the disk images"
+    if problem is not None:
+        if os.environ.get("QMP_SERVER_REQUIRE_QEMU") == "1":
+            pytest.fail(f"{problem} but QMP_SERVER_REQUIRE_QEMU=1")
+        pytest.skip(problem)
+
+
+def normalize_virsh(text: str, replacements: dict[str, str]) -> str:
+    """What virsh printed with scratch paths and names replaced, blanks squeezed, empty
+    lines dropped."""
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    lines = (re.sub(r"[ \t]+", " ", line).strip() for line in text.strip().splitlines())
+    return "\n".join(line for line in lines if line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -228,3 +229,16 @@ def both(args: list[str], tmp_path: Path) -> Iterator[tuple[Client, Client]]:
             _, client = stack.enter_context(running(PC + own, tmp_path, name, qemu=name == "qemu"))
             clients.append(client)
         yield clients[0], clients[1]
+
+
+def comparable(value: Any) -> Any:
+    """A query result from ``both``'s QEMU or server made comparable: the per-side folder
+    (``/qemu/``, ``/ours/``) becomes ``/DIR/`` and query-block's QEMU 10.1 members
+    (``active``, ``children``: the version we report) go."""
+    if isinstance(value, str):
+        return re.sub(r"/(qemu|ours)/", "/DIR/", value)
+    if isinstance(value, list):
+        return [comparable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items() if k not in ("active", "children")}
+    return value

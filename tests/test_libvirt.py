@@ -10,42 +10,20 @@ docs/libvirt.md explains it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-from libvirt_support import (
-    Libvirtd,
-    domain_xml,
-    installed_entry_point,
-    libvirt_installed,
-    user_namespaces_work,
-)
+from libvirt_support import Libvirtd, domain_xml, normalize_virsh
 
 QEMU = shutil.which("qemu-system-x86_64", path="/usr/bin:/usr/local/bin")
 QEMU_IMG = shutil.which("qemu-img")
 
-
-
-def _require_libvirt() -> None:
-    """Skip without libvirt, except in CI (QMP_SERVER_REQUIRE_QEMU=1: .ci/run installs it)."""
-    problem = None
-    if not libvirt_installed():
-        problem = "libvirtd/virsh are not installed"
-    elif os.geteuid() == 0 and not user_namespaces_work():
-        problem = "as root, the session-mode libvirtd needs user namespaces (unshare --user)"
-    elif QEMU_IMG is None:
-        problem = "qemu-img is needed to create the disk images"
-    if problem is not None:
-        if os.environ.get("QMP_SERVER_REQUIRE_QEMU") == "1":
-            pytest.fail(f"{problem} but QMP_SERVER_REQUIRE_QEMU=1")
-        pytest.skip(problem)
 
 DOMAIN_XML = """\
 <domain type='qemu'>
@@ -72,35 +50,6 @@ DOMAIN_XML = """\
   </devices>
 </domain>
 """
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding ``qemu-system-x86_64``: a symlink to our installed entry point.
-
-    libvirt finds emulators for ``virsh capabilities`` by that name on its PATH; the
-    symlink runs the console script itself, with libvirt's arguments untouched.
-    """
-    _require_libvirt()
-    override = os.environ.get("QMP_SERVER_LIBVIRT_EMULATOR")  # development: another build
-    entry = Path(override) if override else installed_entry_point()
-    if entry is None:
-        pytest.skip("the qmp-server console script is not installed (pip install -e .)")
-    folder = tmp_path_factory.mktemp("emulator")
-    (folder / "qemu-system-x86_64").symlink_to(entry)
-    return folder / "qemu-system-x86_64"
-
-
-@pytest.fixture(scope="module")
-def libvirtd(tmp_path_factory: pytest.TempPathFactory, emulator: Path) -> Iterator[Libvirtd]:
-    """One private session-mode libvirtd for the module."""
-    daemon = Libvirtd(tmp_path_factory.mktemp("libvirt"), emulator.parent)
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.destroy_all()
-        daemon.stop()
 
 
 def _disk(path: Path, size: str = "16M") -> Path:
@@ -152,13 +101,6 @@ def test_domcapabilities(libvirtd: Libvirtd, emulator: Path) -> None:
         assert caps.find("vcpu").get("max") == theirs.find("vcpu").get("max")  # type: ignore[union-attr]
 
 
-def _normalize(text: str, replacements: dict[str, str]) -> str:
-    for old, new in replacements.items():
-        text = text.replace(old, new)
-    lines = (re.sub(r"[ \t]+", " ", line).strip() for line in text.strip().splitlines())
-    return "\n".join(line for line in lines if line)
-
-
 def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
     """The flow a libvirt user runs on a domain; virsh's answers, normalized."""
     folder.mkdir()
@@ -175,7 +117,7 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
 
     def run(key: str, *args: str) -> str:
         result = libvirtd.virsh(*args)
-        seen[key] = _normalize(result.stdout, replacements)
+        seen[key] = normalize_virsh(result.stdout, replacements)
         return result.stdout
 
     run("define", "define", str(xml))
@@ -197,7 +139,7 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
                 break
             time.sleep(0.05)
         # The times are the only numbers that vary from run to run.
-        seen["domblkstat"] = _normalize("\n".join(re.sub(r"(_total_times) [1-9][0-9]*$", r"\1 N", line)
+        seen["domblkstat"] = normalize_virsh("\n".join(re.sub(r"(_total_times) [1-9][0-9]*$", r"\1 N", line)
                                                   for line in stats), replacements)
         run("domblkinfo", "domblkinfo", name, "vda")
         run("domblkinfo-ide", "domblkinfo", name, "hda")
@@ -210,9 +152,9 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
         # QEMU 7.2 still reports the deprecated 'singlestep' (QEMU 8.1 dropped it; we answer
         # as a newer QEMU).
         status["return"].pop("singlestep", None)
-        seen["qmp-status"] = _normalize(json.dumps(status["return"], sort_keys=True), replacements)
+        seen["qmp-status"] = normalize_virsh(json.dumps(status["return"], sort_keys=True), replacements)
         names = json.loads(run("qmp-name", "qemu-monitor-command", name, '{"execute":"query-name"}'))
-        seen["qmp-name"] = _normalize(json.dumps(names["return"]), replacements)
+        seen["qmp-name"] = normalize_virsh(json.dumps(names["return"]), replacements)
         # An iothread hot-plugged (object-add) and removed (object-del), and the vCPU threads.
         run("iothreadadd", "iothreadadd", name, "1", "--live")
         run("iothreadinfo", "iothreadinfo", name)
@@ -220,7 +162,7 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
         run("iothreadinfo-deleted", "iothreadinfo", name)
         vcpus = run("vcpuinfo", "vcpuinfo", name).splitlines()
         # Which host CPU a thread last ran on and its CPU time vary from run to run.
-        seen["vcpuinfo"] = _normalize("\n".join(line for line in vcpus
+        seen["vcpuinfo"] = normalize_virsh("\n".join(line for line in vcpus
                                                 if line.startswith(("VCPU:", "State:", "CPU Affinity:"))),
                                       replacements)
         run("attach", "attach-disk", name, str(extra), "vdb", "--driver", "qemu",
@@ -229,7 +171,7 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
         # The monitor behind the disk: the format node libvirt named, on the new image.
         nodes = json.loads(libvirtd.virsh("qemu-monitor-command", name, json.dumps(
             {"execute": "query-named-block-nodes", "arguments": {"flat": True}})).stdout)["return"]
-        seen["nodes"] = _normalize(json.dumps(sorted((node["node-name"], node["drv"], node["file"])
+        seen["nodes"] = normalize_virsh(json.dumps(sorted((node["node-name"], node["drv"], node["file"])
                                                      for node in nodes)), replacements)
         libvirtd.restart()
         run("domstate-after-restart", "domstate", name)
@@ -316,14 +258,14 @@ def _destroy_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) ->
         assert qemu_io is not None
         result = subprocess.run([qemu_io, "-f", "qcow2", "-c", "write 0 4k", str(disk)],
                                 capture_output=True, text=True)
-        return _normalize(result.stdout + result.stderr, replacements).splitlines()[0]
+        return normalize_virsh(result.stdout + result.stderr, replacements).splitlines()[0]
 
     libvirtd.virsh("define", str(xml))
     try:
         libvirtd.virsh("start", name)
         seen["domstate-running"] = libvirtd.virsh("domstate", name).stdout.strip()
         seen["writer-while-running"] = writer()
-        seen["destroy"] = _normalize(libvirtd.virsh("destroy", name).stdout, replacements)
+        seen["destroy"] = normalize_virsh(libvirtd.virsh("destroy", name).stdout, replacements)
         seen["domstate-destroyed"] = libvirtd.virsh("domstate", name).stdout.strip()
         seen["writer-after-destroy"] = writer()
     finally:
@@ -356,7 +298,7 @@ def _scsi_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> di
     seen: dict[str, str] = {}
 
     def run(key: str, *args: str) -> str:
-        seen[key] = _normalize(libvirtd.virsh(*args).stdout, replacements)
+        seen[key] = normalize_virsh(libvirtd.virsh(*args).stdout, replacements)
         return seen[key]
 
     libvirtd.virsh("define", str(xml))
@@ -369,7 +311,7 @@ def _scsi_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> di
         blocks = json.loads(libvirtd.virsh("qemu-monitor-command", name,
                                            '{"execute":"query-block"}').stdout)["return"]
         seen["qdevs"] = " ".join(sorted(block["qdev"] for block in blocks))
-        seen["info-block"] = _normalize(re.sub(r"#block\d+", "#block", libvirtd.virsh(
+        seen["info-block"] = normalize_virsh(re.sub(r"#block\d+", "#block", libvirtd.virsh(
             "qemu-monitor-command", name, "--hmp", "info block").stdout), replacements)
         run("detach", "detach-disk", name, "sdb", "--live")
         # The unplug ends with DEVICE_DELETED, which libvirt waits for.
@@ -407,76 +349,125 @@ def _backing_chain(libvirtd: Libvirtd, name: str) -> str:
     return " ".join(files)
 
 
+class _Session:
+    """One domain's flow under libvirt: its images in ``folder``, virsh's answers (and
+    what qemu-img and qemu-io say of the images) by key, with the folder and the domain's
+    name normalized away."""
+
+    def __init__(self, libvirtd: Libvirtd, folder: Path, name: str) -> None:
+        assert QEMU_IMG is not None
+        qemu_io = shutil.which("qemu-io")
+        assert qemu_io is not None
+        folder.mkdir()
+        self.libvirtd, self.folder, self.name = libvirtd, folder, name
+        self.qemu_img, self.qemu_io = QEMU_IMG, qemu_io
+        self.replacements = {str(folder): "DIR", name: "DOMAIN"}
+        self.seen: dict[str, str] = {}
+
+    def image(self, *args: str) -> None:
+        """Run a tool in the folder (``qemu-img`` or ``qemu-io`` first)."""
+        tool = {"qemu-img": self.qemu_img, "qemu-io": self.qemu_io}[args[0]]
+        subprocess.run([tool, *args[1:]], check=True, capture_output=True, cwd=self.folder)
+
+    def run(self, key: str, *args: str) -> str:
+        """virsh ARGS, its output recorded as ``key``."""
+        result = self.libvirtd.virsh(*args, check=False)
+        self.seen[key] = normalize_virsh(result.stdout + result.stderr, self.replacements)
+        return self.seen[key]
+
+    def chain(self, key: str) -> None:
+        """The disk's backing chain in the domain XML."""
+        self.seen[key] = normalize_virsh(_backing_chain(self.libvirtd, self.name), self.replacements)
+
+    def guest_write(self, command: str) -> None:
+        """A write by the guest's disk (HMP qemu-io on its backend)."""
+        self.libvirtd.virsh("qemu-monitor-command", self.name, "--hmp",
+                            f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{command}"')
+
+    def wait_for_backup(self) -> None:
+        """Until domjobinfo no longer shows a backup, then its --completed summary."""
+        deadline = time.monotonic() + 30
+        while "Backup" in self.run("jobinfo", "domjobinfo", self.name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        completed = self.run("jobinfo-completed", "domjobinfo", self.name, "--completed")
+        kept = ("Job type", "Operation", "File total")
+        self.seen["jobinfo-completed"] = "\n".join(line for line in completed.splitlines()
+                                                   if line.split(":")[0] in kept)
+
+    @contextmanager
+    def domain(self, emulator: str, disk: Path) -> Iterator[None]:
+        """The domain defined and started on ``disk``; destroyed and undefined after."""
+        xml = self.folder / "domain.xml"
+        xml.write_text(domain_xml(self.name, emulator, disk))
+        self.libvirtd.virsh("define", str(xml))
+        try:
+            self.libvirtd.virsh("start", self.name)
+            yield
+        finally:
+            self.libvirtd.virsh("destroy", self.name, check=False)
+            self.libvirtd.virsh("undefine", self.name, "--checkpoints-metadata", check=False)
+
+    def read(self, key: str, image: str, pattern: str, offset: str, length: str = "64k") -> None:
+        """qemu-io's verdict on a pattern read from an image."""
+        command = f"read -P {pattern} {offset} {length}"
+        result = subprocess.run([self.qemu_io, "-r", "-f", "qcow2", "-c", command, str(self.folder / image)],
+                                capture_output=True, text=True)
+        first = result.stdout.splitlines()[0] if result.stdout else ""
+        self.seen[key] = normalize_virsh(first + result.stderr, self.replacements)
+
+    def check(self, *images: str) -> None:
+        """qemu-img check's exit status for each image."""
+        for image in images:
+            result = subprocess.run([self.qemu_img, "check", str(self.folder / image)],
+                                    capture_output=True, text=True)
+            self.seen[f"check-{image}"] = str(result.returncode)
+
+    def info_chain(self, key: str, image: str) -> None:
+        """qemu-img info --backing-chain, without the disk sizes."""
+        info = subprocess.run([self.qemu_img, "info", "--backing-chain", str(self.folder / image)],
+                              capture_output=True, text=True)
+        self.seen[key] = normalize_virsh("\n".join(line for line in info.stdout.splitlines()
+                                                   if not line.startswith("disk size:")), self.replacements)
+
+
 def _blockcommit_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
     """virsh blockcommit on a domain whose disk is top over mid over base: mid into base
     (below the active layer, issue 10), then the active layer into the base with --pivot,
     then a new overlay (a disk-only snapshot) committed with --active --wait and pivoted
     with blockjob --pivot. virsh's answers, the chain in the domain XML, the images."""
-    assert QEMU_IMG is not None
-    qemu_io = shutil.which("qemu-io")
-    assert qemu_io is not None
-    folder.mkdir()
-
-    def image(*args: str) -> None:
-        subprocess.run(args, check=True, capture_output=True, cwd=folder)
-
-    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "base.qcow2", "16M")
-    image(qemu_io, "-c", "write -P 0x11 0 1M", "base.qcow2")
-    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2")
-    image(qemu_io, "-c", "write -P 0x22 512k 1M", "mid.qcow2")
-    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2")
-    image(qemu_io, "-c", "write -P 0x33 1M 1M", "top.qcow2")
-    xml = folder / "domain.xml"
-    xml.write_text(domain_xml(name, emulator, folder / "top.qcow2"))
-    replacements = {str(folder): "DIR", name: "DOMAIN"}
-    seen: dict[str, str] = {}
-
-    def run(key: str, *args: str) -> str:
-        result = libvirtd.virsh(*args, check=False)
-        seen[key] = _normalize(result.stdout + result.stderr, replacements)
-        return seen[key]
-
-    def chain(key: str) -> None:
-        seen[key] = _normalize(_backing_chain(libvirtd, name), replacements)
-
-    def guest_write(command: str) -> None:
-        libvirtd.virsh("qemu-monitor-command", name, "--hmp",
-                       f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{command}"')
-
-    libvirtd.virsh("define", str(xml))
-    try:
-        libvirtd.virsh("start", name)
-        chain("chain")
+    flow = _Session(libvirtd, folder, name)
+    flow.image("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "16M")
+    flow.image("qemu-io", "-c", "write -P 0x11 0 1M", "base.qcow2")
+    flow.image("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2")
+    flow.image("qemu-io", "-c", "write -P 0x22 512k 1M", "mid.qcow2")
+    flow.image("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2")
+    flow.image("qemu-io", "-c", "write -P 0x33 1M 1M", "top.qcow2")
+    run = flow.run
+    with flow.domain(emulator, folder / "top.qcow2"):
+        flow.chain("chain")
         run("commit-mid", "blockcommit", name, "vda", "--top", str(folder / "mid.qcow2"), "--wait")
-        chain("chain-after-commit")
-        guest_write("write -P 0x44 3M 64k")
+        flow.chain("chain-after-commit")
+        flow.guest_write("write -P 0x44 3M 64k")
         run("commit-active", "blockcommit", name, "vda", "--active", "--pivot", "--wait")
         run("domblklist-pivoted", "domblklist", name)
-        chain("chain-pivoted")
+        flow.chain("chain-pivoted")
         run("snapshot", "snapshot-create-as", name, "s1", "--disk-only", "--no-metadata",
             "--diskspec", f"vda,file={folder / 'over.qcow2'}")
-        guest_write("write -P 0x55 5M 64k")
+        flow.guest_write("write -P 0x55 5M 64k")
         run("commit-ready", "blockcommit", name, "vda", "--active", "--wait")
         run("blockjob-info", "blockjob", name, "vda", "--info")
         run("blockjob-pivot", "blockjob", name, "vda", "--pivot")
         deadline = time.monotonic() + 10
         while "over.qcow2" in run("domblklist-final", "domblklist", name) and time.monotonic() < deadline:
             time.sleep(0.1)
-        chain("chain-final")
+        flow.chain("chain-final")
         run("blockjob-none", "blockjob", name, "vda", "--info")
-    finally:
-        libvirtd.virsh("destroy", name, check=False)
-        libvirtd.virsh("undefine", name, check=False)
     # The base holds everything the guest saw; every image is consistent.
     for pattern, offset, length in (("0x11", "0", "512k"), ("0x22", "512k", "512k"), ("0x33", "1M", "1M"),
                                     ("0x44", "3M", "64k"), ("0x55", "5M", "64k"), ("0", "6M", "1M")):
-        result = subprocess.run([qemu_io, "-r", "-c", f"read -P {pattern} {offset} {length}",
-                                 str(folder / "base.qcow2")], capture_output=True, text=True)
-        seen[f"read-{offset}"] = _normalize(result.stdout.splitlines()[0] + result.stderr, replacements)
-    for file in ("base.qcow2", "mid.qcow2", "top.qcow2", "over.qcow2"):
-        check = subprocess.run([QEMU_IMG, "check", str(folder / file)], capture_output=True, text=True)
-        seen[f"check-{file}"] = str(check.returncode)
-    return seen
+        flow.read(f"read-{offset}", "base.qcow2", pattern, offset, length)
+    flow.check("base.qcow2", "mid.qcow2", "top.qcow2", "over.qcow2")
+    return flow.seen
 
 
 def test_blockcommit(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
@@ -499,56 +490,24 @@ def _commit_middle_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: s
     (issue 11): libvirt opens s3 read-only, and s3's header must name the base at the
     end. virsh's answers, domblklist, the chain in the domain XML, and once the domain
     is gone what `qemu-img info --backing-chain` and qemu-io say of the images."""
-    assert QEMU_IMG is not None
-    qemu_io = shutil.which("qemu-io")
-    assert qemu_io is not None
-    folder.mkdir()
-
-    def image(*args: str) -> None:
-        subprocess.run(args, check=True, capture_output=True, cwd=folder)
-
+    flow = _Session(libvirtd, folder, name)
     layers = ("base", "s2", "s3", "active")
     for index, layer in enumerate(layers):
         backing = ["-b", f"{layers[index - 1]}.qcow2", "-F", "qcow2"] if index else []
-        image(QEMU_IMG, "create", "-q", "-f", "qcow2", *backing, f"{layer}.qcow2", "16M")
-        image(qemu_io, "-c", f"write -P 0x{index + 1}{index + 1} {index}M 1M", f"{layer}.qcow2")
-    xml = folder / "domain.xml"
-    xml.write_text(domain_xml(name, emulator, folder / "active.qcow2"))
-    replacements = {str(folder): "DIR", name: "DOMAIN"}
-    seen: dict[str, str] = {}
-
-    def run(key: str, *args: str) -> str:
-        result = libvirtd.virsh(*args, check=False)
-        seen[key] = _normalize(result.stdout + result.stderr, replacements)
-        return seen[key]
-
-    def chain(key: str) -> None:
-        seen[key] = _normalize(_backing_chain(libvirtd, name), replacements)
-
-    libvirtd.virsh("define", str(xml))
-    try:
-        libvirtd.virsh("start", name)
-        chain("chain")
-        run("commit", "blockcommit", name, "vda", "--top", str(folder / "s2.qcow2"),
-            "--base", str(folder / "base.qcow2"), "--wait")
-        run("domblklist", "domblklist", name)
-        chain("chain-after")
-        run("blockjob-none", "blockjob", name, "vda", "--info")
-    finally:
-        libvirtd.virsh("destroy", name, check=False)
-        libvirtd.virsh("undefine", name, check=False)
-    info = subprocess.run([QEMU_IMG, "info", "--backing-chain", str(folder / "active.qcow2")],
-                          capture_output=True, text=True)
-    seen["backing-chain"] = _normalize("\n".join(line for line in info.stdout.splitlines()
-                                                 if not line.startswith("disk size:")), replacements)
+        flow.image("qemu-img", "create", "-q", "-f", "qcow2", *backing, f"{layer}.qcow2", "16M")
+        flow.image("qemu-io", "-c", f"write -P 0x{index + 1}{index + 1} {index}M 1M", f"{layer}.qcow2")
+    with flow.domain(emulator, folder / "active.qcow2"):
+        flow.chain("chain")
+        flow.run("commit", "blockcommit", name, "vda", "--top", str(folder / "s2.qcow2"),
+                 "--base", str(folder / "base.qcow2"), "--wait")
+        flow.run("domblklist", "domblklist", name)
+        flow.chain("chain-after")
+        flow.run("blockjob-none", "blockjob", name, "vda", "--info")
+    flow.info_chain("backing-chain", "active.qcow2")
     for index in range(4):
-        result = subprocess.run([qemu_io, "-r", "-c", f"read -P 0x{index + 1}{index + 1} {index}M 1M",
-                                 str(folder / "active.qcow2")], capture_output=True, text=True)
-        seen[f"read-{index}M"] = _normalize(result.stdout.splitlines()[0] + result.stderr, replacements)
-    for file in ("base.qcow2", "s3.qcow2", "active.qcow2"):
-        check = subprocess.run([QEMU_IMG, "check", str(folder / file)], capture_output=True, text=True)
-        seen[f"check-{file}"] = str(check.returncode)
-    return seen
+        flow.read(f"read-{index}M", "active.qcow2", f"0x{index + 1}{index + 1}", f"{index}M", "1M")
+    flow.check("base.qcow2", "s3.qcow2", "active.qcow2")
+    return flow.seen
 
 
 def test_blockcommit_below_a_read_only_overlay(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
@@ -569,71 +528,35 @@ def _blockcopy_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) 
     then the copy's top into a pre-made image (--shallow --reuse-external) left in sync
     and ended with blockjob --abort; guest writes meanwhile. virsh's answers, the chain in
     the domain XML, and the images afterwards."""
-    assert QEMU_IMG is not None
-    qemu_io = shutil.which("qemu-io")
-    assert qemu_io is not None
-    folder.mkdir()
-
-    def image(*args: str) -> None:
-        subprocess.run(args, check=True, capture_output=True, cwd=folder)
-
-    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "base.qcow2", "16M")
-    image(qemu_io, "-c", "write -P 0x11 0 1M", "base.qcow2")
-    image(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
-    image(qemu_io, "-c", "write -P 0x22 1M 1M", "top.qcow2")
-    xml = folder / "domain.xml"
-    xml.write_text(domain_xml(name, emulator, folder / "top.qcow2"))
-    replacements = {str(folder): "DIR", name: "DOMAIN"}
-    seen: dict[str, str] = {}
-
-    def run(key: str, *args: str) -> str:
-        result = libvirtd.virsh(*args, check=False)
-        seen[key] = _normalize(result.stdout + result.stderr, replacements)
-        return seen[key]
-
-    def chain(key: str) -> None:
-        seen[key] = _normalize(_backing_chain(libvirtd, name), replacements)
-
-    def guest_write(command: str) -> None:
-        libvirtd.virsh("qemu-monitor-command", name, "--hmp",
-                       f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{command}"')
-
-    libvirtd.virsh("define", str(xml))
-    try:
-        libvirtd.virsh("start", name)
-        guest_write("write -P 0x33 2M 64k")
+    flow = _Session(libvirtd, folder, name)
+    flow.image("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "16M")
+    flow.image("qemu-io", "-c", "write -P 0x11 0 1M", "base.qcow2")
+    flow.image("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+    flow.image("qemu-io", "-c", "write -P 0x22 1M 1M", "top.qcow2")
+    run = flow.run
+    with flow.domain(emulator, folder / "top.qcow2"):
+        flow.guest_write("write -P 0x33 2M 64k")
         run("copy", "blockcopy", name, "vda", str(folder / "copy.qcow2"), "--format", "qcow2",
             "--transient-job", "--wait", "--pivot")
         run("domblklist-copied", "domblklist", name)
-        chain("chain-copied")
-        guest_write("write -P 0x44 3M 64k")
-        image(QEMU_IMG, "create", "-q", "-f", "qcow2", "shallow.qcow2", "16M")
+        flow.chain("chain-copied")
+        flow.guest_write("write -P 0x44 3M 64k")
+        flow.image("qemu-img", "create", "-q", "-f", "qcow2", "shallow.qcow2", "16M")
         run("shallow", "blockcopy", name, "vda", str(folder / "shallow.qcow2"), "--format", "qcow2",
             "--shallow", "--reuse-external", "--transient-job", "--wait")
         run("blockjob-info", "blockjob", name, "vda", "--info")
-        guest_write("write -P 0x55 4M 64k")
+        flow.guest_write("write -P 0x55 4M 64k")
         run("abort", "blockjob", name, "vda", "--abort")
         run("domblklist-final", "domblklist", name)
         run("blockjob-none", "blockjob", name, "vda", "--info")
-    finally:
-        libvirtd.virsh("destroy", name, check=False)
-        libvirtd.virsh("undefine", name, check=False)
     for file, pattern, offset in (("copy.qcow2", "0x11", "0"), ("copy.qcow2", "0x22", "1M"),
                                   ("copy.qcow2", "0x33", "2M"), ("copy.qcow2", "0x44", "3M"),
                                   ("copy.qcow2", "0x55", "4M"), ("shallow.qcow2", "0x44", "3M"),
                                   ("shallow.qcow2", "0x55", "4M"), ("shallow.qcow2", "0x11", "0")):
-        result = subprocess.run([qemu_io, "-r", "-f", "qcow2", "-c", f"read -P {pattern} {offset} 64k",
-                                 str(folder / file)], capture_output=True, text=True)
-        seen[f"read-{file}-{offset}"] = _normalize(result.stdout.splitlines()[0] + result.stderr,
-                                                   replacements)
-    info = subprocess.run([QEMU_IMG, "info", "--backing-chain", str(folder / "copy.qcow2")],
-                          capture_output=True, text=True)
-    seen["copy-chain"] = _normalize("\n".join(line for line in info.stdout.splitlines()
-                                              if not line.startswith("disk size:")), replacements)
-    for file in ("base.qcow2", "top.qcow2", "copy.qcow2", "shallow.qcow2"):
-        check = subprocess.run([QEMU_IMG, "check", str(folder / file)], capture_output=True, text=True)
-        seen[f"check-{file}"] = str(check.returncode)
-    return seen
+        flow.read(f"read-{file}-{offset}", file, pattern, offset)
+    flow.info_chain("copy-chain", "copy.qcow2")
+    flow.check("base.qcow2", "top.qcow2", "copy.qcow2", "shallow.qcow2")
+    return flow.seen
 
 
 def test_blockcopy(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
@@ -654,53 +577,24 @@ def test_blockcopy(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
 
 def _backup_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[str, str]:
     """virsh backup-begin (push mode: libvirt creates the target with blockdev-create and
-    starts blockdev-backup in a transaction), a guest write while it may still run, then
-    what virsh says once it is over and what the backup holds."""
-    assert QEMU_IMG is not None
-    qemu_io = shutil.which("qemu-io")
-    assert qemu_io is not None
-    folder.mkdir()
-    disk = folder / "disk.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-    subprocess.run([qemu_io, "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 8M 64k", str(disk)],
-                   check=True, capture_output=True)
-    xml = folder / "domain.xml"
-    xml.write_text(domain_xml(name, emulator, disk))
+    starts blockdev-backup in a transaction), a guest write once it is over, then what
+    virsh says and what the backup holds."""
+    flow = _Session(libvirtd, folder, name)
+    flow.image("qemu-img", "create", "-q", "-f", "qcow2", "disk.qcow2", "16M")
+    flow.image("qemu-io", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 8M 64k", "disk.qcow2")
     backup_xml = folder / "backup.xml"
     backup_xml.write_text("<domainbackup><disks><disk name='vda' type='file'>"
                           f"<target file='{folder}/backup.qcow2'/><driver type='qcow2'/>"
                           "</disk></disks></domainbackup>")
-    replacements = {str(folder): "DIR", name: "DOMAIN"}
-    seen: dict[str, str] = {}
-
-    def run(key: str, *args: str) -> str:
-        result = libvirtd.virsh(*args, check=False)
-        seen[key] = _normalize(result.stdout + result.stderr, replacements)
-        return seen[key]
-
-    libvirtd.virsh("define", str(xml))
-    try:
-        libvirtd.virsh("start", name)
-        run("begin", "backup-begin", name, str(backup_xml))
-        deadline = time.monotonic() + 30
-        while "Backup" in run("jobinfo", "domjobinfo", name) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        completed = run("jobinfo-completed", "domjobinfo", name, "--completed")
-        seen["jobinfo-completed"] = "\n".join(line for line in completed.splitlines()
-                                              if line.split(":")[0] in ("Job type", "Operation"))
-        libvirtd.virsh("qemu-monitor-command", name, "--hmp",
-                       'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x33 0 64k"')
-        run("domblklist", "domblklist", name)
-    finally:
-        libvirtd.virsh("destroy", name, check=False)
-        libvirtd.virsh("undefine", name, check=False)
+    with flow.domain(emulator, folder / "disk.qcow2"):
+        flow.run("begin", "backup-begin", name, str(backup_xml))
+        flow.wait_for_backup()
+        flow.guest_write("write -P 0x33 0 64k")
+        flow.run("domblklist", "domblklist", name)
     for pattern, offset in (("0x11", "0"), ("0x22", "8M"), ("0", "9M")):
-        result = subprocess.run([qemu_io, "-r", "-f", "qcow2", "-c", f"read -P {pattern} {offset} 64k",
-                                 str(folder / "backup.qcow2")], capture_output=True, text=True)
-        seen[f"read-{offset}"] = _normalize(result.stdout.splitlines()[0] + result.stderr, replacements)
-    check = subprocess.run([QEMU_IMG, "check", str(folder / "backup.qcow2")], capture_output=True, text=True)
-    seen["check"] = str(check.returncode)
-    return seen
+        flow.read(f"read-{offset}", "backup.qcow2", pattern, offset)
+    flow.check("backup.qcow2")
+    return flow.seen
 
 
 def test_backup_begin(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:
@@ -708,9 +602,9 @@ def test_backup_begin(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> Non
     holds the disk as it was, the domain goes on."""
     ours = _backup_flow(libvirtd, tmp_path / "ours", "qmp-backup", str(emulator))
     assert ours["begin"] == "Backup started"
-    assert ours["jobinfo-completed"].split() == ["Job", "type:", "Completed", "Operation:", "Backup"]
+    assert ours["jobinfo-completed"].splitlines()[:2] == ["Job type: Completed", "Operation: Backup"]
     assert all(ours[key].startswith("read 65536/65536") for key in ("read-0", "read-8M", "read-9M")), ours
-    assert ours["check"] == "0"
+    assert ours["check-backup.qcow2"] == "0"
     if QEMU is not None:
         assert ours == _backup_flow(libvirtd, tmp_path / "qemu", "qemu-backup", QEMU)
 
@@ -720,56 +614,29 @@ def _incremental_flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str
     write, then backup-begin with <incremental>: libvirt merges the checkpoint's bitmap
     into a temporary one and backs up only what it marks, into an image whose backing is
     the disk itself."""
-    assert QEMU_IMG is not None
-    qemu_io = shutil.which("qemu-io")
-    assert qemu_io is not None
-    folder.mkdir()
-    disk = folder / "disk.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-    subprocess.run([qemu_io, "-c", "write -P 0x11 0 1M", str(disk)], check=True, capture_output=True)
-    xml = folder / "domain.xml"
-    xml.write_text(domain_xml(name, emulator, disk))
+    flow = _Session(libvirtd, folder, name)
+    flow.image("qemu-img", "create", "-q", "-f", "qcow2", "disk.qcow2", "16M")
+    flow.image("qemu-io", "-c", "write -P 0x11 0 1M", "disk.qcow2")
     backup_xml = folder / "backup.xml"
     backup_xml.write_text("<domainbackup><incremental>c1</incremental><disks><disk name='vda' type='file'>"
                           f"<target file='{folder}/inc.qcow2'/><driver type='qcow2'/>"
                           "</disk></disks></domainbackup>")
-    replacements = {str(folder): "DIR", name: "DOMAIN"}
-    seen: dict[str, str] = {}
-
-    def run(key: str, *args: str) -> str:
-        result = libvirtd.virsh(*args, check=False)
-        seen[key] = _normalize(result.stdout + result.stderr, replacements)
-        return seen[key]
-
-    libvirtd.virsh("define", str(xml))
-    try:
-        libvirtd.virsh("start", name)
-        run("checkpoint", "checkpoint-create-as", name, "c1")
-        libvirtd.virsh("qemu-monitor-command", name, "--hmp",
-                       'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x22 4M 64k"')
-        run("begin", "backup-begin", name, str(backup_xml))
-        deadline = time.monotonic() + 30
-        while "Backup" in run("jobinfo", "domjobinfo", name) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        completed = run("jobinfo-completed", "domjobinfo", name, "--completed")
-        kept = ("Job type", "Operation", "File total")
-        seen["jobinfo-completed"] = "\n".join(line for line in completed.splitlines()
-                                              if line.split(":")[0] in kept)
+    with flow.domain(emulator, folder / "disk.qcow2"):
+        flow.run("checkpoint", "checkpoint-create-as", name, "c1")
+        flow.guest_write("write -P 0x22 4M 64k")
+        flow.run("begin", "backup-begin", name, str(backup_xml))
+        flow.wait_for_backup()
         listed = libvirtd.virsh("checkpoint-list", name, check=False).stdout
-        seen["checkpoints"] = " ".join(line.split()[0] for line in listed.strip().splitlines()[2:])
-    finally:
-        libvirtd.virsh("destroy", name, check=False)
-        libvirtd.virsh("undefine", name, "--checkpoints-metadata", check=False)
-    mapped = subprocess.run([QEMU_IMG, "map", "--output=json", str(folder / "inc.qcow2")],
+        flow.seen["checkpoints"] = " ".join(line.split()[0] for line in listed.strip().splitlines()[2:])
+    mapped = subprocess.run([flow.qemu_img, "map", "--output=json", str(folder / "inc.qcow2")],
                             capture_output=True, text=True, check=True)
-    seen["inc-map"] = _normalize(" ".join(
-        f"{entry['start']}+{entry['length']}:{entry['depth']}:{entry['data']}"
-        for entry in json.loads(mapped.stdout)), replacements)
-    info = subprocess.run([QEMU_IMG, "info", "--output=json", str(disk)], capture_output=True, text=True,
-                          check=True)
+    flow.seen["inc-map"] = " ".join(f"{entry['start']}+{entry['length']}:{entry['depth']}:{entry['data']}"
+                                    for entry in json.loads(mapped.stdout))
+    info = subprocess.run([flow.qemu_img, "info", "--output=json", str(folder / "disk.qcow2")],
+                          capture_output=True, text=True, check=True)
     bitmaps = json.loads(info.stdout)["format-specific"]["data"].get("bitmaps", [])
-    seen["disk-bitmaps"] = " ".join(bitmap["name"] for bitmap in bitmaps)
-    return seen
+    flow.seen["disk-bitmaps"] = " ".join(bitmap["name"] for bitmap in bitmaps)
+    return flow.seen
 
 
 def test_checkpoint_and_incremental_backup(libvirtd: Libvirtd, emulator: Path, tmp_path: Path) -> None:

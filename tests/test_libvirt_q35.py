@@ -11,16 +11,13 @@ tests/libvirt_support.py; docs/libvirt.md explains it.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from libvirt_support import Libvirtd, installed_entry_point, libvirt_installed, user_namespaces_work
+from libvirt_support import Libvirtd, normalize_virsh
 
 QEMU = shutil.which("qemu-system-x86_64", path="/usr/bin:/usr/local/bin")
 QEMU_IMG = shutil.which("qemu-img")
@@ -52,53 +49,6 @@ DOMAIN_XML = """\
 """
 
 
-def _require_libvirt() -> None:
-    """Skip without libvirt, except in CI (QMP_SERVER_REQUIRE_QEMU=1: .ci/run installs it)."""
-    problem = None
-    if not libvirt_installed():
-        problem = "libvirtd/virsh are not installed"
-    elif os.geteuid() == 0 and not user_namespaces_work():
-        problem = "as root, the session-mode libvirtd needs user namespaces (unshare --user)"
-    elif QEMU_IMG is None:
-        problem = "qemu-img is needed to create the disk images"
-    if problem is not None:
-        if os.environ.get("QMP_SERVER_REQUIRE_QEMU") == "1":
-            pytest.fail(f"{problem} but QMP_SERVER_REQUIRE_QEMU=1")
-        pytest.skip(problem)
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``qemu-system-x86_64``: a symlink to our installed entry point (see test_libvirt.py)."""
-    _require_libvirt()
-    override = os.environ.get("QMP_SERVER_LIBVIRT_EMULATOR")
-    entry = Path(override) if override else installed_entry_point()
-    if entry is None:
-        pytest.skip("the qmp-server console script is not installed (pip install -e .)")
-    folder = tmp_path_factory.mktemp("emulator")
-    (folder / "qemu-system-x86_64").symlink_to(entry)
-    return folder / "qemu-system-x86_64"
-
-
-@pytest.fixture(scope="module")
-def libvirtd(tmp_path_factory: pytest.TempPathFactory, emulator: Path) -> Iterator[Libvirtd]:
-    """One private session-mode libvirtd for the module."""
-    daemon = Libvirtd(tmp_path_factory.mktemp("libvirt"), emulator.parent)
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.destroy_all()
-        daemon.stop()
-
-
-def _normalize(text: str, replacements: dict[str, str]) -> str:
-    for old, new in replacements.items():
-        text = text.replace(old, new)
-    lines = (re.sub(r"[ \t]+", " ", line).strip() for line in text.strip().splitlines())
-    return "\n".join(line for line in lines if line)
-
-
 def _devices(command_line: str) -> list[str]:
     """The -device arguments of the domain's last command line, in order."""
     last = command_line.rsplit("-name guest=", 1)[-1]
@@ -124,7 +74,7 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
 
     def run(key: str, *args: str) -> str:
         result = libvirtd.virsh(*args)
-        seen[key] = _normalize(result.stdout, replacements)
+        seen[key] = normalize_virsh(result.stdout, replacements)
         return result.stdout
 
     run("define", "define", str(xml))
@@ -135,7 +85,7 @@ def _flow(libvirtd: Libvirtd, folder: Path, name: str, emulator: str) -> dict[st
             " ".join(found) for found in re.findall(
                 r"<controller type='(\w+)' index='(\d+)'(?: model='([\w-]+)')?", dumped))
         run("start", "start", name)
-        seen["devices"] = "\n".join(_devices(_normalize(libvirtd.domain_log(name), replacements)))
+        seen["devices"] = "\n".join(_devices(normalize_virsh(libvirtd.domain_log(name), replacements)))
         run("domstate-running", "domstate", name)
         run("domblklist", "domblklist", name)
         run("domblkinfo-sata", "domblkinfo", name, "sda")
