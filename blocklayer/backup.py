@@ -31,6 +31,15 @@ def copy_cluster_size(target: BlockNode) -> tuple[int, bool]:
     size = target.driver.image_info().get("cluster-size") if target.has_info() else None
     if isinstance(size, int) and size > 0:
         return max(DEFAULT_CLUSTER, size), False
+    # bdrv_get_info: raw asks its file child, and a file says (nothing) where other
+    # protocols (null-co) cannot.
+    bottom = target
+    while bottom.driver.name == "raw" and bottom.child("file") is not None:
+        edge = bottom.child("file")
+        assert edge is not None
+        bottom = edge.child
+    if bottom.driver.name == "file":
+        return DEFAULT_CLUSTER, False
     return DEFAULT_CLUSTER, backing(target) is None
 
 

@@ -221,17 +221,29 @@ def _opt_value(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def overlay_format_line(filename: str, size: int, backing_file: str, backing_format: str) -> str:
-    """The line bdrv_img_create prints (unless quiet) before it creates a qcow2 overlay:
+def overlay_format_line(filename: str, size: int, backing_file: str | None,
+                        backing_format: str | None) -> str:
+    """The line bdrv_img_create prints (unless quiet) before it creates a qcow2 image:
     ``Formatting 'FILE', fmt=qcow2`` and the creation options qemu_opts_print lists
     (qcow2's create options with a value or a default, in their list's order; the file
     name itself is printed as it is, string options with their commas doubled)."""
+    backing = ""
+    if backing_file is not None:
+        backing = f" backing_file={_opt_value(backing_file)}"
+        if backing_format is not None:
+            backing += f" backing_fmt={_opt_value(backing_format)}"
     return (f"Formatting '{filename}', fmt=qcow2 cluster_size=65536 extended_l2=off "
-            f"compression_type=zlib size={size} backing_file={_opt_value(backing_file)} "
-            f"backing_fmt={_opt_value(backing_format)} lazy_refcounts=off refcount_bits=16")
+            f"compression_type=zlib size={size}{backing} lazy_refcounts=off refcount_bits=16")
 
 
-def create_overlay_image(filename: str, size: int, backing_file: str, backing_format: str,
+def create_raw_image(filename: str, size: int, announce: Callable[[str], None] | None = None) -> None:
+    """bdrv_img_create for a raw image of ``size`` bytes (``qemu-img create -f raw``)."""
+    if announce is not None:
+        announce(f"Formatting '{filename}', fmt=raw size={size}")
+    _FileCreation({"filename": filename, "size": size}).run()
+
+
+def create_overlay_image(filename: str, size: int, backing_file: str | None, backing_format: str | None,
                          announce: Callable[[str], None] | None = None) -> None:
     """bdrv_img_create for a qcow2 overlay (``qemu-img create -f qcow2 -b F -F FMT``).
 
@@ -248,8 +260,12 @@ def create_overlay_image(filename: str, size: int, backing_file: str, backing_fo
     if announce is not None:
         announce(overlay_format_line(filename, size, backing_file, backing_format))
     _FileCreation({"filename": filename, "size": 0}).run()
-    spec = qcow2_create.validate({"size": size, "backing-file": backing_file,
-                                  "backing-fmt": backing_format})
+    options: dict[str, Any] = {"size": size}
+    if backing_file is not None:
+        options["backing-file"] = backing_file
+        if backing_format is not None:
+            options["backing-fmt"] = backing_format
+    spec = qcow2_create.validate(options)
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:

@@ -1005,3 +1005,61 @@ def test_backup_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> N
     assert [read.startswith("read ") for read in full[1]] == [True, True, True, True, True, False]
     # The incremental one has only what the bitmap marked: the two guest writes.
     assert [read.startswith("read ") for read in incr[1]] == [False, False, True, True, False, True]
+
+
+def test_drive_backup_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """drive-backup: the target image created as bdrv_img_create makes it (its
+    ``Formatting`` line on stdout; with the source's backing file for sync top, the source
+    itself for none), opened, backed up into and closed at the end; QEMU's refusals."""
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        def target(name: str) -> str:
+            return str(work / name)
+
+        seen = _steps(client, work, [
+            ("drive-backup", {"device": "top", "target": target("d0.qcow2"), "sync": "full"}),
+            ("drive-backup", {"job-id": "full", "device": "top", "target": target("full.qcow2"),
+                              "sync": "full"}),
+        ])
+        _concluded(client, "full")
+        seen += _steps(client, work, [
+            ("drive-backup", {"job-id": "top", "device": "top", "target": target("top-only.qcow2"),
+                              "sync": "top", "format": "qcow2"}),
+        ])
+        _concluded(client, "top")
+        seen += _steps(client, work, [
+            ("drive-backup", {"job-id": "raw", "device": "top", "target": target("full.raw"),
+                              "sync": "full", "format": "raw"}),
+        ])
+        _concluded(client, "raw")
+        seen += _steps(client, work, [
+            ("drive-backup", {"job-id": "x", "device": "top", "target": target("x.raw"), "sync": "top",
+                              "format": "raw"}),
+            ("drive-backup", {"job-id": "x", "device": "top", "target": target("no/x.qcow2"),
+                              "sync": "full"}),
+            ("drive-backup", {"job-id": "x", "device": "top", "target": target("missing.qcow2"),
+                              "sync": "full", "mode": "existing"}),
+            ("drive-backup", {"job-id": "x", "device": "nope", "target": target("x.qcow2"),
+                              "sync": "full"}),
+            ("drive-backup", {"job-id": "none", "device": "top", "target": target("none.qcow2"),
+                              "sync": "none"}),
+            ("query-block-jobs", {}),
+            ("block-job-cancel", {"device": "none"}),
+        ])
+        _concluded(client, "none")
+        seen.append([line for line in (work / "vm.out").read_text().splitlines()
+                     if line.startswith("Formatting")])
+        for name in ("full.qcow2", "top-only.qcow2", "full.raw", "none.qcow2"):
+            info = subprocess.run(["qemu-img", "info", "--output=json", "-U", target(name)],
+                                  capture_output=True, text=True, check=True)
+            facts = json.loads(info.stdout)
+            seen.append([facts["format"], facts.get("backing-filename"), facts["virtual-size"]])
+        compared = subprocess.run(["qemu-img", "compare", "-U", target("full.qcow2"), target("top.qcow2")],
+                                  capture_output=True, text=True)
+        seen.append([compared.returncode, compared.stdout])
+        return seen
+
+    theirs, ours = both(tmp_path, scenario, _device)
+    theirs[-2], ours[-2] = _without_drains(theirs[-2]), _without_drains(ours[-2])
+    assert ours == theirs
+    assert ours[-3] == [0, "Images are identical.\n"]

@@ -7,16 +7,21 @@ job itself is :mod:`qmp_server.blockjobs`'.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import TYPE_CHECKING, Any
 
 from blocklayer import blockjob as BJ
+from blocklayer.create import create_overlay_image, create_raw_image
 from blocklayer.dirtybitmap import CHECK_ALLOW_RO, BitmapError, DirtyBitmap
 from blocklayer.dirtybitmap import find as find_bitmap
+from blocklayer.graph import probe_format
 from blocklayer.node import BlockNode
 from blocklayer.perm import WRITE
 
 from ..blockjobs import BackupRequest, CommitRequest, MirrorRequest, StreamRequest
 from ..dispatcher import CommandContext, CommandTable
+from ..errorreport import info_print
 from ..errors import QMPError
 from .lookup import find_bs, lookup_bs
 
@@ -275,7 +280,11 @@ def backup_request(machine: Machine, args: dict[str, Any]) -> BackupRequest:
     # blockdev_backup_prepare's lookups, then do_backup_common's checks, in their order.
     source = lookup_bs(machine, args["device"], args["device"])
     target = lookup_bs(machine, args["target"], args["target"])
-    sync: str = args["sync"]
+    return _backup_common(args, source, target, args["sync"])
+
+
+def _backup_common(args: dict[str, Any], source: BlockNode, target: BlockNode, sync: str) -> BackupRequest:
+    """do_backup_common's checks of BackupCommon's members, in its order."""
     name: str | None = args.get("bitmap")
     mode: str | None = args.get("bitmap-mode")
     perf = args.get("x-perf", {})
@@ -317,3 +326,69 @@ async def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
     machine = ctx.machine
     request = await machine.block.run_light(backup_request, machine, args)
     await machine.blockjobs.backup(request)
+
+
+def _drive_backup_target(machine: Machine, args: dict[str, Any]) -> tuple[BlockNode, BlockNode, str]:
+    """drive_backup_prepare up to the target's open, under the graph lock: (the source, the
+    target node, the sync mode once ``top`` of a node without backing became ``full``).
+    The image is created as bdrv_img_create does, its ``Formatting`` line on stdout."""
+    graph = machine.block.graph
+    source = lookup_bs(machine, args["device"], args["device"])
+    if source.driver.ejected:
+        raise QMPError("Device has no medium")
+    existing = args.get("mode") == "existing"
+    fmt: str | None = args.get("format") or (None if existing else source.drv_name)
+    graph.check_no_job(source)
+    sync: str = args["sync"]
+    below: BlockNode | None = None
+    if sync == "top":
+        below = BJ.backing(BJ.skip_filters(source))
+        if below is None:
+            sync = "full"
+    elif sync == "none":
+        below = source
+    path: str = args["target"]
+    if not existing:
+        size = BJ.length(source)
+        if fmt == "qcow2":
+            create_overlay_image(path, size, below.filename if below is not None else None,
+                                 below.drv_name if below is not None else None, info_print)
+        elif fmt == "raw":
+            if below is not None:
+                raise QMPError("Backing file not supported for file format 'raw'")
+            create_raw_image(path, size, info_print)
+        else:
+            raise QMPError(f"Unknown file format '{fmt}'")
+    try:
+        fmt = fmt or probe_format(path)
+    except OSError as err:
+        raise QMPError(f"Could not open '{path}': {os.strerror(err.errno or errno.EIO)}") from err
+    options: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+    if fmt == "qcow2" and sync == "none":
+        # BDRV_O_NO_BACKING, then bdrv_set_backing_hd(target, source).
+        options["backing"] = source.name
+    target = graph.open(options)
+    # The job's, not the monitor's: it closes when the job lets go of it.
+    target.monitor_owned = False
+    return source, target, sync
+
+
+@table.command("drive-backup")
+async def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Back up into an image file it creates (or an existing one), as blockdev-backup."""
+    machine = ctx.machine
+
+    def prepare() -> BackupRequest:
+        source, target, sync = _drive_backup_target(machine, args)
+        try:
+            return _backup_common(args, source, target, sync)
+        except BaseException:
+            machine.block.graph.release(target)
+            raise
+
+    request = await machine.block.run(prepare)
+    try:
+        await machine.blockjobs.backup(request)
+    except QMPError:
+        await machine.block.run(machine.block.graph.release, request.target)
+        raise
