@@ -289,6 +289,11 @@ class MirrorRequest:
     write_blocking: bool
     auto_finalize: bool
     auto_dismiss: bool
+    #: drive-mirror: the target's backing node at the end (see :class:`Mirror`).
+    target_backing: BlockNode | None = None
+    set_target_backing: bool = False
+    #: Zero the target first (None: for sync full, as blockdev-mirror does).
+    zero_target: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -397,6 +402,10 @@ class Mirror(BlockJob):
     #: blockdev-mirror's ``replaces``, and the node it named at block-job-complete.
     replaces: str | None = None
     to_replace: BlockNode | None = None
+    #: drive-mirror's MIRROR_SOURCE_BACKING_CHAIN: at the end the target reads through
+    #: this node (the source's backing for sync top, the source for none, none for full).
+    target_backing: BlockNode | None = None
+    set_target_backing: bool = False
     #: copy-mode write-blocking: writes to the source reach the target before they
     #: complete.
     write_blocking: bool = False
@@ -461,12 +470,36 @@ class Mirror(BlockJob):
             top.dirty_bitmaps.remove(self.bitmap)
         if self.copy_write in top.write_hooks:
             top.write_hooks.remove(self.copy_write)
+        # A target only the job holds (drive-mirror's) stays open for the pivot, and
+        # closes after it if nothing took it (the job's reference goes last).
+        held = not base.monitor_owned
+        base.monitor_owned = True
+        try:
+            self._exit_graph(abort, top, base)
+        finally:
+            if held:
+                base.monitor_owned = False
+                if base.name in graph.nodes:
+                    graph.release(base)
+
+    def _exit_graph(self, abort: bool, top: BlockNode, base: BlockNode) -> None:
+        graph = self.jobs.block.graph
         self.release()
         top.under_job_filter = False
         to_replace = self.to_replace
         if to_replace is not None and _REPLACE_BLOCKER in to_replace.blockers:
             to_replace.blockers.remove(_REPLACE_BLOCKER)
+        failed: QMPError | None = None
+        if not abort and self.set_target_backing:
+            try:
+                graph.set_backing(base, self.target_backing)
+            except BlockError as err:
+                # error_report_err, and the job ends with -EPERM.
+                error_report(err.message)
+                failed = QMPError(os.strerror(errno.EPERM))
         if not self.should_complete or abort:
+            if failed is not None:
+                raise failed
             return
         if self.is_commit:
             if top.name in graph.nodes:
@@ -843,7 +876,9 @@ class BlockJobs:
             raise QMPError("Cannot mirror to a filter on top of a node in the source's "
                            "backing chain")
         driver = Mirror(self, "mirror", speed=request.speed, is_commit=False,
-                        replaces=request.replaces, write_blocking=request.write_blocking)
+                        replaces=request.replaces, write_blocking=request.write_blocking,
+                        target_backing=request.target_backing,
+                        set_target_backing=request.set_target_backing)
         try:
             job_id = self._job_id(request.job_id, source)
             # block_job_create on mirror_top_bs: consistent read of the source, which
@@ -879,7 +914,8 @@ class BlockJobs:
             lambda: (BJ.length(request.source), BJ.length(request.target)))
         early = "Source and target image have different sizes" if sizes[0] != sizes[1] else None
         run = self._mirror_run(driver, base_overlay, sync_none=request.sync == "none",
-                               zero_target=request.sync == "full", buffer=buffer)
+                               zero_target=request.sync == "full" if request.zero_target is None
+                               else request.zero_target, buffer=buffer)
         self.jobs.create(job_id, "mirror", run, auto_finalize=request.auto_finalize,
                          auto_dismiss=request.auto_dismiss, driver=driver, early_error=early)
 

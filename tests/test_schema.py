@@ -581,7 +581,7 @@ def test_commands_and_flags(schema: Schema) -> None:
         "block-stream", "block-commit", "query-block-jobs", "block-job-set-speed",
         "block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete",
         "block-job-dismiss", "block-job-finalize", "blockdev-mirror", "blockdev-backup",
-            "blockdev-reopen", "drive-backup",
+            "blockdev-reopen", "drive-backup", "drive-mirror",
     }
     assert set(schema.commands) == expected
     assert set(schema.events) == {"SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS",

@@ -7,6 +7,7 @@ job itself is :mod:`qmp_server.blockjobs`'.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from typing import TYPE_CHECKING, Any
@@ -349,16 +350,8 @@ def _drive_backup_target(machine: Machine, args: dict[str, Any]) -> tuple[BlockN
         below = source
     path: str = args["target"]
     if not existing:
-        size = BJ.length(source)
-        if fmt == "qcow2":
-            create_overlay_image(path, size, below.filename if below is not None else None,
-                                 below.drv_name if below is not None else None, info_print)
-        elif fmt == "raw":
-            if below is not None:
-                raise QMPError("Backing file not supported for file format 'raw'")
-            create_raw_image(path, size, info_print)
-        else:
-            raise QMPError(f"Unknown file format '{fmt}'")
+        assert fmt is not None
+        _create_target(path, fmt, BJ.length(source), below)
     try:
         fmt = fmt or probe_format(path)
     except OSError as err:
@@ -389,6 +382,76 @@ async def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
     request = await machine.block.run(prepare)
     try:
         await machine.blockjobs.backup(request)
+    except QMPError:
+        await machine.block.run(machine.block.graph.release, request.target)
+        raise
+
+
+def _create_target(path: str, fmt: str, size: int, backing: BlockNode | None) -> None:
+    """bdrv_img_create of a backup or mirror target, its Formatting line on stdout."""
+    if fmt == "qcow2":
+        create_overlay_image(path, size, backing.filename if backing is not None else None,
+                             backing.drv_name if backing is not None else None, info_print)
+    elif fmt == "raw":
+        if backing is not None:
+            raise QMPError("Backing file not supported for file format 'raw'")
+        create_raw_image(path, size, info_print)
+    else:
+        raise QMPError(f"Unknown file format '{fmt}'")
+
+
+def _drive_mirror_request(machine: Machine, args: dict[str, Any]) -> MirrorRequest:
+    """qmp_drive_mirror up to blockdev_mirror_common, under the graph lock: the target
+    image created (unless mode existing) and opened without its backing chain, then the
+    checks of blockdev-mirror."""
+    graph = machine.block.graph
+    source = _get_root_bs(machine, args["device"])
+    graph.check_no_job(source)  # the early check, before the target is created
+    existing = args.get("mode") == "existing"
+    fmt: str | None = args.get("format") or (None if existing else source.drv_name)
+    below = BJ.backing(BJ.skip_filters(source))
+    sync: str = args["sync"]
+    if below is None and sync == "top":
+        sync = "full"
+    if sync == "none":
+        below = source
+    if "replaces" in args and "node-name" not in args:
+        raise QMPError("a node-name must be provided when replacing a named node of the graph")
+    path: str = args["target"]
+    if not existing:
+        plain = sync == "full" or below is None
+        assert fmt is not None
+        _create_target(path, fmt, BJ.length(source), None if plain else below)
+    try:
+        fmt = fmt or probe_format(path)
+    except OSError as err:
+        raise QMPError(f"Could not open '{path}': {os.strerror(err.errno or errno.EIO)}") from err
+    options: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+    if "node-name" in args:
+        options["node-name"] = args["node-name"]
+    if fmt == "qcow2":
+        options["backing"] = None  # BDRV_O_NO_BACKING: the mirror sets it at the end
+    target = graph.open(options)
+    target.monitor_owned = False  # the job's: it closes unless the pivot kept it
+    try:
+        request = _mirror_request(machine, {**args, "target": target.name, "sync": sync})
+    except BaseException:
+        graph.release(target)
+        raise
+    # MIRROR_SOURCE_BACKING_CHAIN for a created image; an existing one's own backing
+    # chain (MIRROR_OPEN_BACKING_CHAIN) is not opened here.
+    return dataclasses.replace(request, target_backing=None if sync == "full" else below,
+                               set_target_backing=not existing,
+                               zero_target=sync == "full" and existing)
+
+
+@table.command("drive-mirror")
+async def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Mirror into an image file it creates (or an existing one), as blockdev-mirror."""
+    machine = ctx.machine
+    request = await machine.block.run(_drive_mirror_request, machine, args)
+    try:
+        await machine.blockjobs.mirror(request)
     except QMPError:
         await machine.block.run(machine.block.graph.release, request.target)
         raise
