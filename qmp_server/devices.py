@@ -630,6 +630,11 @@ class Devices:
             else:
                 protocol = _call(protocol_options, filename)
             file_options = {**protocol, **file_options}
+            if file_options.get("driver") not in _PROTOCOL_DRIVERS and "file" not in file_options:
+                # file.driver names a format (iotest 120): bdrv_open_inherit of that child
+                # opens its own protocol child from the file name.
+                file_options = {**{k: v for k, v in file_options.items() if k != "filename"},
+                                "file": protocol}
             # bdrv_open_common of the protocol node refuses force-share on a writable
             # image before the file is opened and a format probed.
             if fmt is None and not read_only and _bool_property(tree.get("force-share", "off"),

@@ -22,11 +22,11 @@ SOURCE = iotests_runner.iotests_dir()
 #: Tests whose output is their .out file exactly.
 PASSING = ["backing-file-invalidation", "091", "181", "196", "242", "migration-permissions",
            "migrate-bitmaps-test", "153", "300", "201", "export-incoming-iothread", "246", "192",
-           "286", "007", "068", "130", "migrate-during-backup"]
+           "286", "007", "068", "130", "migrate-during-backup", "065", "102"]
 
 #: Tests that miss their 7.2.0 .out file only where QEMU 7.2 itself (Debian's build, the
 #: one in CI) misses it too: the runner runs QEMU in our place and the outputs are equal.
-SAME_AS_QEMU = ["176", "117", "182", "060"]
+SAME_AS_QEMU = ["176", "117", "182", "060", "120"]
 
 #: Tests that miss their 7.2.0 .out file only by the deliberate version differences the
 #: runner normalizes away for them (iotests_runner.VERSION_DIFFERENCES: QEMU 10.x's
