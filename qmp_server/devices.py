@@ -824,6 +824,9 @@ class Devices:
             self.devices.append(device)
             return device
         share_rw = _bool_property(props.get("share-rw", False), "share-rw")
+        write_cache = props.get("write-cache", "auto")
+        if write_cache not in ("on", "off", "auto"):
+            raise QMPError(f"Parameter 'write-cache' does not accept value '{write_cache}'")
         backend_type = _BACKEND_CHILD.get(driver, (None, driver))[1]
         scsi = (_scsi_property(props, "channel", 0), _scsi_property(props, "scsi-id", _SCSI_ANY),
                 _scsi_property(props, "lun", _SCSI_ANY)) if bus_type == "SCSI" else None
@@ -839,7 +842,7 @@ class Devices:
                 self._check_multifunction(bus_name, device.devfn, multifunction)
             if scsi is not None:
                 device.scsi_address = self._scsi_address(bus_name, *scsi)
-            self._realize(device, share_rw)
+            self._realize(device, share_rw, write_cache)
         except BaseException:
             if not legacy:
                 _call(blk.remove)
@@ -1009,7 +1012,7 @@ class Devices:
         _call(blk.insert, node)
         return blk, False
 
-    def _realize(self, device: Device, share_rw: bool) -> None:
+    def _realize(self, device: Device, share_rw: bool, write_cache: str = "auto") -> None:
         blk = device.backend
         assert blk is not None
         node = blk.node
@@ -1026,6 +1029,10 @@ class Devices:
         except QMPError:
             _call(blk.detach_dev)
             raise
+        # The device's write-cache wins over the backend's cache mode unless auto
+        # (blkconf_apply_backend_options).
+        if write_cache != "auto":
+            blk.enable_write_cache = write_cache == "on"
 
     # device_del -----------------------------------------------------------------------
 

@@ -193,6 +193,7 @@ def test_drive_probing_readonly_and_device_on_command_line(tmp_path: Path, image
     ["/nonexistent.qcow2"],
     ["-hdb", "/nonexistent.qcow2"],
     ["-hda", "FILE", "-hda", "FILE"],
+    ["-drive", "if=none,file=FILE,format=raw,id=d0", "-device", "virtio-blk-pci,drive=d0,write-cache=x"],
     ["-"],
 ])
 def test_startup_errors(tmp_path: Path, images: tuple[Path, Path], args: list[str]) -> None:
