@@ -1116,3 +1116,30 @@ def test_drive_mirror_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None
     theirs[-2], ours[-2] = _without_drains(theirs[-2]), _without_drains(ours[-2])
     assert _host_order_free(ours) == _host_order_free(theirs)
     assert ours[-3] == [0, "Images are identical.\n"]
+
+
+def test_drive_backup_in_a_transaction_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
+    """drive-backup as a transaction action (iotest 124): its image is made at prepare and
+    stays on disk when a later action aborts the transaction, the job it had created
+    reporting its cancellation; then one that commits runs to its end."""
+
+    def scenario(client: Client, work: Path) -> list[Any]:
+        def backup(job: str, name: str) -> dict[str, Any]:
+            return {"type": "drive-backup", "data": {"job-id": job, "device": "top", "sync": "full",
+                                                     "target": str(work / name)}}
+
+        seen = _steps(client, work, [
+            ("transaction", {"actions": [backup("a", "a.qcow2"), {"type": "abort", "data": {}}]}),
+            ("transaction", {"actions": [backup("b", "b.qcow2"), backup("b", "b2.qcow2")]}),
+            ("transaction", {"actions": [backup("c", "c.qcow2")]}),
+        ])
+        _concluded(client, "c")
+        seen.append(sorted(path.name for path in work.glob("[abc]*.qcow2")))
+        seen.append([line for line in (work / "vm.out").read_text().splitlines()
+                     if line.startswith("Formatting")])
+        return seen
+
+    theirs, ours = both(tmp_path, scenario, _device)
+    theirs[-2], ours[-2] = _without_drains(theirs[-2]), _without_drains(ours[-2])
+    assert ours == theirs
+    assert ours[-4] == ["a.qcow2", "b.qcow2", "b2.qcow2", "base.qcow2", "c.qcow2"]

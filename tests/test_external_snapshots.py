@@ -392,10 +392,11 @@ def test_transaction_all_or_nothing(tmp_path: Path, qemu_system: str, qemu_utils
 def test_transaction_actions_not_implemented(tmp_path: Path) -> None:
     """Actions we do not have are refused by the argument check (QEMU has them)."""
     with running([], tmp_path) as (_, client):
-        reply = client.execute("transaction", {"actions": [{"type": "drive-backup", "data": {
-            "device": "x", "target": "/tmp/x", "sync": "full"}}]})
+        reply = client.execute("transaction", {"actions": [{
+            "type": "blockdev-snapshot-internal-sync", "data": {"device": "x", "name": "s"}}]})
         # QEMU's text for an unknown union tag names the member without its path.
-        assert reply["error"]["desc"] == "Parameter 'type' does not accept value 'drive-backup'"
+        assert reply["error"]["desc"] == \
+            "Parameter 'type' does not accept value 'blockdev-snapshot-internal-sync'"
 
 
 def test_libvirt_disk_only_snapshot(tmp_path: Path, qemu_system: str, qemu_img: str) -> None:

@@ -366,20 +366,22 @@ def _drive_backup_target(machine: Machine, args: dict[str, Any]) -> tuple[BlockN
     return source, target, sync
 
 
+def drive_backup_request(machine: Machine, args: dict[str, Any]) -> BackupRequest:
+    """drive-backup's target made and opened, then its BackupCommon checked (under the
+    graph lock; the target closes again on a failure)."""
+    source, target, sync = _drive_backup_target(machine, args)
+    try:
+        return _backup_common(args, source, target, sync)
+    except BaseException:
+        machine.block.graph.release(target)
+        raise
+
+
 @table.command("drive-backup")
 async def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Back up into an image file it creates (or an existing one), as blockdev-backup."""
     machine = ctx.machine
-
-    def prepare() -> BackupRequest:
-        source, target, sync = _drive_backup_target(machine, args)
-        try:
-            return _backup_common(args, source, target, sync)
-        except BaseException:
-            machine.block.graph.release(target)
-            raise
-
-    request = await machine.block.run(prepare)
+    request = await machine.block.run(drive_backup_request, machine, args)
     try:
         await machine.blockjobs.backup(request)
     except QMPError:

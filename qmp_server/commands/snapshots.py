@@ -16,7 +16,7 @@ from ..dispatcher import CommandContext, CommandTable
 from ..errorreport import info_print
 from ..errors import QMPError
 from . import bitmaps
-from .blockjobs import backup_request
+from .blockjobs import backup_request, drive_backup_request
 from .lookup import lookup_bs
 
 if TYPE_CHECKING:
@@ -102,11 +102,17 @@ class _Backups:
         #: Every job id created, for the events of those a failure cancels.
         self.created: list[str] = []
 
-    def action(self, data: dict[str, Any]) -> overlays.Prepare:
-        """blockdev_backup_prepare: the job is created (not started); abort drops it."""
+    def action(self, data: dict[str, Any], drive: bool = False) -> overlays.Prepare:
+        """blockdev_backup_prepare (drive_backup_prepare with ``drive``: the target image
+        made and opened first): the job is created, not started; abort drops it."""
 
         def prepare(action: overlays.SnapshotAction) -> None:
-            request = backup_request(self.machine, data)
+            if drive:
+                request = drive_backup_request(self.machine, data)
+                # The target was the job's alone: it goes with a dropped job.
+                action.undo.append(lambda: self.machine.block.graph.release(request.target))
+            else:
+                request = backup_request(self.machine, data)
             taken = {entry[0] for entry in self.prepared}
             job_id, driver = self.machine.blockjobs.prepare_backup(request, taken)
             entry = (job_id, driver, request)
@@ -139,8 +145,8 @@ async def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
         if mode != "individual":
             # QEMU runs the backup jobs of a grouped transaction as one; ours end alone.
             prepares.append(_refuse_mode(kind, mode))
-        elif kind == "blockdev-backup":
-            prepares.append(backups.action(action["data"]))
+        elif kind in ("blockdev-backup", "drive-backup"):
+            prepares.append(backups.action(action["data"], drive=kind == "drive-backup"))
         elif kind in _BITMAP_ACTIONS or kind == "block-dirty-bitmap-remove":
             prepares.append(_bitmap_action(machine, kind, action["data"]))
         elif kind == "blockdev-snapshot":
