@@ -1007,6 +1007,21 @@ def test_backup_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> N
     assert [read.startswith("read ") for read in incr[1]] == [False, False, True, True, False, True]
 
 
+def _targets_seen(work: Path, names: list[str]) -> list[Any]:
+    """Each target image's format, backing file name and size (read while the server
+    holds them), then whether full.qcow2 reads as top.qcow2 (qemu-img compare)."""
+    seen: list[Any] = []
+    for name in names:
+        info = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(work / name)],
+                              capture_output=True, text=True, check=True)
+        facts = json.loads(info.stdout)
+        seen.append([facts["format"], facts.get("backing-filename"), facts["virtual-size"]])
+    compared = subprocess.run(["qemu-img", "compare", "-U", str(work / "full.qcow2"),
+                               str(work / "top.qcow2")], capture_output=True, text=True)
+    seen.append([compared.returncode, compared.stdout])
+    return seen
+
+
 def test_drive_backup_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None) -> None:
     """drive-backup: the target image created as bdrv_img_create makes it (its
     ``Formatting`` line on stdout; with the source's backing file for sync top, the source
@@ -1049,14 +1064,7 @@ def test_drive_backup_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None
         _concluded(client, "none")
         seen.append([line for line in (work / "vm.out").read_text().splitlines()
                      if line.startswith("Formatting")])
-        for name in ("full.qcow2", "top-only.qcow2", "full.raw", "none.qcow2"):
-            info = subprocess.run(["qemu-img", "info", "--output=json", "-U", target(name)],
-                                  capture_output=True, text=True, check=True)
-            facts = json.loads(info.stdout)
-            seen.append([facts["format"], facts.get("backing-filename"), facts["virtual-size"]])
-        compared = subprocess.run(["qemu-img", "compare", "-U", target("full.qcow2"), target("top.qcow2")],
-                                  capture_output=True, text=True)
-        seen.append([compared.returncode, compared.stdout])
+        seen += _targets_seen(work, ["full.qcow2", "top-only.qcow2", "full.raw", "none.qcow2"])
         return seen
 
     theirs, ours = both(tmp_path, scenario, _device)
@@ -1102,14 +1110,7 @@ def test_drive_mirror_as_qemu(tmp_path: Path, qemu_system: str, qemu_utils: None
         seen.append(_node_view(client))
         seen.append([line for line in (work / "vm.out").read_text().splitlines()
                      if line.startswith("Formatting")])
-        for name in ("top2.qcow2", "full.qcow2"):
-            info = subprocess.run(["qemu-img", "info", "--output=json", "-U", target(name)],
-                                  capture_output=True, text=True, check=True)
-            facts = json.loads(info.stdout)
-            seen.append([facts.get("backing-filename"), facts["virtual-size"]])
-        compared = subprocess.run(["qemu-img", "compare", "-U", target("full.qcow2"), target("top.qcow2")],
-                                  capture_output=True, text=True)
-        seen.append([compared.returncode, compared.stdout])
+        seen += _targets_seen(work, ["top2.qcow2", "full.qcow2"])
         return seen
 
     theirs, ours = both(tmp_path, scenario, _device)

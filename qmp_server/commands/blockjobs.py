@@ -97,6 +97,11 @@ def _root_bs(machine: Machine, device: str) -> BlockNode:
             if "has no medium" in err.desc:
                 raise
         raise QMPError(f"Device '{device}' not found", "DeviceNotFound")
+    return _checked_root(machine, node)
+
+
+def _checked_root(machine: Machine, node: BlockNode) -> BlockNode:
+    # qmp_get_root_bs's checks once the node is found.
     if not machine.block.graph.is_root(node):
         raise QMPError("Need a root block node")
     if node.driver.ejected:
@@ -173,12 +178,7 @@ async def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 def _get_root_bs(machine: Machine, name: str) -> BlockNode:
     # qmp_get_root_bs.
-    node = lookup_bs(machine, name, name)
-    if not machine.block.graph.is_root(node):
-        raise QMPError("Need a root block node")
-    if node.driver.ejected:
-        raise QMPError("Device has no medium")
-    return node
+    return _checked_root(machine, lookup_bs(machine, name, name))
 
 
 def _mirror_request(machine: Machine, args: dict[str, Any]) -> MirrorRequest:
