@@ -86,4 +86,4 @@ class Machine:
         # query-migrate shows (qemu_savevm_state).
         self.internal_snapshots.migration = self.migration
         self.hmp = HumanMonitor(self.vm, self.block, self.devices, self.migration, config.name,
-                                self.internal_snapshots, self.nbd)
+                                self.internal_snapshots, self.nbd, self.blockjobs)

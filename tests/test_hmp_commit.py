@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import qemu_tools
@@ -80,3 +81,39 @@ def test_hmp_commit_as_qemu(tmp_path: Path) -> None:
     assert "'commit' error for 'r': Operation not supported" in ours[2]
     assert ours[-1].startswith("read 1048576/1048576")
     assert ours[-2].startswith("read 4096/4096")
+
+
+def _backup_session(folder: Path, qemu: bool) -> list[object]:
+    args = ["-machine", "none", "-S", "-drive", f"id=testdisk,if=none,file={folder / 'top.qcow2'}"]
+    seen: list[object] = []
+    with running(args, folder, qemu=qemu) as (proc, client):
+        for line in ("help drive_backup", "drive_backup", "drive_backup nosuch /x",
+                     f"drive_backup -n testdisk {folder}/missing.qcow2",
+                     f"drive_backup testdisk {folder}/raw.img raw",
+                     f"drive_backup -f testdisk {folder}/full.qcow2"):
+            seen.append(client.hmp(line))
+            deadline = time.monotonic() + 10
+            while "No active jobs" not in client.hmp("info block-jobs") and time.monotonic() < deadline:
+                time.sleep(0.05)
+        client.execute("quit")
+        proc.wait(timeout=30)
+    compared = subprocess.run(["qemu-img", "compare", str(folder / "full.qcow2"), str(folder / "top.qcow2")],
+                              capture_output=True, text=True)
+    seen.append([compared.returncode, compared.stdout])
+    output = (folder / "vm.out").read_text().splitlines()
+    seen.append([line for line in output if line.startswith("Formatting")])
+    return [re.sub(r"/(qemu|ours)/", "/DIR/", str(item)) for item in seen]
+
+
+def test_hmp_drive_backup_as_qemu(tmp_path: Path) -> None:
+    """HMP drive_backup (iotest 028): its help, argument errors, QMP's errors as
+    `Error: ...`, and a full backup that reads as the disk."""
+    qemu_tools.require("qemu-system-x86_64")
+    results = []
+    for name in ("qemu", "ours"):
+        folder = tmp_path / name
+        folder.mkdir()
+        _images(folder)
+        results.append(_backup_session(folder, qemu=name == "qemu"))
+    assert results[1] == results[0]
+    assert results[1][-2] == "[0, 'Images are identical.\\n']"

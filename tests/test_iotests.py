@@ -23,7 +23,7 @@ SOURCE = iotests_runner.iotests_dir()
 PASSING = ["backing-file-invalidation", "091", "181", "196", "242", "migration-permissions",
            "migrate-bitmaps-test", "153", "300", "201", "export-incoming-iothread", "246", "192",
            "286", "007", "068", "130", "migrate-during-backup", "065", "102",
-           "157", "256"]
+           "157", "256", "028"]
 
 #: Tests that miss their 7.2.0 .out file only where QEMU 7.2 itself (Debian's build, the
 #: one in CI) misses it too: the runner runs QEMU in our place and the outputs are equal.

@@ -13,16 +13,13 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from blocklayer import blockjob as BJ
-from blocklayer.create import create_overlay_image, create_raw_image
-from blocklayer.dirtybitmap import CHECK_ALLOW_RO, BitmapError, DirtyBitmap
-from blocklayer.dirtybitmap import find as find_bitmap
 from blocklayer.graph import probe_format
 from blocklayer.node import BlockNode
 from blocklayer.perm import WRITE
 
+from ..backuprequest import backup_common, create_target, drive_backup_request
 from ..blockjobs import BackupRequest, CommitRequest, MirrorRequest, StreamRequest
 from ..dispatcher import CommandContext, CommandTable
-from ..errorreport import info_print
 from ..errors import QMPError
 from .lookup import find_bs, lookup_bs
 
@@ -281,44 +278,7 @@ def backup_request(machine: Machine, args: dict[str, Any]) -> BackupRequest:
     # blockdev_backup_prepare's lookups, then do_backup_common's checks, in their order.
     source = lookup_bs(machine, args["device"], args["device"])
     target = lookup_bs(machine, args["target"], args["target"])
-    return _backup_common(args, source, target, args["sync"])
-
-
-def _backup_common(args: dict[str, Any], source: BlockNode, target: BlockNode, sync: str) -> BackupRequest:
-    """do_backup_common's checks of BackupCommon's members, in its order."""
-    name: str | None = args.get("bitmap")
-    mode: str | None = args.get("bitmap-mode")
-    perf = args.get("x-perf", {})
-    if sync in ("bitmap", "incremental") and name is None:
-        raise QMPError(f"must provide a valid bitmap name for '{sync}' sync mode")
-    if sync == "incremental":
-        if mode is not None and mode != "on-success":
-            raise QMPError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
-        sync, mode = "bitmap", "on-success"
-    bitmap: DirtyBitmap | None = None
-    if name is not None:
-        bitmap = find_bitmap(source.dirty_bitmaps, name)
-        if bitmap is None:
-            raise QMPError(f"Bitmap '{name}' could not be found")
-        if mode is None:
-            raise QMPError("Bitmap sync mode must be given when providing a bitmap")
-        try:
-            bitmap.check(CHECK_ALLOW_RO)
-        except BitmapError as err:
-            raise QMPError(str(err)) from err
-        if sync == "none":
-            raise QMPError("sync mode 'none' does not produce meaningful bitmap outputs")
-        if mode == "never" and sync != "bitmap":
-            raise QMPError(f"Bitmap sync mode 'never' has no meaningful effect when combined "
-                           f"with sync mode '{sync}'")
-    elif mode is not None:
-        raise QMPError("Cannot specify bitmap sync mode without a bitmap")
-    return BackupRequest(job_id=args.get("job-id"), source=source, target=target, sync=sync,
-                         speed=args.get("speed", 0), bitmap=bitmap, bitmap_mode=mode,
-                         compress=args.get("compress", False),
-                         max_workers=perf.get("max-workers", 64), max_chunk=perf.get("max-chunk", 0),
-                         auto_finalize=args.get("auto-finalize", True),
-                         auto_dismiss=args.get("auto-dismiss", True))
+    return backup_common(args, source, target, args["sync"])
 
 
 @table.command("blockdev-backup")
@@ -329,77 +289,16 @@ async def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
     await machine.blockjobs.backup(request)
 
 
-def _drive_backup_target(machine: Machine, args: dict[str, Any]) -> tuple[BlockNode, BlockNode, str]:
-    """drive_backup_prepare up to the target's open, under the graph lock: (the source, the
-    target node, the sync mode once ``top`` of a node without backing became ``full``).
-    The image is created as bdrv_img_create does, its ``Formatting`` line on stdout."""
-    graph = machine.block.graph
-    source = lookup_bs(machine, args["device"], args["device"])
-    if source.driver.ejected:
-        raise QMPError("Device has no medium")
-    existing = args.get("mode") == "existing"
-    fmt: str | None = args.get("format") or (None if existing else source.drv_name)
-    graph.check_no_job(source)
-    sync: str = args["sync"]
-    below: BlockNode | None = None
-    if sync == "top":
-        below = BJ.backing(BJ.skip_filters(source))
-        if below is None:
-            sync = "full"
-    elif sync == "none":
-        below = source
-    path: str = args["target"]
-    if not existing:
-        assert fmt is not None
-        _create_target(path, fmt, BJ.length(source), below)
-    try:
-        fmt = fmt or probe_format(path)
-    except OSError as err:
-        raise QMPError(f"Could not open '{path}': {os.strerror(err.errno or errno.EIO)}") from err
-    options: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
-    if fmt == "qcow2" and sync == "none":
-        # BDRV_O_NO_BACKING, then bdrv_set_backing_hd(target, source).
-        options["backing"] = source.name
-    target = graph.open(options)
-    # The job's, not the monitor's: it closes when the job lets go of it.
-    target.monitor_owned = False
-    return source, target, sync
-
-
-def drive_backup_request(machine: Machine, args: dict[str, Any]) -> BackupRequest:
-    """drive-backup's target made and opened, then its BackupCommon checked (under the
-    graph lock; the target closes again on a failure)."""
-    source, target, sync = _drive_backup_target(machine, args)
-    try:
-        return _backup_common(args, source, target, sync)
-    except BaseException:
-        machine.block.graph.release(target)
-        raise
-
-
 @table.command("drive-backup")
 async def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Back up into an image file it creates (or an existing one), as blockdev-backup."""
     machine = ctx.machine
-    request = await machine.block.run(drive_backup_request, machine, args)
+    request = await machine.block.run(drive_backup_request, machine.devices, machine.block.graph, args)
     try:
         await machine.blockjobs.backup(request)
     except QMPError:
         await machine.block.run(machine.block.graph.release, request.target)
         raise
-
-
-def _create_target(path: str, fmt: str, size: int, backing: BlockNode | None) -> None:
-    """bdrv_img_create of a backup or mirror target, its Formatting line on stdout."""
-    if fmt == "qcow2":
-        create_overlay_image(path, size, backing.filename if backing is not None else None,
-                             backing.drv_name if backing is not None else None, info_print)
-    elif fmt == "raw":
-        if backing is not None:
-            raise QMPError("Backing file not supported for file format 'raw'")
-        create_raw_image(path, size, info_print)
-    else:
-        raise QMPError(f"Unknown file format '{fmt}'")
 
 
 def _drive_mirror_request(machine: Machine, args: dict[str, Any]) -> MirrorRequest:
@@ -423,7 +322,7 @@ def _drive_mirror_request(machine: Machine, args: dict[str, Any]) -> MirrorReque
     if not existing:
         plain = sync == "full" or below is None
         assert fmt is not None
-        _create_target(path, fmt, BJ.length(source), None if plain else below)
+        create_target(path, fmt, BJ.length(source), None if plain else below)
     try:
         fmt = fmt or probe_format(path)
     except OSError as err:

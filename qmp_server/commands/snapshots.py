@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from blocklayer import overlay as overlays
 
+from ..backuprequest import drive_backup_request
 from ..blockjobs import Backup, BackupRequest
 from ..dispatcher import CommandContext, CommandTable
 from ..errorreport import info_print
 from ..errors import QMPError
 from . import bitmaps
-from .blockjobs import backup_request, drive_backup_request
+from .blockjobs import backup_request
 from .lookup import lookup_bs
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class _Backups:
 
         def prepare(action: overlays.SnapshotAction) -> None:
             if drive:
-                request = drive_backup_request(self.machine, data)
+                request = drive_backup_request(self.machine.devices, self.machine.block.graph, data)
                 # The target was the job's alone: it goes with a dropped job.
                 action.undo.append(lambda: self.machine.block.graph.release(request.target))
             else:

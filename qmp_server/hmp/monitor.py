@@ -12,6 +12,8 @@ from contextvars import ContextVar
 from typing import Any
 
 from .. import blockresize, blockstats
+from ..backuprequest import drive_backup_request
+from ..blockjobs import BlockJobs
 from ..blockservice import BlockService
 from ..console import STDERR, STDOUT, ProcessConsole
 from ..devices import Devices
@@ -51,6 +53,19 @@ def _warnings_text(warnings: list[tuple[str, str]]) -> str:
 
 
 #: The info subcommands without arguments (their args_type is empty in QEMU).
+_DRIVE_BACKUP_ARGS = "reuse:-n,full:-f,compress:-c,device:B,target:s,format:s?"
+_DRIVE_BACKUP_HELP = (
+    "drive_backup [-n] [-f] [-c] device target [format] -- initiates a point-in-time\n"
+    "\t\t\tcopy for a device. The device's contents are\n"
+    "\t\t\tcopied to the new image file, excluding data that\n"
+    "\t\t\tis written after the command is started.\n"
+    "\t\t\tThe -n flag requests QEMU to reuse the image found\n"
+    "\t\t\tin new-image-file, instead of recreating it from scratch.\n"
+    "\t\t\tThe -f flag requests QEMU to copy the whole disk,\n"
+    "\t\t\tso that the result does not need a backing file.\n"
+    "\t\t\tThe -c flag requests QEMU to compress backup data\n"
+    "\t\t\t(if the target format supports it).\n\t\t\t")
+
 _INFO_WITHOUT_ARGUMENTS = frozenset({"status", "name", "version", "blockstats", "block-jobs",
                                      "cpus", "iothreads", "migrate_capabilities",
                                      "migrate_parameters"})
@@ -61,8 +76,10 @@ class HumanMonitor:
 
     def __init__(self, vm: VM, block: BlockService, devices: Devices, migration: MigrationService,
                  name: str | None, snapshots: InternalSnapshots | None = None,
-                 nbd: NbdService | None = None) -> None:
+                 nbd: NbdService | None = None, blockjobs: BlockJobs | None = None) -> None:
         self.vm = vm
+        #: The block jobs (drive_backup starts one).
+        self.blockjobs = blockjobs
         self.block = block
         self.devices = devices
         self.name = name
@@ -95,6 +112,7 @@ class HumanMonitor:
             "drive_del": (self._drive_del, "drive_del device -- remove host block device"),
             "commit": (self._commit, "commit device|all -- commit changes to the disk images (if "
                                      "-snapshot is used) or backing files"),
+            "drive_backup": (self._drive_backup, _DRIVE_BACKUP_HELP),
             "block_resize": (self._block_resize,
                              "block_resize device size -- resize a block image"),
             "migrate": (mig.migrate, "migrate [-d] uri -- migrate to URI (using -d to not wait "
@@ -354,6 +372,34 @@ class HumanMonitor:
             await self.block.run_light(self.devices.drive_del, str(parsed["id"]))
         except QMPError as err:
             return f"{err.desc}\n"
+        return ""
+
+    async def _drive_backup(self, args: str) -> str:
+        # hmp_drive_backup: "reuse:-n,full:-f,compress:-c,device:B,target:s,format:s?",
+        # then qmp_drive_backup; errors as hmp_handle_error.
+        try:
+            parsed = parse_arguments("drive_backup", _DRIVE_BACKUP_ARGS, args)
+        except HmpArgumentError as err:
+            return err.monitor_text
+        if self.blockjobs is None:
+            return "Error: block jobs are not available\n"
+        backup: dict[str, Any] = {
+            "device": parsed["device"], "target": parsed["target"],
+            "sync": "full" if parsed.get("full") else "top",
+            "mode": "existing" if parsed.get("reuse") else "absolute-paths"}
+        if "format" in parsed:
+            backup["format"] = parsed["format"]
+        if parsed.get("compress"):
+            backup["compress"] = True
+        try:
+            request = await self.block.run(drive_backup_request, self.devices, self.block.graph, backup)
+            try:
+                await self.blockjobs.backup(request)
+            except QMPError:
+                await self.block.run(self.block.graph.release, request.target)
+                raise
+        except QMPError as err:
+            return f"Error: {err.desc}\n"
         return ""
 
     async def _commit(self, args: str) -> str:
