@@ -16,7 +16,8 @@ from blocklayer.dirtybitmap import find as find_bitmap
 from blocklayer.graph import BlockGraph, probe_format
 from blocklayer.node import BlockNode
 
-from .blockjobs import BackupRequest
+from .blockjobs import BackupRequest, BlockJobs
+from .blockservice import BlockService
 from .devices import Devices
 from .errorreport import info_print
 from .errors import QMPError
@@ -117,4 +118,16 @@ def drive_backup_request(devices: Devices, graph: BlockGraph, args: dict[str, An
         return backup_common(args, source, target, sync)
     except BaseException:
         graph.release(target)
+        raise
+
+
+async def start_drive_backup(block: BlockService, devices: Devices, blockjobs: BlockJobs,
+                       args: dict[str, Any]) -> None:
+    """qmp_drive_backup: the target made and opened, then the job started; a job that
+    cannot start lets its target go again."""
+    request = await block.run(drive_backup_request, devices, block.graph, args)
+    try:
+        await blockjobs.backup(request)
+    except QMPError:
+        await block.run(block.graph.release, request.target)
         raise

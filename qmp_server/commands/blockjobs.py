@@ -17,7 +17,7 @@ from blocklayer.graph import probe_format
 from blocklayer.node import BlockNode
 from blocklayer.perm import WRITE
 
-from ..backuprequest import backup_common, create_target, drive_backup_request
+from ..backuprequest import backup_common, create_target, start_drive_backup
 from ..blockjobs import BackupRequest, CommitRequest, MirrorRequest, StreamRequest
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
@@ -293,12 +293,7 @@ async def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
 async def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Back up into an image file it creates (or an existing one), as blockdev-backup."""
     machine = ctx.machine
-    request = await machine.block.run(drive_backup_request, machine.devices, machine.block.graph, args)
-    try:
-        await machine.blockjobs.backup(request)
-    except QMPError:
-        await machine.block.run(machine.block.graph.release, request.target)
-        raise
+    await start_drive_backup(machine.block, machine.devices, machine.blockjobs, args)
 
 
 def _drive_mirror_request(machine: Machine, args: dict[str, Any]) -> MirrorRequest:

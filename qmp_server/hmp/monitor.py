@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from .. import blockresize, blockstats
-from ..backuprequest import drive_backup_request
+from ..backuprequest import start_drive_backup
 from ..blockjobs import BlockJobs
 from ..blockservice import BlockService
 from ..console import STDERR, STDOUT, ProcessConsole
@@ -392,12 +392,7 @@ class HumanMonitor:
         if parsed.get("compress"):
             backup["compress"] = True
         try:
-            request = await self.block.run(drive_backup_request, self.devices, self.block.graph, backup)
-            try:
-                await self.blockjobs.backup(request)
-            except QMPError:
-                await self.block.run(self.block.graph.release, request.target)
-                raise
+            await start_drive_backup(self.block, self.devices, self.blockjobs, backup)
         except QMPError as err:
             return f"Error: {err.desc}\n"
         return ""
