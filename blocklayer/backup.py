@@ -71,29 +71,27 @@ class CopyState:
         """sync ``top``: clusters the source itself does not hold are not copied
         (block_copy_reset_unallocated over the whole disk); the bytes dropped."""
         cluster = self.bitmap.granularity
-        dropped = 0
+        before = self.bitmap.count()
         offset = 0
         # Bounded: each step moves forward by at least one cluster.
         while offset < self.length:
             allocated, count = is_allocated(self.source, offset, self.length - offset)
             count = max(cluster, count - count % cluster)
             if not allocated:
-                before = self.bitmap.count()
                 self.bitmap.reset_range(offset, count)
-                dropped += before - self.bitmap.count()
             offset += count
-        return dropped
+        return before - self.bitmap.count()
 
-    def copy(self, offset: int, length: int, *, limit: int | None = None) -> int:
+    def copy(self, offset: int, length: int) -> int:
         """block_copy over [offset, offset + length): the clusters still to copy there
         are cleared and copied as the source shows them now (zero writes for what reads
-        as zeroes); at most ``limit`` bytes when given. Returns the bytes copied."""
+        as zeroes). Returns the bytes copied."""
         cluster = self.bitmap.granularity
         start = offset - offset % cluster
         end = min(self.length, -(-(offset + length) // cluster) * cluster)
         copied = 0
         position = start
-        while position < end and (limit is None or copied < limit):
+        while position < end:
             if not self.bitmap.get(position):
                 position += cluster
                 continue

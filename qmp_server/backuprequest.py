@@ -73,6 +73,25 @@ def create_target(path: str, fmt: str, size: int, backing: BlockNode | None) -> 
         raise QMPError(f"Unknown file format '{fmt}'")
 
 
+def open_target(graph: BlockGraph, path: str, fmt: str | None, qcow2_options: dict[str, Any],
+                node_name: str | None = None) -> BlockNode:
+    """bdrv_open of a drive-backup or drive-mirror target: its format probed when not
+    given, ``qcow2_options`` for a qcow2 image (its backing), the node the job's, not the
+    monitor's (it closes when the job lets go of it, unless a pivot kept it)."""
+    try:
+        fmt = fmt or probe_format(path)
+    except OSError as err:
+        raise QMPError(f"Could not open '{path}': {os.strerror(err.errno or errno.EIO)}") from err
+    options: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+    if node_name is not None:
+        options["node-name"] = node_name
+    if fmt == "qcow2":
+        options.update(qcow2_options)
+    target = graph.open(options)
+    target.monitor_owned = False
+    return target
+
+
 def drive_backup_target(devices: Devices, graph: BlockGraph,
                         args: dict[str, Any]) -> tuple[BlockNode, BlockNode, str]:
     """drive_backup_prepare up to the target's open, under the graph lock: (the source, the
@@ -96,17 +115,8 @@ def drive_backup_target(devices: Devices, graph: BlockGraph,
     if not existing:
         assert fmt is not None
         create_target(path, fmt, BJ.length(source), below)
-    try:
-        fmt = fmt or probe_format(path)
-    except OSError as err:
-        raise QMPError(f"Could not open '{path}': {os.strerror(err.errno or errno.EIO)}") from err
-    options: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
-    if fmt == "qcow2" and sync == "none":
-        # BDRV_O_NO_BACKING, then bdrv_set_backing_hd(target, source).
-        options["backing"] = source.name
-    target = graph.open(options)
-    # The job's, not the monitor's: it closes when the job lets go of it.
-    target.monitor_owned = False
+    # BDRV_O_NO_BACKING, then bdrv_set_backing_hd(target, source) for sync none.
+    target = open_target(graph, path, fmt, {"backing": source.name} if sync == "none" else {})
     return source, target, sync
 
 
@@ -122,7 +132,7 @@ def drive_backup_request(devices: Devices, graph: BlockGraph, args: dict[str, An
 
 
 async def start_drive_backup(block: BlockService, devices: Devices, blockjobs: BlockJobs,
-                       args: dict[str, Any]) -> None:
+                             args: dict[str, Any]) -> None:
     """qmp_drive_backup: the target made and opened, then the job started; a job that
     cannot start lets its target go again."""
     request = await block.run(drive_backup_request, devices, block.graph, args)

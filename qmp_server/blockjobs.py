@@ -373,15 +373,26 @@ class Backup(BlockJob):
         """backup_abort: the bitmap as a failure leaves it."""
         self.jobs.block.locked(self._bitmap_cleanup, False)
 
+    def _drop_filter(self) -> None:
+        # bdrv_cbw_drop: the source's writes are its own again.
+        source = self.source
+        if source is not None:
+            if self.before_write in source.before_write_hooks:
+                source.before_write_hooks.remove(self.before_write)
+            source.under_job_filter = False
+
+    def drop(self) -> None:
+        """A prepared backup that never ran (its transaction failed): the bitmap as it
+        was, the filter and the job's uses gone. Under the graph lock."""
+        self._bitmap_cleanup(False)
+        self._drop_filter()
+        self.release()
+
     def clean(self, job: Job) -> None:
         """backup_clean: the copy-before-write filter goes (bdrv_cbw_drop)."""
 
         def drop() -> None:
-            source = self.source
-            if source is not None:
-                if self.before_write in source.before_write_hooks:
-                    source.before_write_hooks.remove(self.before_write)
-                source.under_job_filter = False
+            self._drop_filter()
             self.copy = None
 
         self.jobs.block.locked(drop)
@@ -977,12 +988,7 @@ class BlockJobs:
             driver.sync_bitmap, driver.successor = bitmap, successor
             driver.bitmap_mode = request.bitmap_mode or "on-success"
             copy.bitmap.clear()
-            granularity = bitmap.granularity
-            offset = 0
-            while offset < bitmap.size:
-                if bitmap.get(offset):
-                    copy.bitmap.set_range(offset, granularity)
-                offset += granularity
+            copy.bitmap.merge_from(bitmap)
         source.before_write_hooks.append(driver.before_write)
         source.under_job_filter = True
         driver.source, driver.copy = source, copy
@@ -996,20 +1002,9 @@ class BlockJobs:
             raise QMPError(f"Job ID '{request.job_id}' already in use")
         job_id, driver = self._start_backup(request)
         if job_id in taken:
-            self.drop_backup(driver)
+            driver.drop()
             raise QMPError(f"Job ID '{job_id}' already in use")
         return job_id, driver
-
-    def drop_backup(self, driver: Backup) -> None:
-        """A prepared backup of a transaction that failed: the filter goes, the bitmap is
-        as it was (the job never ran). Under the graph lock."""
-        driver._bitmap_cleanup(False)
-        source = driver.source
-        if source is not None:
-            if driver.before_write in source.before_write_hooks:
-                source.before_write_hooks.remove(driver.before_write)
-            source.under_job_filter = False
-        driver.release()
 
     async def backup(self, request: BackupRequest) -> None:
         """blockdev-backup: start the job (backup_job_create's checks raise QEMU's errors)."""

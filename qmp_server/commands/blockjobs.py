@@ -8,16 +8,13 @@ job itself is :mod:`qmp_server.blockjobs`'.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
 from typing import TYPE_CHECKING, Any
 
 from blocklayer import blockjob as BJ
-from blocklayer.graph import probe_format
 from blocklayer.node import BlockNode
 from blocklayer.perm import WRITE
 
-from ..backuprequest import backup_common, create_target, start_drive_backup
+from ..backuprequest import backup_common, create_target, open_target, start_drive_backup
 from ..blockjobs import BackupRequest, CommitRequest, MirrorRequest, StreamRequest
 from ..dispatcher import CommandContext, CommandTable
 from ..errors import QMPError
@@ -318,17 +315,8 @@ def _drive_mirror_request(machine: Machine, args: dict[str, Any]) -> MirrorReque
         plain = sync == "full" or below is None
         assert fmt is not None
         create_target(path, fmt, BJ.length(source), None if plain else below)
-    try:
-        fmt = fmt or probe_format(path)
-    except OSError as err:
-        raise QMPError(f"Could not open '{path}': {os.strerror(err.errno or errno.EIO)}") from err
-    options: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
-    if "node-name" in args:
-        options["node-name"] = args["node-name"]
-    if fmt == "qcow2":
-        options["backing"] = None  # BDRV_O_NO_BACKING: the mirror sets it at the end
-    target = graph.open(options)
-    target.monitor_owned = False  # the job's: it closes unless the pivot kept it
+    # BDRV_O_NO_BACKING: the mirror sets the backing at the end.
+    target = open_target(graph, path, fmt, {"backing": None}, args.get("node-name"))
     try:
         request = _mirror_request(machine, {**args, "target": target.name, "sync": sync})
     except BaseException:

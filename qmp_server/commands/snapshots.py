@@ -121,7 +121,7 @@ class _Backups:
             self.created.append(job_id)
 
             def undo() -> None:
-                self.machine.blockjobs.drop_backup(driver)
+                driver.drop()
                 self.prepared.remove(entry)
 
             action.undo.append(undo)
