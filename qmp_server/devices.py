@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -314,6 +314,25 @@ class Device:
         """QOM path of the object that uses the BlockBackend."""
         child = _BACKEND_CHILD.get(self.driver)
         return f"{self.path}/{child[0]}" if child else self.path
+
+
+def _check_multifunction(used: Mapping[int, Device | _BoardDevice], devfn: int,
+                         multifunction: bool) -> None:
+    """pci_init_multifunction: a function other than 0 needs a multifunction function
+    0 when there is one; a single-function function 0 needs the others empty."""
+    slot, function = devfn >> 3, devfn & 7
+    if function:
+        first = used.get(devfn & ~7)
+        if first is not None and not first.multifunction:
+            raise QMPError(f"PCI: single function device can't be populated in function "
+                           f"{slot:x}.{function:x}")
+        return
+    if multifunction:
+        return
+    other = next((fn for fn in range(1, 8) if devfn + fn in used), None)
+    if other is not None:
+        raise QMPError(f"PCI: {slot:x}.0 indicates single function, but {slot:x}.{other:x} "
+                       "is already populated.")
 
 
 class Devices:
@@ -811,12 +830,7 @@ class Devices:
         multifunction = _bool_property(props.get("multifunction", False), "multifunction")
         if driver in _CONTROLLERS:
             slot_hotplug = _bool_property(props.get("hotplug", True), "hotplug")
-            if hotplug:
-                self._pre_plug(bus_name)
-            devfn = None
-            if bus_type == "PCI":
-                devfn = self._pci_devfn(bus_name, addr, driver, hotplug)
-                self._check_multifunction(bus_name, devfn, multifunction)
+            devfn = self._plug(bus_name, bus_type, addr, driver, hotplug, multifunction)
             device = Device(driver=driver, id=dev_id, path=path, backend=None, legacy_drive=False,
                             hotpluggable=hotpluggable, bus=bus_name, hotplugged=hotplug,
                             child_buses=self._controller_buses(driver, dev_id), devfn=devfn,
@@ -835,11 +849,7 @@ class Devices:
                         hotpluggable=hotpluggable, bus=bus_name, hotplugged=hotplug,
                         share_rw=share_rw, multifunction=multifunction)
         try:
-            if hotplug:
-                self._pre_plug(bus_name)
-            if bus_type == "PCI":
-                device.devfn = self._pci_devfn(bus_name, addr, driver, hotplug)
-                self._check_multifunction(bus_name, device.devfn, multifunction)
+            device.devfn = self._plug(bus_name, bus_type, addr, driver, hotplug, multifunction)
             if scsi is not None:
                 device.scsi_address = self._scsi_address(bus_name, *scsi)
             self._realize(device, share_rw, write_cache)
@@ -886,10 +896,23 @@ class Devices:
         used.update({d.devfn: d for d in self.devices if d.bus == bus and d.devfn is not None})
         return used
 
-    def _pci_devfn(self, bus: str, devfn: int, driver: str, hotplug: bool) -> int:
-        """do_pci_register_device's choice and checks of a slot/function (a PCIe root
-        port's bus takes 32 slots in QEMU 7.2, as any PCI bus)."""
+    def _plug(self, bus: str, bus_type: str, addr: int, driver: str, hotplug: bool,
+              multifunction: bool) -> int | None:
+        """Where a new device goes on ``bus``: the hot-plug handler's pre-plug check, then
+        on a PCI bus its slot/function (None on other buses)."""
+        if hotplug:
+            self._pre_plug(bus)
+        if bus_type != "PCI":
+            return None
         used = self._pci_functions(bus)
+        devfn = self._pci_devfn(bus, used, addr, driver, hotplug)
+        _check_multifunction(used, devfn, multifunction)
+        return devfn
+
+    def _pci_devfn(self, bus: str, used: dict[int, Device | _BoardDevice], devfn: int, driver: str,
+                   hotplug: bool) -> int:
+        """do_pci_register_device's choice and checks of a slot/function among ``used``
+        (a PCIe root port's bus takes 32 slots in QEMU 7.2, as any PCI bus)."""
         if devfn < 0:
             found = next((fn for fn in range(0, 256, 8) if fn not in used), None)
             if found is None:
@@ -910,24 +933,6 @@ class Devices:
             raise QMPError(f"PCI: slot {(first.devfn or 0) >> 3} function 0 already occupied by "
                            f"{first.driver}, new func {driver} cannot be exposed to guest.")
         return devfn
-
-    def _check_multifunction(self, bus: str, devfn: int, multifunction: bool) -> None:
-        """pci_init_multifunction: a function other than 0 needs a multifunction function
-        0 when there is one; a single-function function 0 needs the others empty."""
-        used = self._pci_functions(bus)
-        slot, function = devfn >> 3, devfn & 7
-        if function:
-            first = used.get(devfn & ~7)
-            if first is not None and not first.multifunction:
-                raise QMPError(f"PCI: single function device can't be populated in function "
-                               f"{slot:x}.{function:x}")
-            return
-        if multifunction:
-            return
-        other = next((fn for fn in range(1, 8) if devfn + fn in used), None)
-        if other is not None:
-            raise QMPError(f"PCI: {slot:x}.0 indicates single function, but {slot:x}.{other:x} "
-                           "is already populated.")
 
     def _scsi_address(self, bus: str, channel: int, target: int, lun: int) -> tuple[int, int, int]:
         """scsi_bus_check_address, then scsi_qdev_realize's choice of a free target/LUN."""
