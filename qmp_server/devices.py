@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from blocklayer.backend import BlockBackend
-from blocklayer.commit import commit_to_backing
 from blocklayer.errors import BlockError
 from blocklayer.graph import BackingOptions, probe_format
 from blocklayer.node import BlockNode
@@ -718,22 +717,19 @@ class Devices:
         if blk.dev is not None:
             blk.name = ""  # monitor_remove_blk: the device keeps an anonymous backend
 
-    def commit(self, name: str) -> None:
-        """HMP ``commit`` (hmp_commit): bdrv_commit of the backend named ``name``, or of
-        every backend whose node has a backing node (``all``, blk_commit_all). The caller
-        holds the graph lock."""
+    def commit_nodes(self, name: str) -> list[BlockNode]:
+        """What HMP ``commit`` commits (hmp_commit): the node of the backend named
+        ``name``, or every backend's node that has a backing node (``all``,
+        blk_commit_all); QEMU's texts when there is no such backend or medium."""
         if name == "all":
             nodes = [blk.node for blk, _ in self.backends() if blk.node is not None]
-            for node in nodes:
-                if node.child("backing") is not None:
-                    _call(commit_to_backing, self.block.graph, node)
-            return
+            return [node for node in nodes if node.child("backing") is not None]
         blk = self.named.get(name)
         if blk is None:
             raise QMPError(f"Device '{name}' not found")
         if blk.node is None:
             raise QMPError(f"Device '{name}' has no medium")
-        _call(commit_to_backing, self.block.graph, blk.node)
+        return [blk.node]
 
     @staticmethod
     def _probe(protocol: dict[str, Any], *, warn: bool) -> str:

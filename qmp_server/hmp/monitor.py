@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
+from blocklayer.commit import commit_to_backing
+
 from .. import blockresize, blockstats
 from ..backuprequest import start_drive_backup
 from ..blockjobs import BlockJobs
@@ -405,10 +407,13 @@ class HumanMonitor:
             return err.monitor_text
         device = str(parsed["device"])
         try:
-            await self.block.run(self.devices.commit, device)
+            nodes = await self.block.run_light(self.devices.commit_nodes, device)
         except QMPError as err:
-            if err.desc.startswith("Device '"):
-                return f"{err.desc}\n"
+            return f"{err.desc}\n"
+        try:
+            for node in nodes:
+                await self.block.run(commit_to_backing, self.block.graph, node)
+        except QMPError as err:
             return f"'commit' error for '{device}': {err.desc}\n"
         return ""
 
