@@ -696,6 +696,11 @@ def _savevm_migration_session(work: Path, qemu: bool) -> list[object]:
             else:
                 reply = client.execute(name, arguments)
             if name in ("migrate", "wait-migration"):
+                if name == "wait-migration":
+                    # QEMU reactivates its nodes in a bottom half after the status turned
+                    # 'failed' (migrate_fd_cleanup); a savevm before that meets an
+                    # inactive disk ("is writable but does not support snapshots").
+                    time.sleep(0.3)
                 client.events.clear()
                 continue
             events = [e["event"] if e["event"] != "MIGRATION" else ("MIGRATION", e["data"])
